@@ -1,0 +1,690 @@
+"""Run a folder of prompt files through Gemini, many requests at once, into sharded JSON Lines.
+
+    python pipeline.py --offline          # try it: a built-in simulated model, no key needed
+    GEMINI_API_KEY=... python pipeline.py # the real thing
+
+Every non-blank line of every file in INPUT_DIR is one prompt, known by the id
+"<file name>:<line number>". Answers go to OUTPUT_DIR/shard_00000.jsonl,
+shard_00001.jsonl, ... (SHARD_SIZE records each); prompts that failed for good
+go to OUTPUT_DIR/failed.jsonl with the reason. Exit status: 0 all answered,
+1 some failed, 2 bad settings, input or key, 130 interrupted.
+
+How it is built, in the order data flows through this file:
+  settings   the constants below; each is also a command-line flag
+  records    Prompt in; Response or Failure out
+  reader     read_inputs: streams prompt lines from the input files into a bounded queue
+  generators generate_content (x GENERATE_WORKERS): ask the model, retrying in place
+             with back-off (answer, classify, backoff_s); never re-queue, so never deadlock
+  writer     write_outputs: the only task that writes files; fills numbered shards
+  main       starts the stages, waits for the queues to drain, stops them, and stops
+             everything at once if any stage dies (supervised)
+  offline    OfflineClient, a stand-in for genai.Client with the same call shape
+  CLI        flags, start-up checks, the summary line and the exit status
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+
+# ---------------------------------------------------------------- settings --
+INPUT_DIR = "inputs"  # folder of prompt files: one prompt per non-blank line
+OUTPUT_DIR = "outputs"  # where shards and failed.jsonl are written (created if missing)
+MODEL = "gemini-flash-latest"  # Gemini model that answers every prompt
+GENERATE_WORKERS = 5  # requests in flight at once
+QUEUE_SIZE = 5  # bound of each queue: how far the reader may run ahead of the model
+SHARD_SIZE = 5  # records per output shard (the last shard may hold fewer)
+MAX_ATTEMPTS = 5  # tries per prompt, the first included, before it counts as failed
+REQUEST_TIMEOUT_S = 60.0  # give up on a single request after this many seconds
+RETRY_BASE_S = 1.0  # first back-off after a transient failure; doubles each attempt
+RETRY_MAX_S = 60.0  # longest back-off between two attempts (server-given delays excepted)
+OFFLINE_LATENCY_MS = 50.0  # simulated latency of each --offline answer
+
+READ_CHUNK_BYTES = 1 << 20  # input is read this much at a time, so memory stays flat
+FAILED_FILE = "failed.jsonl"
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One run's configuration: the constants above as overridden on the command line."""
+
+    input_dir: Path = Path(INPUT_DIR)
+    output_dir: Path = Path(OUTPUT_DIR)
+    model: str = MODEL
+    workers: int = GENERATE_WORKERS
+    queue_size: int = QUEUE_SIZE
+    shard_size: int = SHARD_SIZE
+    max_attempts: int = MAX_ATTEMPTS
+    timeout_s: float = REQUEST_TIMEOUT_S
+    retry_base_s: float = RETRY_BASE_S
+    retry_max_s: float = RETRY_MAX_S
+    offline: bool = False
+    offline_latency_ms: float = OFFLINE_LATENCY_MS
+    verbose: bool = False
+
+
+class PipelineError(Exception):
+    """A problem the user must fix; the run ends with this one-line message and exit code."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ----------------------------------------------------------------- records --
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """One input line. `error` says why it cannot be sent (it is then failed, not asked)."""
+
+    id: str
+    text: str
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A prompt the model answered."""
+
+    prompt: Prompt
+    text: str
+    model: str
+    finish_reason: str | None
+    attempts: int
+    prompt_tokens: int
+    response_tokens: int
+
+    def to_json(self) -> str:
+        return json_line(
+            {
+                "id": self.prompt.id,
+                "prompt": self.prompt.text,
+                "response": self.text,
+                "model": self.model,
+                "finish_reason": self.finish_reason,
+                "attempts": self.attempts,
+                "usage": {"prompt_tokens": self.prompt_tokens, "response_tokens": self.response_tokens},
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A prompt that failed for good: a permanent error, or every attempt spent."""
+
+    prompt: Prompt
+    error: str
+    attempts: int
+
+    def to_json(self) -> str:
+        record = {"id": self.prompt.id, "prompt": self.prompt.text, "error": self.error, "attempts": self.attempts}
+        return json_line(record)
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One JSON Lines record. Non-ASCII text stays readable, except the three characters
+    that str.splitlines() and some JSON Lines readers take for line breaks."""
+    text = json.dumps(record, ensure_ascii=False)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085") + "\n"
+
+
+Outcome = Response | Failure
+
+
+@dataclass
+class Tally:
+    """Running counts, for the progress display and the summary line."""
+
+    answered: int = 0
+    failed: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    response_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    bar: Any = None  # a tqdm bar when stderr is a terminal
+
+    def count(self, outcome: Outcome) -> None:
+        if isinstance(outcome, Response):
+            self.answered += 1
+            self.prompt_tokens += outcome.prompt_tokens
+            self.response_tokens += outcome.response_tokens
+        else:
+            self.failed += 1
+
+    def summary(self) -> str:
+        seconds = time.monotonic() - self.started
+        rate = (self.answered + self.failed) / seconds if seconds > 0 else 0.0
+        return (
+            f"{self.answered} answered, {self.failed} failed, {self.retries} retries, "
+            f"tokens {self.prompt_tokens} in / {self.response_tokens} out, "
+            f"{seconds:.2f} s, {rate:.1f} prompts/s"
+        )
+
+
+# ------------------------------------------------------------------ reader --
+async def read_inputs(input_dir: Path, prompts: asyncio.Queue[Prompt]) -> None:
+    """Queue every prompt of every input file, in order; waits while the queue is full."""
+    for path in await list_input_files(input_dir):
+        async with contextlib.aclosing(read_prompts(path)) as file_prompts:
+            async for prompt in file_prompts:
+                await prompts.put(prompt)
+                log.debug("enqueued %s", prompt.id)
+
+
+async def list_input_files(input_dir: Path) -> list[Path]:
+    """The regular, non-hidden files of the input dir, in natural order (2 before 10)."""
+    entries = await aiofiles.os.scandir(input_dir)
+    names = [entry.name for entry in entries if not entry.name.startswith(".") and entry.is_file()]
+    return [input_dir / name for name in sorted(names, key=natural_key)]
+
+
+def natural_key(name: str) -> list[Any]:
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
+
+
+async def read_prompts(path: Path) -> AsyncIterator[Prompt]:
+    """The prompts of one file; blank lines are skipped but still counted in the ids."""
+    try:
+        async for number, line in read_lines(path):
+            prompt = parse_prompt(f"{path.name}:{number}", line, first=number == 1)
+            if prompt is not None:
+                yield prompt
+    except OSError as exc:
+        raise PipelineError(f"cannot read input file {path}: {exc.strerror or exc}") from None
+
+
+async def read_lines(path: Path) -> AsyncIterator[tuple[int, bytes]]:
+    """Numbered lines of a file, read in large chunks: one thread hop per chunk, not per line."""
+    number = 0
+    async with aiofiles.open(path, "rb") as file:
+        tail = b""
+        while chunk := await file.read(READ_CHUNK_BYTES):
+            *lines, tail = (tail + chunk).split(b"\n")
+            for line in lines:
+                number += 1
+                yield number, line
+        if tail:
+            yield number + 1, tail
+
+
+def parse_prompt(prompt_id: str, line: bytes, first: bool) -> Prompt | None:
+    """The line as a prompt (whitespace and a leading BOM stripped), or None if blank."""
+    try:
+        text = line.decode("utf-8-sig" if first else "utf-8").strip()
+    except UnicodeDecodeError as exc:
+        shown = line.decode("utf-8", errors="replace").strip()
+        return Prompt(prompt_id, shown, error=f"line is not valid UTF-8 (byte {exc.start + 1})")
+    return Prompt(prompt_id, text) if text else None
+
+
+# --------------------------------------------------------------- generator --
+async def generate_content(
+    client: Any,
+    prompts: asyncio.Queue[Prompt],
+    outcomes: asyncio.Queue[Outcome],
+    settings: Settings,
+    tally: Tally,
+) -> None:
+    """Turn queued prompts into outcomes until cancelled. Retries happen in place,
+    never through the input queue, so a full queue can never deadlock a retry."""
+    while True:
+        prompt = await prompts.get()
+        outcome = await answer(client, prompt, settings, tally)
+        await outcomes.put(outcome)
+        prompts.task_done()
+
+
+async def answer(client: Any, prompt: Prompt, settings: Settings, tally: Tally) -> Outcome:
+    """Ask the model once per attempt until it answers, fails for good, or attempts run out."""
+    if prompt.error:
+        return Failure(prompt, prompt.error, attempts=0)
+    for attempt in range(1, settings.max_attempts + 1):
+        try:
+            async with asyncio.timeout(settings.timeout_s):
+                reply = await client.aio.models.generate_content(model=settings.model, contents=prompt.text)
+        except Exception as exc:  # the SDK's and the network's errors; classify() sorts them
+            kind = classify(exc)
+            if kind == "auth":
+                raise PipelineError(f"the API key was refused ({describe(exc, settings)}); check GEMINI_API_KEY") from None
+            if kind == "permanent" or attempt == settings.max_attempts:
+                return Failure(prompt, describe(exc, settings), attempt)
+            delay = backoff_s(attempt, exc, settings)
+            tally.retries += 1
+            log.debug("retry %s in %.2f s after attempt %d: %s", prompt.id, delay, attempt, describe(exc, settings))
+            await asyncio.sleep(delay)
+        else:
+            log.debug("generated %s (attempt %d)", prompt.id, attempt)
+            return to_outcome(prompt, reply, attempt, settings.model)
+    raise AssertionError("unreachable: the last attempt always returns")
+
+
+def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome:
+    """A Response, or a Failure when the reply has no text (e.g. blocked for safety)."""
+    candidate = reply.candidates[0] if reply.candidates else None
+    finish_reason = enum_name(candidate.finish_reason) if candidate else None
+    text = reply.text
+    if not text:
+        block = reply.prompt_feedback.block_reason if reply.prompt_feedback else None
+        reason = f"blocked: {enum_name(block)}" if block else f"finish_reason {finish_reason}"
+        return Failure(prompt, f"response has no text ({reason})", attempts)
+    usage = reply.usage_metadata
+    return Response(
+        prompt=prompt,
+        text=text,
+        model=reply.model_version or model,
+        finish_reason=finish_reason,
+        attempts=attempts,
+        prompt_tokens=(usage and usage.prompt_token_count) or 0,
+        response_tokens=(usage and usage.candidates_token_count) or 0,
+    )
+
+
+def enum_name(value: Any) -> str | None:
+    return None if value is None else str(getattr(value, "value", value))
+
+
+def classify(exc: BaseException) -> str:
+    """'auth' stops the run, 'transient' is retried, 'permanent' fails the prompt.
+
+    google-genai raises APIError carrying the HTTP status as `.code`; it is read
+    here without importing the SDK, so that --offline starts fast."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int) and hasattr(exc, "details"):
+        if code in (401, 403) or any(d.get("reason") == "API_KEY_INVALID" for d in error_details(exc)):
+            return "auth"
+        return "transient" if code in (408, 429) or code >= 500 else "permanent"
+    return "transient" if isinstance(exc, network_errors()) else "permanent"
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """Timeouts and connection errors of whichever HTTP library the SDK has loaded."""
+    found: list[type[BaseException]] = [TimeoutError, OSError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("aiohttp", "ClientError")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
+def error_details(exc: BaseException) -> list[dict[str, Any]]:
+    """The `error.details` list of a Google API error body (google.rpc.* messages)."""
+    body = getattr(exc, "details", None)
+    details = body.get("error", {}).get("details", []) if isinstance(body, dict) else []
+    return [d for d in details if isinstance(d, dict)]
+
+
+def server_retry_delay_s(exc: BaseException) -> float | None:
+    """The delay a google.rpc.RetryInfo asks for (a Duration such as "38s"), if any."""
+    for detail in error_details(exc):
+        if detail.get("@type", "").endswith("google.rpc.RetryInfo"):
+            with contextlib.suppress(KeyError, ValueError, AttributeError):
+                return max(0.0, float(detail["retryDelay"].removesuffix("s")))
+    return None
+
+
+def backoff_s(attempt: int, exc: BaseException, settings: Settings) -> float:
+    """How long to wait before the next attempt: what the server asked, else
+    exponential from RETRY_BASE_S with jitter (so workers do not retry in step), capped."""
+    asked = server_retry_delay_s(exc)
+    if asked is not None:
+        return asked
+    return min(settings.retry_max_s, settings.retry_base_s * 2 ** (attempt - 1) * random.uniform(1, 2))
+
+
+def describe(exc: BaseException, settings: Settings) -> str:
+    """A one-line reason for failed.jsonl and messages."""
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {settings.timeout_s:g} s"
+    code = getattr(exc, "code", None)
+    if isinstance(code, int) and hasattr(exc, "details"):
+        text = f"{code} {getattr(exc, 'status', None) or ''}: {getattr(exc, 'message', None) or ''}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
+
+
+# ------------------------------------------------------------------ writer --
+async def write_outputs(output_dir: Path, outcomes: asyncio.Queue[Outcome], shard_size: int, tally: Tally) -> None:
+    """The only task that writes output files. Takes whatever outcomes are waiting
+    and writes them together, so a busy run costs one write per batch, not per record."""
+    shards = ShardWriter(output_dir, shard_size)
+    failures = FailureLog(output_dir / FAILED_FILE)
+    await failures.clear()
+    try:
+        while True:
+            batch = [await outcomes.get()]
+            while not outcomes.empty():
+                batch.append(outcomes.get_nowait())
+            await shards.write([o for o in batch if isinstance(o, Response)])
+            await failures.write([o for o in batch if isinstance(o, Failure)])
+            for outcome in batch:
+                tally.count(outcome)
+                outcomes.task_done()
+            if tally.bar is not None:
+                tally.bar.update(len(batch))
+    except OSError as exc:
+        raise PipelineError(f"cannot write to {output_dir}: {exc.strerror or exc}") from None
+    finally:
+        await shards.close()
+        await failures.close()
+
+
+class ShardWriter:
+    """Appends responses to shard_00000.jsonl, shard_00001.jsonl, ... of `size` records.
+    A shard is opened only when its first record arrives, so none is ever empty, and
+    numbering continues after shards already in the folder, so none is overwritten."""
+
+    def __init__(self, output_dir: Path, size: int) -> None:
+        self.output_dir = output_dir
+        self.size = size
+        self.number = next_shard_number(output_dir)
+        self.file: Any = None
+        self.count = 0
+
+    @property
+    def name(self) -> str:
+        return f"shard_{self.number:05d}.jsonl"
+
+    async def write(self, responses: list[Response]) -> None:
+        while responses:
+            if self.file is None:
+                self.file = await aiofiles.open(self.output_dir / self.name, "w", encoding="utf-8")
+            taken, responses = responses[: self.size - self.count], responses[self.size - self.count :]
+            await self.file.write("".join(r.to_json() for r in taken))
+            await self.file.flush()  # each batch reaches the OS now, not when the shard closes
+            for response in taken:
+                log.debug("wrote %s -> %s", response.prompt.id, self.name)
+            self.count += len(taken)
+            if self.count == self.size:
+                await self.close()
+
+    async def close(self) -> None:
+        if self.file is not None:
+            await self.file.close()
+            self.file, self.count, self.number = None, 0, self.number + 1
+
+
+def next_shard_number(output_dir: Path) -> int:
+    numbers = [int(m[1]) for p in output_dir.iterdir() if (m := re.fullmatch(r"shard_(\d+)\.jsonl", p.name))]
+    return max(numbers, default=-1) + 1
+
+
+class FailureLog:
+    """failed.jsonl: the prompts of this run that failed for good, with the reason."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: Any = None
+
+    async def clear(self) -> None:
+        """Drop the last run's list: this run tries every prompt again."""
+        with contextlib.suppress(FileNotFoundError):
+            await aiofiles.os.remove(self.path)
+
+    async def write(self, failures: list[Failure]) -> None:
+        if not failures:
+            return
+        if self.file is None:
+            self.file = await aiofiles.open(self.path, "a", encoding="utf-8")
+        await self.file.write("".join(f.to_json() for f in failures))
+        await self.file.flush()
+        for failure in failures:
+            log.debug("failed %s -> %s: %s", failure.prompt.id, self.path.name, failure.error)
+
+    async def close(self) -> None:
+        if self.file is not None:
+            await self.file.close()
+            self.file = None
+
+
+# -------------------------------------------------------------------- main --
+async def main(settings: Settings, tally: Tally) -> None:
+    """Start one reader, GENERATE_WORKERS generators and one writer, linked by two
+    bounded queues; wait until every prompt is written, then stop them all."""
+    client = connect(settings)
+    prompts: asyncio.Queue[Prompt] = asyncio.Queue(maxsize=settings.queue_size)
+    outcomes: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=settings.queue_size)
+    reader = asyncio.create_task(read_inputs(settings.input_dir, prompts))
+    generators = [
+        asyncio.create_task(generate_content(client, prompts, outcomes, settings, tally))
+        for _ in range(settings.workers)
+    ]
+    writer = asyncio.create_task(write_outputs(settings.output_dir, outcomes, settings.shard_size, tally))
+    try:
+        await supervised(all_written(reader, prompts, outcomes), [*generators, writer])
+    finally:
+        await stop(reader, *generators)
+        if not writer.done():  # stopping early: still write every outcome already received
+            await supervised(outcomes.join(), [writer])
+        await stop(writer)
+        await client.aio.aclose()
+
+
+async def all_written(reader: asyncio.Task[None], prompts: asyncio.Queue[Prompt], outcomes: asyncio.Queue[Outcome]) -> None:
+    await asyncio.wait([reader])  # the reader is done: every prompt is queued, or it failed;
+    await prompts.join()  # either way every queued prompt gets its outcome queued,
+    await outcomes.join()  # and every outcome is written (answers already paid for are kept);
+    reader.result()  # then a reader error is raised.
+
+
+async def supervised(work: Awaitable[None], stages: list[asyncio.Task[None]]) -> None:
+    """Await `work`, but raise at once if any stage dies first: a dead writer or
+    generator must end the run, never leave a queue's join() waiting forever."""
+    done_when = asyncio.ensure_future(work)
+    watching: set[asyncio.Future[None]] = {done_when, *stages}
+    try:
+        while not done_when.done():
+            finished, watching = await asyncio.wait(watching, return_when=asyncio.FIRST_COMPLETED)
+            for task in finished:
+                if task is not done_when and not task.cancelled() and task.exception():
+                    raise task.exception()  # type: ignore[misc]
+        done_when.result()
+    finally:
+        done_when.cancel()
+
+
+async def stop(*tasks: asyncio.Task[None]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def connect(settings: Settings) -> Any:
+    """The model client: google-genai's, or the offline stand-in."""
+    if settings.offline:
+        return OfflineClient(settings.offline_latency_ms / 1000, settings.model)
+    from google import genai  # imported here so that --offline never pays for it
+    from google.genai import types
+
+    # attempts=1: answer() owns retries, so the SDK must not retry behind its back.
+    options = types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1))
+    return genai.Client(api_key=api_key_from_env(), http_options=options)
+
+
+def api_key_from_env() -> str | None:
+    return os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
+
+
+# ----------------------------------------------------------------- offline --
+class OfflineClient:
+    """Stands in for genai.Client (client.aio.models.generate_content, client.aio.aclose)
+    with deterministic answers and a simulated latency: no network, no key."""
+
+    def __init__(self, latency_s: float, model: str) -> None:
+        self.latency_s = latency_s
+        self.model = f"{model} (offline)"
+        self.aio = SimpleNamespace(models=self, aclose=self.aclose)
+
+    async def generate_content(self, model: str, contents: str) -> Any:
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        match = re.search(r"two times (-?\d+)", contents, re.IGNORECASE)
+        text = f"Two times {match[1]} is {2 * int(match[1])}." if match else f"You said: {contents}"
+        usage = SimpleNamespace(prompt_token_count=len(contents.split()), candidates_token_count=len(text.split()))
+        return SimpleNamespace(
+            text=text,
+            candidates=[SimpleNamespace(finish_reason="STOP")],
+            usage_metadata=usage,
+            model_version=self.model,
+            prompt_feedback=None,
+        )
+
+    async def aclose(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------- CLI --
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line, not the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every flag; the epilog as written."""
+
+
+HELP_EPILOG = """\
+environment:
+  GEMINI_API_KEY          your Gemini API key (GOOGLE_API_KEY is read too)
+  GOOGLE_GEMINI_BASE_URL  another API endpoint, e.g. a proxy (read by google-genai)
+output:
+  OUTPUT_DIR/shard_NNNNN.jsonl  one answer per line: id, prompt, response, model,
+                                finish_reason, attempts, usage
+  OUTPUT_DIR/failed.jsonl       prompts that failed for good: id, prompt, error, attempts
+exit status:
+  0 every prompt answered   1 some prompts failed   2 bad flag, input, output dir or key
+  130 interrupted (Ctrl-C)"""
+
+
+def at_least(minimum: float, kind: type = int) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
+def above_zero(text: str) -> float:
+    value = at_least(0, float)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    d = Settings()
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=HELP_EPILOG, formatter_class=HelpFormatter)
+    p.add_argument("--input-dir", type=Path, default=d.input_dir, help="folder of prompt files, one prompt per line")
+    p.add_argument("--output-dir", type=Path, default=d.output_dir, help="folder for shards and failed.jsonl")
+    p.add_argument("--model", default=d.model, help="Gemini model name")
+    p.add_argument("--workers", type=at_least(1), default=d.workers, help="requests in flight at once")
+    p.add_argument("--queue-size", type=at_least(1), default=d.queue_size, help="bound of each queue")
+    p.add_argument("--shard-size", type=at_least(1), default=d.shard_size, help="records per output shard")
+    p.add_argument("--max-attempts", type=at_least(1), default=d.max_attempts, help="tries per prompt")
+    p.add_argument("--timeout", type=above_zero, default=d.timeout_s, help="seconds before one request is abandoned")
+    p.add_argument("--retry-base-s", type=above_zero, default=d.retry_base_s, help="first retry back-off, seconds")
+    p.add_argument("--retry-max-s", type=above_zero, default=d.retry_max_s, help="longest retry back-off, seconds")
+    p.add_argument("--offline", action="store_true", help="use a built-in simulated model: no network, no key")
+    p.add_argument(
+        "--offline-latency-ms", type=at_least(0, float), default=d.offline_latency_ms, help="simulated latency of --offline"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log every enqueue, answer, retry and write")
+    a = p.parse_args(argv)
+    if a.retry_max_s < a.retry_base_s:
+        p.error(f"argument --retry-max-s: must be at least --retry-base-s ({a.retry_base_s:g})")
+    return Settings(
+        a.input_dir, a.output_dir, a.model, a.workers, a.queue_size, a.shard_size, a.max_attempts,
+        a.timeout, a.retry_base_s, a.retry_max_s, a.offline, a.offline_latency_ms, a.verbose,
+    )  # fmt: skip
+
+
+def check_setup(settings: Settings) -> None:
+    """Fail fast, before any request, on what would stop the run later anyway."""
+    if not settings.input_dir.is_dir():
+        raise PipelineError(f"input dir {settings.input_dir} does not exist or is not a folder (see --input-dir)")
+    try:
+        settings.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"cannot create output dir {settings.output_dir}: {exc.strerror or exc}") from None
+    if not os.access(settings.output_dir, os.W_OK | os.X_OK):
+        raise PipelineError(f"output dir {settings.output_dir} is not writable (see --output-dir)")
+    if not settings.offline and not api_key_from_env():
+        raise PipelineError("no API key: set GEMINI_API_KEY, or try the pipeline with --offline")
+
+
+def configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(relativeCreated)9.1f ms  %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    log.propagate = False
+
+
+def progress_bar(settings: Settings) -> Any:
+    """A live count on stderr when a person is watching (and -v is not printing events)."""
+    if settings.verbose or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit=" prompts", file=sys.stderr, mininterval=0.2)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Run from the command line; returns the exit status."""
+    settings = parse_args(argv)
+    configure_logging(settings.verbose)
+    try:
+        check_setup(settings)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    tally = Tally(bar=progress_bar(settings))
+    try:
+        asyncio.run(main(settings, tally))
+    except PipelineError as exc:
+        return finish(tally, f"error: {exc}", exc.exit_code)
+    except KeyboardInterrupt:
+        return finish(tally, f"interrupted: the answers so far are in {settings.output_dir}", 130)
+    except Exception as exc:  # a bug: still one line, and the details with -v
+        log.debug("internal error", exc_info=True)
+        return finish(tally, f"internal error: {type(exc).__name__}: {exc} (rerun with -v for details)", 1)
+    if tally.answered + tally.failed == 0:
+        return finish(tally, f"nothing to do: no prompts in {settings.input_dir}", 0)
+    if tally.failed:
+        return finish(tally, f"{tally.failed} prompts failed: see {settings.output_dir / FAILED_FILE}", 1)
+    return finish(tally, f"done: answers in {settings.output_dir}", 0)
+
+
+def finish(tally: Tally, message: str, exit_code: int) -> int:
+    if tally.bar is not None:
+        tally.bar.close()
+    print(tally.summary(), file=sys.stderr)
+    print(message, file=sys.stderr)
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,101 @@
+"""Shared fixtures: a fake Gemini server the real SDK reaches through
+GOOGLE_GEMINI_BASE_URL, prompt folders, and ways to run the pipeline in-process
+(fast, most tests) or as a subprocess (exit codes, signals, what a user sees)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import pipeline  # noqa: E402
+from fake_gemini import FakeGemini, Reply, Request, echo  # noqa: E402
+
+API_KEY = "test-key-5f2c9e"
+
+
+@dataclass
+class Run:
+    """What one pipeline run left behind."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    output_dir: Path
+
+    def shard_names(self) -> list[str]:
+        return sorted(p.name for p in self.output_dir.glob("shard_*.jsonl"))
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for name in self.shard_names() for line in (self.output_dir / name).open()]
+
+    def failures(self) -> list[dict]:
+        path = self.output_dir / "failed.jsonl"
+        return [json.loads(line) for line in path.open()] if path.exists() else []
+
+    def ids(self) -> list[str]:
+        return [r["id"] for r in self.records()]
+
+
+def write_prompts(folder: Path, prompts: list[str], per_file: int = 3) -> Path:
+    """Spread prompts over files shard_0.txt, shard_1.txt, ... of `per_file` lines."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(prompts), per_file):
+        (folder / f"shard_{start // per_file}.txt").write_text("\n".join(prompts[start : start + per_file]) + "\n")
+    return folder
+
+
+def sample_prompts(n: int = 30) -> list[str]:
+    return [f"What is two times {i}?" for i in range(n)]
+
+
+@pytest.fixture
+def fake_gemini(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., FakeGemini]]:
+    """Start a fake server (`fake_gemini(behaviour, latency_s=...)`) and point the SDK at it."""
+    servers: list[FakeGemini] = []
+
+    def start(behaviour: Callable[[Request], Reply] = echo, latency_s: float = 0.0) -> FakeGemini:
+        server = FakeGemini(behaviour, latency_s).__enter__()
+        servers.append(server)
+        monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", server.base_url)
+        monkeypatch.setenv("GEMINI_API_KEY", API_KEY)
+        monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+        return server
+
+    yield start
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Callable[..., Run]:
+    """Run pipeline.cli in this process: `run(input_dir, "--workers", "3")`."""
+
+    def run_in_process(input_dir: Path, *flags: str, output_dir: Path | None = None) -> Run:
+        output_dir = output_dir or tmp_path / "outputs"
+        code = pipeline.cli(["--input-dir", str(input_dir), "--output-dir", str(output_dir), *flags])
+        captured = capsys.readouterr()
+        return Run(code, captured.out, captured.err, output_dir)
+
+    return run_in_process
+
+
+def run_subprocess(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 60) -> Run:
+    """Run `python pipeline.py ARGS` as a user would, in `cwd` (outputs in cwd/outputs)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+    full_env.update(env or {})
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "pipeline.py"), *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    return Run(done.returncode, done.stdout, done.stderr, cwd / "outputs")

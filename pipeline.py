@@ -259,7 +259,7 @@ async def answer(client: Any, prompt: Prompt, settings: Settings, tally: Tally) 
         try:
             async with asyncio.timeout(settings.timeout_s):
                 reply = await client.aio.models.generate_content(model=settings.model, contents=prompt.text)
-        except Exception as exc:  # the SDK's and the network's errors; classify() sorts them
+        except Exception as exc:  # noqa: BLE001 (the SDK's and the network's errors: classify() sorts them)
             kind = classify(exc)
             if kind == "auth":
                 raise PipelineError(f"the API key was refused ({describe(exc, settings)}); check GEMINI_API_KEY") from None
@@ -467,20 +467,19 @@ async def main(settings: Settings, tally: Tally) -> None:
     ]
     writer = asyncio.create_task(write_outputs(settings.output_dir, outcomes, settings.shard_size, tally))
     try:
-        await supervised(all_written(reader, prompts, outcomes), [*generators, writer])
-    finally:
+        await supervised(all_answered(reader, prompts), [*generators, writer])
+    finally:  # on success, error or Ctrl-C alike: stop asking, write what was answered
         await stop(reader, *generators)
-        if not writer.done():  # stopping early: still write every outcome already received
+        if not writer.done():
             await supervised(outcomes.join(), [writer])
         await stop(writer)
         await client.aio.aclose()
 
 
-async def all_written(reader: asyncio.Task[None], prompts: asyncio.Queue[Prompt], outcomes: asyncio.Queue[Outcome]) -> None:
+async def all_answered(reader: asyncio.Task[None], prompts: asyncio.Queue[Prompt]) -> None:
     await asyncio.wait([reader])  # the reader is done: every prompt is queued, or it failed;
-    await prompts.join()  # either way every queued prompt gets its outcome queued,
-    await outcomes.join()  # and every outcome is written (answers already paid for are kept);
-    reader.result()  # then a reader error is raised.
+    await prompts.join()  # either way every queued prompt gets its outcome queued
+    reader.result()  # (answers already paid for are kept); then a reader error is raised.
 
 
 async def supervised(work: Awaitable[None], stages: list[asyncio.Task[None]]) -> None:

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import pipeline  # noqa: E402
-from fake_gemini import FakeGemini, Reply, Request, echo  # noqa: E402
+from fake_gemini import FakeGemini, Reply, Request, echo
+
+import pipeline
 
 API_KEY = "test-key-5f2c9e"
 
@@ -96,6 +97,6 @@ def run_subprocess(args: list[str], cwd: Path, env: dict[str, str] | None = None
     full_env.update(env or {})
     done = subprocess.run(
         [sys.executable, str(ROOT / "pipeline.py"), *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
     return Run(done.returncode, done.stdout, done.stderr, cwd / "outputs")

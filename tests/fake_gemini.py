@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 MODEL_VERSION = "fake-gemini-001"
 
@@ -174,7 +175,7 @@ class FakeGemini:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> FakeGemini:
+    def __enter__(self) -> Self:
         ready = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._serve(ready)), daemon=True)
         self._thread.start()
@@ -245,10 +246,8 @@ def cli() -> None:
     args = parser.parse_args()
     server = FakeGemini(latency_s=args.latency_ms / 1000, port=args.port)
     print(f"fake Gemini on http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(server._serve())
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

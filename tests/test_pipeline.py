@@ -11,8 +11,6 @@ from pathlib import Path
 
 import aiofiles
 import pytest
-
-import pipeline
 from conftest import API_KEY, sample_prompts, write_prompts
 from fake_gemini import (
     Reply,
@@ -25,6 +23,8 @@ from fake_gemini import (
     rate_limited,
     safety_block,
 )
+
+import pipeline
 
 
 def fail_first(times: int, failure: Reply):
@@ -96,7 +96,7 @@ def test_transient_errors_are_retried(tmp_path, fake_gemini, run, failure) -> No
 
 
 def test_request_timeout_is_retried(tmp_path, fake_gemini, run) -> None:
-    slow_once = lambda r: Reply(**{**echo(r).__dict__, "delay_s": 5.0}) if r.attempt == 1 else echo(r)  # noqa: E731
+    slow_once = lambda r: Reply(**{**echo(r).__dict__, "delay_s": 5.0}) if r.attempt == 1 else echo(r)
     fake_gemini(slow_once)
     result = run(write_prompts(tmp_path / "inputs", sample_prompts(3)), "--timeout", "0.3", *fast_retries())
     assert result.exit_code == 0, result.stderr

@@ -6,18 +6,22 @@
 Every non-blank line of every file in INPUT_DIR is one prompt, known by the id
 "<file name>:<line number>". Answers go to OUTPUT_DIR/shard_00000.jsonl,
 shard_00001.jsonl, ... (SHARD_SIZE records each); prompts that failed for good
-go to OUTPUT_DIR/failed.jsonl with the reason. Exit status: 0 all answered,
-1 some failed, 2 bad settings, input or key, 130 interrupted.
+go to OUTPUT_DIR/failed.jsonl with the reason. Run the same command again after
+a crash or Ctrl-C and it continues: answered prompts are skipped, failed ones
+retried. Exit status: 0 all answered, 1 some failed, 2 bad settings, input or
+key, 130 interrupted.
 
 How it is built, in the order data flows through this file:
   settings   the constants below; each is also a command-line flag
   records    Prompt in; Response or Failure out
   reader     read_inputs: streams prompt lines from the input files into a bounded queue
   generators generate_content (x GENERATE_WORKERS): ask the model, retrying in place
-             with back-off (answer, classify, backoff_s); never re-queue, so never deadlock
+             with back-off (answer, classify, backoff_s); never re-queue, so never deadlock.
+             Every request passes a Gate, which can stop them all at once
   writer     write_outputs: the only task that writes files; fills numbered shards
-  main       starts the stages, waits for the queues to drain, stops them, and stops
-             everything at once if any stage dies (supervised)
+  resume     load_past_runs: what the output dir already holds (PastRuns); repairs torn lines
+  main       starts the stages, waits for the queues to drain, and shuts down (shut_down)
+             on success, error and Ctrl-C alike; stops at once if a stage dies (supervised)
   offline    OfflineClient, a stand-in for genai.Client with the same call shape
   CLI        flags, start-up checks, the summary line and the exit status
 """
@@ -32,13 +36,14 @@ import logging
 import os
 import random
 import re
+import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Self, TextIO
 
 import aiofiles
 import aiofiles.os
@@ -56,8 +61,11 @@ RETRY_BASE_S = 1.0  # first back-off after a transient failure; doubles each att
 RETRY_MAX_S = 60.0  # longest back-off between two attempts (server-given delays excepted)
 OFFLINE_LATENCY_MS = 50.0  # simulated latency of each --offline answer
 
+# Not settings: fixed by the design.
 READ_CHUNK_BYTES = 1 << 20  # input is read this much at a time, so memory stays flat
+STOP_GRACE_S = 1.5  # on Ctrl-C, how long requests in flight may still land (exit within 2 s)
 FAILED_FILE = "failed.jsonl"
+SHARD_NAME = re.compile(r"shard_(\d+)\.jsonl")
 
 log = logging.getLogger("pipeline")
 
@@ -87,6 +95,18 @@ class PipelineError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def stop_on_os_error(what: str) -> Iterator[None]:
+    """Turn a file error into a PipelineError: one line saying `what` failed and why.
+    The first error is the one reported: closing a file after a failed write fails too."""
+    try:
+        yield
+    except OSError as exc:
+        while isinstance(exc.__context__, OSError):
+            exc = exc.__context__
+        raise PipelineError(f"{what}: {exc.strerror or exc}") from None
 
 
 # ----------------------------------------------------------------- records --
@@ -148,12 +168,15 @@ def json_line(record: dict[str, Any]) -> str:
 Outcome = Response | Failure
 
 
+
+
 @dataclass
 class Tally:
     """Running counts, for the progress display and the summary line."""
 
     answered: int = 0
     failed: int = 0
+    skipped: int = 0  # answered by an earlier run
     retries: int = 0
     prompt_tokens: int = 0
     response_tokens: int = 0
@@ -172,20 +195,22 @@ class Tally:
         seconds = time.monotonic() - self.started
         rate = (self.answered + self.failed) / seconds if seconds > 0 else 0.0
         return (
-            f"{self.answered} answered, {self.failed} failed, {self.retries} retries, "
+            f"{self.answered} answered, {self.failed} failed, {self.skipped} already done, {self.retries} retries, "
             f"tokens {self.prompt_tokens} in / {self.response_tokens} out, "
             f"{seconds:.2f} s, {rate:.1f} prompts/s"
         )
 
 
 # ------------------------------------------------------------------ reader --
-async def read_inputs(input_dir: Path, prompts: asyncio.Queue[Prompt]) -> None:
-    """Queue every prompt of every input file, in order; waits while the queue is full."""
+async def read_inputs(input_dir: Path, prompts: asyncio.Queue[Prompt], answered: Container[str] = ()) -> None:
+    """Queue every prompt of every input file, in order, except those `answered` before;
+    waits while the queue is full."""
     for path in await list_input_files(input_dir):
         async with contextlib.aclosing(read_prompts(path)) as file_prompts:
             async for prompt in file_prompts:
-                await prompts.put(prompt)
-                log.debug("enqueued %s", prompt.id)
+                if prompt.id not in answered:
+                    await prompts.put(prompt)
+                    log.debug("enqueued %s", prompt.id)
 
 
 async def list_input_files(input_dir: Path) -> list[Path]:
@@ -201,13 +226,11 @@ def natural_key(name: str) -> list[Any]:
 
 async def read_prompts(path: Path) -> AsyncIterator[Prompt]:
     """The prompts of one file; blank lines are skipped but still counted in the ids."""
-    try:
+    with stop_on_os_error(f"cannot read input file {path}"):
         async for number, line in read_lines(path):
             prompt = parse_prompt(f"{path.name}:{number}", line, first=number == 1)
             if prompt is not None:
                 yield prompt
-    except OSError as exc:
-        raise PipelineError(f"cannot read input file {path}: {exc.strerror or exc}") from None
 
 
 async def read_lines(path: Path) -> AsyncIterator[tuple[int, bytes]]:
@@ -239,6 +262,7 @@ async def generate_content(
     client: Any,
     prompts: asyncio.Queue[Prompt],
     outcomes: asyncio.Queue[Outcome],
+    gate: Gate,
     settings: Settings,
     tally: Tally,
 ) -> None:
@@ -246,16 +270,41 @@ async def generate_content(
     never through the input queue, so a full queue can never deadlock a retry."""
     while True:
         prompt = await prompts.get()
-        outcome = await answer(client, prompt, settings, tally)
-        await outcomes.put(outcome)
-        prompts.task_done()
+        try:
+            if outcome := await answer(client, prompt, gate, settings, tally):
+                await outcomes.put(outcome)
+        finally:  # however it ended, so that prompts.join() counts this prompt as handled
+            prompts.task_done()
 
 
-async def answer(client: Any, prompt: Prompt, settings: Settings, tally: Tally) -> Outcome:
-    """Ask the model once per attempt until it answers, fails for good, or attempts run out."""
+class Gate:
+    """Every request passes here first, so that one place can stop them all: once
+    closed (Ctrl-C, a refused key), no request starts and back-off waits end early."""
+
+    def __init__(self) -> None:
+        self._closed = asyncio.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds`, or less if the gate closes meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), seconds)
+
+
+async def answer(client: Any, prompt: Prompt, gate: Gate, settings: Settings, tally: Tally) -> Outcome | None:
+    """Ask the model once per attempt until it answers, fails for good, or attempts run
+    out. None if the run stops first: the prompt stays unanswered, for the next run."""
     if prompt.error:
         return Failure(prompt, prompt.error, attempts=0)
     for attempt in range(1, settings.max_attempts + 1):
+        if gate.closed:
+            return None
         try:
             async with asyncio.timeout(settings.timeout_s):
                 reply = await client.aio.models.generate_content(model=settings.model, contents=prompt.text)
@@ -268,11 +317,11 @@ async def answer(client: Any, prompt: Prompt, settings: Settings, tally: Tally) 
             delay = backoff_s(attempt, exc, settings)
             tally.retries += 1
             log.debug("retry %s in %.2f s after attempt %d: %s", prompt.id, delay, attempt, describe(exc, settings))
-            await asyncio.sleep(delay)
+            await gate.sleep(delay)
         else:
             log.debug("generated %s (attempt %d)", prompt.id, attempt)
             return to_outcome(prompt, reply, attempt, settings.model)
-    raise AssertionError("unreachable: the last attempt always returns")
+    raise AssertionError("unreachable: the last attempt always returns")  # pragma: no cover
 
 
 def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome:
@@ -360,126 +409,288 @@ def describe(exc: BaseException, settings: Settings) -> str:
 
 
 # ------------------------------------------------------------------ writer --
-async def write_outputs(output_dir: Path, outcomes: asyncio.Queue[Outcome], shard_size: int, tally: Tally) -> None:
-    """The only task that writes output files. Takes whatever outcomes are waiting
-    and writes them together, so a busy run costs one write per batch, not per record."""
-    shards = ShardWriter(output_dir, shard_size)
-    failures = FailureLog(output_dir / FAILED_FILE)
-    await failures.clear()
-    try:
-        while True:
-            batch = [await outcomes.get()]
-            while not outcomes.empty():
-                batch.append(outcomes.get_nowait())
-            await shards.write([o for o in batch if isinstance(o, Response)])
-            await failures.write([o for o in batch if isinstance(o, Failure)])
-            for outcome in batch:
-                tally.count(outcome)
-                outcomes.task_done()
-            if tally.bar is not None:
-                tally.bar.update(len(batch))
-    except OSError as exc:
-        raise PipelineError(f"cannot write to {output_dir}: {exc.strerror or exc}") from None
-    finally:
-        await shards.close()
-        await failures.close()
+async def write_outputs(output_dir: Path, outcomes: asyncio.Queue[Outcome], shard_size: int, past: PastRuns, tally: Tally) -> None:
+    """The only task that writes output files. Takes whatever outcomes are waiting and
+    hands them to the operating system at once (see ShardWriter for why that matters)."""
+    with stop_on_os_error(f"cannot write to {output_dir}"):
+        async with (
+            ShardWriter(output_dir, shard_size, past.next_shard) as shards,
+            FailureLog(output_dir / FAILED_FILE, past.failures) as failures,
+        ):
+            while True:
+                batch = [await outcomes.get()]
+                while not outcomes.empty():
+                    batch.append(outcomes.get_nowait())
+                answered = [o for o in batch if isinstance(o, Response)]
+                shards.write(answered)
+                failures.write([o for o in batch if isinstance(o, Failure)], answered)
+                for outcome in batch:
+                    tally.count(outcome)
+                    outcomes.task_done()
+                if tally.bar is not None:
+                    tally.bar.update(len(batch))
+                await shards.close_full()
 
 
 class ShardWriter:
     """Appends responses to shard_00000.jsonl, shard_00001.jsonl, ... of `size` records.
-    A shard is opened only when its first record arrives, so none is ever empty, and
-    numbering continues after shards already in the folder, so none is overwritten."""
 
-    def __init__(self, output_dir: Path, size: int) -> None:
+    A batch goes to the operating system in plain write() calls, with no await between
+    taking answers off the queue and writing them: copying a batch into the page cache
+    takes microseconds (less than a thread hop), and a process killed at any moment then
+    loses only the answers in flight and in the queue. A full shard is fsynced and closed
+    in a thread. A shard is created only when its first record arrives, so none is empty,
+    and never over an existing file."""
+
+    def __init__(self, output_dir: Path, size: int, first_number: int) -> None:
         self.output_dir = output_dir
         self.size = size
-        self.number = next_shard_number(output_dir)
-        self.file: Any = None
+        self.number = first_number
+        self.file: TextIO | None = None
         self.count = 0
+        self.full: list[TextIO] = []
 
     @property
     def name(self) -> str:
         return f"shard_{self.number:05d}.jsonl"
 
-    async def write(self, responses: list[Response]) -> None:
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def write(self, responses: list[Response]) -> None:
         while responses:
             if self.file is None:
-                self.file = await aiofiles.open(self.output_dir / self.name, "w", encoding="utf-8")
+                self.file = open(self.output_dir / self.name, "x", encoding="utf-8")  # noqa: SIM115 (closed in close_full)
             taken, responses = responses[: self.size - self.count], responses[self.size - self.count :]
-            await self.file.write("".join(r.to_json() for r in taken))
-            await self.file.flush()  # each batch reaches the OS now, not when the shard closes
+            self.file.write("".join(r.to_json() for r in taken))
+            self.file.flush()
             for response in taken:
                 log.debug("wrote %s -> %s", response.prompt.id, self.name)
             self.count += len(taken)
             if self.count == self.size:
-                await self.close()
+                self.full.append(self.file)
+                self.file, self.count, self.number = None, 0, self.number + 1
+
+    async def close_full(self) -> None:
+        if self.full:
+            full, self.full = self.full, []
+            await asyncio.to_thread(sync_and_close, full)
 
     async def close(self) -> None:
         if self.file is not None:
-            await self.file.close()
-            self.file, self.count, self.number = None, 0, self.number + 1
+            self.full.append(self.file)
+            self.file = None
+        await self.close_full()
 
 
-def next_shard_number(output_dir: Path) -> int:
-    numbers = [int(m[1]) for p in output_dir.iterdir() if (m := re.fullmatch(r"shard_(\d+)\.jsonl", p.name))]
-    return max(numbers, default=-1) + 1
+def sync_and_close(files: list[TextIO]) -> None:
+    for file in files:
+        try:
+            os.fsync(file.fileno())
+        finally:
+            file.close()
 
 
 class FailureLog:
-    """failed.jsonl: the prompts of this run that failed for good, with the reason."""
+    """failed.jsonl: exactly the prompts that were tried, failed for good, and are still
+    unanswered. New failures are appended as they come (so a kill loses none); when the
+    run ends, the file is rewritten to hold just the ones still unanswered, once each."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, earlier: dict[str, str]) -> None:
         self.path = path
-        self.file: Any = None
+        self.lines = dict(earlier)  # prompt id -> its line
+        self.file: TextIO | None = None
 
-    async def clear(self) -> None:
-        """Drop the last run's list: this run tries every prompt again."""
-        with contextlib.suppress(FileNotFoundError):
-            await aiofiles.os.remove(self.path)
+    async def __aenter__(self) -> Self:
+        return self
 
-    async def write(self, failures: list[Failure]) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def write(self, failures: list[Failure], answered: list[Response]) -> None:
+        for response in answered:
+            self.lines.pop(response.prompt.id, None)
         if not failures:
             return
         if self.file is None:
-            self.file = await aiofiles.open(self.path, "a", encoding="utf-8")
-        await self.file.write("".join(f.to_json() for f in failures))
-        await self.file.flush()
+            self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
         for failure in failures:
+            self.lines[failure.prompt.id] = line = failure.to_json()
+            self.file.write(line)
             log.debug("failed %s -> %s: %s", failure.prompt.id, self.path.name, failure.error)
+        self.file.flush()
 
     async def close(self) -> None:
         if self.file is not None:
-            await self.file.close()
+            await asyncio.to_thread(sync_and_close, [self.file])
             self.file = None
+        await asyncio.to_thread(replace_file, self.path, "".join(self.lines.values()))
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (a crash leaves the old or the new file), or
+    remove `path` when there is no text."""
+    if not text:
+        path.unlink(missing_ok=True)
+        return
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+# ------------------------------------------------------------------ resume --
+@dataclass
+class PastRuns:
+    """What earlier runs left in the output dir, so that this run continues where they stopped."""
+
+    answered: dict[str, int] = field(default_factory=dict)  # prompt id -> hash() of its prompt text
+    failures: dict[str, str] = field(default_factory=dict)  # prompt id -> its failed.jsonl line, if still unanswered
+    next_shard: int = 0
+
+
+async def load_past_runs(output_dir: Path) -> PastRuns:
+    """Read the shards and failed.jsonl of earlier runs. A last line cut short by a
+    killed process is removed, so that prompt is simply asked again."""
+    past = PastRuns()
+    for number, path in shard_files(output_dir):
+        count = len(past.answered)
+        async for record, _ in read_records(path):
+            past.answered[record["id"]] = hash(record["prompt"])
+        if len(past.answered) > count:
+            past.next_shard = number + 1
+        else:  # created, or emptied by the repair, just before a kill: no shard is ever empty
+            path.unlink()
+    failed = output_dir / FAILED_FILE
+    if failed.exists():  # appended to while running, so an id may repeat: the last line wins
+        async for record, line in read_records(failed):
+            if record["id"] not in past.answered:
+                past.failures[record["id"]] = line
+    return past
+
+
+def shard_files(output_dir: Path) -> list[tuple[int, Path]]:
+    shards = [(int(m[1]), p) for p in output_dir.iterdir() if (m := SHARD_NAME.fullmatch(p.name))]
+    return sorted(shards)
+
+
+async def read_records(path: Path) -> AsyncIterator[tuple[dict[str, Any], str]]:
+    """The records of a JSON Lines file we wrote, each with its line; repairs a torn last line."""
+    size = (await aiofiles.os.stat(path)).st_size
+    end = 0
+    async for number, line in read_lines(path):
+        start, end = end, end + len(line) + 1
+        if end > size:  # no newline after the last line: the process died writing it
+            log.warning("repairing %s: dropping its unfinished last line %d", path.name, number)
+            os.truncate(path, start)
+            return
+        try:
+            record = json.loads(line)
+            record = {"id": str(record["id"]), "prompt": str(record["prompt"])}
+        except (ValueError, KeyError, TypeError):
+            raise PipelineError(
+                f"{path}, line {number}, is not a record this pipeline wrote; move the file away "
+                "or choose a fresh --output-dir"
+            ) from None
+        yield record, line.decode() + "\n"
+
+
+async def count_answered_before(input_dir: Path, output_dir: Path, past: PastRuns) -> int:
+    """How many input prompts earlier runs answered. Refuses to mix two runs if an
+    input line was edited since its answer was written."""
+    count = 0
+    if past.answered:
+        for path in await list_input_files(input_dir):
+            async for prompt in read_prompts(path):
+                if (answered_hash := past.answered.get(prompt.id)) is None:
+                    continue
+                if answered_hash != hash(prompt.text):
+                    raise PipelineError(
+                        f"{prompt.id} is not the prompt that {output_dir} holds an answer for: the inputs "
+                        "changed since that run; choose a fresh --output-dir"
+                    )
+                count += 1
+    return count
 
 
 # -------------------------------------------------------------------- main --
 async def main(settings: Settings, tally: Tally) -> None:
     """Start one reader, GENERATE_WORKERS generators and one writer, linked by two
-    bounded queues; wait until every prompt is written, then stop them all."""
+    bounded queues; wait until every prompt is answered, then shut them down."""
+    loop = asyncio.get_running_loop()
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(stop_signal, on_stop_signal, asyncio.current_task())
+    past = await load_past_runs(settings.output_dir)
+    tally.skipped = await count_answered_before(settings.input_dir, settings.output_dir, past)
     client = connect(settings)
+    gate = Gate()
     prompts: asyncio.Queue[Prompt] = asyncio.Queue(maxsize=settings.queue_size)
     outcomes: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=settings.queue_size)
-    reader = asyncio.create_task(read_inputs(settings.input_dir, prompts))
+    reader = asyncio.create_task(read_inputs(settings.input_dir, prompts, past.answered))
     generators = [
-        asyncio.create_task(generate_content(client, prompts, outcomes, settings, tally))
+        asyncio.create_task(generate_content(client, prompts, outcomes, gate, settings, tally))
         for _ in range(settings.workers)
     ]
-    writer = asyncio.create_task(write_outputs(settings.output_dir, outcomes, settings.shard_size, tally))
+    writer = asyncio.create_task(write_outputs(settings.output_dir, outcomes, settings.shard_size, past, tally))
     try:
         await supervised(all_answered(reader, prompts), [*generators, writer])
-    finally:  # on success, error or Ctrl-C alike: stop asking, write what was answered
-        await stop(reader, *generators)
-        if not writer.done():
-            await supervised(outcomes.join(), [writer])
-        await stop(writer)
+    except asyncio.CancelledError:
+        log.warning("stopping: writing the answers received (Ctrl-C again quits at once)")
+        raise
+    finally:  # on success, error or Ctrl-C alike
+        await shut_down(gate, reader, generators, writer, prompts, outcomes)
         await client.aio.aclose()
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(stop_signal)
+
+
+def on_stop_signal(main_task: asyncio.Task[None]) -> None:
+    """Ctrl-C or SIGTERM: the first stops the run gently (see shut_down), a second at once.
+    Handled by the event loop, which wakes for it whichever thread the signal lands on."""
+    if main_task.cancelling():
+        raise KeyboardInterrupt
+    main_task.cancel()
 
 
 async def all_answered(reader: asyncio.Task[None], prompts: asyncio.Queue[Prompt]) -> None:
     await asyncio.wait([reader])  # the reader is done: every prompt is queued, or it failed;
     await prompts.join()  # either way every queued prompt gets its outcome queued
     reader.result()  # (answers already paid for are kept); then a reader error is raised.
+
+
+async def shut_down(
+    gate: Gate,
+    reader: asyncio.Task[None],
+    generators: list[asyncio.Task[None]],
+    writer: asyncio.Task[None],
+    prompts: asyncio.Queue[Prompt],
+    outcomes: asyncio.Queue[Outcome],
+) -> None:
+    """Stop asking, let requests in flight land for a moment, write every answer
+    received, then stop every task. A writer error is raised: the run is not complete."""
+    gate.close()  # no request starts from now on
+    reader.cancel()
+    while not prompts.empty():  # never tried: the next run asks them
+        prompts.get_nowait()
+        prompts.task_done()
+    await until(prompts.join(), writer, timeout=STOP_GRACE_S)  # answers in flight are queued,
+    await stop(reader, *generators)
+    await until(outcomes.join(), writer)  # and written.
+    await stop(writer)
+    if not writer.cancelled() and writer.exception():
+        raise writer.exception()  # type: ignore[misc]
+
+
+async def until(work: Awaitable[None], writer: asyncio.Task[None], timeout: float | None = None) -> None:
+    """Wait for `work`, but not past `timeout`, and not once the writer is dead."""
+    waiting = asyncio.ensure_future(work)
+    await asyncio.wait([waiting, writer], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
 
 
 async def supervised(work: Awaitable[None], stages: list[asyncio.Task[None]]) -> None:
@@ -665,13 +876,14 @@ def cli(argv: list[str] | None = None) -> int:
         asyncio.run(main(settings, tally))
     except PipelineError as exc:
         return finish(tally, f"error: {exc}", exc.exit_code)
-    except KeyboardInterrupt:
-        return finish(tally, f"interrupted: the answers so far are in {settings.output_dir}", 130)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return finish(tally, "interrupted: run the same command again to continue where it stopped", 130)
     except Exception as exc:  # a bug: still one line, and the details with -v
         log.debug("internal error", exc_info=True)
         return finish(tally, f"internal error: {type(exc).__name__}: {exc} (rerun with -v for details)", 1)
     if tally.answered + tally.failed == 0:
-        return finish(tally, f"nothing to do: no prompts in {settings.input_dir}", 0)
+        done_before = f"all {tally.skipped} prompts were answered before" if tally.skipped else "no prompts"
+        return finish(tally, f"nothing to do: {done_before} in {settings.input_dir}", 0)
     if tally.failed:
         return finish(tally, f"{tally.failed} prompts failed: see {settings.output_dir / FAILED_FILE}", 1)
     return finish(tally, f"done: answers in {settings.output_dir}", 0)

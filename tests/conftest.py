@@ -60,6 +60,13 @@ def sample_prompts(n: int = 30) -> list[str]:
     return [f"What is two times {i}?" for i in range(n)]
 
 
+@pytest.fixture(autouse=True)
+def fresh_logging() -> Iterator[None]:
+    """pipeline.cli points its logger at the sys.stderr of the test that ran it; unhook it after."""
+    yield
+    pipeline.log.handlers.clear()
+
+
 @pytest.fixture
 def fake_gemini(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., FakeGemini]]:
     """Start a fake server (`fake_gemini(behaviour, latency_s=...)`) and point the SDK at it."""

@@ -110,7 +110,7 @@ def error(code: int, message: str, *details: dict[str, Any]) -> Reply:
 
 
 def retry_info(delay_s: float) -> dict[str, Any]:
-    return {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{delay_s:g}s"}
+    return {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{delay_s:.3f}s"}
 
 
 def quota_failure(*quota_ids: str) -> dict[str, Any]:
@@ -128,18 +128,51 @@ def quota_failure(*quota_ids: str) -> dict[str, Any]:
     }
 
 
-def rate_limited(delay_s: float, quota_id: str = "GenerateRequestsPerMinutePerProjectPerModel-FreeTier") -> Reply:
-    """The API's 429: QuotaFailure says which quota, RetryInfo says when to come back."""
+def rate_limited(delay_s: float, *quota_ids: str) -> Reply:
+    """The API's 429: QuotaFailure says which quotas, RetryInfo says when to come back."""
     return error(
         429,
         "You exceeded your current quota, please check your plan and billing details.",
-        quota_failure(quota_id),
+        quota_failure(*(quota_ids or ["GenerateRequestsPerMinutePerProjectPerModel-FreeTier"])),
         {
             "@type": "type.googleapis.com/google.rpc.Help",
             "links": [{"description": "Learn more about Gemini API quotas", "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}],
         },
         retry_info(delay_s),
     )
+
+
+class PerWindowQuota:
+    """A behaviour that admits `limit` requests per fixed window of `window_s` seconds and
+    answers the rest with the API's 429, its RetryInfo saying when the window ends."""
+
+    def __init__(self, limit: int, window_s: float, then: Callable[[Request], Reply] = echo) -> None:
+        self.limit, self.window_s, self.then = limit, window_s, then
+        self.counts: Counter[int] = Counter()
+
+    def __call__(self, request: Request) -> Reply:
+        window = int(request.at // self.window_s)
+        self.counts[window] += 1
+        if self.counts[window] > self.limit:
+            return rate_limited((window + 1) * self.window_s - request.at)
+        return self.then(request)
+
+
+class DailyQuota:
+    """A behaviour that answers `limit` requests, then only the API's per-day 429."""
+
+    PER_DAY = "GenerateRequestsPerDayPerProjectPerModel-FreeTier"
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.answered = limit, 0
+        self.first_refusal_at: float | None = None
+
+    def __call__(self, request: Request) -> Reply:
+        if self.answered >= self.limit:
+            self.first_refusal_at = self.first_refusal_at or request.at
+            return rate_limited(3600 * 7, self.PER_DAY)
+        self.answered += 1
+        return echo(request)
 
 
 def invalid_key() -> Reply:
@@ -167,6 +200,7 @@ class FakeGemini:
     latency_s: float = 0.0
     requests: list[Request] = field(default_factory=list)
     answered: Counter[str] = field(default_factory=Counter)  # 200s per prompt: what the user paid for
+    answered_at: list[float] = field(default_factory=list)  # arrival times of the requests answered 200
     port: int = 0
     _attempts: Counter[str] = field(default_factory=Counter)
     _seen: threading.Condition = field(default_factory=threading.Condition)
@@ -240,6 +274,7 @@ class FakeGemini:
         if reply.status == 200:
             with self._seen:
                 self.answered[prompt] += 1
+                self.answered_at.append(request.at)
         if self.latency_s or reply.delay_s:
             await asyncio.sleep(self.latency_s + reply.delay_s)
         return reply

@@ -102,6 +102,7 @@ def test_unusable_output_dir(tmp_path: Path) -> None:
         (["--retry-base-s", "-2"], "--retry-base-s"),
         (["--retry-base-s", "5", "--retry-max-s", "1"], "--retry-max-s"),
         (["--offline-latency-ms", "-1"], "--offline-latency-ms"),
+        (["--rpm", "0"], "--rpm"),
         (["--workers", "many"], "--workers"),
         (["--no-such-flag"], "--no-such-flag"),
     ],
@@ -121,7 +122,8 @@ def test_help_lists_every_setting_with_its_constant_as_default(tmp_path: Path) -
         ("--workers", pipeline.GENERATE_WORKERS), ("--queue-size", pipeline.QUEUE_SIZE),
         ("--shard-size", pipeline.SHARD_SIZE), ("--max-attempts", pipeline.MAX_ATTEMPTS),
         ("--timeout", pipeline.REQUEST_TIMEOUT_S), ("--retry-base-s", pipeline.RETRY_BASE_S),
-        ("--retry-max-s", pipeline.RETRY_MAX_S), ("--offline-latency-ms", pipeline.OFFLINE_LATENCY_MS),
+        ("--retry-max-s", pipeline.RETRY_MAX_S), ("--rpm", pipeline.REQUESTS_PER_MINUTE),
+        ("--offline-latency-ms", pipeline.OFFLINE_LATENCY_MS),
     ]:  # fmt: skip
         assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(str(constant))}\)", help_text), flag
     assert "--offline " in help_text and "--verbose" in help_text

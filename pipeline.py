@@ -43,7 +43,7 @@ from collections.abc import AsyncIterator, Awaitable, Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Self, TextIO
+from typing import Any, Self
 
 import aiofiles
 import aiofiles.os
@@ -53,7 +53,7 @@ INPUT_DIR = "inputs"  # folder of prompt files: one prompt per non-blank line
 OUTPUT_DIR = "outputs"  # where shards and failed.jsonl are written (created if missing)
 MODEL = "gemini-flash-latest"  # Gemini model that answers every prompt
 GENERATE_WORKERS = 5  # requests in flight at once
-QUEUE_SIZE = 5  # bound of each queue: how far the reader may run ahead of the model
+QUEUE_SIZE = 5  # bound of each queue (at least GENERATE_WORKERS): how far reading may run ahead
 SHARD_SIZE = 5  # records per output shard (the last shard may hold fewer)
 MAX_ATTEMPTS = 5  # tries per prompt, the first included, before it counts as failed
 REQUEST_TIMEOUT_S = 60.0  # give up on a single request after this many seconds
@@ -65,6 +65,8 @@ OFFLINE_LATENCY_MS = 50.0  # simulated latency of each --offline answer
 # Not settings: fixed by the design.
 READ_CHUNK_BYTES = 1 << 20  # input is read this much at a time, so memory stays flat
 STOP_GRACE_S = 1.5  # on Ctrl-C, how long requests in flight may still land (exit within 2 s)
+SHARDS_PER_SYNC = 16  # full shards fsynced and closed together in one worker-thread job
+SYNCS_PENDING = 4  # such jobs that may run behind the writer at once
 RPM_HEADROOM = 0.98  # pace at 98% of the RPM: spaced at exactly the limit, jitter puts R+1 in some windows
 FAILED_FILE = "failed.jsonl"
 SHARD_NAME = re.compile(r"shard_(\d+)\.jsonl")
@@ -508,7 +510,7 @@ async def write_outputs(output_dir: Path, outcomes: asyncio.Queue[Outcome], shar
                     outcomes.task_done()
                 if tally.bar is not None:
                     tally.bar.update(len(batch))
-                await shards.close_full()
+                await shards.settle()
 
 
 class ShardWriter:
@@ -517,17 +519,19 @@ class ShardWriter:
     A batch goes to the operating system in plain write() calls, with no await between
     taking answers off the queue and writing them: copying a batch into the page cache
     takes microseconds (less than a thread hop), and a process killed at any moment then
-    loses only the answers in flight and in the queue. A full shard is fsynced and closed
-    in a thread. A shard is created only when its first record arrives, so none is empty,
-    and never over an existing file."""
+    loses only the answers in flight and in the queue. Full shards are fsynced and closed
+    in a worker thread while writing goes on, several at a time (a thread round trip
+    per shard would cost more than the writing). A shard is created only when its first
+    record arrives, so none is empty, and never over an existing file."""
 
     def __init__(self, output_dir: Path, size: int, first_number: int) -> None:
         self.output_dir = output_dir
         self.size = size
         self.number = first_number
-        self.file: TextIO | None = None
-        self.count = 0
-        self.full: list[TextIO] = []
+        self.fd: int | None = None  # the open shard
+        self.count = 0  # records in it
+        self.full: list[int] = []  # full shards, open, not yet handed to a thread
+        self.syncing: list[asyncio.Future[None]] = []  # jobs fsyncing and closing full shards
 
     @property
     def name(self) -> str:
@@ -541,36 +545,51 @@ class ShardWriter:
 
     def write(self, responses: list[Response]) -> None:
         while responses:
-            if self.file is None:
-                self.file = open(self.output_dir / self.name, "x", encoding="utf-8")  # noqa: SIM115 (closed in close_full)
+            if self.fd is None:
+                self.fd = os.open(self.output_dir / self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             taken, responses = responses[: self.size - self.count], responses[self.size - self.count :]
-            self.file.write("".join(r.to_json() for r in taken))
-            self.file.flush()
+            write_all(self.fd, "".join(r.to_json() for r in taken).encode())
             for response in taken:
                 log.debug("wrote %s -> %s", response.prompt.id, self.name)
             self.count += len(taken)
             if self.count == self.size:
-                self.full.append(self.file)
-                self.file, self.count, self.number = None, 0, self.number + 1
+                self.full.append(self.fd)
+                self.fd, self.count, self.number = None, 0, self.number + 1
+        if len(self.full) >= SHARDS_PER_SYNC:
+            self.sync_full()
 
-    async def close_full(self) -> None:
+    def sync_full(self) -> None:
+        """Hand the full shards to a worker thread to fsync and close."""
         if self.full:
-            full, self.full = self.full, []
-            await asyncio.to_thread(sync_and_close, full)
+            self.syncing.append(asyncio.get_running_loop().run_in_executor(None, sync_and_close, *self.full))
+            self.full = []
+
+    async def settle(self, pending: int = SYNCS_PENDING) -> None:
+        """Wait until at most `pending` sync jobs are running; raise the first error."""
+        while self.syncing and (len(self.syncing) > pending or self.syncing[0].done()):
+            await self.syncing.pop(0)
 
     async def close(self) -> None:
-        if self.file is not None:
-            self.full.append(self.file)
-            self.file = None
-        await self.close_full()
+        if self.fd is not None:
+            self.full.append(self.fd)
+            self.fd = None
+        self.sync_full()
+        await self.settle(pending=0)
 
 
-def sync_and_close(files: list[TextIO]) -> None:
-    for file in files:
-        try:
-            os.fsync(file.fileno())
-        finally:
-            file.close()
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def sync_and_close(*fds: int) -> None:
+    """fsync and close each file; every one is closed even if an fsync fails."""
+    with contextlib.ExitStack() as closing:
+        for fd in fds:
+            closing.callback(os.close, fd)
+        for fd in fds:
+            os.fsync(fd)
 
 
 class FailureLog:
@@ -581,7 +600,7 @@ class FailureLog:
     def __init__(self, path: Path, earlier: dict[str, str]) -> None:
         self.path = path
         self.lines = dict(earlier)  # prompt id -> its line
-        self.file: TextIO | None = None
+        self.fd: int | None = None
 
     async def __aenter__(self) -> Self:
         return self
@@ -594,18 +613,17 @@ class FailureLog:
             self.lines.pop(response.prompt.id, None)
         if not failures:
             return
-        if self.file is None:
-            self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         for failure in failures:
-            self.lines[failure.prompt.id] = line = failure.to_json()
-            self.file.write(line)
+            self.lines[failure.prompt.id] = failure.to_json()
             log.debug("failed %s -> %s: %s", failure.prompt.id, self.path.name, failure.error)
-        self.file.flush()
+        write_all(self.fd, "".join(self.lines[f.prompt.id] for f in failures).encode())
 
     async def close(self) -> None:
-        if self.file is not None:
-            await asyncio.to_thread(sync_and_close, [self.file])
-            self.file = None
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            await asyncio.to_thread(sync_and_close, fd)
         await asyncio.to_thread(replace_file, self.path, "".join(self.lines.values()))
 
 
@@ -708,8 +726,9 @@ async def main(settings: Settings, tally: Tally) -> None:
     tally.skipped = await count_answered_before(settings.input_dir, settings.output_dir, past)
     client = connect(settings)
     gate = Gate(settings.requests_per_minute, tally)
-    prompts: asyncio.Queue[Prompt] = asyncio.Queue(maxsize=settings.queue_size)
-    outcomes: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=settings.queue_size)
+    depth = queue_depth(settings)
+    prompts: asyncio.Queue[Prompt] = asyncio.Queue(maxsize=depth)
+    outcomes: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=depth)
     reader = asyncio.create_task(read_inputs(settings.input_dir, prompts, past.answered))
     generators = [
         asyncio.create_task(generate_content(client, prompts, outcomes, gate, settings, tally))
@@ -734,6 +753,12 @@ def on_stop_signal(main_task: asyncio.Task[None]) -> None:
     if main_task.cancelling():
         raise KeyboardInterrupt
     main_task.cancel()
+
+
+def queue_depth(settings: Settings) -> int:
+    """QUEUE_SIZE, but at least one place per worker: on a busy event loop a queue hands
+    over about its size per turn of the loop, so a shorter one leaves workers idle."""
+    return max(settings.queue_size, settings.workers)
 
 
 async def all_answered(reader: asyncio.Task[None], prompts: asyncio.Queue[Prompt]) -> None:

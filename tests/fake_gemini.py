@@ -216,7 +216,7 @@ class FakeGemini:
 
     def __enter__(self) -> Self:
         ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve(ready)), daemon=True)
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve(ready.set)), daemon=True)
         self._thread.start()
         if not ready.wait(10):
             raise RuntimeError("fake Gemini server did not start")
@@ -226,13 +226,12 @@ class FakeGemini:
         self._loop.call_soon_threadsafe(self._stopped.set)
         self._thread.join(10)
 
-    async def _serve(self, ready: threading.Event | None = None) -> None:
+    async def _serve(self, on_ready: Callable[[], object]) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        server = await asyncio.start_server(self._connection, "127.0.0.1", self.port)
+        server = await asyncio.start_server(self._connection, "127.0.0.1", self.port, backlog=1024)
         self.port = server.sockets[0].getsockname()[1]
-        if ready:
-            ready.set()
+        on_ready()
         async with server:
             await self._stopped.wait()
 
@@ -282,13 +281,12 @@ class FakeGemini:
 
 def cli() -> None:
     parser = argparse.ArgumentParser(description="Run the fake Gemini server in the foreground.")
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, default=8765, help="0: any free port")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     args = parser.parse_args()
     server = FakeGemini(latency_s=args.latency_ms / 1000, port=args.port)
-    print(f"fake Gemini on http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(server._serve())
+        asyncio.run(server._serve(lambda: print(f"fake Gemini on {server.base_url} (Ctrl-C stops it)", flush=True)))
 
 
 if __name__ == "__main__":

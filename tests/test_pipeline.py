@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import zlib
 from pathlib import Path
@@ -202,11 +203,14 @@ def test_non_utf8_line_is_failed_and_the_rest_continue(tmp_path, fake_gemini, ru
 async def test_a_writer_that_cannot_write_stops_the_run(tmp_path, fake_gemini, monkeypatch) -> None:
     fake_gemini()
 
-    def open_on_a_full_disk(path, mode="r", **kwargs):  # the kernel answers ENOSPC on write
-        target = "/dev/full" if Path(path).name.startswith("shard_") else path
-        return open(target, mode.replace("x", "w"), **kwargs)
+    real_open = os.open
 
-    monkeypatch.setattr(pipeline, "open", open_on_a_full_disk, raising=False)
+    def open_on_a_full_disk(path, flags, mode=0o777, **kwargs):  # the kernel answers ENOSPC on write
+        if Path(path).name.startswith("shard_"):
+            return real_open("/dev/full", os.O_WRONLY)
+        return real_open(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_on_a_full_disk)
     settings = pipeline.Settings(
         input_dir=write_prompts(tmp_path / "inputs", sample_prompts(50)), output_dir=tmp_path / "outputs"
     )

@@ -1,0 +1,257 @@
+"""Benchmark pipeline.py against the SDK's own ceiling, across worker counts, and for
+memory. Not a test: run it by hand, on a quiet machine.
+
+    python tests/benchmark.py            # the full run, about ten minutes
+    python tests/benchmark.py --quick    # fewer prompts and repetitions, for a look
+
+Every contender runs as its own process, against the fake Gemini server of tests/
+in another process, and contenders alternate within each repetition; the table
+gives medians. Each child measures itself from just before its work to just after
+("in-process": interpreter start-up and imports left out, as they would drown the
+signal in short runs); the parent also takes the whole process's CPU time and
+peak RSS from wait4(). The sections:
+
+  ceiling    pipeline vs a minimal program making the same SDK calls for the same
+             prompts with the same concurrency and nothing else (no files, no
+             queues), at 0 ms server latency: CPU and wall time ratios
+  scaling    at 100 ms server latency: pipeline time over the ideal ceil(n/W) x 100 ms
+  machinery  --offline at 0 ms latency: prompts/s of the pipeline's own machinery
+  memory     peak RSS of --offline runs over 10,000 and 1,000,000 prompts
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "What is two times {}?"
+
+
+@dataclass
+class Measure:
+    wall_s: float  # in-process, around the work
+    cpu_s: float  # in-process user + sys, all threads
+    process_cpu_s: float  # the whole process, start-up included (wait4)
+    peak_rss_mb: float
+
+
+# ------------------------------------------------------------ the children --
+def child_pipeline(args: list[str]) -> None:
+    """Run pipeline.cli(args) and report how long it took from the inside."""
+    sys.path.insert(0, str(ROOT))
+    if "--offline" not in args:
+        import google.genai  # noqa: F401  (imported before the clock starts, as in the ceiling)
+    import pipeline
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    code = pipeline.cli(args)
+    report(wall, cpu, code)
+
+
+def child_ceiling(prompts: int, workers: int) -> None:
+    """The ceiling: the same SDK calls, same prompts, same concurrency, nothing else."""
+    from google import genai
+    from google.genai import types
+
+    async def main() -> None:
+        client = genai.Client(http_options=types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1)))
+        texts = iter([PROMPT.format(i) for i in range(prompts)])
+
+        async def worker() -> None:
+            for text in texts:
+                reply = await client.aio.models.generate_content(model="gemini-flash-latest", contents=text)
+                assert reply.text
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        await client.aio.aclose()
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    asyncio.run(main())
+    report(wall, cpu, 0)
+
+
+def report(wall: float, cpu: float, code: int) -> None:
+    result = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "code": code}
+    print("BENCH " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------- harness --
+def measure(child_args: list[str], env: dict[str, str] | None = None) -> Measure:
+    """Run a child of this script and read both its own report and wait4()'s."""
+    process = subprocess.Popen(
+        [sys.executable, __file__, *child_args],
+        env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    [line] = [line for line in output.splitlines() if line.startswith("BENCH ")]
+    inner = json.loads(line.removeprefix("BENCH "))
+    if inner["code"] != 0:
+        raise RuntimeError(f"{child_args} exited {inner['code']}")
+    return Measure(inner["wall_s"], inner["cpu_s"], usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+
+
+class FakeServer:
+    """tests/fake_gemini.py in its own process, so that its CPU is not counted."""
+
+    def __init__(self, latency_ms: float) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "fake_gemini.py"), "--port", "0", "--latency-ms", str(latency_ms)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        self.base_url = self.process.stdout.readline().split()[3]
+        self.env = {"GOOGLE_GEMINI_BASE_URL": self.base_url, "GEMINI_API_KEY": "benchmark-key"}
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+def make_inputs(folder: Path, prompts: int, per_file: int = 10_000) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, prompts, per_file):
+        lines = (PROMPT.format(i) for i in range(start, min(start + per_file, prompts)))
+        (folder / f"prompts_{start // per_file}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def pipeline_args(inputs: Path, scratch: Path, *flags: str) -> list[str]:
+    output = Path(tempfile.mkdtemp(dir=scratch))
+    return ["pipeline", "--input-dir", str(inputs), "--output-dir", str(output), *flags]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# --------------------------------------------------------------- sections --
+def ceiling(scratch: Path, prompts: int, reps: int) -> list[str]:
+    rows = []
+    inputs = make_inputs(scratch / "ceiling_inputs", prompts)
+    with FakeServer(latency_ms=0) as server:
+        for workers in (5, 50):
+            runs: dict[str, list[Measure]] = {"pipeline": [], "ceiling": []}
+            for rep in range(reps):
+                order = ["pipeline", "ceiling"] if rep % 2 == 0 else ["ceiling", "pipeline"]
+                for name in order:
+                    if name == "pipeline":
+                        args = pipeline_args(inputs, scratch, "--workers", str(workers))
+                    else:
+                        args = ["ceiling", str(prompts), str(workers)]
+                    runs[name].append(measure(args, server.env))
+            p, c = runs["pipeline"], runs["ceiling"]
+            cpu_ratio = median([a.cpu_s / b.cpu_s for a, b in zip(p, c, strict=True)])
+            wall_ratio = median([a.wall_s / b.wall_s for a, b in zip(p, c, strict=True)])
+            process_ratio = median([a.process_cpu_s / b.process_cpu_s for a, b in zip(p, c, strict=True)])
+            rows.append(
+                f"| ceiling, {prompts} prompts, 0 ms, {workers} workers | CPU {cpu_ratio:.3f}x "
+                f"(whole process {process_ratio:.3f}x), wall {wall_ratio:.3f}x | pipeline "
+                f"{median([m.cpu_s for m in p]):.2f} s CPU / {median([m.wall_s for m in p]):.2f} s wall; ceiling "
+                f"{median([m.cpu_s for m in c]):.2f} s / {median([m.wall_s for m in c]):.2f} s |"
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def scaling(scratch: Path, prompts: int, reps: int) -> list[str]:
+    rows = []
+    inputs = make_inputs(scratch / "scaling_inputs", prompts)
+    with FakeServer(latency_ms=100) as server:
+        for workers in (1, 5, 20, 50):
+            runs = [measure(pipeline_args(inputs, scratch, "--workers", str(workers)), server.env) for _ in range(reps)]
+            ideal = math.ceil(prompts / workers) * 0.1
+            wall = median([m.wall_s for m in runs])
+            cpu_share = median([m.cpu_s / m.wall_s for m in runs])
+            rows.append(
+                f"| scaling, {prompts} prompts, 100 ms, {workers} workers | {wall / ideal:.3f}x ideal "
+                f"| {wall:.2f} s vs {ideal:.1f} s ideal; client CPU busy {cpu_share:.0%} of the time |"
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def machinery(scratch: Path, prompts: int, reps: int) -> list[str]:
+    rows = []
+    inputs = make_inputs(scratch / "machinery_inputs", prompts)
+    settings = {"default settings": [], "QUEUE_SIZE=100, SHARD_SIZE=1000": ["--queue-size", "100", "--shard-size", "1000"]}
+    disks = {"disk": scratch, "tmpfs": Path(tempfile.mkdtemp(dir="/dev/shm"))} if Path("/dev/shm").is_dir() else {"disk": scratch}
+    for label, flags in settings.items():
+        for disk, where in disks.items():
+            args = ["--offline", "--offline-latency-ms", "0", *flags]
+            runs = [measure(pipeline_args(inputs, where, *args)) for _ in range(reps)]
+            rate = prompts / median([m.wall_s for m in runs])
+            rows.append(f"| machinery, {prompts} prompts, --offline, {label}, outputs on {disk} | {rate:,.0f} prompts/s | |")
+            print(rows[-1], flush=True)
+    for where in disks.values():
+        if where != scratch:
+            shutil.rmtree(where, ignore_errors=True)
+    return rows
+
+
+def memory(scratch: Path, sizes: list[int]) -> list[str]:
+    rows, peaks = [], {}
+    for prompts in sizes:
+        inputs = make_inputs(scratch / f"memory_inputs_{prompts}", prompts)
+        flags = ["--offline", "--offline-latency-ms", "0", "--queue-size", "100", "--shard-size", "1000"]
+        peaks[prompts] = measure(pipeline_args(inputs, scratch, *flags)).peak_rss_mb
+        shutil.rmtree(inputs)
+    small, large = sizes[0], sizes[-1]
+    rows.append(
+        f"| memory, --offline, QUEUE_SIZE=100, SHARD_SIZE=1000 | {peaks[large] / peaks[small]:.3f}x "
+        f"| peak RSS {peaks[small]:.1f} MB at {small:,} prompts, {peaks[large]:.1f} MB at {large:,} |"
+    )
+    print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer prompts and repetitions")
+    parser.add_argument("--only", choices=["ceiling", "scaling", "machinery", "memory"], action="append")
+    args = parser.parse_args()
+    quick = args.quick
+    only = set(args.only or ["ceiling", "scaling", "machinery", "memory"])
+    print(f"# {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}")
+    print(f"# {sys.executable} {' '.join(sys.argv[1:]) or ''}".rstrip())
+    print("| what | result | details |\n|---|---|---|", flush=True)
+    # Outputs go where a user's would: on the disk the repo is on. (On the machine these
+    # figures come from, creating a file under /tmp costs ten times the kernel time.)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", ROOT / "tests"), prefix=".bench-") as folder:
+        scratch = Path(folder)
+        if "ceiling" in only:
+            ceiling(scratch, 500 if quick else 2000, 3 if quick else 7)
+        if "scaling" in only:
+            scaling(scratch, 200 if quick else 1000, 1 if quick else 3)
+        if "machinery" in only:
+            machinery(scratch, 20_000 if quick else 100_000, 1 if quick else 3)
+        if "memory" in only:
+            memory(scratch, [10_000, 100_000 if quick else 1_000_000])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "pipeline":
+        child_pipeline(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "ceiling":
+        child_ceiling(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main()

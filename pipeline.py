@@ -170,10 +170,13 @@ class Failure:
         return json_line(record)
 
 
+JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps would build one per call
+
+
 def json_line(record: dict[str, Any]) -> str:
     """One JSON Lines record. Non-ASCII text stays readable, except the three characters
     that str.splitlines() and some JSON Lines readers take for line breaks."""
-    text = json.dumps(record, ensure_ascii=False)
+    text = JSON_ENCODER.encode(record)
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085") + "\n"
 
 
@@ -836,6 +839,9 @@ def api_key_from_env() -> str | None:
 
 
 # ----------------------------------------------------------------- offline --
+TWO_TIMES = re.compile(r"two times (-?\d+)", re.IGNORECASE)
+
+
 class OfflineClient:
     """Stands in for genai.Client (client.aio.models.generate_content, client.aio.aclose)
     with deterministic answers and a simulated latency: no network, no key."""
@@ -848,7 +854,7 @@ class OfflineClient:
     async def generate_content(self, model: str, contents: str) -> Any:
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
-        match = re.search(r"two times (-?\d+)", contents, re.IGNORECASE)
+        match = TWO_TIMES.search(contents)
         text = f"Two times {match[1]} is {2 * int(match[1])}." if match else f"You said: {contents}"
         usage = SimpleNamespace(prompt_token_count=len(contents.split()), candidates_token_count=len(text.split()))
         return SimpleNamespace(

@@ -149,9 +149,8 @@ def median(values: list[float]) -> float:
 
 
 # --------------------------------------------------------------- sections --
-def ceiling(scratch: Path, prompts: int, reps: int) -> list[str]:
+def ceiling(scratch: Path, prompts: int, reps: int) -> None:
     """The default settings, and big shards and queues to show what files cost."""
-    rows = []
     inputs = make_inputs(scratch / "ceiling_inputs", prompts)
     settings = {"default settings": [], "QUEUE_SIZE=100, SHARD_SIZE=1000": ["--queue-size", "100", "--shard-size", "1000"]}
     with FakeServer(latency_ms=0) as server:
@@ -171,20 +170,18 @@ def ceiling(scratch: Path, prompts: int, reps: int) -> list[str]:
                 cpu = median([a.cpu_s / b.cpu_s for a, b in zip(p, c, strict=True)])
                 wall = median([a.wall_s / b.wall_s for a, b in zip(p, c, strict=True)])
                 whole = median([a.process_cpu_s / b.process_cpu_s for a, b in zip(p, c, strict=True)])
-                rows.append(
+                print(
                     f"| ceiling, {prompts} prompts, 0 ms, {workers} workers, {label} | CPU {cpu:.3f}x "
                     f"(whole process {whole:.3f}x), wall {wall:.3f}x | pipeline {median([m.cpu_s for m in p]):.2f} s CPU "
                     f"({median([m.sys_s for m in p]):.2f} s of it kernel) / {median([m.wall_s for m in p]):.2f} s wall; "
                     f"ceiling {median([m.cpu_s for m in c]):.2f} s ({median([m.sys_s for m in c]):.2f} s) / "
-                    f"{median([m.wall_s for m in c]):.2f} s |"
+                    f"{median([m.wall_s for m in c]):.2f} s |",
+                    flush=True,
                 )
-                print(rows[-1], flush=True)
-    return rows
 
 
-def scaling(scratch: Path, prompts: int, reps: int) -> list[str]:
+def scaling(scratch: Path, prompts: int, reps: int) -> None:
     """Against the ideal, and against the ceiling program under the same latency."""
-    rows = []
     inputs = make_inputs(scratch / "scaling_inputs", prompts)
     with FakeServer(latency_ms=100) as server:
         for workers in (1, 5, 20, 50):
@@ -197,16 +194,14 @@ def scaling(scratch: Path, prompts: int, reps: int) -> list[str]:
             wall = median([m.wall_s for m in pipeline_runs])
             busy = median([m.cpu_s / m.wall_s for m in pipeline_runs])
             versus = f"; the ceiling program: {median([m.wall_s for m in ceiling_runs]) / ideal:.3f}x ideal" if ceiling_runs else ""
-            rows.append(
+            print(
                 f"| scaling, {prompts} prompts, 100 ms, {workers} workers | {wall / ideal:.3f}x ideal "
-                f"| {wall:.2f} s vs {ideal:.1f} s ideal; client CPU busy {busy:.0%} of the time{versus} |"
+                f"| {wall:.2f} s vs {ideal:.1f} s ideal; client CPU busy {busy:.0%} of the time{versus} |",
+                flush=True,
             )
-            print(rows[-1], flush=True)
-    return rows
 
 
-def machinery(scratch: Path, prompts: int, reps: int) -> list[str]:
-    rows = []
+def machinery(scratch: Path, prompts: int, reps: int) -> None:
     inputs = make_inputs(scratch / "machinery_inputs", prompts)
     settings = {"default settings": [], "QUEUE_SIZE=100, SHARD_SIZE=1000": ["--queue-size", "100", "--shard-size", "1000"]}
     disks = {"disk": scratch, "tmpfs": Path(tempfile.mkdtemp(dir="/dev/shm"))} if Path("/dev/shm").is_dir() else {"disk": scratch}
@@ -215,28 +210,25 @@ def machinery(scratch: Path, prompts: int, reps: int) -> list[str]:
             args = ["--offline", "--offline-latency-ms", "0", *flags]
             runs = [measure(pipeline_args(inputs, where, *args)) for _ in range(reps)]
             rate = prompts / median([m.wall_s for m in runs])
-            rows.append(f"| machinery, {prompts} prompts, --offline, {label}, outputs on {disk} | {rate:,.0f} prompts/s | |")
-            print(rows[-1], flush=True)
+            print(f"| machinery, {prompts} prompts, --offline, {label}, outputs on {disk} | {rate:,.0f} prompts/s | |", flush=True)
     for where in disks.values():
         if where != scratch:
             shutil.rmtree(where, ignore_errors=True)
-    return rows
 
 
-def memory(scratch: Path, sizes: list[int]) -> list[str]:
-    rows, peaks = [], {}
+def memory(scratch: Path, sizes: list[int]) -> None:
+    peaks = {}
     for prompts in sizes:
         inputs = make_inputs(scratch / f"memory_inputs_{prompts}", prompts)
         flags = ["--offline", "--offline-latency-ms", "0", "--queue-size", "100", "--shard-size", "1000"]
         peaks[prompts] = measure(pipeline_args(inputs, scratch, *flags)).peak_rss_mb
         shutil.rmtree(inputs)
     small, large = sizes[0], sizes[-1]
-    rows.append(
+    print(
         f"| memory, --offline, QUEUE_SIZE=100, SHARD_SIZE=1000 | {peaks[large] / peaks[small]:.3f}x "
-        f"| peak RSS {peaks[small]:.1f} MB at {small:,} prompts, {peaks[large]:.1f} MB at {large:,} |"
+        f"| peak RSS {peaks[small]:.1f} MB at {small:,} prompts, {peaks[large]:.1f} MB at {large:,} |",
+        flush=True,
     )
-    print(rows[-1], flush=True)
-    return rows
 
 
 def main() -> None:

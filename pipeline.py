@@ -722,9 +722,6 @@ async def count_answered_before(input_dir: Path, output_dir: Path, past: PastRun
 async def main(settings: Settings, tally: Tally) -> None:
     """Start one reader, GENERATE_WORKERS generators and one writer, linked by two
     bounded queues; wait until every prompt is answered, then shut them down."""
-    loop = asyncio.get_running_loop()
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(stop_signal, on_stop_signal, asyncio.current_task())
     past = await load_past_runs(settings.output_dir)
     tally.skipped = await count_answered_before(settings.input_dir, settings.output_dir, past)
     client = connect(settings)
@@ -738,6 +735,9 @@ async def main(settings: Settings, tally: Tally) -> None:
         for _ in range(settings.workers)
     ]
     writer = asyncio.create_task(write_outputs(settings.output_dir, outcomes, settings.shard_size, past, tally))
+    loop = asyncio.get_running_loop()
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(stop_signal, on_stop_signal, asyncio.current_task())
     try:
         await supervised(all_answered(reader, prompts), [*generators, writer])
     except asyncio.CancelledError:

@@ -183,8 +183,6 @@ def json_line(record: dict[str, Any]) -> str:
 Outcome = Response | Failure
 
 
-
-
 @dataclass
 class Tally:
     """Running counts, for the progress display and the summary line."""

@@ -43,7 +43,7 @@ from collections.abc import AsyncIterator, Awaitable, Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Self
+from typing import Any
 
 import aiofiles
 import aiofiles.os
@@ -496,8 +496,8 @@ async def write_outputs(output_dir: Path, outcomes: asyncio.Queue[Outcome], shar
     hands them to the operating system at once (see ShardWriter for why that matters)."""
     with stop_on_os_error(f"cannot write to {output_dir}"):
         async with (
-            ShardWriter(output_dir, shard_size, past.next_shard) as shards,
-            FailureLog(output_dir / FAILED_FILE, past.failures) as failures,
+            contextlib.aclosing(ShardWriter(output_dir, shard_size, past.next_shard)) as shards,
+            contextlib.aclosing(FailureLog(output_dir / FAILED_FILE, past.failures)) as failures,
         ):
             while True:
                 batch = [await outcomes.get()]
@@ -538,12 +538,6 @@ class ShardWriter:
     def name(self) -> str:
         return f"shard_{self.number:05d}.jsonl"
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
     def write(self, responses: list[Response]) -> None:
         while responses:
             if self.fd is None:
@@ -570,7 +564,7 @@ class ShardWriter:
         while self.syncing and (len(self.syncing) > pending or self.syncing[0].done()):
             await self.syncing.pop(0)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self.fd is not None:
             self.full.append(self.fd)
             self.fd = None
@@ -603,12 +597,6 @@ class FailureLog:
         self.lines = dict(earlier)  # prompt id -> its line
         self.fd: int | None = None
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
     def write(self, failures: list[Failure], answered: list[Response]) -> None:
         for response in answered:
             self.lines.pop(response.prompt.id, None)
@@ -621,7 +609,7 @@ class FailureLog:
             log.debug("failed %s -> %s: %s", failure.prompt.id, self.path.name, failure.error)
         write_all(self.fd, "".join(self.lines[f.prompt.id] for f in failures).encode())
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self.fd is not None:
             fd, self.fd = self.fd, None
             await asyncio.to_thread(sync_and_close, fd)
@@ -657,10 +645,11 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
     killed process is removed, so that prompt is simply asked again."""
     past = PastRuns()
     for number, path in shard_files(output_dir):
-        count = len(past.answered)
+        records = 0
         async for record, _ in read_records(path):
             past.answered[record["id"]] = hash(record["prompt"])
-        if len(past.answered) > count:
+            records += 1
+        if records:
             past.next_shard = number + 1
         else:  # created, or emptied by the repair, just before a kill: no shard is ever empty
             path.unlink()

@@ -12,13 +12,15 @@ retried. Exit status: 0 all answered, 1 some failed, 2 bad settings, input or
 key, 130 interrupted.
 
 How it is built, in the order data flows through this file:
-  settings   the constants below; each is also a command-line flag
+  settings   the constants below, each also a command-line flag; and postprocess(), yours to edit
   records    Prompt in; Response or Failure out
-  reader     read_inputs: streams prompt lines from the input files into a bounded queue
+  reader     read_inputs (x READERS): streams prompt lines from the input files into a bounded queue
   generators generate_content (x GENERATE_WORKERS): ask the model, retrying in place
              with back-off (answer, classify, backoff_s); never re-queue, so never deadlock.
              Every request passes a Gate, which can stop them all at once
-  writer     write_outputs: the only task that writes files; fills numbered shards
+  pool       PostProcessor: runs postprocess() over answers in a process pool, in batches,
+             for the writers, so that CPU work never stalls the event loop
+  writer     write_outputs (x WRITERS): each the only task writing its files; fills numbered shards
   resume     load_past_runs: what the output dir already holds (PastRuns); repairs torn lines
   main       starts the stages, waits for the queues to drain, and shuts down (shut_down)
              on success, error and Ctrl-C alike; stops at once if a stage dies (supervised)
@@ -31,15 +33,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
+import pickle
 import random
 import re
 import signal
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Container, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,6 +69,9 @@ REQUEST_TIMEOUT_S = 60.0  # give up on a single request after this many seconds
 RETRY_BASE_S = 1.0  # first back-off after a transient failure; doubles each attempt
 RETRY_MAX_S = 60.0  # longest back-off between two attempts (server-given delays excepted)
 REQUESTS_PER_MINUTE: float | None = None  # your quota's RPM: requests start evenly spaced below it (None: no limit)
+POSTPROCESS_WORKERS = os.cpu_count() or 1  # processes running postprocess() below; 0: run it on the event loop
+READERS = 1  # tasks reading input files, each taking the next unread file
+WRITERS = 1  # tasks writing outputs, each into shards of its own
 OFFLINE_LATENCY_MS = 50.0  # simulated latency of each --offline answer
 
 # Not settings: fixed by the design.
@@ -69,7 +81,21 @@ SHARDS_PER_SYNC = 16  # full shards fsynced and closed together in one worker-th
 SYNCS_PENDING = 4  # such jobs that may run behind the writer at once
 RPM_HEADROOM = 0.98  # pace at 98% of the RPM: spaced at exactly the limit, jitter puts R+1 in some windows
 FAILED_FILE = "failed.jsonl"
+FAILED_JOURNAL = re.compile(r"failed(\.\d+)?\.jsonl")  # failed.jsonl, and failed.K.jsonl of writer K while running
 SHARD_NAME = re.compile(r"shard_(\d+)\.jsonl")
+POSTPROCESS_BATCH = 256  # answers gathered for one trip to the pool, at most...
+POSTPROCESS_WAIT_S = 0.02  # ...or what arrives in this long, while postprocess() is cheap (see PostProcessor)
+POOL_NICENESS = 10  # the pool's processes run at a lower priority than the event loop
+ROUND_TRIP_S = 0.001  # work worth one more trip to the pool: a trip costs a few hundred µs of CPU here
+
+
+def postprocess(prompt: str, response: str) -> dict[str, Any]:
+    """Extra fields for the record of each answer. Edit it, like the constants, to compute
+    anything else: parse JSON out of the response, score it... It runs in a worker
+    process (POSTPROCESS_WORKERS), so CPU-heavy work never stalls the requests in flight.
+    What it returns is merged into the record; if it raises, that prompt goes to
+    failed.jsonl with the reason (and the answer, which was paid for)."""
+    return {"word_count": len(response.split())}
 
 log = logging.getLogger("pipeline")
 
@@ -89,6 +115,10 @@ class Settings:
     retry_base_s: float = RETRY_BASE_S
     retry_max_s: float = RETRY_MAX_S
     requests_per_minute: float | None = REQUESTS_PER_MINUTE
+    postprocess_workers: int = POSTPROCESS_WORKERS
+    readers: int = READERS
+    writers: int = WRITERS
+    postprocess: Callable[[str, str], dict[str, Any]] = postprocess  # a top-level function: it is sent to the pool by name
     offline: bool = False
     offline_latency_ms: float = OFFLINE_LATENCY_MS
     verbose: bool = False
@@ -131,9 +161,9 @@ class Prompt:
     error: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Response:
-    """A prompt the model answered."""
+    """A prompt the model answered; `extra` is filled in by post-processing."""
 
     prompt: Prompt
     text: str
@@ -142,6 +172,7 @@ class Response:
     attempts: int
     prompt_tokens: int
     response_tokens: int
+    extra: dict[str, Any] = field(default_factory=dict)  # what postprocess() returned
 
     def to_json(self) -> str:
         return json_line(
@@ -153,6 +184,7 @@ class Response:
                 "finish_reason": self.finish_reason,
                 "attempts": self.attempts,
                 "usage": {"prompt_tokens": self.prompt_tokens, "response_tokens": self.response_tokens},
+                **self.extra,
             }
         )
 
@@ -164,9 +196,12 @@ class Failure:
     prompt: Prompt
     error: str
     attempts: int
+    response: str | None = None  # an answer that postprocess() failed on: paid for, so kept
 
     def to_json(self) -> str:
         record = {"id": self.prompt.id, "prompt": self.prompt.text, "error": self.error, "attempts": self.attempts}
+        if self.response is not None:
+            record["response"] = self.response
         return json_line(record)
 
 
@@ -218,10 +253,11 @@ class Tally:
 
 
 # ------------------------------------------------------------------ reader --
-async def read_inputs(input_dir: Path, prompts: asyncio.Queue[Prompt], answered: Container[str] = ()) -> None:
-    """Queue every prompt of every input file, in order, except those `answered` before;
-    waits while the queue is full."""
-    for path in await list_input_files(input_dir):
+async def read_inputs(files: Iterator[Path], prompts: asyncio.Queue[Prompt], answered: Container[str] = ()) -> None:
+    """Queue every prompt of each file taken from `files`, in order, except those `answered`
+    before; waits while the queue is full. With READERS > 1 the readers share `files`,
+    each taking the next file when it finishes one."""
+    for path in files:
         async with contextlib.aclosing(read_prompts(path)) as file_prompts:
             async for prompt in file_prompts:
                 if prompt.id not in answered:
@@ -490,28 +526,159 @@ def describe(exc: BaseException, settings: Settings) -> str:
     return " ".join(text.split())
 
 
+# -------------------------------------------------------------------- pool --
+class PostProcessor:
+    """Runs postprocess() over answers in a process pool: CPU-heavy work on the event loop
+    would stall every request in flight. A round trip to the pool costs a few hundred µs
+    of this process's CPU, more than a cheap postprocess() itself, so answers travel in
+    batches: the writer gathers up to POSTPROCESS_BATCH of them, waiting up to
+    POSTPROCESS_WAIT_S for more while their work (measured in the pool) is not worth a
+    trip; and a batch is split across processes only when its work is worth the extra
+    trips. With 0 processes it runs postprocess() right here, for tiny jobs."""
+
+    def __init__(self, function: Callable[[str, str], dict[str, Any]], processes: int) -> None:
+        self.function = function
+        self.processes = processes
+        self.pool = ProcessPoolExecutor(processes, worker_context(), initializer=become_pool_worker) if processes else None
+        self.cost_s = 0.0  # CPU time per answer, as last measured in the pool
+
+    def start(self) -> None:
+        """Start the worker processes now, while this process has no other threads: forked
+        later, a child could inherit a lock some thread holds, and hang on it."""
+        if self.pool is not None:
+            self.pool.submit(int).result()
+
+    def worth_waiting(self, count: int) -> bool:
+        """Whether a batch of `count` answers had better wait for more before its trip."""
+        return self.pool is not None and count < POSTPROCESS_BATCH and count * self.cost_s < ROUND_TRIP_S
+
+    async def run(self, batch: list[Outcome]) -> list[Outcome]:
+        """The batch with postprocess() applied: each Response gets its extra fields, or
+        becomes a Failure if postprocess() raised on it."""
+        responses = [o for o in batch if isinstance(o, Response)]
+        pairs = [(r.prompt.text, r.text) for r in responses]
+        if not pairs:
+            return batch
+        if self.pool is None:
+            results, _ = postprocess_batch(self.function, pairs)
+        else:
+            results = await self.run_in_pool(pairs)
+        extras = dict(zip((id(r) for r in responses), results))
+        return [o if isinstance(o, Failure) else with_extra(o, extras[id(o)]) for o in batch]
+
+    async def run_in_pool(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any] | str]:
+        loop = asyncio.get_running_loop()
+        chunks = max(1, min(self.processes, len(pairs), int(len(pairs) * self.cost_s / ROUND_TRIP_S)))
+        size = -(-len(pairs) // chunks)
+        try:
+            done = await asyncio.gather(
+                *(loop.run_in_executor(self.pool, postprocess_batch, self.function, pairs[i : i + size]) for i in range(0, len(pairs), size))
+            )
+        except BrokenProcessPool:
+            raise PipelineError("a postprocess() worker process died (out of memory?); rerun to continue", 1) from None
+        except pickle.PicklingError as exc:  # e.g. postprocess() defined where the pool cannot find it by name
+            raise PipelineError(f"cannot send postprocess() to its processes ({exc}); try --postprocess-workers 0") from None
+        self.cost_s = sum(cpu_s for _, cpu_s in done) / len(pairs)
+        return [result for results, _ in done for result in results]
+
+    async def aclose(self) -> None:
+        """Stop the worker processes: no child outlives the run, whatever ended it."""
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.shutdown, wait=True, cancel_futures=True)
+
+
+def worker_context() -> Any:
+    """fork where it is safe and cheap (Linux; started before any thread, see start());
+    elsewhere the platform's default, spawn."""
+    return multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+
+
+def become_pool_worker() -> None:
+    """Set up a worker process: it yields the CPU to the event loop (on a busy machine the
+    loop would otherwise wait whole scheduler slices behind it); Ctrl-C is the pipeline's
+    to handle (it stops the pool); and if the pipeline is killed outright, the worker
+    exits too instead of waiting forever."""
+    os.nice(POOL_NICENESS)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=exit_when_ready, args=(parent.sentinel,), daemon=True).start()
+
+
+def exit_when_ready(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
+
+
+def postprocess_batch(
+    function: Callable[[str, str], dict[str, Any]], pairs: list[tuple[str, str]]
+) -> tuple[list[dict[str, Any] | str], float]:
+    """In a worker process: `function` over (prompt, response) pairs, and the CPU time it took.
+    Each result is the extra fields, or, if `function` failed on that answer, the reason."""
+    started = time.process_time()
+    return [extra_fields(function, prompt, response) for prompt, response in pairs], time.process_time() - started
+
+
+def extra_fields(function: Callable[[str, str], dict[str, Any]], prompt: str, response: str) -> dict[str, Any] | str:
+    try:
+        extra = function(prompt, response)
+        if not isinstance(extra, dict):
+            raise TypeError(f"returned {type(extra).__name__}, not a dict")
+        if reserved := sorted(extra.keys() & {"id", "prompt"}):
+            raise ValueError(f"returned {reserved[0]!r}, which resuming needs as it is")
+        JSON_ENCODER.encode(extra)  # not JSON: fail this answer here, not the writer
+    except Exception as exc:  # noqa: BLE001 (the user's code: any error fails just this answer)
+        return " ".join(f"postprocess failed: {type(exc).__name__}: {exc}".split())
+    return extra
+
+
+def with_extra(response: Response, extra: dict[str, Any] | str) -> Outcome:
+    if isinstance(extra, str):
+        return Failure(response.prompt, extra, response.attempts, response=response.text)
+    response.extra = extra
+    return response
+
+
 # ------------------------------------------------------------------ writer --
-async def write_outputs(output_dir: Path, outcomes: asyncio.Queue[Outcome], shard_size: int, past: PastRuns, tally: Tally) -> None:
-    """The only task that writes output files. Takes whatever outcomes are waiting and
-    hands them to the operating system at once (see ShardWriter for why that matters)."""
-    with stop_on_os_error(f"cannot write to {output_dir}"):
-        async with (
-            contextlib.aclosing(ShardWriter(output_dir, shard_size, past.next_shard)) as shards,
-            contextlib.aclosing(FailureLog(output_dir / FAILED_FILE, past.failures)) as failures,
-        ):
+async def write_outputs(
+    outcomes: asyncio.Queue[Outcome], shards: ShardWriter, failures: FailureLog, postprocessor: PostProcessor, tally: Tally
+) -> None:
+    """A writer task: the only one writing its shards and its failure journal. Takes the
+    outcomes that are waiting, post-processes them, and hands them to the operating
+    system at once (see ShardWriter for why that matters)."""
+    with stop_on_os_error(f"cannot write to {shards.output_dir}"):
+        async with contextlib.aclosing(shards), contextlib.aclosing(failures):
             while True:
-                batch = [await outcomes.get()]
-                while not outcomes.empty():
-                    batch.append(outcomes.get_nowait())
-                answered = [o for o in batch if isinstance(o, Response)]
+                batch = await next_batch(outcomes, postprocessor)
+                done = await postprocessor.run(batch)
+                answered = [o for o in done if isinstance(o, Response)]
                 shards.write(answered)
-                failures.write([o for o in batch if isinstance(o, Failure)], answered)
-                for outcome in batch:
+                failures.write([o for o in done if isinstance(o, Failure)], answered)
+                for outcome in done:
                     tally.count(outcome)
                     outcomes.task_done()
                 if tally.bar is not None:
-                    tally.bar.update(len(batch))
+                    tally.bar.update(len(done))
                 await shards.settle()
+
+
+async def next_batch(outcomes: asyncio.Queue[Outcome], postprocessor: PostProcessor) -> list[Outcome]:
+    """The next outcome and all that are waiting; and, while post-processing them in the
+    pool would not yet be worth the trip, what arrives within POSTPROCESS_WAIT_S."""
+    batch = [await outcomes.get()]
+    take_waiting(outcomes, batch)
+    if postprocessor.worth_waiting(len(batch)):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(POSTPROCESS_WAIT_S):
+                while postprocessor.worth_waiting(len(batch)):
+                    batch.append(await outcomes.get())
+                    take_waiting(outcomes, batch)
+    return batch
+
+
+def take_waiting(outcomes: asyncio.Queue[Outcome], batch: list[Outcome]) -> None:
+    while not outcomes.empty():
+        batch.append(outcomes.get_nowait())
 
 
 class ShardWriter:
@@ -523,12 +690,14 @@ class ShardWriter:
     loses only the answers in flight and in the queue. Full shards are fsynced and closed
     in a worker thread while writing goes on, several at a time (a thread round trip
     per shard would cost more than the writing). A shard is created only when its first
-    record arrives, so none is empty, and never over an existing file."""
+    record arrives, so none is empty, and never over an existing file. With WRITERS > 1
+    each writer has its own ShardWriter; they share `numbers`, so no two ever pick the same."""
 
-    def __init__(self, output_dir: Path, size: int, first_number: int) -> None:
+    def __init__(self, output_dir: Path, size: int, numbers: Iterator[int]) -> None:
         self.output_dir = output_dir
         self.size = size
-        self.number = first_number
+        self.numbers = numbers
+        self.number = -1
         self.fd: int | None = None  # the open shard
         self.count = 0  # records in it
         self.full: list[int] = []  # full shards, open, not yet handed to a thread
@@ -541,6 +710,7 @@ class ShardWriter:
     def write(self, responses: list[Response]) -> None:
         while responses:
             if self.fd is None:
+                self.number = next(self.numbers)
                 self.fd = os.open(self.output_dir / self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             taken, responses = responses[: self.size - self.count], responses[self.size - self.count :]
             write_all(self.fd, "".join(r.to_json() for r in taken).encode())
@@ -549,7 +719,7 @@ class ShardWriter:
             self.count += len(taken)
             if self.count == self.size:
                 self.full.append(self.fd)
-                self.fd, self.count, self.number = None, 0, self.number + 1
+                self.fd, self.count = None, 0
         if len(self.full) >= SHARDS_PER_SYNC:
             self.sync_full()
 
@@ -588,32 +758,46 @@ def sync_and_close(*fds: int) -> None:
 
 
 class FailureLog:
-    """failed.jsonl: exactly the prompts that were tried, failed for good, and are still
-    unanswered. New failures are appended as they come (so a kill loses none); when the
-    run ends, the file is rewritten to hold just the ones still unanswered, once each."""
+    """A writer's journal of the prompts that failed for good: failed.jsonl (failed.K.jsonl
+    for writer K > 0, so that each file has one writer). Failures are appended as they
+    come, so a kill loses none. The writers share `unanswered` (id -> line: what
+    failed.jsonl will hold), from which finish_failures() writes it when the run ends."""
 
-    def __init__(self, path: Path, earlier: dict[str, str]) -> None:
+    def __init__(self, path: Path, unanswered: dict[str, str]) -> None:
         self.path = path
-        self.lines = dict(earlier)  # prompt id -> its line
+        self.unanswered = unanswered
         self.fd: int | None = None
 
     def write(self, failures: list[Failure], answered: list[Response]) -> None:
         for response in answered:
-            self.lines.pop(response.prompt.id, None)
+            self.unanswered.pop(response.prompt.id, None)
         if not failures:
             return
         if self.fd is None:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         for failure in failures:
-            self.lines[failure.prompt.id] = failure.to_json()
+            self.unanswered[failure.prompt.id] = failure.to_json()
             log.debug("failed %s -> %s: %s", failure.prompt.id, self.path.name, failure.error)
-        write_all(self.fd, "".join(self.lines[f.prompt.id] for f in failures).encode())
+        write_all(self.fd, "".join(self.unanswered[f.prompt.id] for f in failures).encode())
 
     async def aclose(self) -> None:
         if self.fd is not None:
             fd, self.fd = self.fd, None
             await asyncio.to_thread(sync_and_close, fd)
-        await asyncio.to_thread(replace_file, self.path, "".join(self.lines.values()))
+
+
+async def finish_failures(output_dir: Path, unanswered: dict[str, str]) -> None:
+    """When every writer is done: failed.jsonl holds exactly the prompts that failed and
+    are still unanswered, once each; the other writers' journals are merged into it."""
+    with stop_on_os_error(f"cannot write to {output_dir}"):
+        await asyncio.to_thread(replace_file, output_dir / FAILED_FILE, "".join(unanswered.values()))
+        for path in failure_journals(output_dir):
+            if path.name != FAILED_FILE:
+                path.unlink()
+
+
+def failure_journal(output_dir: Path, writer: int) -> Path:
+    return output_dir / (FAILED_FILE if writer == 0 else f"failed.{writer}.jsonl")
 
 
 def replace_file(path: Path, text: str) -> None:
@@ -653,9 +837,8 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
             past.next_shard = number + 1
         else:  # created, or emptied by the repair, just before a kill: no shard is ever empty
             path.unlink()
-    failed = output_dir / FAILED_FILE
-    if failed.exists():  # appended to while running, so an id may repeat: the last line wins
-        async for record, line in read_records(failed):
+    for path in failure_journals(output_dir):  # appended to while running, so an id may repeat: the last line wins
+        async for record, line in read_records(path):
             if record["id"] not in past.answered:
                 past.failures[record["id"]] = line
     return past
@@ -664,6 +847,11 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
 def shard_files(output_dir: Path) -> list[tuple[int, Path]]:
     shards = [(int(m[1]), p) for p in output_dir.iterdir() if (m := SHARD_NAME.fullmatch(p.name))]
     return sorted(shards)
+
+
+def failure_journals(output_dir: Path) -> list[Path]:
+    """failed.jsonl, and the journals of other writers that a killed run left (failed.K.jsonl)."""
+    return sorted((p for p in output_dir.iterdir() if FAILED_JOURNAL.fullmatch(p.name)), key=lambda p: natural_key(p.name))
 
 
 async def read_records(path: Path) -> AsyncIterator[tuple[dict[str, Any], str]]:
@@ -707,32 +895,54 @@ async def count_answered_before(input_dir: Path, output_dir: Path, past: PastRun
 
 # -------------------------------------------------------------------- main --
 async def main(settings: Settings, tally: Tally) -> None:
-    """Start one reader, GENERATE_WORKERS generators and one writer, linked by two
-    bounded queues; wait until every prompt is answered, then shut them down."""
-    past = await load_past_runs(settings.output_dir)
-    tally.skipped = await count_answered_before(settings.input_dir, settings.output_dir, past)
-    client = connect(settings)
-    gate = Gate(settings.requests_per_minute, tally)
-    depth = queue_depth(settings)
-    prompts: asyncio.Queue[Prompt] = asyncio.Queue(maxsize=depth)
-    outcomes: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=depth)
-    reader = asyncio.create_task(read_inputs(settings.input_dir, prompts, past.answered))
-    generators = [
-        asyncio.create_task(generate_content(client, prompts, outcomes, gate, settings, tally))
-        for _ in range(settings.workers)
-    ]
-    writer = asyncio.create_task(write_outputs(settings.output_dir, outcomes, settings.shard_size, past, tally))
+    """Start READERS readers, GENERATE_WORKERS generators and WRITERS writers, linked by
+    two bounded queues; wait until every prompt is answered, then shut them down."""
+    async with contextlib.AsyncExitStack() as cleanup:  # undone in reverse order, however the run ends
+        postprocessor = PostProcessor(settings.postprocess, settings.postprocess_workers)
+        cleanup.push_async_callback(postprocessor.aclose)
+        postprocessor.start()  # first, before anything starts a thread
+        past = await load_past_runs(settings.output_dir)
+        tally.skipped = await count_answered_before(settings.input_dir, settings.output_dir, past)
+        client = connect(settings)
+        cleanup.push_async_callback(client.aio.aclose)
+        gate = Gate(settings.requests_per_minute, tally)
+        depth = queue_depth(settings)
+        prompts: asyncio.Queue[Prompt] = asyncio.Queue(maxsize=depth)
+        outcomes: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=depth)
+        files = iter(await list_input_files(settings.input_dir))
+        readers = [asyncio.create_task(read_inputs(files, prompts, past.answered)) for _ in range(settings.readers)]
+        generators = [
+            asyncio.create_task(generate_content(client, prompts, outcomes, gate, settings, tally))
+            for _ in range(settings.workers)
+        ]
+        shard_numbers = itertools.count(past.next_shard)
+        writers = [
+            asyncio.create_task(write_outputs(outcomes, shards, failures, postprocessor, tally))
+            for shards, failures in (
+                (ShardWriter(settings.output_dir, settings.shard_size, shard_numbers),
+                 FailureLog(failure_journal(settings.output_dir, number), past.failures))
+                for number in range(settings.writers)
+            )
+        ]  # fmt: skip
+        cleanup.enter_context(stopped_by_signals(asyncio.current_task()))
+        try:
+            await supervised(all_answered(readers, prompts), [*generators, *writers])
+        except asyncio.CancelledError:
+            log.warning("stopping: writing the answers received (Ctrl-C again quits at once)")
+            raise
+        finally:  # on success, error and Ctrl-C alike
+            await shut_down(gate, readers, generators, writers, prompts, outcomes)
+            await finish_failures(settings.output_dir, past.failures)
+
+
+@contextlib.contextmanager
+def stopped_by_signals(main_task: asyncio.Task[None] | None) -> Iterator[None]:
     loop = asyncio.get_running_loop()
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(stop_signal, on_stop_signal, asyncio.current_task())
+        loop.add_signal_handler(stop_signal, on_stop_signal, main_task)
     try:
-        await supervised(all_answered(reader, prompts), [*generators, writer])
-    except asyncio.CancelledError:
-        log.warning("stopping: writing the answers received (Ctrl-C again quits at once)")
-        raise
-    finally:  # on success, error or Ctrl-C alike
-        await shut_down(gate, reader, generators, writer, prompts, outcomes)
-        await client.aio.aclose()
+        yield
+    finally:
         for stop_signal in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(stop_signal)
 
@@ -751,39 +961,43 @@ def queue_depth(settings: Settings) -> int:
     return max(settings.queue_size, settings.workers)
 
 
-async def all_answered(reader: asyncio.Task[None], prompts: asyncio.Queue[Prompt]) -> None:
-    await asyncio.wait([reader])  # the reader is done: every prompt is queued, or it failed;
+async def all_answered(readers: list[asyncio.Task[None]], prompts: asyncio.Queue[Prompt]) -> None:
+    await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)  # every prompt is queued, or a reader failed;
     await prompts.join()  # either way every queued prompt gets its outcome queued
-    reader.result()  # (answers already paid for are kept); then a reader error is raised.
+    for reader in readers:  # (answers already paid for are kept); then a reader's error is raised.
+        if reader.done():
+            reader.result()
 
 
 async def shut_down(
     gate: Gate,
-    reader: asyncio.Task[None],
+    readers: list[asyncio.Task[None]],
     generators: list[asyncio.Task[None]],
-    writer: asyncio.Task[None],
+    writers: list[asyncio.Task[None]],
     prompts: asyncio.Queue[Prompt],
     outcomes: asyncio.Queue[Outcome],
 ) -> None:
     """Stop asking, let requests in flight land for a moment, write every answer
-    received, then stop every task. A writer error is raised: the run is not complete."""
+    received, then stop every task. A writer's error is raised: the run is not complete."""
     gate.close()  # no request starts from now on
-    reader.cancel()
+    for reader in readers:
+        reader.cancel()
     while not prompts.empty():  # never tried: the next run asks them
         prompts.get_nowait()
         prompts.task_done()
-    await until(prompts.join(), writer, timeout=STOP_GRACE_S)  # answers in flight are queued,
-    await stop(reader, *generators)
-    await until(outcomes.join(), writer)  # and written.
-    await stop(writer)
-    if not writer.cancelled() and writer.exception():
-        raise writer.exception()  # type: ignore[misc]
+    await until(prompts.join(), writers, timeout=STOP_GRACE_S)  # answers in flight are queued,
+    await stop(*readers, *generators)
+    await until(outcomes.join(), writers)  # and written.
+    await stop(*writers)
+    for writer in writers:
+        if not writer.cancelled() and writer.exception():
+            raise writer.exception()  # type: ignore[misc]
 
 
-async def until(work: Awaitable[None], writer: asyncio.Task[None], timeout: float | None = None) -> None:
-    """Wait for `work`, but not past `timeout`, and not once the writer is dead."""
+async def until(work: Awaitable[None], writers: list[asyncio.Task[None]], timeout: float | None = None) -> None:
+    """Wait for `work`, but not past `timeout`, and not once a writer is dead."""
     waiting = asyncio.ensure_future(work)
-    await asyncio.wait([waiting, writer], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait([waiting, *writers], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     waiting.cancel()
 
 
@@ -874,7 +1088,8 @@ environment:
   GOOGLE_GEMINI_BASE_URL  another API endpoint, e.g. a proxy (read by google-genai)
 output:
   OUTPUT_DIR/shard_NNNNN.jsonl  one answer per line: id, prompt, response, model,
-                                finish_reason, attempts, usage
+                                finish_reason, attempts, usage, and the fields
+                                postprocess() adds (word_count unless edited)
   OUTPUT_DIR/failed.jsonl       prompts that failed for good: id, prompt, error, attempts
 exit status:
   0 every prompt answered   1 some prompts failed   2 bad flag, input, output dir or key
@@ -917,6 +1132,12 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument(
         "--rpm", type=above_zero, default=d.requests_per_minute, help="requests per minute your quota allows; None: no limit (default: %(default)s)"
     )
+    p.add_argument(
+        "--postprocess-workers", type=at_least(0), default=d.postprocess_workers,
+        help="processes running postprocess(), by default the CPU count; 0: run it on the event loop",
+    )  # fmt: skip
+    p.add_argument("--readers", type=at_least(1), default=d.readers, help="tasks reading input files")
+    p.add_argument("--writers", type=at_least(1), default=d.writers, help="tasks writing shards")
     p.add_argument("--offline", action="store_true", help="use a built-in simulated model: no network, no key")
     p.add_argument(
         "--offline-latency-ms", type=at_least(0, float), default=d.offline_latency_ms, help="simulated latency of --offline"
@@ -926,8 +1147,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     if a.retry_max_s < a.retry_base_s:
         p.error(f"argument --retry-max-s: must be at least --retry-base-s ({a.retry_base_s:g})")
     return Settings(
-        a.input_dir, a.output_dir, a.model, a.workers, a.queue_size, a.shard_size, a.max_attempts,
-        a.timeout, a.retry_base_s, a.retry_max_s, a.rpm, a.offline, a.offline_latency_ms, a.verbose,
+        a.input_dir, a.output_dir, a.model, a.workers, a.queue_size, a.shard_size, a.max_attempts, a.timeout,
+        a.retry_base_s, a.retry_max_s, a.rpm, a.postprocess_workers, a.readers, a.writers,
+        offline=a.offline, offline_latency_ms=a.offline_latency_ms, verbose=a.verbose,
     )  # fmt: skip
 
 

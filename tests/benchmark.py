@@ -33,12 +33,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "What is two times {}?"
+HEAVY_CPU_S = 0.020  # CPU per answer of the heavy post-processing
+STALL_TICK_S = 0.005
+HEAVY_WORKERS = 10  # enough requests in flight (100/s at 100 ms) to keep the pool busy
 
 
 @dataclass
@@ -46,21 +49,60 @@ class Measure:
     wall_s: float  # in-process, around the work
     cpu_s: float  # in-process user + sys, all threads
     sys_s: float  # the kernel's part of cpu_s (file creation, fsync, sockets)
+    children_cpu_s: float  # user + sys of the post-processing pool's processes
+    stall_s: float  # the event loop's longest stall (pipeline only)
     process_cpu_s: float  # the whole process, start-up included (wait4)
     peak_rss_mb: float
 
 
 # ------------------------------------------------------------ the children --
-def child_pipeline(args: list[str]) -> None:
-    """Run pipeline.cli(args) and report how long it took from the inside."""
+def child_pipeline(args: list[str], postprocess: str = "default") -> None:
+    """Run pipeline.cli(args) and report how long it took from the inside. `postprocess`:
+    "default" as shipped; "none" skips post-processing altogether (the baseline of its
+    cost); "heavy" swaps in heavy_postprocess. The report includes the event loop's
+    longest stall, measured by a task that asks to wake every STALL_TICK_S, from the
+    moment the client exists until the run ends."""
     sys.path.insert(0, str(ROOT))
     if "--offline" not in args:
         import google.genai  # noqa: F401  (imported before the clock starts, as in the ceiling)
     import pipeline
 
+    if postprocess == "none":
+        pipeline.PostProcessor.run = pass_through  # type: ignore[method-assign]
+    if postprocess == "heavy":
+        parse_args = pipeline.parse_args
+        pipeline.parse_args = lambda argv: replace(parse_args(argv), postprocess=heavy_postprocess)
+    stalls = [0.0]
+    connect, watchers = pipeline.connect, []
+
+    def connect_then_watch(settings: Any) -> Any:  # creating genai's client blocks ~70 ms, before any request
+        client = connect(settings)
+        watchers.append(asyncio.get_running_loop().create_task(watch_stalls(stalls)))
+        return client
+
+    pipeline.connect = connect_then_watch
     started = os.times(), time.perf_counter()
     code = pipeline.cli(args)
-    report(*started, code)
+    report(*started, code, stalls[0])
+
+
+async def pass_through(self: Any, batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def heavy_postprocess(prompt: str, response: str) -> dict[str, Any]:
+    """About HEAVY_CPU_S of CPU per answer: what a real scorer or parser might cost."""
+    deadline = time.process_time() + HEAVY_CPU_S
+    while time.process_time() < deadline:
+        pass
+    return {"word_count": len(response.split())}
+
+
+async def watch_stalls(longest: list[float]) -> None:
+    while True:  # cancelled when asyncio.run() ends
+        asked = time.perf_counter()
+        await asyncio.sleep(STALL_TICK_S)
+        longest[0] = max(longest[0], time.perf_counter() - asked - STALL_TICK_S)
 
 
 def child_ceiling(prompts: int, workers: int) -> None:
@@ -70,6 +112,7 @@ def child_ceiling(prompts: int, workers: int) -> None:
 
     async def main() -> None:
         client = genai.Client(http_options=types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1)))
+        watcher = asyncio.create_task(watch_stalls(stalls))
         texts = iter([PROMPT.format(i) for i in range(prompts)])
 
         async def worker() -> None:
@@ -79,17 +122,20 @@ def child_ceiling(prompts: int, workers: int) -> None:
 
         await asyncio.gather(*(worker() for _ in range(workers)))
         await client.aio.aclose()
+        watcher.cancel()
 
+    stalls = [0.0]
     started = os.times(), time.perf_counter()
     asyncio.run(main())
-    report(*started, 0)
+    report(*started, 0, stalls[0])
 
 
-def report(times: os.times_result, wall: float, code: int) -> None:
+def report(times: os.times_result, wall: float, code: int, stall_s: float = 0.0) -> None:
     now = os.times()
     cpu, kernel = now.user + now.system - times.user - times.system, now.system - times.system
-    result = {"wall_s": time.perf_counter() - wall, "cpu_s": cpu, "sys_s": kernel, "code": code}
-    print("BENCH " + json.dumps(result), flush=True)
+    children = now.children_user + now.children_system - times.children_user - times.children_system
+    result = {"wall_s": time.perf_counter() - wall, "cpu_s": cpu, "sys_s": kernel, "children_cpu_s": children}
+    print("BENCH " + json.dumps({**result, "stall_s": stall_s, "code": code}), flush=True)
 
 
 # ---------------------------------------------------------------- harness --
@@ -108,7 +154,10 @@ def measure(child_args: list[str], env: dict[str, str] | None = None) -> Measure
     if inner["code"] != 0:
         raise RuntimeError(f"{child_args} exited {inner['code']}")
     process_cpu = usage.ru_utime + usage.ru_stime
-    return Measure(inner["wall_s"], inner["cpu_s"], inner["sys_s"], process_cpu, usage.ru_maxrss / 1024)
+    return Measure(
+        inner["wall_s"], inner["cpu_s"], inner["sys_s"], inner["children_cpu_s"], inner["stall_s"], process_cpu,
+        usage.ru_maxrss / 1024,
+    )  # fmt: skip
 
 
 class FakeServer:
@@ -139,9 +188,9 @@ def make_inputs(folder: Path, prompts: int, per_file: int = 10_000) -> Path:
     return folder
 
 
-def pipeline_args(inputs: Path, scratch: Path, *flags: str) -> list[str]:
+def pipeline_args(inputs: Path, scratch: Path, *flags: str, postprocess: str = "default") -> list[str]:
     output = Path(tempfile.mkdtemp(dir=scratch))
-    return ["pipeline", "--input-dir", str(inputs), "--output-dir", str(output), *flags]
+    return ["pipeline", postprocess, "--input-dir", str(inputs), "--output-dir", str(output), *flags]
 
 
 def median(values: list[float]) -> float:
@@ -231,13 +280,59 @@ def memory(scratch: Path, sizes: list[int]) -> None:
     )
 
 
+def postprocessing(scratch: Path, prompts: int, heavy_prompts: int, reps: int) -> None:
+    """What the pool costs when postprocess() is cheap (the shipped word count, against no
+    post-processing at all, in the ceiling's setting), and what it buys when it is heavy."""
+    inputs = make_inputs(scratch / "postprocess_inputs", prompts)
+    with FakeServer(latency_ms=0) as server:
+        for workers in (5, 50):
+            runs: dict[str, list[Measure]] = {"default": [], "none": []}
+            for rep in range(reps):
+                for kind in ("default", "none") if rep % 2 == 0 else ("none", "default"):
+                    no_pool = ["--postprocess-workers", "0"] if kind == "none" else []
+                    args = pipeline_args(inputs, scratch, "--workers", str(workers), *no_pool, postprocess=kind)
+                    runs[kind].append(measure(args, server.env))
+            pairs = list(zip(runs["default"], runs["none"], strict=True))
+            cpu = median([a.cpu_s / b.cpu_s for a, b in pairs])
+            pool = median([(a.cpu_s + a.children_cpu_s) / b.cpu_s for a, b in pairs])
+            wall = median([a.wall_s / b.wall_s for a, b in pairs])
+            print(
+                f"| postprocess cost, {prompts} prompts, 0 ms, {workers} workers, word count in the pool "
+                f"vs no post-processing | CPU {cpu:.3f}x (pool processes included {pool:.3f}x), wall {wall:.3f}x "
+                f"| {median([m.cpu_s for m in runs['default']]):.2f} s vs {median([m.cpu_s for m in runs['none']]):.2f} s CPU |",
+                flush=True,
+            )
+    inputs = make_inputs(scratch / "heavy_inputs", heavy_prompts)
+    processes = str(os.cpu_count() or 1)
+    with FakeServer(latency_ms=100) as server:
+        runs: dict[str, list[Measure]] = {processes: [], "0": [], "ceiling": []}
+        for rep in range(reps):
+            for count in (processes, "0") if rep % 2 == 0 else ("0", processes):
+                args = pipeline_args(inputs, scratch, "--workers", str(HEAVY_WORKERS), "--postprocess-workers", count, postprocess="heavy")
+                runs[count].append(measure(args, server.env))
+            runs["ceiling"].append(measure(["ceiling", str(heavy_prompts), str(HEAVY_WORKERS)], server.env))
+        pool, inline = runs[processes], runs["0"]
+        speedup = median([b.wall_s / a.wall_s for a, b in zip(pool, inline, strict=True)])
+        print(
+            f"| postprocess heavy ({HEAVY_CPU_S * 1000:.0f} ms CPU each), {heavy_prompts} prompts, 100 ms, {HEAVY_WORKERS} workers "
+            f"| pool of {processes} {speedup:.2f}x faster than inline; longest event-loop stall "
+            f"{median([m.stall_s for m in pool]) * 1000:.1f} ms vs {median([m.stall_s for m in inline]) * 1000:.1f} ms "
+            f"| {median([m.wall_s for m in pool]):.2f} s vs {median([m.wall_s for m in inline]):.2f} s; the ceiling "
+            f"program's own longest stall (SDK only, no post-processing): {median([m.stall_s for m in runs['ceiling']]) * 1000:.1f} ms |",
+            flush=True,
+        )
+
+
+SECTIONS = ["ceiling", "scaling", "machinery", "memory", "postprocess"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer prompts and repetitions")
-    parser.add_argument("--only", choices=["ceiling", "scaling", "machinery", "memory"], action="append")
+    parser.add_argument("--only", choices=[*SECTIONS], action="append")
     args = parser.parse_args()
     quick = args.quick
-    only = set(args.only or ["ceiling", "scaling", "machinery", "memory"])
+    only = set(args.only or SECTIONS)
     print(f"# {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}")
     print(f"# {sys.executable} {' '.join(sys.argv[1:]) or ''}".rstrip())
     print("| what | result | details |\n|---|---|---|", flush=True)
@@ -253,11 +348,13 @@ def main() -> None:
             machinery(scratch, 20_000 if quick else 100_000, 1 if quick else 3)
         if "memory" in only:
             memory(scratch, [10_000, 100_000 if quick else 1_000_000])
+        if "postprocess" in only:
+            postprocessing(scratch, 500 if quick else 2000, 100 if quick else 300, 1 if quick else 5)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "pipeline":
-        child_pipeline(sys.argv[2:])
+        child_pipeline(sys.argv[3:], postprocess=sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "ceiling":
         child_ceiling(int(sys.argv[2]), int(sys.argv[3]))
     else:

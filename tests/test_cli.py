@@ -103,6 +103,9 @@ def test_unusable_output_dir(tmp_path: Path) -> None:
         (["--retry-base-s", "5", "--retry-max-s", "1"], "--retry-max-s"),
         (["--offline-latency-ms", "-1"], "--offline-latency-ms"),
         (["--rpm", "0"], "--rpm"),
+        (["--postprocess-workers", "-1"], "--postprocess-workers"),
+        (["--readers", "0"], "--readers"),
+        (["--writers", "0"], "--writers"),
         (["--workers", "many"], "--workers"),
         (["--no-such-flag"], "--no-such-flag"),
     ],
@@ -124,6 +127,8 @@ def test_help_lists_every_setting_with_its_constant_as_default(tmp_path: Path) -
         ("--timeout", pipeline.REQUEST_TIMEOUT_S), ("--retry-base-s", pipeline.RETRY_BASE_S),
         ("--retry-max-s", pipeline.RETRY_MAX_S), ("--rpm", pipeline.REQUESTS_PER_MINUTE),
         ("--offline-latency-ms", pipeline.OFFLINE_LATENCY_MS),
+        ("--postprocess-workers", pipeline.POSTPROCESS_WORKERS), ("--readers", pipeline.READERS),
+        ("--writers", pipeline.WRITERS),
     ]:  # fmt: skip
         assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(str(constant))}\)", help_text), flag
     assert "--offline " in help_text and "--verbose" in help_text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -114,18 +115,50 @@ def wait_for_writes(process: subprocess.Popen[str], count: int) -> bool:
     return False
 
 
-def test_sigkill_at_random_moments_then_resume_writes_every_id_once(tmp_path) -> None:
+def children_of(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (the post-processing pool's workers)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.add(int(stat.parent.name))
+    return children
+
+
+def wait_until_gone(pids: set[int], timeout: float = 10) -> set[int]:
+    """Wait for each process to exit (an event, through a pidfd); returns those still alive."""
+    alive = set()
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        with os.fdopen(fd) as pidfd:
+            if not select.select([pidfd], [], [], timeout)[0]:
+                alive.add(pid)
+    return alive
+
+
+# Post-processing gathers up to POSTPROCESS_WAIT_S of answers before they are written
+# (see PostProcessor), so with the pool a kill can lose that many more.
+@pytest.mark.parametrize("processes, lingering", [("0", 0), ("2", pipeline.POSTPROCESS_BATCH)], ids=["inline", "pool"])
+def test_sigkill_at_random_moments_then_resume_writes_every_id_once(tmp_path, processes, lingering) -> None:
     prompts, workers, queue_size, kills = 400, 5, 5, 4
     write_prompts(tmp_path / "inputs", [f"prompt {i}" for i in range(prompts)], per_file=50)
-    flags = ("--workers", str(workers), "--queue-size", str(queue_size), "--shard-size", "7")
+    flags = ("--workers", str(workers), "--queue-size", str(queue_size), "--shard-size", "7", "--postprocess-workers", processes)
     rng = random.Random(20261127)
     with FakeGemini(latency_s=0.002) as server:
         for _ in range(kills):
             process = start_pipeline(tmp_path, server, *flags)
             reached = wait_for_writes(process, rng.randint(5, 60))
+            pool = children_of(process.pid)
             process.kill()
             process.wait(timeout=10)
             assert reached, "the run finished before it could be killed"
+            assert len(pool) == int(processes) and not wait_until_gone(pool)  # the pool died with the pipeline
         final = start_pipeline(tmp_path, server, *flags)
         _, stderr = final.communicate(timeout=60)
     assert final.returncode == 0, stderr
@@ -133,9 +166,9 @@ def test_sigkill_at_random_moments_then_resume_writes_every_id_once(tmp_path) ->
     ids = Counter(r["id"] for r in records)
     assert len(ids) == prompts and set(ids.values()) == {1}  # every id exactly once
     assert all(r["response"] == f"echo: {r['prompt']}" for r in records)
-    paid = sum(server.answered.values())
-    assert paid <= prompts + kills * (workers + queue_size + 1)
-    print(f"\nkill test: {kills} kills, {paid - prompts} prompts answered twice, bound {kills * (workers + queue_size + 1)}")
+    paid, bound = sum(server.answered.values()), kills * (workers + queue_size + 1 + lingering)
+    assert paid <= prompts + bound
+    print(f"\nkill test ({processes} processes): {kills} kills, {paid - prompts} prompts answered twice, bound {bound}")
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -144,12 +177,14 @@ def test_interrupt_writes_everything_received_and_exits_130(tmp_path, stop_signa
     with FakeGemini(latency_s=0.3) as server:
         process = start_pipeline(tmp_path, server, "--workers", "5")
         assert wait_for_writes(process, 1)
+        pool = children_of(process.pid)
         process.send_signal(stop_signal)
         sent = time.monotonic()
         _, rest = process.communicate(timeout=10)
         elapsed = time.monotonic() - sent
         assert process.returncode == 130
         assert elapsed < 2.0
+        assert pool and not wait_until_gone(pool, timeout=0)  # the pipeline stopped its pool before exiting
         assert "Traceback" not in rest and "run the same command again" in rest
         written = Run(130, "", rest, tmp_path / "outputs").ids()
         assert 1 <= len(written) < 60
@@ -170,6 +205,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path) -> None:
         process = start_pipeline(tmp_path, server, "--workers", "2")
         assert process.stderr is not None
         assert server.wait_for_requests(2)  # both workers are waiting on the server
+        pool = children_of(process.pid)
         process.send_signal(signal.SIGINT)
         for line in process.stderr:
             if "Ctrl-C again quits at once" in line:
@@ -180,3 +216,4 @@ def test_second_ctrl_c_exits_at_once(tmp_path) -> None:
     assert process.returncode == 130
     assert time.monotonic() - sent < pipeline.STOP_GRACE_S  # it does not wait out the grace
     assert "Traceback" not in rest
+    assert pool and not wait_until_gone(pool, timeout=0)

@@ -18,6 +18,8 @@ How it is built, in the order data flows through this file:
   generators generate_content (x GENERATE_WORKERS): ask the model, retrying in place
              with back-off (answer, classify, backoff_s); never re-queue, so never deadlock.
              Every request passes a Gate, which can stop them all at once
+  batch      --batch: generate_in_batches stands in for the generators: prompts go in jobs
+             of Gemini's Batch API, recorded in a BatchJournal so that a rerun collects them
   pool       PostProcessor: runs postprocess() over answers in a process pool, in batches,
              for the writers, so that CPU work never stalls the event loop
   writer     write_outputs (x WRITERS): each the only task writing its files; fills numbered shards
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import itertools
 import json
 import logging
@@ -46,6 +49,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -73,6 +77,9 @@ POSTPROCESS_WORKERS = os.cpu_count() or 1  # processes running postprocess() bel
 READERS = 1  # tasks reading input files, each taking the next unread file
 WRITERS = 1  # tasks writing outputs, each into shards of its own
 OFFLINE_LATENCY_MS = 50.0  # simulated latency of each --offline answer
+BATCH_MODE = False  # send the prompts as jobs of Gemini's Batch API: half the price, hours not seconds
+BATCH_SIZE = 10_000  # prompts per batch job, at most
+BATCH_POLL_S = 30.0  # seconds between two looks at a running batch job (longer while it is pending)
 
 # Not settings: fixed by the design.
 READ_CHUNK_BYTES = 1 << 20  # input is read this much at a time, so memory stays flat
@@ -86,6 +93,10 @@ SHARD_NAME = re.compile(r"shard_(\d+)\.jsonl")
 POSTPROCESS_BATCH = 256  # answers gathered for one trip to the pool, at most...
 POSTPROCESS_WAIT_S = 0.02  # ...or what arrives in this long, while postprocess() is cheap (see PostProcessor)
 POOL_NICENESS = 10  # the pool's processes run at a lower priority than the event loop
+BATCH_JOURNAL = "batch_jobs.jsonl"  # in OUTPUT_DIR: every batch job submitted, and its prompts
+BATCH_GATHER_S = 0.5  # a job is submitted before it is full once no prompt came for this long
+BATCH_POLL_MAX_S = 600.0  # longest wait between two looks at a job still pending
+INLINE_LIMIT_BYTES = 19_000_000  # the API takes inline batch requests up to 20 MB; larger jobs go as a file
 ROUND_TRIP_S = 0.001  # work worth one more trip to the pool: a trip costs a few hundred µs of CPU here
 
 
@@ -119,6 +130,9 @@ class Settings:
     readers: int = READERS
     writers: int = WRITERS
     postprocess: Callable[[str, str], dict[str, Any]] = postprocess  # a top-level function: it is sent to the pool by name
+    batch: bool = BATCH_MODE
+    batch_size: int = BATCH_SIZE
+    batch_poll_s: float = BATCH_POLL_S
     offline: bool = False
     offline_latency_ms: float = OFFLINE_LATENCY_MS
     verbose: bool = False
@@ -230,6 +244,7 @@ class Tally:
     prompt_tokens: int = 0
     response_tokens: int = 0
     held_s: float = 0.0  # time during which requests waited on the rate limit or a 429's back-off
+    jobs: Counter[str] = field(default_factory=Counter)  # batch jobs: submitted, running, done
     started: float = field(default_factory=time.monotonic)
     bar: Any = None  # a tqdm bar when stderr is a terminal
 
@@ -248,8 +263,29 @@ class Tally:
             f"{self.answered} answered, {self.failed} failed, {self.skipped} already done, {self.retries} retries, "
             f"{self.rate_limited} rate-limited, {self.held_s:.1f} s held by limits, "
             f"tokens {self.prompt_tokens} in / {self.response_tokens} out, "
-            f"{seconds:.2f} s, {rate:.1f} prompts/s"
+            f"{seconds:.2f} s, {rate:.1f} prompts/s{self.jobs_summary()}"
         )
+
+    def jobs_summary(self) -> str:
+        if not self.jobs:
+            return ""
+        resumed = f"{self.jobs['resumed']} resumed, " if self.jobs["resumed"] else ""
+        return f", batch jobs: {resumed}{self.jobs['submitted']} submitted, {self.jobs['running']} running, {self.jobs['done']} done"
+
+    def count_job(self, event: str, ends: str | None = None) -> None:
+        """A batch job was submitted or resumed, is seen running, or is done (`ends` its running)."""
+        self.jobs[event] += 1
+        if ends:
+            self.jobs[ends] -= 1
+        progress = f"batch jobs:{self.jobs_summary().partition(':')[2]}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(progress)
+        else:
+            log.info("%s; %d prompts written", progress, self.answered + self.failed)
+
+    @property
+    def jobs_unfinished(self) -> int:
+        return self.jobs["submitted"] + self.jobs["resumed"] - self.jobs["done"]
 
 
 # ------------------------------------------------------------------ reader --
@@ -407,10 +443,7 @@ async def answer(client: Any, prompt: Prompt, gate: Gate, settings: Settings, ta
                 reply = await client.aio.models.generate_content(model=settings.model, contents=prompt.text)
         except Exception as exc:  # noqa: BLE001 (the SDK's and the network's errors: classify() sorts them)
             kind = classify(exc)
-            if kind == "auth":
-                raise PipelineError(f"the API key was refused ({describe(exc, settings)}); check GEMINI_API_KEY") from None
-            if kind == "daily quota":
-                raise QuotaExhausted(", ".join(quota_ids(exc)))
+            stop_if_fatal(kind, exc, settings)
             if kind == "permanent" or attempt == settings.max_attempts:
                 return Failure(prompt, describe(exc, settings), attempt)
             delay = backoff_s(attempt, exc, settings)
@@ -425,6 +458,14 @@ async def answer(client: Any, prompt: Prompt, gate: Gate, settings: Settings, ta
             log.debug("generated %s (attempt %d)", prompt.id, attempt)
             return to_outcome(prompt, reply, attempt, settings.model)
     raise AssertionError("unreachable: the last attempt always returns")  # pragma: no cover
+
+
+def stop_if_fatal(kind: str, exc: BaseException, settings: Settings) -> None:
+    """A refused key or a spent daily quota ends the run: no other request would fare better."""
+    if kind == "auth":
+        raise PipelineError(f"the API key was refused ({describe(exc, settings)}); check GEMINI_API_KEY") from None
+    if kind == "daily quota":
+        raise QuotaExhausted(", ".join(quota_ids(exc)))
 
 
 def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome:
@@ -524,6 +565,270 @@ def describe(exc: BaseException, settings: Settings) -> str:
     else:
         text = f"{type(exc).__name__}: {exc}"
     return " ".join(text.split())
+
+
+# ------------------------------------------------------------------- batch --
+@dataclass
+class BatchJob:
+    """A job on Gemini's Batch API (--batch): its name and its prompts, in the order sent."""
+
+    name: str
+    prompts: list[Prompt]
+
+
+async def generate_in_batches(
+    client: Any,
+    prompts: asyncio.Queue[Prompt],
+    outcomes: asyncio.Queue[Outcome],
+    journal: BatchJournal,
+    settings: Settings,
+    tally: Tally,
+) -> None:
+    """--batch: stands in for the generators. Gathers queued prompts into jobs of up to
+    BATCH_SIZE and runs each job (run_job) while gathering the next."""
+    try:
+        async with asyncio.TaskGroup() as jobs:
+            while job_prompts := await gather_job(prompts, outcomes, settings.batch_size):
+                jobs.create_task(run_job(client, job_prompts, prompts, outcomes, journal, settings, tally))
+    except BaseExceptionGroup as group:  # a job's error ends the run, as a generator's would
+        raise group.exceptions[0] from None
+
+
+async def gather_job(prompts: asyncio.Queue[Prompt], outcomes: asyncio.Queue[Outcome], size: int) -> list[Prompt]:
+    """The prompts of the next job: up to `size`, or fewer once none came for BATCH_GATHER_S.
+    A prompt that cannot be sent (not UTF-8) is failed here, not put in a job."""
+    job: list[Prompt] = []
+    while len(job) < size:
+        try:
+            async with asyncio.timeout(BATCH_GATHER_S if job else None):
+                prompt = await prompts.get()
+        except TimeoutError:
+            break
+        if prompt.error:
+            await outcomes.put(Failure(prompt, prompt.error, attempts=0))
+            prompts.task_done()
+        else:
+            job.append(prompt)
+    return job
+
+
+async def run_job(
+    client: Any,
+    job_prompts: list[Prompt],
+    prompts: asyncio.Queue[Prompt],
+    outcomes: asyncio.Queue[Outcome],
+    journal: BatchJournal,
+    settings: Settings,
+    tally: Tally,
+) -> None:
+    """Submit a job, wait for it to end, and queue an outcome for each of its prompts."""
+    try:
+        job = await submit_job(client, job_prompts, journal, settings, tally)
+    except PipelineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (the API refused the job: its prompts fail, with the reason)
+        results: list[Outcome] = [Failure(p, f"batch job not created: {describe(exc, settings)}", 1) for p in job_prompts]
+    else:
+        results = await collect_job(client, job, settings, tally)
+    for outcome in results:
+        await outcomes.put(outcome)
+        prompts.task_done()
+
+
+async def resume_job(
+    client: Any, job: BatchJob, outcomes: asyncio.Queue[Outcome], answered: Container[str], settings: Settings, tally: Tally
+) -> None:
+    """A job an earlier run submitted and did not finish collecting: look at it at once (it
+    may have ended long ago) and queue the outcomes of its prompts not yet written."""
+    tally.count_job("resumed")
+    for outcome in await collect_job(client, job, settings, tally, first_look_s=0.0):
+        if outcome.prompt.id not in answered:
+            await outcomes.put(outcome)
+
+
+async def submit_job(client: Any, job_prompts: list[Prompt], journal: BatchJournal, settings: Settings, tally: Tally) -> BatchJob:
+    """Create a batch job: inline, or as an uploaded JSONL file when inline would exceed the
+    API's request size. Each request carries its prompt id as metadata (inline) or key (file)."""
+    requests = [{"contents": p.text, "metadata": {"key": p.id}} for p in job_prompts]
+    source: Any = requests
+    if len(json_line({"requests": requests})) > INLINE_LIMIT_BYTES:
+        source = await upload_requests(client, job_prompts, settings, tally)
+    display_name = f"pipeline {job_prompts[0].id} {os.urandom(4).hex()}"  # unique: a rerun may look it up
+    config = {"display_name": display_name}
+    journal.submitting(display_name, job_prompts)  # before the job exists: a rerun must find it, never pay twice
+    try:
+        created = await api_call(lambda: client.aio.batches.create(model=settings.model, src=source, config=config), settings, tally)
+    except Exception as exc:
+        if classify(exc) in ("permanent", "auth"):  # refused: no job was created
+            journal.created(display_name, None)
+        raise
+    job = BatchJob(created.name, job_prompts)
+    journal.created(display_name, job.name)
+    log.debug("submitted %s: %d prompts, %s", job.name, len(job_prompts), "inline" if source is requests else source)
+    tally.count_job("submitted")
+    return job
+
+
+async def upload_requests(client: Any, job_prompts: list[Prompt], settings: Settings, tally: Tally) -> str:
+    """Upload a job's requests as a JSONL file through the Files API; returns its name."""
+    data = "".join(
+        json_line({"key": p.id, "request": {"contents": [{"parts": [{"text": p.text}], "role": "user"}]}}) for p in job_prompts
+    ).encode()
+    config = {"mime_type": "jsonl", "display_name": f"pipeline {job_prompts[0].id}"}
+    uploaded = await api_call(lambda: client.aio.files.upload(file=io.BytesIO(data), config=config), settings, tally, timed=False)
+    return str(uploaded.name)
+
+
+async def collect_job(client: Any, job: BatchJob, settings: Settings, tally: Tally, first_look_s: float | None = None) -> list[Outcome]:
+    """Wait for a job to end; then an outcome for each of its prompts."""
+    try:
+        ended = await wait_for_job(client, job, settings, tally, first_look_s)
+        return await job_outcomes(client, job, ended, settings, tally)
+    except PipelineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (e.g. the job is gone: its prompts fail, with the reason)
+        return [Failure(p, f"batch job {job.name}: {describe(exc, settings)}", attempts=1) for p in job.prompts]
+
+
+async def wait_for_job(client: Any, job: BatchJob, settings: Settings, tally: Tally, first_look_s: float | None) -> Any:
+    """Poll the job every BATCH_POLL_S, backing off up to BATCH_POLL_MAX_S while it stays
+    pending (a queue on Google's side can take hours); returns it once it has ended."""
+    delay = settings.batch_poll_s if first_look_s is None else first_look_s
+    longest = max(BATCH_POLL_MAX_S, settings.batch_poll_s)
+    running = False
+    while True:
+        await asyncio.sleep(delay)
+        current = await api_call(lambda: client.aio.batches.get(name=job.name), settings, tally, retry_forever=True)
+        state = enum_name(current.state)
+        log.debug("polled %s: %s", job.name, state)
+        if state in JOB_ENDED:
+            tally.count_job("done", ends="running" if running else None)
+            return current
+        if state == "JOB_STATE_RUNNING" and not running:
+            tally.count_job("running")
+            running = True
+        delay = settings.batch_poll_s if running else min(max(delay * 1.5, settings.batch_poll_s), longest)
+
+
+JOB_ENDED = {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
+
+
+async def job_outcomes(client: Any, job: BatchJob, ended: Any, settings: Settings, tally: Tally) -> list[Outcome]:
+    """An outcome per prompt of an ended job: its answer or its own error if the job
+    succeeded, else the job's state as the reason."""
+    state = enum_name(ended.state)
+    if state not in ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED"):
+        return [Failure(p, f"batch job {job.name} ended {state}", attempts=1) for p in job.prompts]
+    if ended.dest and ended.dest.file_name:
+        data = await api_call(lambda: client.aio.files.download(file=ended.dest.file_name), settings, tally, timed=False)
+        results = results_by_key(data)
+    else:  # inline: in the order sent (the API may leave out the metadata); keys win where given
+        inlined = (ended.dest and ended.dest.inlined_responses) or []
+        results = {p.id: (r.response, r.error) for p, r in zip(job.prompts, inlined)}
+        results.update({r.metadata["key"]: (r.response, r.error) for r in inlined if r.metadata and "key" in r.metadata})
+    return [job_outcome(prompt, *results.get(prompt.id, (None, None)), job, settings) for prompt in job.prompts]
+
+
+def results_by_key(data: bytes) -> dict[str, tuple[Any, Any]]:
+    """A responses file: JSON Lines of {"key", "response"} or {"key", "error"}."""
+    from google.genai import types
+
+    results = {}
+    for line in data.decode().splitlines():
+        if line.strip():
+            item = json.loads(line)
+            response = types.GenerateContentResponse.model_validate(item["response"]) if "response" in item else None
+            results[str(item.get("key"))] = (response, SimpleNamespace(**item["error"]) if "error" in item else None)
+    return results
+
+
+def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, settings: Settings) -> Outcome:
+    if error is not None:
+        return Failure(prompt, " ".join(f"{getattr(error, 'code', '')}: {getattr(error, 'message', '')}".split()), attempts=1)
+    if response is None:
+        return Failure(prompt, f"batch job {job.name} returned nothing for this prompt", attempts=1)
+    return to_outcome(prompt, response, 1, settings.model)
+
+
+async def api_call(
+    call: Callable[[], Awaitable[Any]], settings: Settings, tally: Tally, retry_forever: bool = False, timed: bool = True
+) -> Any:
+    """One Batch or Files API call, retried as a prompt's request is: transient errors and
+    429s back off and try again, MAX_ATTEMPTS times or `retry_forever` (a poll); a refused
+    key or a spent daily quota stop the run; other errors are raised. `timed`: give up
+    after REQUEST_TIMEOUT_S (not for uploads and downloads, which take what they take)."""
+    for attempt in itertools.count(1):
+        try:
+            async with asyncio.timeout(settings.timeout_s if timed else None):
+                return await call()
+        except Exception as exc:
+            kind = classify(exc)
+            stop_if_fatal(kind, exc, settings)
+            if kind == "permanent" or (attempt == settings.max_attempts and not retry_forever):
+                raise
+            tally.retries += 1
+            delay = backoff_s(min(attempt, settings.max_attempts), exc, settings)
+            log.debug("retry a Batch API call in %.2f s after attempt %d: %s", delay, attempt, describe(exc, settings))
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable: itertools.count() never ends")  # pragma: no cover
+
+
+class BatchJournal:
+    """OUTPUT_DIR/batch_jobs.jsonl: each submission in two lines, each appended and fsynced
+    at once: before the job is created, its display name and prompts ("submitting"); then
+    the name the API gave it ("job"). A rerun collects the jobs not yet written, instead of
+    submitting their prompts again (which would pay for them twice); a submission with no
+    second line (a run stopped mid-create) is looked up by its display name."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def submitting(self, display_name: str, job_prompts: list[Prompt]) -> None:
+        self.append({"submitting": display_name, "prompts": [[p.id, p.text] for p in job_prompts]})
+
+    def created(self, display_name: str, name: str | None) -> None:
+        """The job's name; None if it was never created."""
+        self.append({"submitted": display_name, "job": name})
+
+    def append(self, record: dict[str, Any]) -> None:
+        with stop_on_os_error(f"cannot write to {self.path}"):
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            try:
+                write_all(fd, json_line(record).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    async def load(self) -> tuple[list[BatchJob], dict[str, list[Prompt]]]:
+        """The jobs created; and the submissions whose fate is unknown, by display name."""
+        jobs: list[BatchJob] = []
+        unknown: dict[str, list[Prompt]] = {}
+        if self.path.exists():
+            async for number, line in read_lines(self.path):
+                try:
+                    record = json.loads(line)
+                    if "submitting" in record:
+                        unknown[str(record["submitting"])] = [Prompt(str(i), str(t)) for i, t in record["prompts"]]
+                    elif (job_prompts := unknown.pop(str(record["submitted"]))) and record["job"]:
+                        jobs.append(BatchJob(str(record["job"]), job_prompts))
+                except (ValueError, KeyError, TypeError):
+                    raise PipelineError(f"{self.path}, line {number}, is not a batch job this pipeline recorded") from None
+        return jobs, unknown
+
+
+async def find_unknown_jobs(client: Any, journal: BatchJournal, past: PastRuns, settings: Settings, tally: Tally) -> None:
+    """Submissions a stopped run never heard back from: a job the API did create is found by
+    its display name and collected like the others; otherwise its prompts are asked again."""
+    if not past.unknown_submissions:
+        return
+    found = {}
+    async for job in await api_call(lambda: client.aio.batches.list(config={"page_size": 100}), settings, tally):
+        if job.display_name in past.unknown_submissions:
+            found[job.display_name] = job.name
+    for display_name, job_prompts in past.unknown_submissions.items():
+        journal.created(display_name, found.get(display_name))
+        if display_name in found:
+            past.add_batch_job(BatchJob(found[display_name], job_prompts))
 
 
 # -------------------------------------------------------------------- pool --
@@ -822,6 +1127,27 @@ class PastRuns:
     answered: dict[str, int] = field(default_factory=dict)  # prompt id -> hash() of its prompt text
     failures: dict[str, str] = field(default_factory=dict)  # prompt id -> its failed.jsonl line, if still unanswered
     next_shard: int = 0
+    batch_jobs: list[BatchJob] = field(default_factory=list)  # --batch jobs submitted, not yet all written
+    in_batch_jobs: set[str] = field(default_factory=set)  # the ids of their prompts
+    unknown_submissions: dict[str, list[Prompt]] = field(default_factory=dict)  # see BatchJournal
+
+    def add_batch_job(self, job: BatchJob) -> None:
+        self.batch_jobs.append(job)
+        self.in_batch_jobs.update(p.id for p in job.prompts)
+
+    def not_to_ask(self) -> Container[str]:
+        """The ids the reader skips: answered, or waiting in a batch job."""
+        return AnyOf((self.answered, self.in_batch_jobs))
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """Membership in any of several containers, without copying them into one."""
+
+    containers: tuple[Container[str], ...]
+
+    def __contains__(self, item: object) -> bool:
+        return any(item in container for container in self.containers)
 
 
 async def load_past_runs(output_dir: Path) -> PastRuns:
@@ -841,6 +1167,13 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
         async for record, line in read_records(path):
             if record["id"] not in past.answered:
                 past.failures[record["id"]] = line
+    jobs, unknown = await BatchJournal(output_dir / BATCH_JOURNAL).load()
+    for job in jobs:
+        if any(p.id not in past.answered and p.id not in past.failures for p in job.prompts):
+            past.add_batch_job(job)
+    for display_name, job_prompts in unknown.items():  # if created, it may hold answers to failed prompts too
+        if any(p.id not in past.answered for p in job_prompts):
+            past.unknown_submissions[display_name] = job_prompts
     return past
 
 
@@ -910,11 +1243,8 @@ async def main(settings: Settings, tally: Tally) -> None:
         prompts: asyncio.Queue[Prompt] = asyncio.Queue(maxsize=depth)
         outcomes: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=depth)
         files = iter(await list_input_files(settings.input_dir))
-        readers = [asyncio.create_task(read_inputs(files, prompts, past.answered)) for _ in range(settings.readers)]
-        generators = [
-            asyncio.create_task(generate_content(client, prompts, outcomes, gate, settings, tally))
-            for _ in range(settings.workers)
-        ]
+        generators, resumed_jobs = await start_generators(client, prompts, outcomes, gate, past, settings, tally)
+        readers = [asyncio.create_task(read_inputs(files, prompts, past.not_to_ask())) for _ in range(settings.readers)]
         shard_numbers = itertools.count(past.next_shard)
         writers = [
             asyncio.create_task(write_outputs(outcomes, shards, failures, postprocessor, tally))
@@ -926,13 +1256,34 @@ async def main(settings: Settings, tally: Tally) -> None:
         ]  # fmt: skip
         cleanup.enter_context(stopped_by_signals(asyncio.current_task()))
         try:
-            await supervised(all_answered(readers, prompts), [*generators, *writers])
+            await supervised(all_answered(readers, prompts, resumed_jobs), [*generators, *resumed_jobs, *writers])
         except asyncio.CancelledError:
             log.warning("stopping: writing the answers received (Ctrl-C again quits at once)")
             raise
         finally:  # on success, error and Ctrl-C alike
-            await shut_down(gate, readers, generators, writers, prompts, outcomes)
+            await shut_down(gate, readers, [*generators, *resumed_jobs], writers, prompts, outcomes)
             await finish_failures(settings.output_dir, past.failures)
+
+
+async def start_generators(
+    client: Any,
+    prompts: asyncio.Queue[Prompt],
+    outcomes: asyncio.Queue[Outcome],
+    gate: Gate,
+    past: PastRuns,
+    settings: Settings,
+    tally: Tally,
+) -> tuple[list[asyncio.Task[None]], list[asyncio.Task[None]]]:
+    """GENERATE_WORKERS generators; or, with --batch, the task that submits jobs, and one per
+    job an earlier run left to collect (returned second: the run waits for them too)."""
+    if not settings.batch:
+        generate = [generate_content(client, prompts, outcomes, gate, settings, tally) for _ in range(settings.workers)]
+        return [asyncio.create_task(g) for g in generate], []
+    journal = BatchJournal(settings.output_dir / BATCH_JOURNAL)
+    await find_unknown_jobs(client, journal, past, settings, tally)
+    submitting = asyncio.create_task(generate_in_batches(client, prompts, outcomes, journal, settings, tally))
+    resumed = [resume_job(client, job, outcomes, past.answered, settings, tally) for job in past.batch_jobs]
+    return [submitting], [asyncio.create_task(r) for r in resumed]
 
 
 @contextlib.contextmanager
@@ -961,12 +1312,15 @@ def queue_depth(settings: Settings) -> int:
     return max(settings.queue_size, settings.workers)
 
 
-async def all_answered(readers: list[asyncio.Task[None]], prompts: asyncio.Queue[Prompt]) -> None:
+async def all_answered(
+    readers: list[asyncio.Task[None]], prompts: asyncio.Queue[Prompt], resumed_jobs: list[asyncio.Task[None]]
+) -> None:
     await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)  # every prompt is queued, or a reader failed;
     await prompts.join()  # either way every queued prompt gets its outcome queued
     for reader in readers:  # (answers already paid for are kept); then a reader's error is raised.
         if reader.done():
             reader.result()
+    await asyncio.gather(*resumed_jobs)  # --batch: and every job an earlier run submitted is collected
 
 
 async def shut_down(
@@ -1091,6 +1445,7 @@ output:
                                 finish_reason, attempts, usage, and the fields
                                 postprocess() adds (word_count unless edited)
   OUTPUT_DIR/failed.jsonl       prompts that failed for good: id, prompt, error, attempts
+  OUTPUT_DIR/batch_jobs.jsonl   --batch: the jobs submitted, and their prompts
 exit status:
   0 every prompt answered   1 some prompts failed   2 bad flag, input, output dir or key
   130 interrupted (Ctrl-C)"""
@@ -1138,18 +1493,23 @@ def parse_args(argv: list[str] | None) -> Settings:
     )  # fmt: skip
     p.add_argument("--readers", type=at_least(1), default=d.readers, help="tasks reading input files")
     p.add_argument("--writers", type=at_least(1), default=d.writers, help="tasks writing shards")
+    p.add_argument("--batch", action="store_true", default=d.batch, help="send the prompts as Batch API jobs (see README)")
+    p.add_argument("--batch-size", type=at_least(1), default=d.batch_size, help="prompts per batch job, at most")
+    p.add_argument("--batch-poll-s", type=above_zero, default=d.batch_poll_s, help="seconds between looks at a running batch job")
     p.add_argument("--offline", action="store_true", help="use a built-in simulated model: no network, no key")
     p.add_argument(
         "--offline-latency-ms", type=at_least(0, float), default=d.offline_latency_ms, help="simulated latency of --offline"
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log every enqueue, answer, retry and write")
     a = p.parse_args(argv)
+    if a.batch and a.offline:
+        p.error("argument --batch: not with --offline (the Batch API has no offline stand-in)")
     if a.retry_max_s < a.retry_base_s:
         p.error(f"argument --retry-max-s: must be at least --retry-base-s ({a.retry_base_s:g})")
     return Settings(
         a.input_dir, a.output_dir, a.model, a.workers, a.queue_size, a.shard_size, a.max_attempts, a.timeout,
         a.retry_base_s, a.retry_max_s, a.rpm, a.postprocess_workers, a.readers, a.writers,
-        offline=a.offline, offline_latency_ms=a.offline_latency_ms, verbose=a.verbose,
+        batch=a.batch, batch_size=a.batch_size, batch_poll_s=a.batch_poll_s, offline=a.offline, offline_latency_ms=a.offline_latency_ms, verbose=a.verbose,
     )  # fmt: skip
 
 
@@ -1171,7 +1531,7 @@ def configure_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(relativeCreated)9.1f ms  %(message)s"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)  # INFO: --batch's progress
     log.propagate = False
 
 
@@ -1201,7 +1561,9 @@ def cli(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         return finish(tally, f"error: {exc}", exc.exit_code)
     except (KeyboardInterrupt, asyncio.CancelledError):
-        return finish(tally, "interrupted: run the same command again to continue where it stopped", 130)
+        jobs = tally.jobs_unfinished
+        running = f"{jobs} batch job{'s' if jobs > 1 else ''} still on Google's side; " if jobs else ""
+        return finish(tally, f"interrupted: {running}run the same command again to continue where it stopped", 130)
     except Exception as exc:  # a bug: still one line, and the details with -v
         log.debug("internal error", exc_info=True)
         return finish(tally, f"internal error: {type(exc).__name__}: {exc} (rerun with -v for details)", 1)

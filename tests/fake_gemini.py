@@ -3,7 +3,11 @@ SDK talks to it over HTTP (GOOGLE_GEMINI_BASE_URL=http://127.0.0.1:PORT).
 
 It speaks `POST /{version}/models/{model}:generateContent` with the API's own
 JSON: answers with candidates, finishReason and usageMetadata; errors as
-{"error": {"code", "message", "status", "details": [google.rpc.* ...]}}.
+{"error": {"code", "message", "status", "details": [google.rpc.* ...]}}. And the
+Batch API as google-genai calls it: `models/{model}:batchGenerateContent` (inline
+requests or an uploaded file), `GET batches/{id}` (a long-running Operation whose
+GenerateContentBatch moves from BATCH_STATE_PENDING through RUNNING to its end
+over a few polls), and the Files API's resumable upload and `files/{id}:download`.
 
 What it answers is a `behaviour(request) -> Reply` callable, so a test can fail
 the first attempt, block a prompt for safety, or refuse a key. It records every
@@ -18,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -42,8 +47,27 @@ class Request:
 @dataclass(frozen=True)
 class Reply:
     status: int
-    body: dict[str, Any]
+    body: dict[str, Any] | bytes  # bytes: sent as they are (a file download)
     delay_s: float = 0.0  # extra latency for this reply only
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class BatchJob:
+    """A job of the Batch API as the server keeps it: its requests, and how far it got."""
+
+    name: str  # "batches/<id>"
+    model: str
+    display_name: str
+    requests: list[tuple[str, str]]  # (key, prompt), in order
+    from_file: bool  # submitted as an uploaded JSONL file, not inline
+    state: str = "BATCH_STATE_PENDING"
+    polls: int = 0
+    output: dict[str, Any] | None = None  # GenerateContentBatchOutput, once succeeded
+
+    @property
+    def done(self) -> bool:
+        return self.state not in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING")
 
 
 # ----------------------------------------------------------- wire format --
@@ -202,6 +226,16 @@ class FakeGemini:
     answered: Counter[str] = field(default_factory=Counter)  # 200s per prompt: what the user paid for
     answered_at: list[float] = field(default_factory=list)  # arrival times of the requests answered 200
     port: int = 0
+    # The Batch API: a job is pending for the first batch_polls[0] GETs, running for the
+    # next batch_polls[1], then ends in the state batch_outcome(job) gives; a succeeded
+    # job's requests are answered then, each by `behaviour` (so per-request errors too).
+    batch_polls: tuple[int, int] = (1, 1)
+    batch_outcome: Callable[[BatchJob], str] = lambda job: "BATCH_STATE_SUCCEEDED"
+    batches: dict[str, BatchJob] = field(default_factory=dict)  # by name, in order of creation
+    batch_gets: int = 0
+    batch_lists: int = 0
+    files: dict[str, bytes] = field(default_factory=dict)  # uploaded and result files, by name
+    _uploads: dict[str, bytearray] = field(default_factory=dict)
     _attempts: Counter[str] = field(default_factory=Counter)
     _seen: threading.Condition = field(default_factory=threading.Condition)
 
@@ -247,10 +281,11 @@ class FakeGemini:
                 reply = await self._reply(method, path, headers, body)
                 if reply.status == 0:
                     break
-                payload = json.dumps(reply.body).encode()
+                payload = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+                extra = "".join(f"{name}: {value}\r\n" for name, value in reply.headers.items())
                 writer.write(
                     f"HTTP/1.1 {reply.status} {'OK' if reply.status == 200 else 'Error'}\r\n"
-                    f"Content-Type: application/json; charset=UTF-8\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                    f"Content-Type: application/json; charset=UTF-8\r\nContent-Length: {len(payload)}\r\n{extra}\r\n".encode()
                     + payload
                 )
                 await writer.drain()
@@ -260,13 +295,32 @@ class FakeGemini:
             writer.close()
 
     async def _reply(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
-        model, _, verb = path.rpartition("/models/")[2].partition(":")
-        if method != "POST" or verb != "generateContent":
-            return error(404, f"Method not found: {method} {path}")
-        prompt = "".join(p.get("text", "") for c in json.loads(body)["contents"] for p in c["parts"])
+        route, _, query = path.partition("?")
+        api_key = headers.get("x-goog-api-key")
+        if method == "POST" and route.endswith(":generateContent"):
+            model = route.rpartition("/models/")[2].partition(":")[0]
+            reply = self._answer(model, prompt_of(json.loads(body)), api_key)
+            if self.latency_s or reply.delay_s:
+                await asyncio.sleep(self.latency_s + reply.delay_s)
+            return reply
+        if method == "POST" and route.endswith(":batchGenerateContent"):
+            return self._create_batch(route.rpartition("/models/")[2].partition(":")[0], json.loads(body))
+        if method == "GET" and re.fullmatch(r"/v1\w*/batches", route):
+            return self._list_batches(dict(part.partition("=")[::2] for part in query.split("&") if part))
+        if method == "GET" and (match := re.fullmatch(r"/v1\w*/(batches/[^/]+)", route)):
+            return self._get_batch(match[1], api_key)
+        if method == "POST" and route.startswith("/upload/"):
+            return self._upload(headers, query, body)
+        if method == "GET" and (match := re.fullmatch(r"/v1\w*/files/([^/:]+):download", route)):
+            data = self.files.get(f"files/{match[1]}")
+            return Reply(200, data) if data is not None else error(404, f"File files/{match[1]} not found.")
+        return error(404, f"Method not found: {method} {path}")
+
+    def _answer(self, model: str, prompt: str, api_key: str | None) -> Reply:
+        """Ask `behaviour`, and keep count of requests and of answers paid for."""
         with self._seen:
             self._attempts[prompt] += 1
-            request = Request(model, prompt, headers.get("x-goog-api-key"), self._attempts[prompt], time.monotonic())
+            request = Request(model, prompt, api_key, self._attempts[prompt], time.monotonic())
             self.requests.append(request)
             self._seen.notify_all()
         reply = self.behaviour(request)
@@ -274,9 +328,120 @@ class FakeGemini:
             with self._seen:
                 self.answered[prompt] += 1
                 self.answered_at.append(request.at)
-        if self.latency_s or reply.delay_s:
-            await asyncio.sleep(self.latency_s + reply.delay_s)
         return reply
+
+    # ----------------------------------------------------------- Batch API --
+    def _create_batch(self, model: str, body: dict[str, Any]) -> Reply:
+        """models/{model}:batchGenerateContent: inline requests, or an uploaded JSONL file."""
+        batch = body["batch"]
+        source = batch["inputConfig"]
+        if "fileName" in source:
+            lines = self.files[source["fileName"]].decode().splitlines()
+            items = [json.loads(line) for line in lines if line.strip()]
+            requests = [(item["key"], prompt_of(item["request"])) for item in items]
+        else:
+            items = source["requests"]["requests"]
+            requests = [(item.get("metadata", {}).get("key", ""), prompt_of(item["request"])) for item in items]
+        name = f"batches/fake{len(self.batches) + 1:04d}"
+        job = BatchJob(name, model, batch.get("displayName", ""), requests, from_file="fileName" in source)
+        self.batches[name] = job
+        return Reply(200, self._operation(job))
+
+    def _get_batch(self, name: str, api_key: str | None) -> Reply:
+        """batches/{name}: the job's state, advanced by one poll; its output once succeeded."""
+        job = self.batches.get(name)
+        if job is None:
+            return error(404, f"Batch {name} not found.")
+        with self._seen:
+            self.batch_gets += 1
+        if not job.done:
+            job.polls += 1
+            pending, running = self.batch_polls
+            if job.polls > pending + running:
+                job.state = self.batch_outcome(job)
+                if job.state == "BATCH_STATE_SUCCEEDED":
+                    job.output = self._run_batch(job, api_key)
+            elif job.polls > pending:
+                job.state = "BATCH_STATE_RUNNING"
+        return Reply(200, self._operation(job))
+
+    def _list_batches(self, query: dict[str, str]) -> Reply:
+        """GET batches: a page of jobs (pageSize, pageToken), newest first, as the API lists them."""
+        jobs = list(reversed(self.batches.values()))
+        start, size = int(query.get("pageToken") or 0), int(query.get("pageSize") or 50)
+        page: dict[str, Any] = {"operations": [self._operation(job) for job in jobs[start : start + size]]}
+        if start + size < len(jobs):
+            page["nextPageToken"] = str(start + size)
+        self.batch_lists += 1
+        return Reply(200, page)
+
+    def _run_batch(self, job: BatchJob, api_key: str | None) -> dict[str, Any]:
+        """Answer every request of a job: inline responses, or a responses file, in order."""
+        results = []
+        for key, prompt in job.requests:
+            reply = self._answer(job.model, prompt, api_key)
+            assert isinstance(reply.body, dict)
+            if reply.status == 200:
+                result = {"response": reply.body}
+            else:  # a google.rpc.Status, as the API puts it in a batch's output
+                result = {"error": {k: v for k, v in reply.body["error"].items() if k in ("code", "message", "details")}}
+            results.append((key, result))
+        if job.from_file:
+            name = f"files/{job.name.removeprefix('batches/')}-responses"
+            self.files[name] = "".join(json.dumps({"key": key, **result}) + "\n" for key, result in results).encode()
+            return {"responsesFile": name}
+        inlined = [{**result, "metadata": {"key": key}} for key, result in results]
+        return {"inlinedResponses": {"inlinedResponses": inlined}}
+
+    def _operation(self, job: BatchJob) -> dict[str, Any]:
+        """A job as the API returns it: a google.longrunning.Operation around a GenerateContentBatch."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        metadata: dict[str, Any] = {
+            "@type": "type.googleapis.com/google.ai.generativelanguage.v1beta.GenerateContentBatch",
+            "model": f"models/{job.model}",
+            "displayName": job.display_name,
+            "createTime": now,
+            "updateTime": now,
+            "batchStats": {"requestCount": str(len(job.requests))},
+            "state": job.state,
+            "name": job.name,
+        }
+        operation: dict[str, Any] = {"name": job.name, "metadata": metadata}
+        if job.output is not None:
+            metadata["output"] = job.output
+            operation["response"] = {
+                "@type": "type.googleapis.com/google.ai.generativelanguage.v1beta.GenerateContentBatchOutput",
+                **job.output,
+            }
+        if job.done:
+            operation["done"] = True
+            if job.state != "BATCH_STATE_SUCCEEDED":
+                operation["error"] = {"code": 13, "message": f"Batch ended in state {job.state}."}
+        return operation
+
+    # ----------------------------------------------------------- Files API --
+    def _upload(self, headers: dict[str, str], query: str, body: bytes) -> Reply:
+        """upload/v1beta/files: the resumable protocol google-genai speaks (start, then
+        upload chunks, the last with finalize)."""
+        command = headers.get("x-goog-upload-command", "")
+        if command == "start":
+            upload_id = str(len(self._uploads) + 1)
+            self._uploads[upload_id] = bytearray()
+            url = f"{self.base_url}/upload/v1beta/files?upload_id={upload_id}&upload_protocol=resumable"
+            return Reply(200, {}, headers={"x-goog-upload-url": url, "x-goog-upload-status": "active"})
+        upload_id = dict(part.partition("=")[::2] for part in query.split("&"))["upload_id"]
+        self._uploads[upload_id] += body
+        if "finalize" not in command:
+            return Reply(200, {}, headers={"x-goog-upload-status": "active"})
+        name = f"files/upload{upload_id}"
+        self.files[name] = bytes(self._uploads.pop(upload_id))
+        file = {"name": name, "mimeType": "application/jsonl", "sizeBytes": str(len(self.files[name])), "state": "ACTIVE"}
+        return Reply(200, {"file": file}, headers={"x-goog-upload-status": "final"})
+
+
+def prompt_of(request: dict[str, Any]) -> str:
+    """The text of a GenerateContentRequest's contents."""
+    return "".join(part.get("text", "") for content in request["contents"] for part in content["parts"])
 
 
 def cli() -> None:

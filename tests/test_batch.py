@@ -1,0 +1,176 @@
+"""--batch: the same job on Gemini's Batch API, through the real SDK and the fake server's
+batch and file endpoints; resumable without submitting any job twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import API_KEY, ROOT, Run, run_subprocess, sample_prompts, write_prompts
+from fake_gemini import FakeGemini, echo, error
+
+import pipeline
+
+FAST = ("--batch-poll-s", "0.01")
+
+
+def answers(result: Run) -> dict[str, tuple[str, str]]:
+    return {r["id"]: (r["prompt"], r["response"]) for r in result.records()}
+
+
+def jobs_per_prompt(server: FakeGemini) -> Counter[str]:
+    return Counter(prompt for job in server.batches.values() for _, prompt in job.requests)
+
+
+def test_ten_thousand_prompts_end_as_in_interactive_mode(tmp_path, fake_gemini, run) -> None:
+    server = fake_gemini()
+    inputs = write_prompts(tmp_path / "inputs", [f"What is two times {i}?" for i in range(10_000)], per_file=500)
+    interactive = run(inputs, "--workers", "50", "--shard-size", "100", output_dir=tmp_path / "interactive")
+    assert interactive.exit_code == 0, interactive.stderr
+    requests_before = len(server.requests)
+    batch = run(inputs, "--batch", "--batch-size", "1000", "--shard-size", "100", *FAST, output_dir=tmp_path / "batch")
+    assert batch.exit_code == 0, batch.stderr
+    assert answers(batch) == answers(interactive) and len(answers(batch)) == 10_000
+    assert len(batch.shard_names()) == len(interactive.shard_names()) == 100
+    assert len(server.requests) - requests_before == 10_000  # one request per prompt, inside the jobs
+    assert len(server.batches) == 10 and set(jobs_per_prompt(server).values()) == {1}
+    assert all(0 < len(job.requests) <= 1000 and not job.from_file for job in server.batches.values())
+    assert "batch jobs: 10 submitted, 0 running, 10 done" in batch.stderr
+    print(f"\n10,000 prompts in batch mode: {len(server.batches)} jobs, {server.batch_gets} polls")
+
+
+def test_per_request_errors_and_failed_jobs_land_in_failed_jsonl(tmp_path, fake_gemini, run) -> None:
+    refused = {"What is two times 3?", "What is two times 17?"}
+    server = fake_gemini(lambda r: error(400, "no such thing") if r.prompt in refused else echo(r))
+    server.batch_outcome = lambda job: "BATCH_STATE_FAILED" if job.requests[0][0] == "shard_8.txt:1" else "BATCH_STATE_SUCCEEDED"
+    result = run(write_prompts(tmp_path / "inputs", sample_prompts(40), per_file=4), "--batch", "--batch-size", "8", *FAST)
+    assert result.exit_code == 1
+    failures = {f["prompt"]: f["error"] for f in result.failures()}
+    failed_job = next(job for job in server.batches.values() if job.requests[0][0] == "shard_8.txt:1")
+    assert failures == {
+        **{prompt: "400: no such thing" for prompt in refused},
+        **{prompt: f"batch job {failed_job.name} ended JOB_STATE_FAILED" for _, prompt in failed_job.requests},
+    }
+    assert len(result.ids()) == 40 - len(failures)
+
+    server.batch_outcome = lambda job: "BATCH_STATE_SUCCEEDED"
+    server.behaviour = echo
+    rerun = run(write_prompts(tmp_path / "inputs", sample_prompts(40), per_file=4), "--batch", "--batch-size", "8", *FAST)
+    assert rerun.exit_code == 0 and not rerun.failures()
+    assert sorted(rerun.ids()) == sorted(set(rerun.ids())) and len(rerun.ids()) == 40
+
+
+@pytest.mark.parametrize("state", ["BATCH_STATE_EXPIRED", "BATCH_STATE_CANCELLED"])
+def test_an_expired_or_cancelled_job_fails_its_prompts(tmp_path, fake_gemini, run, state) -> None:
+    server = fake_gemini()
+    server.batch_outcome = lambda job: state
+    result = run(write_prompts(tmp_path / "inputs", sample_prompts(6)), "--batch", *FAST)
+    assert result.exit_code == 1
+    assert {f["error"] for f in result.failures()} == {f"batch job batches/fake0001 ended {state.replace('BATCH', 'JOB')}"}
+
+
+def test_a_job_too_big_to_send_inline_goes_as_a_file(tmp_path, fake_gemini, run, monkeypatch) -> None:
+    server = fake_gemini(lambda r: error(400, "odd") if r.prompt.endswith("7?") else echo(r))
+    monkeypatch.setattr(pipeline, "INLINE_LIMIT_BYTES", 1000)  # about 15 prompts
+    result = run(write_prompts(tmp_path / "inputs", sample_prompts(60)), "--batch", "--batch-size", "25", *FAST)
+    assert result.exit_code == 1
+    assert [job.from_file for job in server.batches.values()] == [True, True, False]  # 25, 25, then 10 inline
+    assert {r["prompt"]: r["response"] for r in result.records()} == {
+        p: f"echo: {p}" for p in sample_prompts(60) if not p.endswith("7?")
+    }
+    assert {f["prompt"] for f in result.failures()} == {p for p in sample_prompts(60) if p.endswith("7?")}
+
+
+def test_a_rerun_collects_what_a_killed_run_left_unwritten(tmp_path, fake_gemini, run) -> None:
+    server = fake_gemini()
+    inputs = write_prompts(tmp_path / "inputs", sample_prompts(30))
+    first = run(inputs, "--batch", "--batch-size", "10", *FAST)
+    assert first.exit_code == 0
+    last_shard = first.output_dir / first.shard_names()[-1]
+    lost = [json.loads(line)["id"] for line in last_shard.open()]
+    last_shard.unlink()  # as if killed before these answers reached the disk
+    answered, jobs = dict(server.answered), len(server.batches)
+    second = run(inputs, "--batch", "--batch-size", "10", *FAST)
+    assert second.exit_code == 0, second.stderr
+    assert len(server.batches) == jobs and dict(server.answered) == answered  # nothing submitted or paid again
+    assert "1 resumed, 0 submitted" in second.stderr and f"{len(lost)} answered, 0 failed, {30 - len(lost)} already done" in second.stderr
+    assert Counter(second.ids()) == Counter({i: 1 for i in first.ids()})
+
+
+def start_batch_run(cwd: Path, server: FakeGemini) -> subprocess.Popen[str]:
+    env = {**os.environ, "GEMINI_API_KEY": API_KEY, "GOOGLE_GEMINI_BASE_URL": server.base_url}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "pipeline.py"), "-v", "--batch", "--batch-size", "100", "--batch-poll-s", "0.05"],
+        cwd=cwd, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def forget_last_job_name(journal: Path) -> None:
+    """Drop the last "submitted" line: as if the run was killed after the API created the
+    job, before the journal recorded its name."""
+    lines = journal.read_text().splitlines(keepends=True)
+    last = max(i for i, line in enumerate(lines) if line.startswith('{"submitted"'))
+    journal.write_text("".join(lines[:last] + lines[last + 1 :]))
+
+
+@pytest.mark.parametrize(
+    "stop_signal, mid_create",
+    [(signal.SIGKILL, False), (signal.SIGKILL, True), (signal.SIGINT, False)],
+    ids=["SIGKILL", "SIGKILL mid-create", "SIGINT"],
+)
+def test_killed_between_submission_and_completion_then_rerun(tmp_path, stop_signal, mid_create) -> None:
+    write_prompts(tmp_path / "inputs", [f"prompt {i}" for i in range(1000)], per_file=100)
+    with FakeGemini(batch_polls=(1000, 0)) as server:  # jobs stay pending until released below
+        process = start_batch_run(tmp_path, server)
+        assert process.stderr is not None
+        submitted = 0
+        for line in process.stderr:
+            submitted += " submitted batches/" in line
+            if submitted == 5:
+                break
+        process.send_signal(stop_signal)
+        _, rest = process.communicate(timeout=10)
+        assert process.returncode == (-9 if stop_signal == signal.SIGKILL else 130)
+        if stop_signal == signal.SIGINT:
+            assert "batch jobs still on Google's side; run the same command again" in rest
+        jobs_before = len(server.batches)
+        assert jobs_before >= 5 and not server.answered
+        if mid_create:
+            forget_last_job_name(tmp_path / "outputs" / "batch_jobs.jsonl")
+
+        server.batch_polls = (0, 1)  # now they run, and end
+        rerun = start_batch_run(tmp_path, server)
+        _, stderr = rerun.communicate(timeout=60)
+    assert rerun.returncode == 0, stderr
+    assert f"{jobs_before} resumed" in stderr  # every job submitted before is collected, none again
+    assert server.batch_lists == (1 if mid_create else 0)  # the unnamed one was looked up by its display name
+    assert set(jobs_per_prompt(server).values()) == {1}  # no prompt was in two jobs
+    assert sorted(server.answered.values()) == [1] * 1000  # nor paid for twice
+    ids = Run(0, "", stderr, tmp_path / "outputs").ids()
+    assert len(ids) == 1000 and len(set(ids)) == 1000
+    print(f"\n{stop_signal.name}: {jobs_before} jobs submitted before the stop, {len(server.batches)} in all")
+
+
+def test_a_submission_the_api_never_received_is_asked_again(tmp_path, fake_gemini, run) -> None:
+    server = fake_gemini()
+    inputs = write_prompts(tmp_path / "inputs", sample_prompts(9))
+    journal = tmp_path / "outputs" / "batch_jobs.jsonl"
+    journal.parent.mkdir()
+    prompts = [[f"shard_{i // 3}.txt:{i % 3 + 1}", p] for i, p in enumerate(sample_prompts(9))]
+    journal.write_text(json.dumps({"submitting": "pipeline lost 00", "prompts": prompts}) + "\n")  # killed mid-create
+    result = run(inputs, "--batch", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert server.batch_lists == 1 and len(server.batches) == 1
+    assert sorted(server.answered.values()) == [1] * 9 and len(result.ids()) == 9
+    assert json.loads(journal.read_text().splitlines()[1]) == {"submitted": "pipeline lost 00", "job": None}
+
+
+def test_batch_and_offline_do_not_mix(tmp_path) -> None:
+    result = run_subprocess(["--batch", "--offline"], tmp_path)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "--batch" in result.stderr

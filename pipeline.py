@@ -776,7 +776,7 @@ async def api_call(
 class BatchJournal:
     """OUTPUT_DIR/batch_jobs.jsonl: each submission in two lines, each appended and fsynced
     at once: before the job is created, its display name and prompts ("submitting"); then
-    the name the API gave it ("job"). A rerun collects the jobs not yet written, instead of
+    the name the API gave it ("submitted"). A rerun collects the jobs not yet written, instead of
     submitting their prompts again (which would pay for them twice); a submission with no
     second line (a run stopped mid-create) is looked up by its display name."""
 
@@ -804,7 +804,7 @@ class BatchJournal:
         jobs: list[BatchJob] = []
         unknown: dict[str, list[Prompt]] = {}
         if self.path.exists():
-            async for number, line in read_lines(self.path):
+            async for number, line in complete_lines(self.path):
                 try:
                     record = json.loads(line)
                     if "submitting" in record:
@@ -1187,16 +1187,23 @@ def failure_journals(output_dir: Path) -> list[Path]:
     return sorted((p for p in output_dir.iterdir() if FAILED_JOURNAL.fullmatch(p.name)), key=lambda p: natural_key(p.name))
 
 
-async def read_records(path: Path) -> AsyncIterator[tuple[dict[str, Any], str]]:
-    """The records of a JSON Lines file we wrote, each with its line; repairs a torn last line."""
+async def complete_lines(path: Path) -> AsyncIterator[tuple[int, bytes]]:
+    """The numbered lines of a file we append to. A last line without its newline (the
+    process died writing it) is removed from the file, not returned."""
     size = (await aiofiles.os.stat(path)).st_size
     end = 0
     async for number, line in read_lines(path):
         start, end = end, end + len(line) + 1
-        if end > size:  # no newline after the last line: the process died writing it
+        if end > size:
             log.warning("repairing %s: dropping its unfinished last line %d", path.name, number)
             os.truncate(path, start)
             return
+        yield number, line
+
+
+async def read_records(path: Path) -> AsyncIterator[tuple[dict[str, Any], str]]:
+    """The records of a JSON Lines file we wrote, each with its line; repairs a torn last line."""
+    async for number, line in complete_lines(path):
         try:
             record = json.loads(line)
             record = {"id": str(record["id"]), "prompt": str(record["prompt"])}

@@ -95,12 +95,16 @@ def test_a_rerun_collects_what_a_killed_run_left_unwritten(tmp_path, fake_gemini
     last_shard = first.output_dir / first.shard_names()[-1]
     lost = [json.loads(line)["id"] for line in last_shard.open()]
     last_shard.unlink()  # as if killed before these answers reached the disk
+    journal = first.output_dir / "batch_jobs.jsonl"
+    with journal.open("a") as torn:  # and while appending to the journal
+        torn.write('{"submitting": "pipeline shard_9')
     answered, jobs = dict(server.answered), len(server.batches)
     second = run(inputs, "--batch", "--batch-size", "10", *FAST)
     assert second.exit_code == 0, second.stderr
     assert len(server.batches) == jobs and dict(server.answered) == answered  # nothing submitted or paid again
     assert "1 resumed, 0 submitted" in second.stderr and f"{len(lost)} answered, 0 failed, {30 - len(lost)} already done" in second.stderr
     assert Counter(second.ids()) == Counter({i: 1 for i in first.ids()})
+    assert journal.read_text().endswith("}\n") and "repairing batch_jobs.jsonl" in second.stderr
 
 
 def start_batch_run(cwd: Path, server: FakeGemini) -> subprocess.Popen[str]:

@@ -252,7 +252,12 @@ def scaling(scratch: Path, prompts: int, reps: int) -> None:
 
 def machinery(scratch: Path, prompts: int, reps: int) -> None:
     inputs = make_inputs(scratch / "machinery_inputs", prompts)
-    settings = {"default settings": [], "QUEUE_SIZE=100, SHARD_SIZE=1000": ["--queue-size", "100", "--shard-size", "1000"]}
+    big = ["--queue-size", "100", "--shard-size", "1000"]
+    settings = {
+        "default settings": [],
+        "QUEUE_SIZE=100, SHARD_SIZE=1000": big,
+        "QUEUE_SIZE=100, SHARD_SIZE=1000, POSTPROCESS_WORKERS=0": [*big, "--postprocess-workers", "0"],
+    }
     disks = {"disk": scratch, "tmpfs": Path(tempfile.mkdtemp(dir="/dev/shm"))} if Path("/dev/shm").is_dir() else {"disk": scratch}
     for label, flags in settings.items():
         for disk, where in disks.items():
@@ -280,14 +285,14 @@ def memory(scratch: Path, sizes: list[int]) -> None:
     )
 
 
-def postprocessing(scratch: Path, prompts: int, heavy_prompts: int, reps: int) -> None:
+def postprocessing(scratch: Path, prompts: int, heavy_prompts: int, reps: int, cost_reps: int) -> None:
     """What the pool costs when postprocess() is cheap (the shipped word count, against no
     post-processing at all, in the ceiling's setting), and what it buys when it is heavy."""
     inputs = make_inputs(scratch / "postprocess_inputs", prompts)
     with FakeServer(latency_ms=0) as server:
         for workers in (5, 50):
             runs: dict[str, list[Measure]] = {"default": [], "none": []}
-            for rep in range(reps):
+            for rep in range(cost_reps):
                 for kind in ("default", "none") if rep % 2 == 0 else ("none", "default"):
                     no_pool = ["--postprocess-workers", "0"] if kind == "none" else []
                     args = pipeline_args(inputs, scratch, "--workers", str(workers), *no_pool, postprocess=kind)
@@ -349,7 +354,7 @@ def main() -> None:
         if "memory" in only:
             memory(scratch, [10_000, 100_000 if quick else 1_000_000])
         if "postprocess" in only:
-            postprocessing(scratch, 500 if quick else 2000, 100 if quick else 300, 1 if quick else 5)
+            postprocessing(scratch, 500 if quick else 2000, 100 if quick else 300, 1 if quick else 5, 1 if quick else 11)
 
 
 if __name__ == "__main__":

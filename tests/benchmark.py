@@ -1,8 +1,9 @@
 """Benchmark pipeline.py against the SDK's own ceiling, across worker counts, and for
 memory. Not a test: run it by hand, on a quiet machine.
 
-    python tests/benchmark.py            # the full run, about ten minutes
+    python tests/benchmark.py            # the full run, about thirty minutes
     python tests/benchmark.py --quick    # fewer prompts and repetitions, for a look
+    python tests/benchmark.py --only postprocess   # one section (--only may repeat)
 
 Every contender runs as its own process, against the fake Gemini server of tests/
 in another process, and contenders alternate within each repetition; the table
@@ -17,6 +18,10 @@ peak RSS from wait4(). The sections:
   scaling    at 100 ms server latency: pipeline time over the ideal ceil(n/W) x 100 ms
   machinery  --offline at 0 ms latency: prompts/s of the pipeline's own machinery
   memory     peak RSS of --offline runs over 10,000 and 1,000,000 prompts
+  postprocess  what the process pool costs with the shipped word count (against no
+             post-processing at all, in the ceiling's setting), and what it buys with
+             heavy_postprocess (20 ms of CPU per answer) under 100 ms latency: time
+             against running it on the event loop, and the loop's longest stall
 """
 
 from __future__ import annotations

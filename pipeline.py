@@ -868,8 +868,8 @@ class PostProcessor:
             results, _ = postprocess_batch(self.function, pairs)
         else:
             results = await self.run_in_pool(pairs)
-        extras = dict(zip((id(r) for r in responses), results))
-        return [o if isinstance(o, Failure) else with_extra(o, extras[id(o)]) for o in batch]
+        extras = iter(results)  # in the order of the batch's responses
+        return [with_extra(o, next(extras)) if isinstance(o, Response) else o for o in batch]
 
     async def run_in_pool(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any] | str]:
         loop = asyncio.get_running_loop()
@@ -907,11 +907,11 @@ def become_pool_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
     if parent is not None:
-        threading.Thread(target=exit_when_ready, args=(parent.sentinel,), daemon=True).start()
+        threading.Thread(target=exit_with_parent, args=(parent.sentinel,), daemon=True).start()
 
 
-def exit_when_ready(sentinel: int) -> None:
-    multiprocessing.connection.wait([sentinel])
+def exit_with_parent(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])  # ready when the parent process is gone
     os._exit(1)
 
 
@@ -1500,9 +1500,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     )  # fmt: skip
     p.add_argument("--readers", type=at_least(1), default=d.readers, help="tasks reading input files")
     p.add_argument("--writers", type=at_least(1), default=d.writers, help="tasks writing shards")
-    p.add_argument("--batch", action="store_true", default=d.batch, help="send the prompts as Batch API jobs (see README)")
+    p.add_argument("--batch", action="store_true", default=d.batch, help="send the prompts as jobs of Gemini's Batch API: half the price, results within 24 h")
     p.add_argument("--batch-size", type=at_least(1), default=d.batch_size, help="prompts per batch job, at most")
-    p.add_argument("--batch-poll-s", type=above_zero, default=d.batch_poll_s, help="seconds between looks at a running batch job")
+    p.add_argument("--batch-poll-s", type=above_zero, default=d.batch_poll_s, help="seconds between looks at a running batch job (up to 600 while pending)")
     p.add_argument("--offline", action="store_true", help="use a built-in simulated model: no network, no key")
     p.add_argument(
         "--offline-latency-ms", type=at_least(0, float), default=d.offline_latency_ms, help="simulated latency of --offline"

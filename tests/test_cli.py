@@ -106,6 +106,8 @@ def test_unusable_output_dir(tmp_path: Path) -> None:
         (["--postprocess-workers", "-1"], "--postprocess-workers"),
         (["--readers", "0"], "--readers"),
         (["--writers", "0"], "--writers"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--batch-poll-s", "0"], "--batch-poll-s"),
         (["--workers", "many"], "--workers"),
         (["--no-such-flag"], "--no-such-flag"),
     ],
@@ -128,7 +130,7 @@ def test_help_lists_every_setting_with_its_constant_as_default(tmp_path: Path) -
         ("--retry-max-s", pipeline.RETRY_MAX_S), ("--rpm", pipeline.REQUESTS_PER_MINUTE),
         ("--offline-latency-ms", pipeline.OFFLINE_LATENCY_MS),
         ("--postprocess-workers", pipeline.POSTPROCESS_WORKERS), ("--readers", pipeline.READERS),
-        ("--writers", pipeline.WRITERS),
+        ("--writers", pipeline.WRITERS), ("--batch-size", pipeline.BATCH_SIZE), ("--batch-poll-s", pipeline.BATCH_POLL_S),
     ]:  # fmt: skip
         assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(str(constant))}\)", help_text), flag
     assert "--offline " in help_text and "--verbose" in help_text

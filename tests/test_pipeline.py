@@ -54,7 +54,7 @@ def test_sample_prompts_answered_once_into_six_shards(tmp_path, fake_gemini, run
 
 
 def test_events_interleave(tmp_path, fake_gemini, run) -> None:
-    fake_gemini(latency_s=0.01)
+    fake_gemini(latency_s=0.05)  # a run several times longer than the writer's wait for the pool
     result = run(write_prompts(tmp_path / "inputs", sample_prompts()), "-v")
     events = re.findall(r"(enqueued|generated|wrote) (\S+)", result.stderr)
     kinds = [kind for kind, _ in events]

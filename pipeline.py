@@ -499,8 +499,7 @@ def classify(exc: BaseException) -> str:
 
     google-genai raises APIError carrying the HTTP status as `.code`; it is read
     here without importing the SDK, so that --offline starts fast."""
-    code = getattr(exc, "code", None)
-    if isinstance(code, int) and hasattr(exc, "details"):
+    if (code := api_error_code(exc)) is not None:
         if code in (401, 403) or any(d.get("reason") == "API_KEY_INVALID" for d in error_details(exc)):
             return "auth"
         if code == 429:
@@ -555,12 +554,17 @@ def backoff_s(attempt: int, exc: BaseException, settings: Settings) -> float:
     return min(settings.retry_max_s, settings.retry_base_s * 2 ** (attempt - 1) * random.uniform(1, 2))
 
 
+def api_error_code(exc: BaseException) -> int | None:
+    """The HTTP status of an error the API answered with (google-genai's APIError), else None."""
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, int) and hasattr(exc, "details") else None
+
+
 def describe(exc: BaseException, settings: Settings) -> str:
     """A one-line reason for failed.jsonl and messages."""
     if isinstance(exc, TimeoutError):
         return f"timed out after {settings.timeout_s:g} s"
-    code = getattr(exc, "code", None)
-    if isinstance(code, int) and hasattr(exc, "details"):
+    if (code := api_error_code(exc)) is not None:
         text = f"{code} {getattr(exc, 'status', None) or ''}: {getattr(exc, 'message', None) or ''}"
     else:
         text = f"{type(exc).__name__}: {exc}"
@@ -659,9 +663,9 @@ async def submit_job(client: Any, job_prompts: list[Prompt], journal: BatchJourn
     try:
         created = await api_call(lambda: client.aio.batches.create(model=settings.model, src=source, config=config), settings, tally)
     except Exception as exc:
-        if classify(exc) in ("permanent", "auth"):  # refused: no job was created
+        if api_error_code(exc) is not None and classify(exc) in ("permanent", "auth"):  # the API said no: no job
             journal.created(display_name, None)
-        raise
+        raise  # else it may exist: the next run looks it up
     job = BatchJob(created.name, job_prompts)
     journal.created(display_name, job.name)
     log.debug("submitted %s: %d prompts, %s", job.name, len(job_prompts), "inline" if source is requests else source)
@@ -680,14 +684,22 @@ async def upload_requests(client: Any, job_prompts: list[Prompt], settings: Sett
 
 
 async def collect_job(client: Any, job: BatchJob, settings: Settings, tally: Tally, first_look_s: float | None = None) -> list[Outcome]:
-    """Wait for a job to end; then an outcome for each of its prompts."""
+    """Wait for a job to end; then an outcome for each of its prompts. If the API says
+    the job is gone, its prompts fail; if its results cannot be read, the run stops and
+    the job stays in the journal for the next run: its answers are paid for."""
     try:
         ended = await wait_for_job(client, job, settings, tally, first_look_s)
         return await job_outcomes(client, job, ended, settings, tally)
     except PipelineError:
         raise
-    except Exception as exc:  # noqa: BLE001 (e.g. the job is gone: its prompts fail, with the reason)
-        return [Failure(p, f"batch job {job.name}: {describe(exc, settings)}", attempts=1) for p in job.prompts]
+    except Exception as exc:  # noqa: BLE001 (sorted below: the API's refusal, or results we cannot read)
+        if api_error_code(exc) is not None:
+            return [Failure(p, f"batch job {job.name}: {describe(exc, settings)}", attempts=1) for p in job.prompts]
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise PipelineError(
+            f"cannot read batch job {job.name} ({reason}); its answers stay on Google's side: run the same command "
+            "again to collect them (with a newer google-genai if this persists)", 1,
+        ) from None
 
 
 async def wait_for_job(client: Any, job: BatchJob, settings: Settings, tally: Tally, first_look_s: float | None) -> Any:
@@ -743,8 +755,9 @@ def results_by_key(data: bytes) -> dict[str, tuple[Any, Any]]:
 
 
 def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, settings: Settings) -> Outcome:
-    if error is not None:
-        return Failure(prompt, " ".join(f"{getattr(error, 'code', '')}: {getattr(error, 'message', '')}".split()), attempts=1)
+    if error is not None:  # a google.rpc.Status: its code is gRPC's (3 is INVALID_ARGUMENT), not HTTP's
+        reason = f"batch request failed, code {getattr(error, 'code', '?')}: {getattr(error, 'message', '')}"
+        return Failure(prompt, " ".join(reason.split()), attempts=1)
     if response is None:
         return Failure(prompt, f"batch job {job.name} returned nothing for this prompt", attempts=1)
     return to_outcome(prompt, response, 1, settings.model)

@@ -126,6 +126,12 @@ STATUS_NAMES = {
 }
 
 
+GRPC_CODES = {  # google.rpc.Code, by the status names above
+    "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+    "INTERNAL": 13, "UNAVAILABLE": 14, "UNAUTHENTICATED": 16,
+}  # fmt: skip
+
+
 def error(code: int, message: str, *details: dict[str, Any]) -> Reply:
     body: dict[str, Any] = {"code": code, "message": message, "status": STATUS_NAMES.get(code, "UNKNOWN")}
     if details:
@@ -383,8 +389,11 @@ class FakeGemini:
             assert isinstance(reply.body, dict)
             if reply.status == 200:
                 result = {"response": reply.body}
-            else:  # a google.rpc.Status, as the API puts it in a batch's output
-                result = {"error": {k: v for k, v in reply.body["error"].items() if k in ("code", "message", "details")}}
+            else:  # a google.rpc.Status, as the API puts it in a batch's output: gRPC's code, not HTTP's
+                status = reply.body["error"]
+                result = {"error": {"code": GRPC_CODES.get(status["status"], 2), "message": status["message"]}}
+                if "details" in status:
+                    result["error"]["details"] = status["details"]
             results.append((key, result))
         if job.from_file:
             name = f"files/{job.name.removeprefix('batches/')}-responses"

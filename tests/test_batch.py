@@ -54,7 +54,7 @@ def test_per_request_errors_and_failed_jobs_land_in_failed_jsonl(tmp_path, fake_
     failures = {f["prompt"]: f["error"] for f in result.failures()}
     failed_job = next(job for job in server.batches.values() if job.requests[0][0] == "shard_8.txt:1")
     assert failures == {
-        **{prompt: "400: no such thing" for prompt in refused},
+        **{prompt: "batch request failed, code 3: no such thing" for prompt in refused},  # INVALID_ARGUMENT
         **{prompt: f"batch job {failed_job.name} ended JOB_STATE_FAILED" for _, prompt in failed_job.requests},
     }
     assert len(result.ids()) == 40 - len(failures)
@@ -105,6 +105,23 @@ def test_a_rerun_collects_what_a_killed_run_left_unwritten(tmp_path, fake_gemini
     assert "1 resumed, 0 submitted" in second.stderr and f"{len(lost)} answered, 0 failed, {30 - len(lost)} already done" in second.stderr
     assert Counter(second.ids()) == Counter({i: 1 for i in first.ids()})
     assert journal.read_text().endswith("}\n") and "repairing batch_jobs.jsonl" in second.stderr
+
+
+def test_results_the_sdk_cannot_read_stop_the_run_and_stay_collectable(tmp_path, fake_gemini, run) -> None:
+    """google-genai 3.6.1 reads a per-request error's details as strings; the API's are
+    objects. Such a job must not have its prompts failed (they would be paid for again)."""
+    bad_request = {"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": []}
+    server = fake_gemini(lambda r: error(400, "odd", bad_request) if r.prompt.endswith("4?") else echo(r))
+    inputs = write_prompts(tmp_path / "inputs", sample_prompts(9))
+    first = run(inputs, "--batch", *FAST)
+    assert first.exit_code == 1 and not first.ids() and not first.failures()
+    message = first.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: cannot read batch job batches/fake0001 (ValidationError") and "run the same command" in message
+    for result in server.batches["batches/fake0001"].output["inlinedResponses"]["inlinedResponses"]:
+        result.get("error", {}).pop("details", None)  # as a google-genai that reads them would see it
+    second = run(inputs, "--batch", *FAST)
+    assert second.exit_code == 1 and len(second.ids()) == 8 and [f["prompt"] for f in second.failures()] == ["What is two times 4?"]
+    assert len(server.batches) == 1 and sorted(server.answered.values()) == [1] * 8  # collected, not asked again
 
 
 def start_batch_run(cwd: Path, server: FakeGemini) -> subprocess.Popen[str]:

@@ -22,6 +22,8 @@ peak RSS from wait4(). The sections:
              post-processing at all, in the ceiling's setting), and what it buys with
              heavy_postprocess (20 ms of CPU per answer) under 100 ms latency: time
              against running it on the event loop, and the loop's longest stall
+  transport  500 workers at 1 s latency on google-genai's two transports: httpx2 (the
+             SDK's default; its pool holds 100 connections) and aiohttp (requirements.txt)
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ def child_pipeline(args: list[str], postprocess: str = "default") -> None:
     longest stall, measured by a task that asks to wake every STALL_TICK_S, from the
     moment the client exists until the run ends."""
     sys.path.insert(0, str(ROOT))
+    if os.environ.get("BENCH_WITHOUT_AIOHTTP"):
+        sys.modules["aiohttp"] = None  # type: ignore[assignment]  (the SDK then falls back to httpx2)
     if "--offline" not in args:
         import google.genai  # noqa: F401  (imported before the clock starts, as in the ceiling)
     import pipeline
@@ -333,7 +337,23 @@ def postprocessing(scratch: Path, prompts: int, heavy_prompts: int, reps: int, c
         )
 
 
-SECTIONS = ["ceiling", "scaling", "machinery", "memory", "postprocess"]
+def transport(scratch: Path, workers: int, reps: int) -> None:
+    """Whether --workers N really puts N requests in flight, on each of the SDK's transports."""
+    prompts = workers * 5
+    inputs = make_inputs(scratch / "transport_inputs", prompts)
+    ideal = 5 * 1.0
+    with FakeServer(latency_ms=1000) as server:
+        for name, env in (("httpx2", {"BENCH_WITHOUT_AIOHTTP": "1"}), ("aiohttp", {})):
+            runs = [measure(pipeline_args(inputs, scratch, "--workers", str(workers), "--shard-size", "1000"), {**server.env, **env}) for _ in range(reps)]
+            wall = median([m.wall_s for m in runs])
+            print(
+                f"| transport {name}, {prompts} prompts, 1 s, {workers} workers | {wall / ideal:.2f}x ideal "
+                f"| {wall:.1f} s vs {ideal:.0f} s ideal; peak RSS {median([m.peak_rss_mb for m in runs]):.0f} MB |",
+                flush=True,
+            )
+
+
+SECTIONS = ["ceiling", "scaling", "machinery", "memory", "postprocess", "transport"]
 
 
 def main() -> None:
@@ -360,6 +380,8 @@ def main() -> None:
             memory(scratch, [10_000, 100_000 if quick else 1_000_000])
         if "postprocess" in only:
             postprocessing(scratch, 500 if quick else 2000, 100 if quick else 300, 1 if quick else 5, 1 if quick else 11)
+        if "transport" in only:
+            transport(scratch, 500, 1 if quick else 3)
 
 
 if __name__ == "__main__":

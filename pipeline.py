@@ -35,10 +35,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import io
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -46,6 +48,7 @@ import pickle
 import random
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -88,6 +91,7 @@ SHARDS_PER_SYNC = 16  # full shards fsynced and closed together in one worker-th
 SYNCS_PENDING = 4  # such jobs that may run behind the writer at once
 RPM_HEADROOM = 0.98  # pace at 98% of the RPM: spaced at exactly the limit, jitter puts R+1 in some windows
 FAILED_FILE = "failed.jsonl"
+LOCK_FILE = ".lock"  # in OUTPUT_DIR: held by the run using the folder (see output_dir_locked)
 FAILED_JOURNAL = re.compile(r"failed(\.\d+)?\.jsonl")  # failed.jsonl, and failed.K.jsonl of writer K while running
 SHARD_NAME = re.compile(r"shard_(\d+)\.jsonl")
 POSTPROCESS_BATCH = 256  # answers gathered for one trip to the pool, at most...
@@ -98,6 +102,8 @@ BATCH_GATHER_S = 0.5  # a job is submitted before it is full once no prompt came
 BATCH_POLL_MAX_S = 600.0  # longest wait between two looks at a job still pending
 INLINE_LIMIT_BYTES = 19_000_000  # the API takes inline batch requests up to 20 MB; larger jobs go as a file
 ROUND_TRIP_S = 0.001  # work worth one more trip to the pool: a trip costs a few hundred µs of CPU here
+LONGEST_SERVER_DELAY_S = 3600.0  # a RetryInfo asking for a longer wait is a spent quota: stop, do not sleep for days
+MESSAGE_CHARS = 500  # an error message from the server is cut to this length (an HTML page would fill the screen)
 
 
 def postprocess(prompt: str, response: str) -> dict[str, Any]:
@@ -147,10 +153,11 @@ class PipelineError(Exception):
 
 
 class QuotaExhausted(PipelineError):
-    """The daily request quota is spent: stop, keep every answer, continue another day."""
+    """The daily request quota is spent (or the server asks for a wait of hours): stop,
+    keep every answer, continue another day."""
 
-    def __init__(self, quota: str) -> None:
-        super().__init__(f"the daily quota is exhausted ({quota}): run the same command again later to continue", 1)
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}: run the same command again later to continue", 1)
 
 
 @contextlib.contextmanager
@@ -213,7 +220,7 @@ class Failure:
     response: str | None = None  # an answer that postprocess() failed on: paid for, so kept
 
     def to_json(self) -> str:
-        record = {"id": self.prompt.id, "prompt": self.prompt.text, "error": self.error, "attempts": self.attempts}
+        record = {"id": self.prompt.id, "prompt": self.prompt.text, "error": redact(self.error), "attempts": self.attempts}
         if self.response is not None:
             record["response"] = self.response
         return json_line(record)
@@ -248,13 +255,17 @@ class Tally:
     started: float = field(default_factory=time.monotonic)
     bar: Any = None  # a tqdm bar when stderr is a terminal
 
-    def count(self, outcome: Outcome) -> None:
-        if isinstance(outcome, Response):
-            self.answered += 1
-            self.prompt_tokens += outcome.prompt_tokens
-            self.response_tokens += outcome.response_tokens
-        else:
-            self.failed += 1
+    def count(self, written: list[Response] | list[Failure]) -> None:
+        """Outcomes now on disk."""
+        for outcome in written:
+            if isinstance(outcome, Response):
+                self.answered += 1
+                self.prompt_tokens += outcome.prompt_tokens
+                self.response_tokens += outcome.response_tokens
+            else:
+                self.failed += 1
+        if self.bar is not None and written:
+            self.bar.update(len(written))
 
     def summary(self) -> str:
         seconds = time.monotonic() - self.started
@@ -305,6 +316,10 @@ async def list_input_files(input_dir: Path) -> list[Path]:
     """The regular, non-hidden files of the input dir, in natural order (2 before 10)."""
     entries = await aiofiles.os.scandir(input_dir)
     names = [entry.name for entry in entries if not entry.name.startswith(".") and entry.is_file()]
+    for name in names:  # ids are made of it: one that JSON cannot carry is refused now, not after paying
+        if not name.isprintable():  # control characters, or bytes that are not UTF-8 (decoded as lone surrogates)
+            shown = repr(name.encode("utf-8", "surrogateescape"))[2:-1]
+            raise PipelineError(f"input file name '{shown}' in {input_dir} is not printable UTF-8: rename it")
     return [input_dir / name for name in sorted(names, key=natural_key)]
 
 
@@ -325,13 +340,19 @@ async def read_lines(path: Path) -> AsyncIterator[tuple[int, bytes]]:
     """Numbered lines of a file, read in large chunks: one thread hop per chunk, not per line."""
     number = 0
     async with aiofiles.open(path, "rb") as file:
-        tail = b""
+        unfinished: list[bytes] = []  # pieces of a line longer than a chunk: joined once, so reading stays linear
         while chunk := await file.read(READ_CHUNK_BYTES):
-            *lines, tail = (tail + chunk).split(b"\n")
+            first, *lines = chunk.split(b"\n")
+            unfinished.append(first)
+            if not lines:
+                continue
+            number += 1
+            yield number, b"".join(unfinished)
+            unfinished = [lines.pop()]
             for line in lines:
                 number += 1
                 yield number, line
-        if tail:
+        if tail := b"".join(unfinished):
             yield number + 1, tail
 
 
@@ -342,6 +363,8 @@ def parse_prompt(prompt_id: str, line: bytes, first: bool) -> Prompt | None:
     except UnicodeDecodeError as exc:
         shown = line.decode("utf-8", errors="replace").strip()
         return Prompt(prompt_id, shown, error=f"line is not valid UTF-8 (byte {exc.start + 1})")
+    if "\x00" in text:  # a binary file among the inputs: no prompt holds NUL, and sending it would be paid for
+        return Prompt(prompt_id, text.replace("\x00", "\ufffd"), error=f"line holds a NUL byte (byte {line.index(0) + 1}): not text")
     return Prompt(prompt_id, text) if text else None
 
 
@@ -465,7 +488,9 @@ def stop_if_fatal(kind: str, exc: BaseException, settings: Settings) -> None:
     if kind == "auth":
         raise PipelineError(f"the API key was refused ({describe(exc, settings)}); check GEMINI_API_KEY") from None
     if kind == "daily quota":
-        raise QuotaExhausted(", ".join(quota_ids(exc)))
+        raise QuotaExhausted(f"the daily quota is exhausted ({', '.join(quota_ids(exc))})")
+    if (asked := server_retry_delay_s(exc)) is not None and asked > LONGEST_SERVER_DELAY_S:
+        raise QuotaExhausted(f"the server asks to wait {asked / 3600:.1f} h before the next request")
 
 
 def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome:
@@ -506,6 +531,8 @@ def classify(exc: BaseException) -> str:
             quotas = quota_ids(exc)  # per-day only: it will not clear for hours; any per-minute: wait
             return "daily quota" if quotas and all("PerDay" in q for q in quotas) else "rate limit"
         return "transient" if code == 408 or code >= 500 else "permanent"
+    if isinstance(exc, json.JSONDecodeError):  # a garbled reply (a proxy's error page sent as JSON): try again
+        return "transient"
     return "transient" if isinstance(exc, network_errors()) else "permanent"
 
 
@@ -531,9 +558,10 @@ def network_errors() -> tuple[type[BaseException], ...]:
 
 def error_details(exc: BaseException) -> list[dict[str, Any]]:
     """The `error.details` list of a Google API error body (google.rpc.* messages)."""
-    body = getattr(exc, "details", None)
-    details = body.get("error", {}).get("details", []) if isinstance(body, dict) else []
-    return [d for d in details if isinstance(d, dict)]
+    body = getattr(exc, "details", None)  # any JSON, or what the SDK made of a body that was not (HTML, text)
+    error = body.get("error") if isinstance(body, dict) else None  # proxies send {"error": "some text"} too
+    details = error.get("details") if isinstance(error, dict) else None
+    return [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
 
 
 def server_retry_delay_s(exc: BaseException) -> float | None:
@@ -565,10 +593,13 @@ def describe(exc: BaseException, settings: Settings) -> str:
     if isinstance(exc, TimeoutError):
         return f"timed out after {settings.timeout_s:g} s"
     if (code := api_error_code(exc)) is not None:
-        text = f"{code} {getattr(exc, 'status', None) or ''}: {getattr(exc, 'message', None) or ''}"
+        body = getattr(exc, "details", None)
+        message = getattr(exc, "message", None) or (body.get("error") if isinstance(body, dict) else body) or ""
+        text = f"{code} {getattr(exc, 'status', None) or ''}: {message}"
     else:
         text = f"{type(exc).__name__}: {exc}"
-    return " ".join(text.split())
+    text = " ".join(text.split())  # an HTML error page would otherwise fill the screen
+    return redact(text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…")
 
 
 # ------------------------------------------------------------------- batch --
@@ -817,7 +848,7 @@ class BatchJournal:
         jobs: list[BatchJob] = []
         unknown: dict[str, list[Prompt]] = {}
         if self.path.exists():
-            async for number, line in complete_lines(self.path):
+            async for number, line in complete_lines(self.path, b'{"submit'):
                 try:
                     record = json.loads(line)
                     if "submitting" in record:
@@ -825,7 +856,7 @@ class BatchJournal:
                     elif (job_prompts := unknown.pop(str(record["submitted"]))) and record["job"]:
                         jobs.append(BatchJob(str(record["job"]), job_prompts))
                 except (ValueError, KeyError, TypeError):
-                    raise PipelineError(f"{self.path}, line {number}, is not a batch job this pipeline recorded") from None
+                    raise PipelineError(f"{self.path}, line {number}, is not a batch job this pipeline recorded; {MOVE_IT_AWAY}") from None
         return jobs, unknown
 
 
@@ -970,13 +1001,13 @@ async def write_outputs(
                 batch = await next_batch(outcomes, postprocessor)
                 done = await postprocessor.run(batch)
                 answered = [o for o in done if isinstance(o, Response)]
-                shards.write(answered)
-                failures.write([o for o in done if isinstance(o, Failure)], answered)
-                for outcome in done:
-                    tally.count(outcome)
+                for written in shards.write(answered):  # counted as written: a full disk may stop it midway
+                    tally.count(written)
+                failed = [o for o in done if isinstance(o, Failure)]
+                failures.write(failed, answered)
+                tally.count(failed)
+                for _ in done:
                     outcomes.task_done()
-                if tally.bar is not None:
-                    tally.bar.update(len(done))
                 await shards.settle()
 
 
@@ -1025,7 +1056,8 @@ class ShardWriter:
     def name(self) -> str:
         return f"shard_{self.number:05d}.jsonl"
 
-    def write(self, responses: list[Response]) -> None:
+    def write(self, responses: list[Response]) -> Iterator[list[Response]]:
+        """Append `responses`, yielding each run of them once the OS has it (one per shard touched)."""
         while responses:
             if self.fd is None:
                 self.number = next(self.numbers)
@@ -1038,6 +1070,7 @@ class ShardWriter:
             if self.count == self.size:
                 self.full.append(self.fd)
                 self.fd, self.count = None, 0
+            yield taken
         if len(self.full) >= SHARDS_PER_SYNC:
             self.sync_full()
 
@@ -1166,6 +1199,7 @@ class AnyOf:
 async def load_past_runs(output_dir: Path) -> PastRuns:
     """Read the shards and failed.jsonl of earlier runs. A last line cut short by a
     killed process is removed, so that prompt is simply asked again."""
+    log.debug("reading what earlier runs left in %s", output_dir)
     past = PastRuns()
     for number, path in shard_files(output_dir):
         records = 0
@@ -1190,6 +1224,10 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
     return past
 
 
+RECORD_OPENING = json_line({"id": ""})[:7].encode()  # '{"id": ': how every record and failure line starts
+MOVE_IT_AWAY = "move the file away or choose a fresh --output-dir"
+
+
 def shard_files(output_dir: Path) -> list[tuple[int, Path]]:
     shards = [(int(m[1]), p) for p in output_dir.iterdir() if (m := SHARD_NAME.fullmatch(p.name))]
     return sorted(shards)
@@ -1200,14 +1238,18 @@ def failure_journals(output_dir: Path) -> list[Path]:
     return sorted((p for p in output_dir.iterdir() if FAILED_JOURNAL.fullmatch(p.name)), key=lambda p: natural_key(p.name))
 
 
-async def complete_lines(path: Path) -> AsyncIterator[tuple[int, bytes]]:
-    """The numbered lines of a file we append to. A last line without its newline (the
-    process died writing it) is removed from the file, not returned."""
+async def complete_lines(path: Path, opening: bytes) -> AsyncIterator[tuple[int, bytes]]:
+    """The numbered lines of a file we append to, each of which starts with `opening`. A
+    last line without its newline (the process died writing it) is removed from the file,
+    not returned; but only if it is the start of such a line: a file someone else wrote
+    is never cut (the caller refuses its complete lines, this its last)."""
     size = (await aiofiles.os.stat(path)).st_size
     end = 0
     async for number, line in read_lines(path):
         start, end = end, end + len(line) + 1
         if end > size:
+            if not (line.startswith(opening) or opening.startswith(line)):
+                raise PipelineError(f"{path}, line {number}, is not a line this pipeline wrote; {MOVE_IT_AWAY}")
             log.warning("repairing %s: dropping its unfinished last line %d", path.name, number)
             os.truncate(path, start)
             return
@@ -1216,15 +1258,12 @@ async def complete_lines(path: Path) -> AsyncIterator[tuple[int, bytes]]:
 
 async def read_records(path: Path) -> AsyncIterator[tuple[dict[str, Any], str]]:
     """The records of a JSON Lines file we wrote, each with its line; repairs a torn last line."""
-    async for number, line in complete_lines(path):
+    async for number, line in complete_lines(path, RECORD_OPENING):
         try:
             record = json.loads(line)
             record = {"id": str(record["id"]), "prompt": str(record["prompt"])}
         except (ValueError, KeyError, TypeError):
-            raise PipelineError(
-                f"{path}, line {number}, is not a record this pipeline wrote; move the file away "
-                "or choose a fresh --output-dir"
-            ) from None
+            raise PipelineError(f"{path}, line {number}, is not a record this pipeline wrote; {MOVE_IT_AWAY}") from None
         yield record, line.decode() + "\n"
 
 
@@ -1254,6 +1293,7 @@ async def main(settings: Settings, tally: Tally) -> None:
         postprocessor = PostProcessor(settings.postprocess, settings.postprocess_workers)
         cleanup.push_async_callback(postprocessor.aclose)
         postprocessor.start()  # first, before anything starts a thread
+        cleanup.enter_context(stopped_by_signals(asyncio.current_task()))  # a long start-up scan too
         past = await load_past_runs(settings.output_dir)
         tally.skipped = await count_answered_before(settings.input_dir, settings.output_dir, past)
         client = connect(settings)
@@ -1274,7 +1314,6 @@ async def main(settings: Settings, tally: Tally) -> None:
                 for number in range(settings.writers)
             )
         ]  # fmt: skip
-        cleanup.enter_context(stopped_by_signals(asyncio.current_task()))
         try:
             await supervised(all_answered(readers, prompts, resumed_jobs), [*generators, *resumed_jobs, *writers])
         except asyncio.CancelledError:
@@ -1307,20 +1346,35 @@ async def start_generators(
 
 
 @contextlib.contextmanager
-def stopped_by_signals(main_task: asyncio.Task[None] | None) -> Iterator[None]:
+def stopped_by_signals(main_task: asyncio.Task[None]) -> Iterator[None]:
+    """Ctrl-C and SIGTERM stop the run (on_stop_signal), however busy the loop is.
+
+    Not loop.add_signal_handler: asyncio passes the signal's number through its own
+    wake-up pipe, which thousands of requests finishing in threads (DNS, file I/O) can
+    fill, and a signal written to a full pipe is dropped. A Python-level handler runs
+    from a flag that the C handler sets, whatever happens to the pipe; the socket here
+    serves only to wake the loop when the signal lands on another thread."""
     loop = asyncio.get_running_loop()
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(stop_signal, on_stop_signal, main_task)
+    wake_reader, wake_writer = socket.socketpair()
+    wake_reader.setblocking(False)
+    wake_writer.setblocking(False)
+    loop.add_reader(wake_reader.fileno(), lambda: wake_reader.recv(4096))
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    previous_wakeup = signal.set_wakeup_fd(wake_writer.fileno(), warn_on_full_buffer=False)
+    previous = {number: signal.signal(number, lambda *_: on_stop_signal(main_task)) for number in stop_signals}
     try:
         yield
     finally:
-        for stop_signal in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(stop_signal)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        signal.set_wakeup_fd(previous_wakeup)
+        loop.remove_reader(wake_reader.fileno())
+        wake_reader.close()
+        wake_writer.close()
 
 
 def on_stop_signal(main_task: asyncio.Task[None]) -> None:
-    """Ctrl-C or SIGTERM: the first stops the run gently (see shut_down), a second at once.
-    Handled by the event loop, which wakes for it whichever thread the signal lands on."""
+    """Ctrl-C or SIGTERM: the first stops the run gently (see shut_down), a second at once."""
     if main_task.cancelling():
         raise KeyboardInterrupt
     main_task.cancel()
@@ -1404,13 +1458,29 @@ def connect(settings: Settings) -> Any:
     from google import genai  # imported here so that --offline never pays for it
     from google.genai import types
 
-    # attempts=1: answer() owns retries, so the SDK must not retry behind its back.
-    options = types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1))
+    # attempts=1: answer() owns retries, so the SDK must not retry behind its back. No
+    # redirects: httpx and aiohttp would carry the x-goog-api-key header to another host.
+    options = types.HttpOptions(
+        retry_options=types.HttpRetryOptions(attempts=1),
+        async_client_args={"follow_redirects": False, "allow_redirects": False},  # httpx's name, aiohttp's name
+    )
     return genai.Client(api_key=api_key_from_env(), http_options=options)
 
 
 def api_key_from_env() -> str | None:
     return os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
+
+
+def redact(text: str) -> str:
+    """`text` with the API key's value replaced by ***: a server or proxy may quote the key
+    back in an error, and nothing the pipeline prints or writes may carry it."""
+    key = api_key_from_env()
+    return text.replace(key, "***") if key and len(key) >= 4 else text
+
+
+class RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 # ----------------------------------------------------------------- offline --
@@ -1477,6 +1547,8 @@ def at_least(minimum: float, kind: type = int) -> Any:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):  # nan compares false with everything, inf waits forever
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
         return value
@@ -1537,6 +1609,8 @@ def check_setup(settings: Settings) -> None:
     """Fail fast, before any request, on what would stop the run later anyway."""
     if not settings.input_dir.is_dir():
         raise PipelineError(f"input dir {settings.input_dir} does not exist or is not a folder (see --input-dir)")
+    if settings.output_dir.resolve() == settings.input_dir.resolve():  # every rerun would read the shards as prompts
+        raise PipelineError(f"--output-dir {settings.output_dir} is the input dir: choose another folder")
     try:
         settings.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -1547,9 +1621,30 @@ def check_setup(settings: Settings) -> None:
         raise PipelineError("no API key: set GEMINI_API_KEY, or try the pipeline with --offline")
 
 
+@contextlib.contextmanager
+def output_dir_locked(output_dir: Path) -> Iterator[None]:
+    """One run per output folder: two would answer the same prompts, pay twice and write
+    them twice. An advisory flock, which the kernel releases when the process dies
+    (kill -9 included), so no stale lock is ever left; the file keeps the holder's pid."""
+    with stop_on_os_error(f"cannot lock {output_dir}"):
+        fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 20, 0).decode(errors="replace").strip()
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise PipelineError(f"another run is using {output_dir}{pid}: wait for it to end, or choose another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # never unlinked: a run waiting on this inode would lock a file nobody else sees
+
+
 def configure_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(relativeCreated)9.1f ms  %(message)s"))
+    handler.setFormatter(RedactingFormatter("%(relativeCreated)9.1f ms  %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)  # INFO: --batch's progress
     log.propagate = False
@@ -1568,11 +1663,18 @@ def cli(argv: list[str] | None = None) -> int:
     """Run from the command line; returns the exit status."""
     settings = parse_args(argv)
     configure_logging(settings.verbose)
-    try:
-        check_setup(settings)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    with contextlib.ExitStack() as held:
+        try:
+            check_setup(settings)
+            held.enter_context(output_dir_locked(settings.output_dir))
+        except PipelineError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        return run_and_report(settings)
+
+
+def run_and_report(settings: Settings) -> int:
+    """Run the job; the summary line, one line saying how it ended, and the exit status."""
     tally = Tally(bar=progress_bar(settings))
     try:
         asyncio.run(main(settings, tally))
@@ -1599,9 +1701,14 @@ def finish(tally: Tally, message: str, exit_code: int) -> int:
     if tally.bar is not None:
         tally.bar.close()
     print(tally.summary(), file=sys.stderr)
-    print(message, file=sys.stderr)
+    print(redact(message), file=sys.stderr)
     return exit_code
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    status = cli()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is written, synced and closed by now: skip the interpreter's teardown of
+    # every object the run made (with thousands of workers, up to half a second after Ctrl-C).
+    os._exit(status)

@@ -108,6 +108,11 @@ def safety_block() -> Reply:
     )
 
 
+def raw_error(status: int, body: bytes, content_type: str = "application/json; charset=UTF-8") -> Reply:
+    """An error whose body is not the API's {"error": {...}}: what proxies and gateways send."""
+    return Reply(status, body, headers={"Content-Type": content_type})
+
+
 def hang_up() -> Reply:
     """Close the connection without answering: what a dropped network link looks like."""
     return Reply(0, {})
@@ -232,6 +237,7 @@ class FakeGemini:
     answered: Counter[str] = field(default_factory=Counter)  # 200s per prompt: what the user paid for
     answered_at: list[float] = field(default_factory=list)  # arrival times of the requests answered 200
     port: int = 0
+    host: str = "127.0.0.1"  # any loopback address (127.0.0.0/8): a second host for redirect tests
     # The Batch API: a job is pending for the first batch_polls[0] GETs, running for the
     # next batch_polls[1], then ends in the state batch_outcome(job) gives; a succeeded
     # job's requests are answered then, each by `behaviour` (so per-request errors too).
@@ -247,7 +253,7 @@ class FakeGemini:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def wait_for_requests(self, count: int, timeout: float = 10) -> bool:
         """Block until the server has seen `count` requests (for tests in another thread)."""
@@ -269,7 +275,7 @@ class FakeGemini:
     async def _serve(self, on_ready: Callable[[], object]) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        server = await asyncio.start_server(self._connection, "127.0.0.1", self.port, backlog=1024)
+        server = await asyncio.start_server(self._connection, self.host, self.port, backlog=1024)
         self.port = server.sockets[0].getsockname()[1]
         on_ready()
         async with server:
@@ -288,10 +294,11 @@ class FakeGemini:
                 if reply.status == 0:
                     break
                 payload = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
-                extra = "".join(f"{name}: {value}\r\n" for name, value in reply.headers.items())
+                headers = {"Content-Type": "application/json; charset=UTF-8", **reply.headers}
+                extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
                 writer.write(
                     f"HTTP/1.1 {reply.status} {'OK' if reply.status == 200 else 'Error'}\r\n"
-                    f"Content-Type: application/json; charset=UTF-8\r\nContent-Length: {len(payload)}\r\n{extra}\r\n".encode()
+                    f"Content-Length: {len(payload)}\r\n{extra}\r\n".encode()
                     + payload
                 )
                 await writer.drain()

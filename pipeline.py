@@ -1352,16 +1352,21 @@ def stopped_by_signals(main_task: asyncio.Task[None]) -> Iterator[None]:
     Not loop.add_signal_handler: asyncio passes the signal's number through its own
     wake-up pipe, which thousands of requests finishing in threads (DNS, file I/O) can
     fill, and a signal written to a full pipe is dropped. A Python-level handler runs
-    from a flag that the C handler sets, whatever happens to the pipe; the socket here
-    serves only to wake the loop when the signal lands on another thread."""
+    from a flag that the C handler sets, whatever happens to the pipe, and hands the
+    stop to the loop with call_soon_threadsafe (which wakes it: if that pipe is full,
+    the loop is awake already). The socket here wakes the main thread when the signal
+    lands on another thread, so that the handler runs at all."""
     loop = asyncio.get_running_loop()
     wake_reader, wake_writer = socket.socketpair()
     wake_reader.setblocking(False)
     wake_writer.setblocking(False)
-    loop.add_reader(wake_reader.fileno(), lambda: wake_reader.recv(4096))
+    loop.add_reader(wake_reader.fileno(), drain, wake_reader)
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     previous_wakeup = signal.set_wakeup_fd(wake_writer.fileno(), warn_on_full_buffer=False)
-    previous = {number: signal.signal(number, lambda *_: on_stop_signal(main_task)) for number in stop_signals}
+    def handler(number: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(on_stop_signal, main_task)
+
+    previous = {number: signal.signal(number, handler) for number in stop_signals}
     try:
         yield
     finally:
@@ -1371,6 +1376,11 @@ def stopped_by_signals(main_task: asyncio.Task[None]) -> Iterator[None]:
         loop.remove_reader(wake_reader.fileno())
         wake_reader.close()
         wake_writer.close()
+
+
+def drain(wake_reader: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already drained: a readiness seen before a second Ctrl-C stopped the loop
+        wake_reader.recv(4096)
 
 
 def on_stop_signal(main_task: asyncio.Task[None]) -> None:

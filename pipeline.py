@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import csv
 import fcntl
 import io
 import itertools
@@ -65,9 +66,14 @@ import aiofiles
 import aiofiles.os
 
 # ---------------------------------------------------------------- settings --
-INPUT_DIR = "inputs"  # folder of prompt files: one prompt per non-blank line
+INPUT_DIR = "inputs"  # folder of prompt files: *.jsonl and *.csv a request per row, other files a prompt per line
 OUTPUT_DIR = "outputs"  # where shards and failed.jsonl are written (created if missing)
 MODEL = "gemini-flash-latest"  # Gemini model that answers every prompt
+SYSTEM_INSTRUCTION: str | None = None  # system instruction for every request (a row's own replaces it)
+TEMPERATURE: float | None = None  # sampling temperature, 0 to 2 (None: the model's default)
+MAX_OUTPUT_TOKENS: int | None = None  # longest answer, in tokens (None: the model's default)
+RESPONSE_SCHEMA: str | None = None  # JSON Schema file: answers are asked as JSON, checked, decoded into "parsed"
+GENERATION_CONFIG: str | None = None  # JSON file of other GenerateContentConfig fields (top_p, seed, safety_settings...)
 GENERATE_WORKERS = 5  # requests in flight at once
 QUEUE_SIZE = 5  # bound of each queue (at least GENERATE_WORKERS): how far reading may run ahead
 SHARD_SIZE = 5  # records per output shard (the last shard may hold fewer)
@@ -92,6 +98,7 @@ SYNCS_PENDING = 4  # such jobs that may run behind the writer at once
 RPM_HEADROOM = 0.98  # pace at 98% of the RPM: spaced at exactly the limit, jitter puts R+1 in some windows
 FAILED_FILE = "failed.jsonl"
 LOCK_FILE = ".lock"  # in OUTPUT_DIR: held by the run using the folder (see output_dir_locked)
+JOB_FILE = "job.json"  # in OUTPUT_DIR: the model and settings its answers were asked with (see check_job)
 FAILED_JOURNAL = re.compile(r"failed(\.\d+)?\.jsonl")  # failed.jsonl, and failed.K.jsonl of writer K while running
 SHARD_NAME = re.compile(r"shard_(\d+)\.jsonl")
 POSTPROCESS_BATCH = 256  # answers gathered for one trip to the pool, at most...
@@ -100,7 +107,6 @@ POOL_NICENESS = 10  # the pool's processes run at a lower priority than the even
 BATCH_JOURNAL = "batch_jobs.jsonl"  # in OUTPUT_DIR: every batch job submitted, and its prompts
 BATCH_GATHER_S = 0.5  # a job is submitted before it is full once no prompt came for this long
 BATCH_POLL_MAX_S = 600.0  # longest wait between two looks at a job still pending
-INLINE_LIMIT_BYTES = 19_000_000  # the API takes inline batch requests up to 20 MB; larger jobs go as a file
 ROUND_TRIP_S = 0.001  # work worth one more trip to the pool: a trip costs a few hundred µs of CPU here
 LONGEST_SERVER_DELAY_S = 3600.0  # a RetryInfo asking for a longer wait is a spent quota: stop, do not sleep for days
 MESSAGE_CHARS = 500  # an error message from the server is cut to this length (an HTML page would fill the screen)
@@ -124,6 +130,11 @@ class Settings:
     input_dir: Path = Path(INPUT_DIR)
     output_dir: Path = Path(OUTPUT_DIR)
     model: str = MODEL
+    system_instruction: str | None = SYSTEM_INSTRUCTION
+    temperature: float | None = TEMPERATURE
+    max_output_tokens: int | None = MAX_OUTPUT_TOKENS
+    response_schema: Path | None = Path(RESPONSE_SCHEMA) if RESPONSE_SCHEMA else None
+    generation_config: Path | None = Path(GENERATION_CONFIG) if GENERATION_CONFIG else None
     workers: int = GENERATE_WORKERS
     queue_size: int = QUEUE_SIZE
     shard_size: int = SHARD_SIZE
@@ -175,11 +186,17 @@ def stop_on_os_error(what: str) -> Iterator[None]:
 # ----------------------------------------------------------------- records --
 @dataclass(frozen=True, slots=True)
 class Prompt:
-    """One input line. `error` says why it cannot be sent (it is then failed, not asked)."""
+    """One request to make: a line's text, or a JSONL or CSV row with what else it holds.
+    `error` says why it cannot be sent (it is then failed, not asked)."""
 
     id: str
-    text: str
+    text: str  # what its record shows as "prompt": for a multi-turn request, the last user turn's text
     error: str | None = None
+    contents: list[Any] | None = None  # the turns and parts to send, when not just `text` (Batch API rows)
+    config: Any = None  # its GenerateContentConfig: the run's settings with the row's own over them; None: none
+    answer_format: AnswerFormat | None = None  # set when the answer must be JSON
+    fields: dict[str, Any] | None = None  # the row's other fields, carried into its record
+    origin: str = ""  # "file:line" of a row that names its own id: ids must be unique in a job
 
 
 @dataclass(slots=True)
@@ -194,20 +211,28 @@ class Response:
     prompt_tokens: int
     response_tokens: int
     extra: dict[str, Any] = field(default_factory=dict)  # what postprocess() returned
+    parsed: Any = None  # the answer decoded, when it must be JSON (see parse)
+
+    def parse(self) -> str | None:
+        """Decode an answer that must be JSON into `parsed`; the reason if it is not what was asked."""
+        if self.prompt.answer_format is None:
+            return None
+        self.parsed, problem = self.prompt.answer_format.check(self.text)
+        return problem
 
     def to_json(self) -> str:
-        return json_line(
-            {
-                "id": self.prompt.id,
-                "prompt": self.prompt.text,
-                "response": self.text,
-                "model": self.model,
-                "finish_reason": self.finish_reason,
-                "attempts": self.attempts,
-                "usage": {"prompt_tokens": self.prompt_tokens, "response_tokens": self.response_tokens},
-                **self.extra,
-            }
-        )
+        record = {
+            "id": self.prompt.id,
+            "prompt": self.prompt.text,
+            "response": self.text,
+            "model": self.model,
+            "finish_reason": self.finish_reason,
+            "attempts": self.attempts,
+            "usage": {"prompt_tokens": self.prompt_tokens, "response_tokens": self.response_tokens},
+        }
+        if self.prompt.answer_format is not None:
+            record["parsed"] = self.parsed
+        return json_line({**record, **carried(self.prompt.fields), **self.extra})
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +248,53 @@ class Failure:
         record = {"id": self.prompt.id, "prompt": self.prompt.text, "error": redact(self.error), "attempts": self.attempts}
         if self.response is not None:
             record["response"] = self.response
-        return json_line(record)
+        return json_line({**record, **carried(self.prompt.fields)})
+
+
+RECORD_FIELDS = {"id", "prompt", "response", "model", "finish_reason", "attempts", "usage", "parsed", "error"}
+
+
+def carried(fields: dict[str, Any] | None) -> dict[str, Any]:
+    """A row's own fields for its record; one named like a record field gets an "input_" prefix."""
+    if not fields:
+        return {}
+    return {f"input_{name}" if name in RECORD_FIELDS else name: value for name, value in fields.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerFormat:
+    """What an answer must be when JSON is asked for: JSON at all, and valid against
+    `schema` (a JSON Schema; {} takes any JSON). Checked with jsonschema, the reference
+    validator: JSON Schema has too many keywords to check by hand."""
+
+    schema: dict[str, Any]
+    validator: Any  # a jsonschema validator of `schema`'s draft
+
+    @classmethod
+    def of(cls, schema: Any) -> AnswerFormat:
+        """Raises ValueError, with the reason, for a schema that is not one."""
+        import jsonschema
+
+        if not isinstance(schema, dict):
+            raise ValueError("responseJsonSchema: not a JSON object")  # noqa: TRY004 (callers report ValueErrors)
+        validator = jsonschema.validators.validator_for(schema)
+        try:
+            validator.check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"responseJsonSchema is not a JSON Schema: {exc.message}") from None
+        return cls(schema, validator(schema))
+
+    def check(self, text: str) -> tuple[Any, str | None]:
+        """The answer decoded, or None and why it is not what was asked."""
+        import jsonschema
+
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            return None, f"answer is not JSON ({exc.msg} at character {exc.pos})"
+        if error := jsonschema.exceptions.best_match(self.validator.iter_errors(value)):
+            return None, f"answer does not match the schema: {error.message} (at {error.json_path})"[:MESSAGE_CHARS]
+        return value, None
 
 
 JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps would build one per call
@@ -299,14 +370,173 @@ class Tally:
         return self.jobs["submitted"] + self.jobs["resumed"] - self.jobs["done"]
 
 
+# ---------------------------------------------------------------- requests --
+REQUEST_LEVEL = ("systemInstruction", "safetySettings", "tools", "toolConfig", "cachedContent", "labels")  # not generationConfig's
+SDK_OPTIONS = ("httpOptions", "shouldReturnHttpResponse", "automaticFunctionCalling")  # the SDK's, not the API's
+CAMEL = re.compile(r"_([a-z0-9])")
+
+
+@dataclass(frozen=True)
+class Requests:
+    """How rows become requests: the run's generation settings (SYSTEM_INSTRUCTION ...
+    GENERATION_CONFIG), validated through google-genai's own types before any request,
+    with a row's own settings over them. Keeps the ids rows name, which must be unique."""
+
+    generation: dict[str, Any]  # the run's settings: GenerateContentConfig fields, camelCase
+    config: Any = None  # `generation` validated: shared by every prompt without settings of its own
+    answer_format: AnswerFormat | None = None  # JSON asked for by the run's settings
+    claimed: dict[str, str] = field(default_factory=dict)  # id -> "file:line" of the row that named it
+
+    @classmethod
+    def of(cls, generation: dict[str, Any]) -> Requests:
+        if not generation:
+            return cls({})
+        try:
+            return cls(generation, *generation_config(generation))
+        except ValueError as exc:
+            raise PipelineError(f"generation settings: {exc}") from None
+
+    def prompt(self, prompt_id: str, text: str, own: dict[str, Any] | None = None, **row: Any) -> Prompt:
+        """A prompt asked with the run's settings and `own` (camelCase) over them."""
+        if not own:
+            return Prompt(prompt_id, text, config=self.config, answer_format=self.answer_format, **row)
+        try:
+            config, answer_format = generation_config({**self.generation, **own})
+        except ValueError as exc:
+            return Prompt(prompt_id, text, error=f"its settings: {exc}", fields=row.get("fields"), origin=row.get("origin", ""))
+        return Prompt(prompt_id, text, config=config, answer_format=answer_format, **row)
+
+    def from_json(self, text: str, where: str) -> Prompt:
+        """A JSONL line: {"prompt": ...} or the Batch API's {"key": ..., "request": ...}."""
+        try:
+            row = json.loads(text)
+        except ValueError as exc:
+            return Prompt(where, text.strip(), error=f"line is not JSON ({exc.msg}, column {exc.colno})")
+        if not isinstance(row, dict):
+            return Prompt(where, text.strip(), error="line is not a JSON object")
+        if isinstance(row.get("request"), dict):
+            return self.from_batch_row(row, where)
+        return self.from_row(row, where)
+
+    def from_row(self, row: dict[str, Any], where: str) -> Prompt:
+        """A JSONL or CSV row: prompt, and optionally id, system_instruction, config; the
+        other fields are carried into its record."""
+        fields = {k: v for k, v in row.items() if k not in ("prompt", "id", "system_instruction", "config")}
+        prompt_id, origin = own_id(row.get("id"), where)
+        prompt, instruction, own = row.get("prompt"), row.get("system_instruction"), row.get("config") or {}
+        problem = (
+            "no prompt" if prompt is None else "prompt is not a string" if not isinstance(prompt, str)
+            else "prompt is empty" if not prompt.strip() else "system_instruction is not a string"
+            if instruction is not None and not isinstance(instruction, str)
+            else "config is not a JSON object" if not isinstance(own, dict) else None
+        )  # fmt: skip
+        if problem:
+            shown = prompt if isinstance(prompt, str) else json.dumps(prompt)
+            return Prompt(prompt_id, shown, error=f"{problem} ({where})", fields=fields or None, origin=origin)
+        own = camel_keys(own)
+        if instruction is not None:
+            own["systemInstruction"] = instruction_content(instruction)
+        return self.prompt(prompt_id, prompt, own, fields=fields or None, origin=origin)
+
+    def from_batch_row(self, row: dict[str, Any], where: str) -> Prompt:
+        """A line of a Gemini Batch API file: its request's contents go as they are."""
+        fields = {k: v for k, v in row.items() if k not in ("key", "request")}
+        prompt_id, origin = own_id(row.get("key"), where)
+        request = camel_keys(row["request"])
+        contents = request.get("contents")
+        unknown = sorted(request.keys() - {"contents", "generationConfig", "model", *REQUEST_LEVEL})
+        if not isinstance(contents, list) or not contents or unknown:
+            problem = f"request field {unknown[0]} is not supported" if unknown else "request has no contents"
+            return Prompt(prompt_id, "", error=f"{problem} ({where})", fields=fields or None, origin=origin)
+        own = {**camel_keys(request.get("generationConfig") or {}), **{k: request[k] for k in REQUEST_LEVEL if k in request}}
+        return self.prompt(prompt_id, last_user_text(contents), own, contents=contents, fields=fields or None, origin=origin)
+
+    def claim(self, prompt: Prompt) -> None:
+        """Refuse a row naming an id that another row named: never merge two prompts."""
+        if prompt.origin and (first := self.claimed.setdefault(prompt.id, prompt.origin)) != prompt.origin:
+            raise PipelineError(f"id {prompt.id!r} is named twice in the inputs: {first} and {prompt.origin}; ids must be unique")
+
+
+def generation_config(generation: dict[str, Any]) -> tuple[Any, AnswerFormat | None]:
+    """GenerateContentConfig of camelCase `generation`, and the JSON its answers must be;
+    ValueError naming the first field that is wrong (a misspelt one included)."""
+    import pydantic
+    from google.genai import types
+
+    if misplaced := sorted(generation.keys() & set(SDK_OPTIONS)):
+        raise ValueError(f"{misplaced[0]} is an option of the SDK, not a generation setting")
+    asks_schema = generation.get("responseJsonSchema") is not None or generation.get("responseSchema") is not None
+    if asks_schema and not generation.get("responseMimeType"):
+        generation = {**generation, "responseMimeType": "application/json"}  # the API takes a schema only with it
+    try:
+        config = types.GenerateContentConfig.model_validate(generation)
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        raise ValueError(f"{'.'.join(map(str, error['loc'])) or 'config'}: {error['msg']}") from None
+    if config.response_json_schema is not None:
+        return config, AnswerFormat.of(config.response_json_schema)
+    return config, AnswerFormat.of({}) if asks_schema or config.response_mime_type == "application/json" else None
+
+
+def job_generation(settings: Settings) -> dict[str, Any]:
+    """The run's generation settings, camelCase: GENERATION_CONFIG's fields, the others over them."""
+    generation = camel_keys(load_json_object(settings.generation_config, "--generation-config")) if settings.generation_config else {}
+    if settings.response_schema:
+        generation["responseJsonSchema"] = load_json_object(settings.response_schema, "--response-schema")
+    if settings.temperature is not None:
+        generation["temperature"] = settings.temperature
+    if settings.max_output_tokens is not None:
+        generation["maxOutputTokens"] = settings.max_output_tokens
+    if settings.system_instruction is not None:
+        generation["systemInstruction"] = instruction_content(settings.system_instruction)
+    return generation
+
+
+def load_json_object(path: Path, flag: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PipelineError(f"{flag} {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise PipelineError(f"{flag} {path}: not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise PipelineError(f"{flag} {path}: not a JSON object")
+    return value
+
+
+def camel_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """GenerateContentConfig's fields by the API's names: max_output_tokens -> maxOutputTokens."""
+    return {CAMEL.sub(lambda m: m[1].upper(), key): value for key, value in config.items()}
+
+
+def instruction_content(text: str) -> dict[str, Any]:
+    return {"parts": [{"text": text}]}
+
+
+def own_id(value: Any, where: str) -> tuple[str, str]:
+    """A row's id and origin: its own id if it names one, else where it stands."""
+    return (str(value), where) if value not in (None, "") else (where, "")
+
+
+def last_user_text(contents: list[Any]) -> str:
+    """The text of the last user turn: what a multi-turn request's record shows as its prompt."""
+    for content in reversed(contents):
+        if isinstance(content, dict) and content.get("role", "user") == "user" and isinstance(content.get("parts"), list):
+            return "".join(str(part.get("text", "")) for part in content["parts"] if isinstance(part, dict))
+    return ""
+
+
 # ------------------------------------------------------------------ reader --
-async def read_inputs(files: Iterator[Path], prompts: asyncio.Queue[Prompt], answered: Container[str] = ()) -> None:
+async def read_inputs(
+    files: Iterator[Path], prompts: asyncio.Queue[Prompt], requests: Requests, answered: Container[str] = ()
+) -> None:
     """Queue every prompt of each file taken from `files`, in order, except those `answered`
     before; waits while the queue is full. With READERS > 1 the readers share `files`,
     each taking the next file when it finishes one."""
     for path in files:
-        async with contextlib.aclosing(read_prompts(path)) as file_prompts:
+        async with contextlib.aclosing(read_prompts(path, requests)) as file_prompts:
             async for prompt in file_prompts:
+                requests.claim(prompt)
                 if prompt.id not in answered:
                     await prompts.put(prompt)
                     log.debug("enqueued %s", prompt.id)
@@ -327,13 +557,68 @@ def natural_key(name: str) -> list[Any]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
 
 
-async def read_prompts(path: Path) -> AsyncIterator[Prompt]:
-    """The prompts of one file; blank lines are skipped but still counted in the ids."""
+async def read_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
+    """The prompts of one file, read by its kind: rows of *.jsonl and *.csv, else lines."""
+    rows = {".jsonl": jsonl_prompts, ".csv": csv_prompts}.get(path.suffix.lower(), line_prompts)
     with stop_on_os_error(f"cannot read input file {path}"):
-        async for number, line in read_lines(path):
-            prompt = parse_prompt(f"{path.name}:{number}", line, first=number == 1)
-            if prompt is not None:
-                yield prompt
+        async for prompt in rows(path, requests):
+            yield prompt
+
+
+async def line_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
+    """A prompt per non-blank line; blank lines are skipped but still counted in the ids."""
+    async for number, line in read_lines(path):
+        text, error = decode(line, first=number == 1)
+        if error:
+            yield Prompt(f"{path.name}:{number}", text, error=error)
+        elif text := text.strip():
+            yield requests.prompt(f"{path.name}:{number}", text)
+
+
+async def jsonl_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
+    """A request per non-blank line (see Requests.from_json)."""
+    async for number, line in read_lines(path):
+        text, error = decode(line, first=number == 1)
+        if error:
+            yield Prompt(f"{path.name}:{number}", text, error=error)
+        elif text.strip():
+            yield requests.from_json(text, f"{path.name}:{number}")
+
+
+async def csv_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
+    """A request per row after a header naming a prompt column (and optionally id and
+    system_instruction; other columns are carried into the records). A quoted cell may
+    span lines: lines are gathered until the row's quotes balance, then parsed by the
+    csv module. A row's place is the line where it starts."""
+    header: list[str] | None = None
+    pending: list[str] = []
+    start = 0
+    async for number, line in read_lines(path):
+        text, error = decode(line, first=number == 1)
+        if error:  # no row can hold it: that line fails
+            yield Prompt(f"{path.name}:{number}", text, error=error)
+            pending = []
+            continue
+        start = start if pending else number
+        pending.append(text)
+        row_text = "\n".join(pending)
+        if row_text.count('"') % 2:  # a quoted cell goes on in the next line
+            continue
+        pending = []
+        if not row_text.strip():
+            continue
+        cells = next(csv.reader([row_text]))
+        if header is None:
+            header = [cell.strip() for cell in cells]
+            if "prompt" not in header:
+                raise PipelineError(f"{path}, line {start}: the header names no 'prompt' column ({', '.join(header)})")
+        elif len(cells) != len(header):
+            yield Prompt(f"{path.name}:{start}", row_text.strip(), error=f"row has {len(cells)} cells, the header {len(header)}")
+        else:
+            row = {name: cell for name, cell in zip(header, cells) if cell or name not in ("id", "system_instruction")}
+            yield requests.from_row(row, f"{path.name}:{start}")
+    if pending:
+        yield Prompt(f"{path.name}:{start}", "\n".join(pending).strip(), error="a quoted cell is never closed")
 
 
 async def read_lines(path: Path) -> AsyncIterator[tuple[int, bytes]]:
@@ -356,16 +641,15 @@ async def read_lines(path: Path) -> AsyncIterator[tuple[int, bytes]]:
             yield number + 1, tail
 
 
-def parse_prompt(prompt_id: str, line: bytes, first: bool) -> Prompt | None:
-    """The line as a prompt (whitespace and a leading BOM stripped), or None if blank."""
+def decode(line: bytes, first: bool) -> tuple[str, str | None]:
+    """A line's text (a leading BOM dropped); and why it cannot be a prompt, if it cannot."""
     try:
-        text = line.decode("utf-8-sig" if first else "utf-8").strip()
+        text = line.decode("utf-8-sig" if first else "utf-8")
     except UnicodeDecodeError as exc:
-        shown = line.decode("utf-8", errors="replace").strip()
-        return Prompt(prompt_id, shown, error=f"line is not valid UTF-8 (byte {exc.start + 1})")
+        return line.decode("utf-8", errors="replace").strip(), f"line is not valid UTF-8 (byte {exc.start + 1})"
     if "\x00" in text:  # a binary file among the inputs: no prompt holds NUL, and sending it would be paid for
-        return Prompt(prompt_id, text.replace("\x00", "\ufffd"), error=f"line holds a NUL byte (byte {line.index(0) + 1}): not text")
-    return Prompt(prompt_id, text) if text else None
+        return text.replace("\x00", "\ufffd").strip(), f"line holds a NUL byte (byte {line.index(0) + 1}): not text"
+    return text, None
 
 
 # --------------------------------------------------------------- generator --
@@ -463,7 +747,9 @@ async def answer(client: Any, prompt: Prompt, gate: Gate, settings: Settings, ta
             return None
         try:
             async with asyncio.timeout(settings.timeout_s):
-                reply = await client.aio.models.generate_content(model=settings.model, contents=prompt.text)
+                reply = await client.aio.models.generate_content(
+                    model=settings.model, contents=prompt.contents or prompt.text, config=prompt.config
+                )
         except Exception as exc:  # noqa: BLE001 (the SDK's and the network's errors: classify() sorts them)
             kind = classify(exc)
             stop_if_fatal(kind, exc, settings)
@@ -478,8 +764,15 @@ async def answer(client: Any, prompt: Prompt, gate: Gate, settings: Settings, ta
             else:
                 await gate.sleep(delay)
         else:
+            outcome = to_outcome(prompt, reply, attempt, settings.model)
+            if isinstance(outcome, Response) and (problem := outcome.parse()):  # e.g. JSON cut short at MAX_TOKENS
+                if attempt < settings.max_attempts:
+                    tally.retries += 1
+                    log.debug("retry %s after attempt %d: %s", prompt.id, attempt, problem)
+                    continue
+                return Failure(prompt, problem, attempt, response=outcome.text)  # paid for: kept
             log.debug("generated %s (attempt %d)", prompt.id, attempt)
-            return to_outcome(prompt, reply, attempt, settings.model)
+            return outcome
     raise AssertionError("unreachable: the last attempt always returns")  # pragma: no cover
 
 
@@ -682,12 +975,10 @@ async def resume_job(
 
 
 async def submit_job(client: Any, job_prompts: list[Prompt], journal: BatchJournal, settings: Settings, tally: Tally) -> BatchJob:
-    """Create a batch job: inline, or as an uploaded JSONL file when inline would exceed the
-    API's request size. Each request carries its prompt id as metadata (inline) or key (file)."""
-    requests = [{"contents": p.text, "metadata": {"key": p.id}} for p in job_prompts]
-    source: Any = requests
-    if len(json_line({"requests": requests})) > INLINE_LIMIT_BYTES:
-        source = await upload_requests(client, job_prompts, settings, tally)
+    """Create a batch job from an uploaded JSONL file of keyed requests. Never inline: the
+    API has been seen to return inline results out of order and without the metadata
+    sent (googleapis/python-genai#1909, #1886, #2008), while a file's results are keyed."""
+    source = await upload_requests(client, job_prompts, settings, tally)
     display_name = f"pipeline {job_prompts[0].id} {os.urandom(4).hex()}"  # unique: a rerun may look it up
     config = {"display_name": display_name}
     journal.submitting(display_name, job_prompts)  # before the job exists: a rerun must find it, never pay twice
@@ -699,16 +990,15 @@ async def submit_job(client: Any, job_prompts: list[Prompt], journal: BatchJourn
         raise  # else it may exist: the next run looks it up
     job = BatchJob(created.name, job_prompts)
     journal.created(display_name, job.name)
-    log.debug("submitted %s: %d prompts, %s", job.name, len(job_prompts), "inline" if source is requests else source)
+    log.debug("submitted %s: %d prompts, %s", job.name, len(job_prompts), source)
     tally.count_job("submitted")
     return job
 
 
 async def upload_requests(client: Any, job_prompts: list[Prompt], settings: Settings, tally: Tally) -> str:
     """Upload a job's requests as a JSONL file through the Files API; returns its name."""
-    data = "".join(
-        json_line({"key": p.id, "request": {"contents": [{"parts": [{"text": p.text}], "role": "user"}]}}) for p in job_prompts
-    ).encode()
+    rest: dict[int, dict[str, Any]] = {}  # each config's REST form, made once (most prompts share the run's)
+    data = "".join(json_line({"key": p.id, "request": rest_request(p, rest)}) for p in job_prompts).encode()
     config = {"mime_type": "jsonl", "display_name": f"pipeline {job_prompts[0].id}"}
     uploaded = await api_call(lambda: client.aio.files.upload(file=io.BytesIO(data), config=config), settings, tally, timed=False)
     return str(uploaded.name)
@@ -762,14 +1052,24 @@ async def job_outcomes(client: Any, job: BatchJob, ended: Any, settings: Setting
     state = enum_name(ended.state)
     if state not in ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED"):
         return [Failure(p, f"batch job {job.name} ended {state}", attempts=1) for p in job.prompts]
-    if ended.dest and ended.dest.file_name:
-        data = await api_call(lambda: client.aio.files.download(file=ended.dest.file_name), settings, tally, timed=False)
-        results = results_by_key(data)
-    else:  # inline: in the order sent (the API may leave out the metadata); keys win where given
-        inlined = (ended.dest and ended.dest.inlined_responses) or []
-        results = {p.id: (r.response, r.error) for p, r in zip(job.prompts, inlined)}
-        results.update({r.metadata["key"]: (r.response, r.error) for r in inlined if r.metadata and "key" in r.metadata})
+    if not (ended.dest and ended.dest.file_name):  # jobs are sent as files, so their results come as one
+        return [Failure(p, f"batch job {job.name} returned no responses file", attempts=1) for p in job.prompts]
+    data = await api_call(lambda: client.aio.files.download(file=ended.dest.file_name), settings, tally, timed=False)
+    results = results_by_key(data)
     return [job_outcome(prompt, *results.get(prompt.id, (None, None)), job, settings) for prompt in job.prompts]
+
+
+def rest_request(prompt: Prompt, rest: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The prompt as a GenerateContentRequest in the REST API's JSON: what an interactive
+    call sends, settings and all (google-genai's own dump of its config, by the API's names)."""
+    request: dict[str, Any] = {"contents": prompt.contents or [{"role": "user", "parts": [{"text": prompt.text}]}]}
+    if prompt.config is None:
+        return request
+    if id(prompt.config) not in rest:
+        dumped = prompt.config.model_dump(by_alias=True, exclude_none=True, mode="json")
+        generation = {k: v for k, v in dumped.items() if k not in REQUEST_LEVEL}
+        rest[id(prompt.config)] = {k: dumped[k] for k in REQUEST_LEVEL if k in dumped} | ({"generationConfig": generation} if generation else {})
+    return {**request, **rest[id(prompt.config)]}
 
 
 def results_by_key(data: bytes) -> dict[str, tuple[Any, Any]]:
@@ -791,7 +1091,10 @@ def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, settin
         return Failure(prompt, " ".join(reason.split()), attempts=1)
     if response is None:
         return Failure(prompt, f"batch job {job.name} returned nothing for this prompt", attempts=1)
-    return to_outcome(prompt, response, 1, settings.model)
+    outcome = to_outcome(prompt, response, 1, settings.model)
+    if isinstance(outcome, Response) and (problem := outcome.parse()):  # one attempt in a job: no retry
+        return Failure(prompt, problem, 1, response=outcome.text)
+    return outcome
 
 
 async def api_call(
@@ -828,7 +1131,8 @@ class BatchJournal:
         self.path = path
 
     def submitting(self, display_name: str, job_prompts: list[Prompt]) -> None:
-        self.append({"submitting": display_name, "prompts": [[p.id, p.text] for p in job_prompts]})
+        """What its records need of each prompt: id, text, and the row's fields and answer schema if any."""
+        self.append({"submitting": display_name, "prompts": [[p.id, p.text, *journaled(p)] for p in job_prompts]})
 
     def created(self, display_name: str, name: str | None) -> None:
         """The job's name; None if it was never created."""
@@ -852,12 +1156,25 @@ class BatchJournal:
                 try:
                     record = json.loads(line)
                     if "submitting" in record:
-                        unknown[str(record["submitting"])] = [Prompt(str(i), str(t)) for i, t in record["prompts"]]
+                        unknown[str(record["submitting"])] = [unjournaled(*p) for p in record["prompts"]]
                     elif (job_prompts := unknown.pop(str(record["submitted"]))) and record["job"]:
                         jobs.append(BatchJob(str(record["job"]), job_prompts))
                 except (ValueError, KeyError, TypeError):
                     raise PipelineError(f"{self.path}, line {number}, is not a batch job this pipeline recorded; {MOVE_IT_AWAY}") from None
         return jobs, unknown
+
+
+def journaled(prompt: Prompt) -> list[dict[str, Any]]:
+    extra = {"fields": prompt.fields} if prompt.fields else {}
+    if prompt.answer_format is not None:
+        extra["schema"] = prompt.answer_format.schema
+    return [extra] if extra else []
+
+
+def unjournaled(prompt_id: str, text: str, extra: dict[str, Any] | None = None) -> Prompt:
+    extra = extra or {}
+    answer_format = AnswerFormat.of(extra["schema"]) if "schema" in extra else None
+    return Prompt(str(prompt_id), str(text), answer_format=answer_format, fields=extra.get("fields"))
 
 
 async def find_unknown_jobs(client: Any, journal: BatchJournal, past: PastRuns, settings: Settings, tally: Tally) -> None:
@@ -1228,6 +1545,38 @@ RECORD_OPENING = json_line({"id": ""})[:7].encode()  # '{"id": ': how every reco
 MOVE_IT_AWAY = "move the file away or choose a fresh --output-dir"
 
 
+def check_job(settings: Settings, generation: dict[str, Any]) -> None:
+    """One folder, one job: its answers were all asked with one model and one set of settings.
+    The first run records them in JOB_FILE; a rerun with others stops before any request."""
+    path = settings.output_dir / JOB_FILE
+    job = {"model": settings.model, "settings": generation}
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        with stop_on_os_error(f"cannot write {path}"):
+            replace_file(path, json_line(job))
+        return
+    except OSError as exc:
+        raise PipelineError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError:
+        raise PipelineError(f"{path} is not a job this pipeline recorded; {MOVE_IT_AWAY}") from None
+    if recorded == job:
+        return
+    before = recorded.get("settings") if isinstance(recorded, dict) and isinstance(recorded.get("settings"), dict) else {}
+    changed = ["--model"] if not isinstance(recorded, dict) or recorded.get("model") != settings.model else []
+    changed += sorted(SETTING_FLAGS.get(k, k) for k in before.keys() | generation.keys() if before.get(k) != generation.get(k))
+    raise PipelineError(
+        f"{settings.output_dir} holds answers asked with other settings ({', '.join(changed)} changed since, see {path}): "
+        "choose a fresh --output-dir for the new job"
+    )
+
+
+SETTING_FLAGS = {  # how check_job names a changed setting
+    "systemInstruction": "--system-instruction", "temperature": "--temperature", "maxOutputTokens": "--max-output-tokens",
+    "responseJsonSchema": "--response-schema",
+}  # fmt: skip
+
+
 def shard_files(output_dir: Path) -> list[tuple[int, Path]]:
     shards = [(int(m[1]), p) for p in output_dir.iterdir() if (m := SHARD_NAME.fullmatch(p.name))]
     return sorted(shards)
@@ -1267,13 +1616,13 @@ async def read_records(path: Path) -> AsyncIterator[tuple[dict[str, Any], str]]:
         yield record, line.decode() + "\n"
 
 
-async def count_answered_before(input_dir: Path, output_dir: Path, past: PastRuns) -> int:
+async def count_answered_before(input_dir: Path, output_dir: Path, past: PastRuns, requests: Requests) -> int:
     """How many input prompts earlier runs answered. Refuses to mix two runs if an
     input line was edited since its answer was written."""
     count = 0
     if past.answered:
         for path in await list_input_files(input_dir):
-            async for prompt in read_prompts(path):
+            async for prompt in read_prompts(path, requests):
                 if (answered_hash := past.answered.get(prompt.id)) is None:
                     continue
                 if answered_hash != hash(prompt.text):
@@ -1294,8 +1643,11 @@ async def main(settings: Settings, tally: Tally) -> None:
         cleanup.push_async_callback(postprocessor.aclose)
         postprocessor.start()  # first, before anything starts a thread
         cleanup.enter_context(stopped_by_signals(asyncio.current_task()))  # a long start-up scan too
+        generation = job_generation(settings)
+        requests = Requests.of(generation)
         past = await load_past_runs(settings.output_dir)
-        tally.skipped = await count_answered_before(settings.input_dir, settings.output_dir, past)
+        check_job(settings, generation)
+        tally.skipped = await count_answered_before(settings.input_dir, settings.output_dir, past, requests)
         client = connect(settings)
         cleanup.push_async_callback(client.aio.aclose)
         gate = Gate(settings.requests_per_minute, tally)
@@ -1304,7 +1656,7 @@ async def main(settings: Settings, tally: Tally) -> None:
         outcomes: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=depth)
         files = iter(await list_input_files(settings.input_dir))
         generators, resumed_jobs = await start_generators(client, prompts, outcomes, gate, past, settings, tally)
-        readers = [asyncio.create_task(read_inputs(files, prompts, past.not_to_ask())) for _ in range(settings.readers)]
+        readers = [asyncio.create_task(read_inputs(files, prompts, requests, past.not_to_ask())) for _ in range(settings.readers)]
         shard_numbers = itertools.count(past.next_shard)
         writers = [
             asyncio.create_task(write_outputs(outcomes, shards, failures, postprocessor, tally))
@@ -1506,12 +1858,16 @@ class OfflineClient:
         self.model = f"{model} (offline)"
         self.aio = SimpleNamespace(models=self, aclose=self.aclose)
 
-    async def generate_content(self, model: str, contents: str) -> Any:
+    async def generate_content(self, model: str, contents: str | list[Any], config: Any = None) -> Any:
+        """Settings are ignored, but for JSON: asked for it, the answer is {"answer": ...}."""
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
-        match = TWO_TIMES.search(contents)
-        text = f"Two times {match[1]} is {2 * int(match[1])}." if match else f"You said: {contents}"
-        usage = SimpleNamespace(prompt_token_count=len(contents.split()), candidates_token_count=len(text.split()))
+        prompt = contents if isinstance(contents, str) else last_user_text(contents)
+        match = TWO_TIMES.search(prompt)
+        text = f"Two times {match[1]} is {2 * int(match[1])}." if match else f"You said: {prompt}"
+        if config is not None and config.response_mime_type == "application/json":
+            text = JSON_ENCODER.encode({"answer": text})
+        usage = SimpleNamespace(prompt_token_count=len(prompt.split()), candidates_token_count=len(text.split()))
         return SimpleNamespace(
             text=text,
             candidates=[SimpleNamespace(finish_reason="STOP")],
@@ -1540,12 +1896,19 @@ HELP_EPILOG = """\
 environment:
   GEMINI_API_KEY          your Gemini API key (GOOGLE_API_KEY is read too)
   GOOGLE_GEMINI_BASE_URL  another API endpoint, e.g. a proxy (read by google-genai)
+inputs:
+  *.jsonl  a request per line: {"prompt": ..., "id": ..., "system_instruction": ...,
+           "config": {...}, other fields...}, or the Batch API's {"key", "request"}
+  *.csv    a header naming a prompt column (and optionally id, system_instruction)
+  others   a prompt per non-blank line, known as "<file name>:<line number>"
 output:
   OUTPUT_DIR/shard_NNNNN.jsonl  one answer per line: id, prompt, response, model,
-                                finish_reason, attempts, usage, and the fields
+                                finish_reason, attempts, usage, parsed (with a
+                                schema), the row's other fields, and the fields
                                 postprocess() adds (word_count unless edited)
   OUTPUT_DIR/failed.jsonl       prompts that failed for good: id, prompt, error, attempts
   OUTPUT_DIR/batch_jobs.jsonl   --batch: the jobs submitted, and their prompts
+  OUTPUT_DIR/job.json           the model and settings the folder's answers were asked with
 exit status:
   0 every prompt answered   1 some prompts failed   2 bad flag, input, output dir or key
   130 interrupted (Ctrl-C)"""
@@ -1579,6 +1942,11 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--input-dir", type=Path, default=d.input_dir, help="folder of prompt files, one prompt per line")
     p.add_argument("--output-dir", type=Path, default=d.output_dir, help="folder for shards and failed.jsonl")
     p.add_argument("--model", default=d.model, help="Gemini model name")
+    p.add_argument("--system-instruction", metavar="TEXT", default=d.system_instruction, help="system instruction for every request (a row's own replaces it)")
+    p.add_argument("--temperature", type=at_least(0, float), default=d.temperature, help="sampling temperature, 0 to 2 (unset: the model's default)")
+    p.add_argument("--max-output-tokens", type=at_least(1), default=d.max_output_tokens, help="longest answer, in tokens (unset: the model's default)")
+    p.add_argument("--response-schema", type=Path, metavar="FILE", default=d.response_schema, help='a JSON Schema file: answers are asked as JSON, checked against it, and decoded into "parsed"')
+    p.add_argument("--generation-config", type=Path, metavar="FILE", default=d.generation_config, help="a JSON file of other GenerateContentConfig fields (top_p, seed, stop_sequences, safety_settings, thinking_config...)")
     p.add_argument("--workers", type=at_least(1), default=d.workers, help="requests in flight at once")
     p.add_argument("--queue-size", type=at_least(1), default=d.queue_size, help="bound of each queue")
     p.add_argument("--shard-size", type=at_least(1), default=d.shard_size, help="records per output shard")
@@ -1609,7 +1977,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     if a.retry_max_s < a.retry_base_s:
         p.error(f"argument --retry-max-s: must be at least --retry-base-s ({a.retry_base_s:g})")
     return Settings(
-        a.input_dir, a.output_dir, a.model, a.workers, a.queue_size, a.shard_size, a.max_attempts, a.timeout,
+        a.input_dir, a.output_dir, a.model, a.system_instruction, a.temperature, a.max_output_tokens, a.response_schema,
+        a.generation_config, a.workers, a.queue_size, a.shard_size, a.max_attempts, a.timeout,
         a.retry_base_s, a.retry_max_s, a.rpm, a.postprocess_workers, a.readers, a.writers,
         batch=a.batch, batch_size=a.batch_size, batch_poll_s=a.batch_poll_s, offline=a.offline, offline_latency_ms=a.offline_latency_ms, verbose=a.verbose,
     )  # fmt: skip
@@ -1629,6 +1998,7 @@ def check_setup(settings: Settings) -> None:
         raise PipelineError(f"output dir {settings.output_dir} is not writable (see --output-dir)")
     if not settings.offline and not api_key_from_env():
         raise PipelineError("no API key: set GEMINI_API_KEY, or try the pipeline with --offline")
+    Requests.of(job_generation(settings))  # a misspelt setting stops the run here, before any request
 
 
 @contextlib.contextmanager

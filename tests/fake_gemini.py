@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import re
 import threading
 import time
@@ -42,6 +43,7 @@ class Request:
     api_key: str | None
     attempt: int  # 1 for the first request with this prompt, 2 for the second, ...
     at: float  # time.monotonic() on arrival
+    body: dict[str, Any] = field(default_factory=dict)  # the GenerateContentRequest as sent: settings and all
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class BatchJob:
     name: str  # "batches/<id>"
     model: str
     display_name: str
-    requests: list[tuple[str, str]]  # (key, prompt), in order
+    requests: list[tuple[str, dict[str, Any]]]  # (key, GenerateContentRequest), in order
     from_file: bool  # submitted as an uploaded JSONL file, not inline
     state: str = "BATCH_STATE_PENDING"
     polls: int = 0
@@ -243,6 +245,7 @@ class FakeGemini:
     # job's requests are answered then, each by `behaviour` (so per-request errors too).
     batch_polls: tuple[int, int] = (1, 1)
     batch_outcome: Callable[[BatchJob], str] = lambda job: "BATCH_STATE_SUCCEEDED"
+    batch_shuffle: bool = False  # results out of request order, inline ones without their metadata
     batches: dict[str, BatchJob] = field(default_factory=dict)  # by name, in order of creation
     batch_gets: int = 0
     batch_lists: int = 0
@@ -312,7 +315,7 @@ class FakeGemini:
         api_key = headers.get("x-goog-api-key")
         if method == "POST" and route.endswith(":generateContent"):
             model = route.rpartition("/models/")[2].partition(":")[0]
-            reply = self._answer(model, prompt_of(json.loads(body)), api_key)
+            reply = self._answer(model, json.loads(body), api_key)
             if self.latency_s or reply.delay_s:
                 await asyncio.sleep(self.latency_s + reply.delay_s)
             return reply
@@ -329,11 +332,12 @@ class FakeGemini:
             return Reply(200, data) if data is not None else error(404, f"File files/{match[1]} not found.")
         return error(404, f"Method not found: {method} {path}")
 
-    def _answer(self, model: str, prompt: str, api_key: str | None) -> Reply:
+    def _answer(self, model: str, body: dict[str, Any], api_key: str | None) -> Reply:
         """Ask `behaviour`, and keep count of requests and of answers paid for."""
+        prompt = prompt_of(body)
         with self._seen:
             self._attempts[prompt] += 1
-            request = Request(model, prompt, api_key, self._attempts[prompt], time.monotonic())
+            request = Request(model, prompt, api_key, self._attempts[prompt], time.monotonic(), body)
             self.requests.append(request)
             self._seen.notify_all()
         reply = self.behaviour(request)
@@ -351,10 +355,10 @@ class FakeGemini:
         if "fileName" in source:
             lines = self.files[source["fileName"]].decode().splitlines()
             items = [json.loads(line) for line in lines if line.strip()]
-            requests = [(item["key"], prompt_of(item["request"])) for item in items]
+            requests = [(item["key"], item["request"]) for item in items]
         else:
             items = source["requests"]["requests"]
-            requests = [(item.get("metadata", {}).get("key", ""), prompt_of(item["request"])) for item in items]
+            requests = [(item.get("metadata", {}).get("key", ""), item["request"]) for item in items]
         name = f"batches/fake{len(self.batches) + 1:04d}"
         job = BatchJob(name, model, batch.get("displayName", ""), requests, from_file="fileName" in source)
         self.batches[name] = job
@@ -391,8 +395,8 @@ class FakeGemini:
     def _run_batch(self, job: BatchJob, api_key: str | None) -> dict[str, Any]:
         """Answer every request of a job: inline responses, or a responses file, in order."""
         results = []
-        for key, prompt in job.requests:
-            reply = self._answer(job.model, prompt, api_key)
+        for key, request in job.requests:
+            reply = self._answer(job.model, request, api_key)
             assert isinstance(reply.body, dict)
             if reply.status == 200:
                 result = {"response": reply.body}
@@ -402,11 +406,13 @@ class FakeGemini:
                 if "details" in status:
                     result["error"]["details"] = status["details"]
             results.append((key, result))
+        if self.batch_shuffle:  # as the real API has been seen to return them (googleapis/python-genai#1909)
+            random.Random(len(results)).shuffle(results)
         if job.from_file:
             name = f"files/{job.name.removeprefix('batches/')}-responses"
             self.files[name] = "".join(json.dumps({"key": key, **result}) + "\n" for key, result in results).encode()
             return {"responsesFile": name}
-        inlined = [{**result, "metadata": {"key": key}} for key, result in results]
+        inlined = [result if self.batch_shuffle else {**result, "metadata": {"key": key}} for key, result in results]
         return {"inlinedResponses": {"inlinedResponses": inlined}}
 
     def _operation(self, job: BatchJob) -> dict[str, Any]:
@@ -456,8 +462,9 @@ class FakeGemini:
 
 
 def prompt_of(request: dict[str, Any]) -> str:
-    """The text of a GenerateContentRequest's contents."""
-    return "".join(part.get("text", "") for content in request["contents"] for part in content["parts"])
+    """The text of a GenerateContentRequest's last user turn."""
+    users = [content for content in request["contents"] if content.get("role", "user") == "user"]
+    return "".join(part.get("text", "") for part in users[-1]["parts"]) if users else ""
 
 
 def cli() -> None:

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import API_KEY, ROOT, Run, run_subprocess, sample_prompts, write_prompts
-from fake_gemini import FakeGemini, echo, error
-
-import pipeline
+from fake_gemini import FakeGemini, Reply, echo, error, prompt_of
 
 FAST = ("--batch-poll-s", "0.01")
 
@@ -25,7 +23,7 @@ def answers(result: Run) -> dict[str, tuple[str, str]]:
 
 
 def jobs_per_prompt(server: FakeGemini) -> Counter[str]:
-    return Counter(prompt for job in server.batches.values() for _, prompt in job.requests)
+    return Counter(prompt_of(request) for job in server.batches.values() for _, request in job.requests)
 
 
 def test_ten_thousand_prompts_end_as_in_interactive_mode(tmp_path, fake_gemini, run) -> None:
@@ -40,7 +38,7 @@ def test_ten_thousand_prompts_end_as_in_interactive_mode(tmp_path, fake_gemini, 
     assert len(batch.shard_names()) == len(interactive.shard_names()) == 100
     assert len(server.requests) - requests_before == 10_000  # one request per prompt, inside the jobs
     assert len(server.batches) == 10 and set(jobs_per_prompt(server).values()) == {1}
-    assert all(0 < len(job.requests) <= 1000 and not job.from_file for job in server.batches.values())
+    assert all(0 < len(job.requests) <= 1000 and job.from_file for job in server.batches.values())  # keyed files
     assert "batch jobs: 10 submitted, 0 running, 10 done" in batch.stderr
     print(f"\n10,000 prompts in batch mode: {len(server.batches)} jobs, {server.batch_gets} polls")
 
@@ -55,7 +53,7 @@ def test_per_request_errors_and_failed_jobs_land_in_failed_jsonl(tmp_path, fake_
     failed_job = next(job for job in server.batches.values() if job.requests[0][0] == "shard_8.txt:1")
     assert failures == {
         **{prompt: "batch request failed, code 3: no such thing" for prompt in refused},  # INVALID_ARGUMENT
-        **{prompt: f"batch job {failed_job.name} ended JOB_STATE_FAILED" for _, prompt in failed_job.requests},
+        **{prompt: f"batch job {failed_job.name} ended JOB_STATE_FAILED" for _, request in failed_job.requests for prompt in [prompt_of(request)]},
     }
     assert len(result.ids()) == 40 - len(failures)
 
@@ -75,12 +73,12 @@ def test_an_expired_or_cancelled_job_fails_its_prompts(tmp_path, fake_gemini, ru
     assert {f["error"] for f in result.failures()} == {f"batch job batches/fake0001 ended {state.replace('BATCH', 'JOB')}"}
 
 
-def test_a_job_too_big_to_send_inline_goes_as_a_file(tmp_path, fake_gemini, run, monkeypatch) -> None:
+def test_results_out_of_order_and_without_metadata_still_reach_their_prompts(tmp_path, fake_gemini, run) -> None:
     server = fake_gemini(lambda r: error(400, "odd") if r.prompt.endswith("7?") else echo(r))
-    monkeypatch.setattr(pipeline, "INLINE_LIMIT_BYTES", 1000)  # about 15 prompts
+    server.batch_shuffle = True  # what an answer matched by position would get wrong
     result = run(write_prompts(tmp_path / "inputs", sample_prompts(60)), "--batch", "--batch-size", "25", *FAST)
     assert result.exit_code == 1
-    assert [job.from_file for job in server.batches.values()] == [True, True, False]  # 25, 25, then 10 inline
+    assert [(job.from_file, len(job.requests)) for job in server.batches.values()] == [(True, 25), (True, 25), (True, 10)]
     assert {r["prompt"]: r["response"] for r in result.records()} == {
         p: f"echo: {p}" for p in sample_prompts(60) if not p.endswith("7?")
     }
@@ -108,20 +106,21 @@ def test_a_rerun_collects_what_a_killed_run_left_unwritten(tmp_path, fake_gemini
 
 
 def test_results_the_sdk_cannot_read_stop_the_run_and_stay_collectable(tmp_path, fake_gemini, run) -> None:
-    """google-genai 3.6.1 reads a per-request error's details as strings; the API's are
-    objects. Such a job must not have its prompts failed (they would be paid for again)."""
-    bad_request = {"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": []}
-    server = fake_gemini(lambda r: error(400, "odd", bad_request) if r.prompt.endswith("4?") else echo(r))
+    """A result google-genai's types reject (here a response of a newer shape) must not
+    have the job's prompts failed: they were answered, and would be paid for again."""
+    unreadable = Reply(200, {"candidates": "a shape this SDK does not know"})
+    server = fake_gemini(lambda r: unreadable if r.prompt.endswith("4?") else echo(r))
     inputs = write_prompts(tmp_path / "inputs", sample_prompts(9))
     first = run(inputs, "--batch", *FAST)
     assert first.exit_code == 1 and not first.ids() and not first.failures()
     message = first.stderr.strip().splitlines()[-1]
     assert message.startswith("error: cannot read batch job batches/fake0001 (ValidationError") and "run the same command" in message
-    for result in server.batches["batches/fake0001"].output["inlinedResponses"]["inlinedResponses"]:
-        result.get("error", {}).pop("details", None)  # as a google-genai that reads them would see it
+    results = "files/fake0001-responses"  # as a google-genai that reads it would see it: an error, say
+    readable = json.dumps({"error": {"code": 3, "message": "odd"}})[1:-1]
+    server.files[results] = server.files[results].replace(f'"response": {json.dumps(unreadable.body)}'.encode(), readable.encode())
     second = run(inputs, "--batch", *FAST)
     assert second.exit_code == 1 and len(second.ids()) == 8 and [f["prompt"] for f in second.failures()] == ["What is two times 4?"]
-    assert len(server.batches) == 1 and sorted(server.answered.values()) == [1] * 8  # collected, not asked again
+    assert len(server.batches) == 1 and sorted(server.answered.values()) == [1] * 9  # collected, not asked again
 
 
 def start_batch_run(cwd: Path, server: FakeGemini) -> subprocess.Popen[str]:
@@ -130,6 +129,12 @@ def start_batch_run(cwd: Path, server: FakeGemini) -> subprocess.Popen[str]:
         [sys.executable, str(ROOT / "pipeline.py"), "-v", "--batch", "--batch-size", "100", "--batch-poll-s", "0.05"],
         cwd=cwd, env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def unnamed_submissions(journal: Path) -> int:
+    """Submissions whose job name the journal never got: created or not, nobody knows yet."""
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    return len({r["submitting"] for r in records if "submitting" in r} - {r["submitted"] for r in records if "submitted" in r})
 
 
 def forget_last_job_name(journal: Path) -> None:
@@ -164,13 +169,15 @@ def test_killed_between_submission_and_completion_then_rerun(tmp_path, stop_sign
         assert jobs_before >= 5 and not server.answered
         if mid_create:
             forget_last_job_name(tmp_path / "outputs" / "batch_jobs.jsonl")
+        unnamed = unnamed_submissions(tmp_path / "outputs" / "batch_jobs.jsonl")  # a kill may land mid-create too
+        assert unnamed >= mid_create
 
         server.batch_polls = (0, 1)  # now they run, and end
         rerun = start_batch_run(tmp_path, server)
         _, stderr = rerun.communicate(timeout=60)
     assert rerun.returncode == 0, stderr
     assert f"{jobs_before} resumed" in stderr  # every job submitted before is collected, none again
-    assert server.batch_lists == (1 if mid_create else 0)  # the unnamed one was looked up by its display name
+    assert server.batch_lists == (1 if unnamed else 0)  # an unnamed one is looked up by its display name, once
     assert set(jobs_per_prompt(server).values()) == {1}  # no prompt was in two jobs
     assert sorted(server.answered.values()) == [1] * 1000  # nor paid for twice
     ids = Run(0, "", stderr, tmp_path / "outputs").ids()

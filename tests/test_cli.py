@@ -124,6 +124,9 @@ def test_help_lists_every_setting_with_its_constant_as_default(tmp_path: Path) -
     help_text = " ".join(result.stdout.split())
     for flag, constant in [
         ("--input-dir", pipeline.INPUT_DIR), ("--output-dir", pipeline.OUTPUT_DIR), ("--model", pipeline.MODEL),
+        ("--system-instruction", pipeline.SYSTEM_INSTRUCTION), ("--temperature", pipeline.TEMPERATURE),
+        ("--max-output-tokens", pipeline.MAX_OUTPUT_TOKENS), ("--response-schema", pipeline.RESPONSE_SCHEMA),
+        ("--generation-config", pipeline.GENERATION_CONFIG),
         ("--workers", pipeline.GENERATE_WORKERS), ("--queue-size", pipeline.QUEUE_SIZE),
         ("--shard-size", pipeline.SHARD_SIZE), ("--max-attempts", pipeline.MAX_ATTEMPTS),
         ("--timeout", pipeline.REQUEST_TIMEOUT_S), ("--retry-base-s", pipeline.RETRY_BASE_S),

@@ -244,9 +244,9 @@ async def test_a_stop_signal_is_not_lost_when_the_loops_wake_up_pipe_is_full(tmp
     asking = asyncio.Event()
 
     class SlowClient(pipeline.OfflineClient):
-        async def generate_content(self, model: str, contents: str):
+        async def generate_content(self, model: str, contents: str, config=None):
             asking.set()
-            return await super().generate_content(model, contents)
+            return await super().generate_content(model, contents, config)
 
     monkeypatch.setattr(pipeline, "OfflineClient", SlowClient)
     settings = pipeline.Settings(

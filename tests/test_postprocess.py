@@ -111,9 +111,9 @@ async def test_three_readers_and_three_writers(tmp_path, fake_gemini, monkeypatc
     written_by: dict[str, set[str]] = defaultdict(set)
     real_read_prompts, real_write_all = pipeline.read_prompts, pipeline.write_all
 
-    def reading(path):
+    def reading(path, requests):
         read_by[path.name].add(asyncio.current_task().get_name())
-        return real_read_prompts(path)
+        return real_read_prompts(path, requests)
 
     def writing(fd, data):
         written_by[Path(os.readlink(f"/proc/self/fd/{fd}")).name].add(asyncio.current_task().get_name())

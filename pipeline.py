@@ -1859,14 +1859,14 @@ class OfflineClient:
         self.aio = SimpleNamespace(models=self, aclose=self.aclose)
 
     async def generate_content(self, model: str, contents: str | list[Any], config: Any = None) -> Any:
-        """Settings are ignored, but for JSON: asked for it, the answer is {"answer": ...}."""
+        """Settings are ignored, but for JSON: asked for it, the answer has the schema's shape."""
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         prompt = contents if isinstance(contents, str) else last_user_text(contents)
         match = TWO_TIMES.search(prompt)
         text = f"Two times {match[1]} is {2 * int(match[1])}." if match else f"You said: {prompt}"
         if config is not None and config.response_mime_type == "application/json":
-            text = JSON_ENCODER.encode({"answer": text})
+            text = JSON_ENCODER.encode(shaped_like(config.response_json_schema or {"required": ["answer"]}, text))
         usage = SimpleNamespace(prompt_token_count=len(prompt.split()), candidates_token_count=len(text.split()))
         return SimpleNamespace(
             text=text,
@@ -1878,6 +1878,26 @@ class OfflineClient:
 
     async def aclose(self) -> None:
         pass
+
+
+def shaped_like(schema: Any, text: str) -> Any:
+    """A simulated answer of a JSON Schema's shape: an enum's value picked by the text,
+    `text` for strings, its word count for numbers. Constraints beyond that are ignored."""
+    if not isinstance(schema, dict):
+        return text
+    if schema.get("enum"):
+        return schema["enum"][sum(map(ord, text)) % len(schema["enum"])]
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type")
+    kind = kind[0] if isinstance(kind, list) and kind else kind
+    if kind == "object" or "properties" in schema or "required" in schema:
+        properties = schema.get("properties") or {}
+        names = [*properties, *(name for name in schema.get("required", []) if name not in properties)]
+        return {name: shaped_like(properties.get(name), text) for name in names}
+    if kind == "array":
+        return [shaped_like(schema.get("items"), text)]
+    return {"integer": len(text.split()), "number": len(text.split()), "boolean": True, "null": None}.get(kind, text)
 
 
 # --------------------------------------------------------------------- CLI --

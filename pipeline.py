@@ -1549,7 +1549,7 @@ def check_job(settings: Settings, generation: dict[str, Any]) -> None:
     """One folder, one job: its answers were all asked with one model and one set of settings.
     The first run records them in JOB_FILE; a rerun with others stops before any request."""
     path = settings.output_dir / JOB_FILE
-    job = {"model": settings.model, "settings": generation}
+    job = {"model": f"{settings.model} (offline)" if settings.offline else settings.model, "settings": generation}
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -1563,7 +1563,7 @@ def check_job(settings: Settings, generation: dict[str, Any]) -> None:
     if recorded == job:
         return
     before = recorded.get("settings") if isinstance(recorded, dict) and isinstance(recorded.get("settings"), dict) else {}
-    changed = ["--model"] if not isinstance(recorded, dict) or recorded.get("model") != settings.model else []
+    changed = ["--model or --offline"] if not isinstance(recorded, dict) or recorded.get("model") != job["model"] else []
     changed += sorted(SETTING_FLAGS.get(k, k) for k in before.keys() | generation.keys() if before.get(k) != generation.get(k))
     raise PipelineError(
         f"{settings.output_dir} holds answers asked with other settings ({', '.join(changed)} changed since, see {path}): "

@@ -186,10 +186,11 @@ def test_a_changed_model_or_setting_is_refused_on_the_same_folder(tmp_path, fake
     assert run(inputs, "--temperature", "0.2").exit_code == 0
     asked = len(server.requests)
     inputs_more = write_prompts(inputs, sample_prompts(9))
-    for flags, named in [(["--model", "gemini-2.5-pro", "--temperature", "0.2"], "--model"), ([], "--temperature")]:
+    changed = [(["--model", "gemini-2.5-pro", "--temperature", "0.2"], "--model"), ([], "--temperature"), (["--offline", "--temperature", "0.2"], "--offline")]
+    for flags, named in changed:
         result = run(inputs_more, *flags)
         assert result.exit_code == 2 and len(server.requests) == asked
-        assert f"({named} changed since" in result.stderr and "fresh --output-dir" in result.stderr
+        assert named in result.stderr.splitlines()[-1] and "fresh --output-dir" in result.stderr
     assert run(inputs_more, "--temperature", "0.2").exit_code == 0 and len(server.requests) == 9
 
 

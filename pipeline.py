@@ -3,8 +3,10 @@
     python pipeline.py --offline          # try it: a built-in simulated model, no key needed
     GEMINI_API_KEY=... python pipeline.py # the real thing
 
-Every non-blank line of every file in INPUT_DIR is one prompt, known by the id
-"<file name>:<line number>". Answers go to OUTPUT_DIR/shard_00000.jsonl,
+Each *.jsonl or *.csv file in INPUT_DIR holds a request per row (its own id, system
+instruction, generation settings, fields of yours); in any other file each
+non-blank line is one prompt, known by the id "<file name>:<line number>".
+Answers go to OUTPUT_DIR/shard_00000.jsonl,
 shard_00001.jsonl, ... (SHARD_SIZE records each); prompts that failed for good
 go to OUTPUT_DIR/failed.jsonl with the reason. Run the same command again after
 a crash or Ctrl-C and it continues: answered prompts are skipped, failed ones
@@ -13,8 +15,11 @@ key, 130 interrupted.
 
 How it is built, in the order data flows through this file:
   settings   the constants below, each also a command-line flag; and postprocess(), yours to edit
-  records    Prompt in; Response or Failure out
-  reader     read_inputs (x READERS): streams prompt lines from the input files into a bounded queue
+  records    Prompt in; Response or Failure out; AnswerFormat, the JSON an answer must be
+  requests   Requests: how rows become requests, the run's settings (validated through
+             google-genai's types) with a row's own over them
+  reader     read_inputs (x READERS): streams prompts from the input files (lines, JSONL or
+             CSV rows) into a bounded queue
   generators generate_content (x GENERATE_WORKERS): ask the model, retrying in place
              with back-off (answer, classify, backoff_s); never re-queue, so never deadlock.
              Every request passes a Gate, which can stop them all at once
@@ -22,8 +27,10 @@ How it is built, in the order data flows through this file:
              of Gemini's Batch API, recorded in a BatchJournal so that a rerun collects them
   pool       PostProcessor: runs postprocess() over answers in a process pool, in batches,
              for the writers, so that CPU work never stalls the event loop
-  writer     write_outputs (x WRITERS): each the only task writing its files; fills numbered shards
-  resume     load_past_runs: what the output dir already holds (PastRuns); repairs torn lines
+  writer     write_outputs (x WRITERS): each the only task writing its files; journals each
+             answer as it takes it (ArrivalJournal), then fills numbered shards
+  resume     load_past_runs: what the output dir already holds (PastRuns); repairs torn lines;
+             check_job: one folder, one model and one set of settings
   main       starts the stages, waits for the queues to drain, and shuts down (shut_down)
              on success, error and Ctrl-C alike; stops at once if a stage dies (supervised)
   offline    OfflineClient, a stand-in for genai.Client with the same call shape
@@ -101,12 +108,14 @@ LOCK_FILE = ".lock"  # in OUTPUT_DIR: held by the run using the folder (see outp
 JOB_FILE = "job.json"  # in OUTPUT_DIR: the model and settings its answers were asked with (see check_job)
 FAILED_JOURNAL = re.compile(r"failed(\.\d+)?\.jsonl")  # failed.jsonl, and failed.K.jsonl of writer K while running
 SHARD_NAME = re.compile(r"shard_(\d+)\.jsonl")
+ARRIVALS = re.compile(r"arrivals\.[0-9a-f]+\.\d+\.\d+\.jsonl")  # see ArrivalJournal
 POSTPROCESS_BATCH = 256  # answers gathered for one trip to the pool, at most...
 POSTPROCESS_WAIT_S = 0.05  # ...or what arrives in this long, while postprocess() is cheap (see PostProcessor)
 POOL_NICENESS = 10  # the pool's processes run at a lower priority than the event loop
 BATCH_JOURNAL = "batch_jobs.jsonl"  # in OUTPUT_DIR: every batch job submitted, and its prompts
 BATCH_GATHER_S = 0.5  # a job is submitted before it is full once no prompt came for this long
 BATCH_POLL_MAX_S = 600.0  # longest wait between two looks at a job still pending
+ARRIVALS_PER_FILE = 1024  # answers per arrivals journal file (see ArrivalJournal)
 ROUND_TRIP_S = 0.001  # work worth one more trip to the pool: a trip costs a few hundred µs of CPU here
 LONGEST_SERVER_DELAY_S = 3600.0  # a RetryInfo asking for a longer wait is a spent quota: stop, do not sleep for days
 MESSAGE_CHARS = 500  # an error message from the server is cut to this length (an HTML page would fill the screen)
@@ -220,7 +229,8 @@ class Response:
         self.parsed, problem = self.prompt.answer_format.check(self.text)
         return problem
 
-    def to_json(self) -> str:
+    def record(self) -> dict[str, Any]:
+        """Its record without what postprocess() adds: what the arrivals journal keeps."""
         record = {
             "id": self.prompt.id,
             "prompt": self.prompt.text,
@@ -232,7 +242,22 @@ class Response:
         }
         if self.prompt.answer_format is not None:
             record["parsed"] = self.parsed
-        return json_line({**record, **carried(self.prompt.fields), **self.extra})
+        return {**record, **carried(self.prompt.fields)}
+
+    def to_json(self) -> str:
+        return json_line({**self.record(), **self.extra})
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Response:
+        """An answer an earlier run journaled (see ArrivalJournal)."""
+        fields = {name: value for name, value in record.items() if name not in RECORD_FIELDS}
+        answer_format = AnswerFormat.of({}) if "parsed" in record else None  # parsed already: any JSON passes
+        prompt = Prompt(str(record["id"]), str(record["prompt"]), answer_format=answer_format, fields=fields or None)
+        usage = record["usage"]
+        return cls(
+            prompt, str(record["response"]), str(record["model"]), record["finish_reason"], int(record["attempts"]),
+            int(usage["prompt_tokens"]), int(usage["response_tokens"]), parsed=record.get("parsed"),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,13 +449,7 @@ class Requests:
         fields = {k: v for k, v in row.items() if k not in ("prompt", "id", "system_instruction", "config")}
         prompt_id, origin = own_id(row.get("id"), where)
         prompt, instruction, own = row.get("prompt"), row.get("system_instruction"), row.get("config") or {}
-        problem = (
-            "no prompt" if prompt is None else "prompt is not a string" if not isinstance(prompt, str)
-            else "prompt is empty" if not prompt.strip() else "system_instruction is not a string"
-            if instruction is not None and not isinstance(instruction, str)
-            else "config is not a JSON object" if not isinstance(own, dict) else None
-        )  # fmt: skip
-        if problem:
+        if problem := row_problem(prompt, instruction, own):
             shown = prompt if isinstance(prompt, str) else json.dumps(prompt)
             return Prompt(prompt_id, shown, error=f"{problem} ({where})", fields=fields or None, origin=origin)
         own = camel_keys(own)
@@ -455,6 +474,19 @@ class Requests:
         """Refuse a row naming an id that another row named: never merge two prompts."""
         if prompt.origin and (first := self.claimed.setdefault(prompt.id, prompt.origin)) != prompt.origin:
             raise PipelineError(f"id {prompt.id!r} is named twice in the inputs: {first} and {prompt.origin}; ids must be unique")
+
+
+def row_problem(prompt: Any, instruction: Any, own: Any) -> str | None:
+    """Why a row cannot be sent as it is, if it cannot."""
+    if prompt is None:
+        return "no prompt"
+    if not isinstance(prompt, str):
+        return "prompt is not a string"
+    if not prompt.strip():
+        return "prompt is empty"
+    if instruction is not None and not isinstance(instruction, str):
+        return "system_instruction is not a string"
+    return None if isinstance(own, dict) else "config is not a JSON object"
 
 
 def generation_config(generation: dict[str, Any]) -> tuple[Any, AnswerFormat | None]:
@@ -1315,7 +1347,7 @@ async def write_outputs(
     with stop_on_os_error(f"cannot write to {shards.output_dir}"):
         async with contextlib.aclosing(shards), contextlib.aclosing(failures):
             while True:
-                batch = await next_batch(outcomes, postprocessor)
+                batch = await next_batch(outcomes, postprocessor, shards.journal)
                 done = await postprocessor.run(batch)
                 answered = [o for o in done if isinstance(o, Response)]
                 for written in shards.write(answered):  # counted as written: a full disk may stop it midway
@@ -1326,25 +1358,30 @@ async def write_outputs(
                 for _ in done:
                     outcomes.task_done()
                 await shards.settle()
+                shards.journal.rotate(shards.number)
+                shards.journal.forget(shards.durable_below)
 
 
-async def next_batch(outcomes: asyncio.Queue[Outcome], postprocessor: PostProcessor) -> list[Outcome]:
+async def next_batch(outcomes: asyncio.Queue[Outcome], postprocessor: PostProcessor, journal: ArrivalJournal) -> list[Outcome]:
     """The next outcome and all that are waiting; and, while post-processing them in the
-    pool would not yet be worth the trip, what arrives within POSTPROCESS_WAIT_S."""
-    batch = [await outcomes.get()]
-    take_waiting(outcomes, batch)
+    pool would not yet be worth the trip, what arrives within POSTPROCESS_WAIT_S. Each
+    answer is journaled as it is taken, before any wait."""
+    batch = taken(outcomes, await outcomes.get(), journal)
     if postprocessor.worth_waiting(len(batch)):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(POSTPROCESS_WAIT_S):
                 while postprocessor.worth_waiting(len(batch)):
-                    batch.append(await outcomes.get())
-                    take_waiting(outcomes, batch)
+                    batch += taken(outcomes, await outcomes.get(), journal)
     return batch
 
 
-def take_waiting(outcomes: asyncio.Queue[Outcome], batch: list[Outcome]) -> None:
+def taken(outcomes: asyncio.Queue[Outcome], first: Outcome, journal: ArrivalJournal) -> list[Outcome]:
+    """`first` and every outcome waiting behind it, their answers journaled."""
+    batch = [first]
     while not outcomes.empty():
         batch.append(outcomes.get_nowait())
+    journal.write([outcome for outcome in batch if isinstance(outcome, Response)])
+    return batch
 
 
 class ShardWriter:
@@ -1359,15 +1396,16 @@ class ShardWriter:
     record arrives, so none is empty, and never over an existing file. With WRITERS > 1
     each writer has its own ShardWriter; they share `numbers`, so no two ever pick the same."""
 
-    def __init__(self, output_dir: Path, size: int, numbers: Iterator[int]) -> None:
+    def __init__(self, output_dir: Path, size: int, numbers: Iterator[int], journal: ArrivalJournal) -> None:
         self.output_dir = output_dir
         self.size = size
         self.numbers = numbers
+        self.journal = journal  # the answers taken for these shards, as they arrived
         self.number = -1
         self.fd: int | None = None  # the open shard
         self.count = 0  # records in it
-        self.full: list[int] = []  # full shards, open, not yet handed to a thread
-        self.syncing: list[asyncio.Future[None]] = []  # jobs fsyncing and closing full shards
+        self.full: list[tuple[int, int]] = []  # full shards (fd, number), open, not yet handed to a thread
+        self.syncing: list[tuple[asyncio.Future[None], int]] = []  # jobs fsyncing and closing full shards, by first number
 
     @property
     def name(self) -> str:
@@ -1385,7 +1423,7 @@ class ShardWriter:
                 log.debug("wrote %s -> %s", response.prompt.id, self.name)
             self.count += len(taken)
             if self.count == self.size:
-                self.full.append(self.fd)
+                self.full.append((self.fd, self.number))
                 self.fd, self.count = None, 0
             yield taken
         if len(self.full) >= SHARDS_PER_SYNC:
@@ -1394,20 +1432,77 @@ class ShardWriter:
     def sync_full(self) -> None:
         """Hand the full shards to a worker thread to fsync and close."""
         if self.full:
-            self.syncing.append(asyncio.get_running_loop().run_in_executor(None, sync_and_close, *self.full))
+            job = asyncio.get_running_loop().run_in_executor(None, sync_and_close, *(fd for fd, _ in self.full))
+            self.syncing.append((job, self.full[0][1]))
             self.full = []
 
     async def settle(self, pending: int = SYNCS_PENDING) -> None:
         """Wait until at most `pending` sync jobs are running; raise the first error."""
-        while self.syncing and (len(self.syncing) > pending or self.syncing[0].done()):
-            await self.syncing.pop(0)
+        while self.syncing and (len(self.syncing) > pending or self.syncing[0][0].done()):
+            await self.syncing[0][0]  # a job that failed stays listed: its shards are not durable
+            self.syncing.pop(0)
+
+    @property
+    def durable_below(self) -> int:
+        """Every shard of this writer numbered below this one is fsynced and closed."""
+        unsynced = [number for _, number in (*self.syncing, *self.full)] + ([self.number] if self.fd is not None else [])
+        return min(unsynced, default=sys.maxsize)
 
     async def aclose(self) -> None:
         if self.fd is not None:
-            self.full.append(self.fd)
+            self.full.append((self.fd, self.number))
             self.fd = None
         self.sync_full()
-        await self.settle(pending=0)
+        try:
+            await self.settle(pending=0)
+        finally:
+            self.journal.close()
+            self.journal.forget(self.durable_below)
+
+
+class ArrivalJournal:
+    """OUTPUT_DIR/arrivals.<run>.<writer>.<n>.jsonl: each answer a writer takes off the
+    queue, in a plain write() (the page cache: no fsync, no thread hop) before it waits for
+    the pool or anything else, so that a kill -9 loses no answer that reached the writer: the
+    next run turns those no shard holds into records, with no request. Kept small: a file
+    is closed after ARRIVALS_PER_FILE answers and removed once the shards holding them are
+    fsynced; the rest go when the run's shards are all synced."""
+
+    def __init__(self, output_dir: Path, name: str, needed: bool = True) -> None:
+        self.output_dir = output_dir
+        self.name = name  # "<run>.<writer>": unique to this writer of this run
+        self.needed = needed  # False when post-processing runs inline: answers then reach the shards with no wait
+        self.fd: int | None = None  # the file being appended to
+        self.path = output_dir  # ...and its path
+        self.count = 0  # answers in it
+        self.files = itertools.count()
+        self.closed: list[tuple[Path, int]] = []  # earlier files, each with the last shard its answers went to
+
+    def write(self, responses: list[Response]) -> None:
+        if not responses or not self.needed:
+            return
+        if self.fd is None:
+            self.path = self.output_dir / f"arrivals.{self.name}.{next(self.files)}.jsonl"
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        write_all(self.fd, "".join(json_line(response.record()) for response in responses).encode())
+        self.count += len(responses)
+
+    def rotate(self, last_shard: int) -> None:
+        """After a batch is in the shards, the last of them `last_shard`: a full file is closed."""
+        if self.fd is not None and self.count >= ARRIVALS_PER_FILE:
+            self.close(last_shard)
+
+    def close(self, last_shard: int = sys.maxsize - 1) -> None:
+        """Close the file; by default as one that goes only once every shard is synced."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.closed.append((self.path, last_shard))
+            self.fd, self.count = None, 0
+
+    def forget(self, durable_below: int) -> None:
+        """Remove the closed files whose answers are all in synced shards (see ShardWriter.durable_below)."""
+        while self.closed and self.closed[0][1] < durable_below:
+            self.closed.pop(0)[0].unlink()
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -1493,14 +1588,16 @@ class PastRuns:
     batch_jobs: list[BatchJob] = field(default_factory=list)  # --batch jobs submitted, not yet all written
     in_batch_jobs: set[str] = field(default_factory=set)  # the ids of their prompts
     unknown_submissions: dict[str, list[Prompt]] = field(default_factory=dict)  # see BatchJournal
+    journaled: list[Response] = field(default_factory=list)  # answers received, never written (see ArrivalJournal)
+    arrival_files: list[Path] = field(default_factory=list)  # the arrivals journals that held them
 
     def add_batch_job(self, job: BatchJob) -> None:
         self.batch_jobs.append(job)
         self.in_batch_jobs.update(p.id for p in job.prompts)
 
     def not_to_ask(self) -> Container[str]:
-        """The ids the reader skips: answered, or waiting in a batch job."""
-        return AnyOf((self.answered, self.in_batch_jobs))
+        """The ids the reader skips: answered, journaled, or waiting in a batch job."""
+        return AnyOf((self.answered, {r.prompt.id for r in self.journaled}, self.in_batch_jobs))
 
 
 @dataclass(frozen=True)
@@ -1518,6 +1615,7 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
     killed process is removed, so that prompt is simply asked again."""
     log.debug("reading what earlier runs left in %s", output_dir)
     past = PastRuns()
+    journaled: dict[str, Response] = {}
     for number, path in shard_files(output_dir):
         records = 0
         async for record, _ in read_records(path):
@@ -1531,6 +1629,15 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
         async for record, line in read_records(path):
             if record["id"] not in past.answered:
                 past.failures[record["id"]] = line
+    for path in sorted(p for p in output_dir.iterdir() if ARRIVALS.fullmatch(p.name)):
+        past.arrival_files.append(path)
+        async for record, line in read_records(path):
+            if record["id"] not in past.answered and record["id"] not in journaled:
+                try:
+                    journaled[record["id"]] = Response.from_record(json.loads(line))
+                except (KeyError, TypeError, ValueError):
+                    raise PipelineError(f"{path} holds a line that is not an answer this pipeline journaled; {MOVE_IT_AWAY}") from None
+    past.journaled = list(journaled.values())
     jobs, unknown = await BatchJournal(output_dir / BATCH_JOURNAL).load()
     for job in jobs:
         if any(p.id not in past.answered and p.id not in past.failures for p in job.prompts):
@@ -1656,12 +1763,13 @@ async def main(settings: Settings, tally: Tally) -> None:
         outcomes: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=depth)
         files = iter(await list_input_files(settings.input_dir))
         generators, resumed_jobs = await start_generators(client, prompts, outcomes, gate, past, settings, tally)
+        resumed_jobs.append(asyncio.create_task(requeue(past.journaled, outcomes)))
         readers = [asyncio.create_task(read_inputs(files, prompts, requests, past.not_to_ask())) for _ in range(settings.readers)]
-        shard_numbers = itertools.count(past.next_shard)
+        shard_numbers, run = itertools.count(past.next_shard), os.urandom(3).hex()
         writers = [
             asyncio.create_task(write_outputs(outcomes, shards, failures, postprocessor, tally))
             for shards, failures in (
-                (ShardWriter(settings.output_dir, settings.shard_size, shard_numbers),
+                (ShardWriter(settings.output_dir, settings.shard_size, shard_numbers, ArrivalJournal(settings.output_dir, f"{run}.{number}", needed=settings.postprocess_workers > 0)),
                  FailureLog(failure_journal(settings.output_dir, number), past.failures))
                 for number in range(settings.writers)
             )
@@ -1674,6 +1782,16 @@ async def main(settings: Settings, tally: Tally) -> None:
         finally:  # on success, error and Ctrl-C alike
             await shut_down(gate, readers, [*generators, *resumed_jobs], writers, prompts, outcomes)
             await finish_failures(settings.output_dir, past.failures)
+        for path in past.arrival_files:  # the run is complete: what they held is in synced shards now
+            path.unlink()
+
+
+async def requeue(journaled: list[Response], outcomes: asyncio.Queue[Outcome]) -> None:
+    """Answers an earlier run journaled but never wrote: to the writers, as if just answered."""
+    if journaled:
+        log.info("writing %d answers that an earlier run received but never wrote (no request made)", len(journaled))
+    for response in journaled:
+        await outcomes.put(response)
 
 
 async def start_generators(

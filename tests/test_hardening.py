@@ -212,7 +212,7 @@ async def test_after_a_full_disk_the_summary_counts_what_was_written(tmp_path, m
         outcomes.put_nowait(pipeline.Response(pipeline.Prompt(f"a:{i}", "p"), "r", "m", "STOP", 1, 1, 1))
     tally = pipeline.Tally()
     writer = pipeline.write_outputs(
-        outcomes, pipeline.ShardWriter(tmp_path, 1, itertools.count()),
+        outcomes, pipeline.ShardWriter(tmp_path, 1, itertools.count(), pipeline.ArrivalJournal(tmp_path, "t.0")),
         pipeline.FailureLog(tmp_path / "failed.jsonl", {}), pipeline.PostProcessor(pipeline.postprocess, 0), tally,
     )  # fmt: skip
     with pytest.raises(pipeline.PipelineError, match="No space left on device"):

@@ -219,8 +219,9 @@ class Response:
     attempts: int
     prompt_tokens: int
     response_tokens: int
-    extra: dict[str, Any] = field(default_factory=dict)  # what postprocess() returned
+    extra: str = ""  # what postprocess() returned, as a JSON object (encoded in the pool, see extra_fields)
     parsed: Any = None  # the answer decoded, when it must be JSON (see parse)
+    line: str | None = None  # its record without postprocess()'s fields, encoded once (see record_line)
 
     def parse(self) -> str | None:
         """Decode an answer that must be JSON into `parsed`; the reason if it is not what was asked."""
@@ -244,8 +245,20 @@ class Response:
             record["parsed"] = self.parsed
         return {**record, **carried(self.prompt.fields)}
 
+    def record_line(self) -> str:
+        """record(), encoded once for the arrivals journal and the shard alike."""
+        if self.line is None:
+            self.line = json_line(self.record())
+        return self.line
+
     def to_json(self) -> str:
-        return json_line({**self.record(), **self.extra})
+        """Its record: record_line() with postprocess()'s fields spliced on (no key of theirs is the record's)."""
+        line = self.record_line()
+        if len(self.extra) <= 2:  # "{}" or none
+            return line
+        if self.prompt.fields and json.loads(self.extra).keys() & carried(self.prompt.fields).keys():  # theirs win
+            return json_line({**json.loads(line), **json.loads(self.extra)})
+        return f"{line[:-2]}, {self.extra[1:]}\n"
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Response:
@@ -1264,7 +1277,7 @@ class PostProcessor:
         extras = iter(results)  # in the order of the batch's responses
         return [with_extra(o, next(extras)) if isinstance(o, Response) else o for o in batch]
 
-    async def run_in_pool(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any] | str]:
+    async def run_in_pool(self, pairs: list[tuple[str, str]]) -> list[str]:
         loop = asyncio.get_running_loop()
         chunks = max(1, min(self.processes, len(pairs), int(len(pairs) * self.cost_s / ROUND_TRIP_S)))
         size = -(-len(pairs) // chunks)
@@ -1310,28 +1323,30 @@ def exit_with_parent(sentinel: int) -> None:
 
 def postprocess_batch(
     function: Callable[[str, str], dict[str, Any]], pairs: list[tuple[str, str]]
-) -> tuple[list[dict[str, Any] | str], float]:
+) -> tuple[list[str], float]:
     """In a worker process: `function` over (prompt, response) pairs, and the CPU time it took.
-    Each result is the extra fields, or, if `function` failed on that answer, the reason."""
+    Each result is the extra fields as a JSON object, or, if `function` failed on that answer, the reason."""
     started = time.process_time()
     return [extra_fields(function, prompt, response) for prompt, response in pairs], time.process_time() - started
 
 
-def extra_fields(function: Callable[[str, str], dict[str, Any]], prompt: str, response: str) -> dict[str, Any] | str:
+def extra_fields(function: Callable[[str, str], dict[str, Any]], prompt: str, response: str) -> str:
     try:
         extra = function(prompt, response)
         if not isinstance(extra, dict):
             raise TypeError(f"returned {type(extra).__name__}, not a dict")
         if reserved := sorted(extra.keys() & {"id", "prompt"}):
             raise ValueError(f"returned {reserved[0]!r}, which resuming needs as it is")
-        JSON_ENCODER.encode(extra)  # not JSON: fail this answer here, not the writer
+        if taken := sorted(extra.keys() & RECORD_FIELDS):
+            raise ValueError(f"returned {taken[0]!r}, a field the record has: name it otherwise")
+        return json_line(extra)[:-1]  # encoded here, in the pool: the event loop only splices it on
     except Exception as exc:  # noqa: BLE001 (the user's code: any error fails just this answer)
-        return " ".join(f"postprocess failed: {type(exc).__name__}: {exc}".split())
-    return extra
+        return f"postprocess failed: {' '.join(f'{type(exc).__name__}: {exc}'.split())}"
 
 
-def with_extra(response: Response, extra: dict[str, Any] | str) -> Outcome:
-    if isinstance(extra, str):
+def with_extra(response: Response, extra: str) -> Outcome:
+    """The answer with postprocess()'s fields (a JSON object), or failed with the reason."""
+    if not extra.startswith("{"):
         return Failure(response.prompt, extra, response.attempts, response=response.text)
     response.extra = extra
     return response
@@ -1484,7 +1499,7 @@ class ArrivalJournal:
         if self.fd is None:
             self.path = self.output_dir / f"arrivals.{self.name}.{next(self.files)}.jsonl"
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        write_all(self.fd, "".join(json_line(response.record()) for response in responses).encode())
+        write_all(self.fd, "".join(response.record_line() for response in responses).encode())
         self.count += len(responses)
 
     def rotate(self, last_shard: int) -> None:

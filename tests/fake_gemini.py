@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import random
 import re
@@ -251,6 +252,7 @@ class FakeGemini:
     batch_lists: int = 0
     files: dict[str, bytes] = field(default_factory=dict)  # uploaded and result files, by name
     _uploads: dict[str, bytearray] = field(default_factory=dict)
+    _upload_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _attempts: Counter[str] = field(default_factory=Counter)
     _seen: threading.Condition = field(default_factory=threading.Condition)
 
@@ -447,7 +449,7 @@ class FakeGemini:
         upload chunks, the last with finalize)."""
         command = headers.get("x-goog-upload-command", "")
         if command == "start":
-            upload_id = str(len(self._uploads) + 1)
+            upload_id = str(next(self._upload_ids))  # never reused: uploads run concurrently
             self._uploads[upload_id] = bytearray()
             url = f"{self.base_url}/upload/v1beta/files?upload_id={upload_id}&upload_protocol=resumable"
             return Reply(200, {}, headers={"x-goog-upload-url": url, "x-goog-upload-status": "active"})

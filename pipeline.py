@@ -670,20 +670,20 @@ async def read_lines(path: Path) -> AsyncIterator[tuple[int, bytes]]:
     """Numbered lines of a file, read in large chunks: one thread hop per chunk, not per line."""
     number = 0
     async with aiofiles.open(path, "rb") as file:
-        unfinished: list[bytes] = []  # pieces of a line longer than a chunk: joined once, so reading stays linear
+        unfinished = bytearray()  # the line across chunks, grown in place: linear time, memory about one line
         while chunk := await file.read(READ_CHUNK_BYTES):
             first, *lines = chunk.split(b"\n")
-            unfinished.append(first)
+            unfinished += first
             if not lines:
                 continue
             number += 1
-            yield number, b"".join(unfinished)
-            unfinished = [lines.pop()]
+            yield number, unfinished
+            unfinished = bytearray(lines.pop())
             for line in lines:
                 number += 1
                 yield number, line
-        if tail := b"".join(unfinished):
-            yield number + 1, tail
+        if unfinished:
+            yield number + 1, unfinished
 
 
 def decode(line: bytes, first: bool) -> tuple[str, str | None]:

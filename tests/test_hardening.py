@@ -39,12 +39,13 @@ def test_a_second_run_on_the_same_folder_exits_2_at_once_and_nothing_is_paid_twi
     assert second.returncode == 2
     [line] = second.stderr.strip().splitlines()
     assert "another run is using outputs" in line and f"(pid {first.pid})" in line
-    assert refused_after < 5  # interpreter start included; the refusal itself precedes any request
+    assert refused_after < 3  # interpreter start included (loose: a loaded machine); the refusal precedes any request
     assert "second-run-key" not in {r.api_key for r in server.requests}  # it sent nothing
     assert first.returncode == 0, rest
     assert sorted(server.answered.values()) == [1] * 200
     ids = [line for p in (tmp_path / "outputs").glob("shard_*.jsonl") for line in p.read_text().splitlines()]
     assert len(ids) == 200
+    print(f"\nsecond run on the same folder: exit 2 after {refused_after:.2f} s")
 
 
 def test_a_held_lock_names_its_holder_and_a_dead_holder_leaves_none(tmp_path, fake_gemini, run) -> None:

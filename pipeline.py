@@ -39,6 +39,8 @@ How it is built, in the order data flows through this file:
 
 from __future__ import annotations
 
+__version__ = "0.9.0"  # --version prints it
+
 import argparse
 import asyncio
 import contextlib
@@ -1849,7 +1851,7 @@ def stopped_by_signals(main_task: asyncio.Task[None]) -> Iterator[None]:
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     previous_wakeup = signal.set_wakeup_fd(wake_writer.fileno(), warn_on_full_buffer=False)
     def handler(number: int, frame: Any) -> None:
-        loop.call_soon_threadsafe(on_stop_signal, main_task)
+        loop.call_soon_threadsafe(on_stop_signal, main_task, number)
 
     previous = {number: signal.signal(number, handler) for number in stop_signals}
     try:
@@ -1868,11 +1870,12 @@ def drain(wake_reader: socket.socket) -> None:
         wake_reader.recv(4096)
 
 
-def on_stop_signal(main_task: asyncio.Task[None]) -> None:
-    """Ctrl-C or SIGTERM: the first stops the run gently (see shut_down), a second at once."""
+def on_stop_signal(main_task: asyncio.Task[None], number: int) -> None:
+    """Ctrl-C or SIGTERM: the first stops the run gently (see shut_down), a second at once.
+    The signal's name travels with the cancellation, for the exit status (130 or 143)."""
     if main_task.cancelling():
         raise KeyboardInterrupt
-    main_task.cancel()
+    main_task.cancel(signal.Signals(number).name)
 
 
 def queue_depth(settings: Settings) -> int:
@@ -2042,7 +2045,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after every flag; the epilog as written."""
+    """Defaults after every flag ("unset" for None, which cannot be passed); the epilog as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None and action.help:
+            return f"{action.help} (default: unset)"
+        return super()._get_help_string(action)
 
 
 HELP_EPILOG = """\
@@ -2063,8 +2071,10 @@ output:
   OUTPUT_DIR/batch_jobs.jsonl   --batch: the jobs submitted, and their prompts
   OUTPUT_DIR/job.json           the model and settings the folder's answers were asked with
 exit status:
-  0 every prompt answered   1 some prompts failed   2 bad flag, input, output dir or key
-  130 interrupted (Ctrl-C)"""
+  0 every prompt answered (or nothing to do)
+  1 some prompts failed, or the daily quota is spent: run again later
+  2 bad flag, input, output dir, setting or key (nothing was sent)
+  130 interrupted by Ctrl-C   143 stopped by SIGTERM (both: run again to continue)"""
 
 
 def at_least(minimum: float, kind: type = int) -> Any:
@@ -2108,7 +2118,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--retry-base-s", type=above_zero, default=d.retry_base_s, help="first retry back-off, seconds")
     p.add_argument("--retry-max-s", type=above_zero, default=d.retry_max_s, help="longest retry back-off, seconds")
     p.add_argument(
-        "--rpm", type=above_zero, default=d.requests_per_minute, help="requests per minute your quota allows; None: no limit (default: %(default)s)"
+        "--rpm", type=above_zero, default=d.requests_per_minute, help="requests per minute your quota allows; unset: no limit"
     )
     p.add_argument(
         "--postprocess-workers", type=at_least(0), default=d.postprocess_workers,
@@ -2124,6 +2134,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         "--offline-latency-ms", type=at_least(0, float), default=d.offline_latency_ms, help="simulated latency of --offline"
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log every enqueue, answer, retry and write")
+    p.add_argument("--version", action="version", version=f"pipeline.py {__version__}")
     a = p.parse_args(argv)
     if a.batch and a.offline:
         p.error("argument --batch: not with --offline (the Batch API has no offline stand-in)")
@@ -2143,15 +2154,15 @@ def check_setup(settings: Settings) -> None:
         raise PipelineError(f"input dir {settings.input_dir} does not exist or is not a folder (see --input-dir)")
     if settings.output_dir.resolve() == settings.input_dir.resolve():  # every rerun would read the shards as prompts
         raise PipelineError(f"--output-dir {settings.output_dir} is the input dir: choose another folder")
-    try:
+    if not settings.offline and not api_key_from_env():
+        raise PipelineError("no API key: set GEMINI_API_KEY, or try the pipeline with --offline")
+    Requests.of(job_generation(settings))  # a misspelt setting stops the run here, before any request
+    try:  # last: a refused start leaves no folder behind
         settings.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PipelineError(f"cannot create output dir {settings.output_dir}: {exc.strerror or exc}") from None
     if not os.access(settings.output_dir, os.W_OK | os.X_OK):
         raise PipelineError(f"output dir {settings.output_dir} is not writable (see --output-dir)")
-    if not settings.offline and not api_key_from_env():
-        raise PipelineError("no API key: set GEMINI_API_KEY, or try the pipeline with --offline")
-    Requests.of(job_generation(settings))  # a misspelt setting stops the run here, before any request
 
 
 @contextlib.contextmanager
@@ -2177,10 +2188,22 @@ def output_dir_locked(output_dir: Path) -> Iterator[None]:
 
 def configure_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(relativeCreated)9.1f ms  %(message)s"))
+    handler.setFormatter(RedactingFormatter("%(relativeCreated)9.1f ms  %(message)s" if verbose else "%(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)  # INFO: --batch's progress
     log.propagate = False
+
+
+class BarHandler(logging.Handler):
+    """Log lines printed above the progress bar (tqdm.write), not through it."""
+
+    def __init__(self, bar: Any, formatter: logging.Formatter | None) -> None:
+        super().__init__()
+        self.bar = bar
+        self.setFormatter(formatter or RedactingFormatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.bar.write(self.format(record), file=sys.stderr)
 
 
 def progress_bar(settings: Settings) -> Any:
@@ -2209,33 +2232,42 @@ def cli(argv: list[str] | None = None) -> int:
 def run_and_report(settings: Settings) -> int:
     """Run the job; the summary line, one line saying how it ended, and the exit status."""
     tally = Tally(bar=progress_bar(settings))
+    if tally.bar is not None:
+        log.handlers[:] = [BarHandler(tally.bar, log.handlers[0].formatter if log.handlers else None)]
     try:
         asyncio.run(main(settings, tally))
     except QuotaExhausted as exc:
-        return finish(tally, f"stopped after {tally.answered + tally.skipped} prompts done: {exc}", exc.exit_code)
+        return finish(tally, f"stopped after {plural(tally.answered + tally.skipped, 'prompt')} done: {exc}", exc.exit_code)
     except PipelineError as exc:
         return finish(tally, f"error: {exc}", exc.exit_code)
-    except (KeyboardInterrupt, asyncio.CancelledError):
+    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
         jobs = tally.jobs_unfinished
-        running = f"{jobs} batch job{'s' if jobs > 1 else ''} still on Google's side; " if jobs else ""
-        return finish(tally, f"interrupted: {running}run the same command again to continue where it stopped", 130)
+        running = f"{plural(jobs, 'batch job')} still on Google's side; " if jobs else ""
+        status = 143 if "SIGTERM" in exc.args else 130  # 128 + the signal's number, as shells and schedulers expect
+        return finish(tally, f"interrupted: {running}run the same command again to continue where it stopped", status)
     except Exception as exc:  # a bug: still one line, and the details with -v
         log.debug("internal error", exc_info=True)
         return finish(tally, f"internal error: {type(exc).__name__}: {exc} (rerun with -v for details)", 1)
     if tally.answered + tally.failed == 0:
-        done_before = f"all {tally.skipped} prompts were answered before" if tally.skipped else "no prompts"
+        done_before = f"all {plural(tally.skipped, 'prompt')} {'was' if tally.skipped == 1 else 'were'} answered before" if tally.skipped else "no prompts"
         return finish(tally, f"nothing to do: {done_before} in {settings.input_dir}", 0)
     if tally.failed:
-        return finish(tally, f"{tally.failed} prompts failed: see {settings.output_dir / FAILED_FILE}", 1)
+        return finish(tally, f"{plural(tally.failed, 'prompt')} failed: see {settings.output_dir / FAILED_FILE}", 1)
     return finish(tally, f"done: answers in {settings.output_dir}", 0)
 
 
 def finish(tally: Tally, message: str, exit_code: int) -> int:
+    """The summary line (unless nothing was even tried: then it says nothing), and how it ended."""
     if tally.bar is not None:
         tally.bar.close()
-    print(tally.summary(), file=sys.stderr)
+    if tally.answered + tally.failed + tally.skipped + tally.retries or tally.jobs or exit_code == 0:
+        print(tally.summary(), file=sys.stderr)
     print(redact(message), file=sys.stderr)
     return exit_code
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +59,41 @@ def test_no_api_key(tmp_path: Path) -> None:
     result = run_subprocess([], tmp_path)
     assert result.exit_code == 2
     assert_one_line_error(result.stderr, "GEMINI_API_KEY", "--offline")
+    assert not (tmp_path / "outputs").exists()  # a refused start leaves nothing behind
+
+
+def test_a_refusal_inside_the_run_is_one_line_too(tmp_path: Path) -> None:
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "inputs" / "a.csv").write_text("text\nhello\n")  # no prompt column: found when the file is read
+    result = run_subprocess(["--offline"], tmp_path)
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, "a.csv", "'prompt' column")
+
+
+def test_version(tmp_path: Path) -> None:
+    result = run_subprocess(["--version"], tmp_path)
+    assert result.exit_code == 0 and result.stdout.strip() == f"pipeline.py {pipeline.__version__}"
+
+
+def test_one_failure_is_one_prompt(tmp_path: Path) -> None:
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "inputs" / "a.txt").write_bytes(b"What is two times 2?\n\xff\n")
+    result = run_subprocess(["--offline", "--offline-latency-ms", "0"], tmp_path)
+    assert result.exit_code == 1 and result.stderr.strip().endswith("1 prompt failed: see outputs/failed.jsonl")
+
+
+def test_the_stopping_line_has_no_timestamp_without_verbose(tmp_path: Path) -> None:
+    write_prompts(tmp_path / "inputs", sample_prompts(30))
+    with FakeGemini(latency_s=30) as server:
+        env = {**os.environ, "GEMINI_API_KEY": API_KEY, "GOOGLE_GEMINI_BASE_URL": server.base_url}
+        process = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py")], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+        assert server.wait_for_requests(1)  # requests are in flight: the run is past its start-up
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 130
+    assert "stopping: writing the answers received (Ctrl-C again quits at once)" in stderr.splitlines()
+
+
 
 
 def test_google_api_key_is_accepted_too(tmp_path: Path) -> None:
@@ -135,7 +172,8 @@ def test_help_lists_every_setting_with_its_constant_as_default(tmp_path: Path) -
         ("--postprocess-workers", pipeline.POSTPROCESS_WORKERS), ("--readers", pipeline.READERS),
         ("--writers", pipeline.WRITERS), ("--batch-size", pipeline.BATCH_SIZE), ("--batch-poll-s", pipeline.BATCH_POLL_S),
     ]:  # fmt: skip
-        assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(str(constant))}\)", help_text), flag
+        shown = "unset" if constant is None else str(constant)  # None cannot be passed as a value
+        assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(shown)}\)", help_text), flag
     assert "--offline " in help_text and "--verbose" in help_text
 
 
@@ -145,3 +183,37 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     commands = re.findall(r"^(pip install -r requirements.txt -r tests/requirements.txt && .*)$", readme, re.MULTILINE)
     assert commands, "the README gives no test command"
     assert commands[0] in ci
+
+
+def readme_blocks(section: str) -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    text = readme.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```\w*\n(.*?)```", text, re.DOTALL)
+
+
+@pytest.fixture(scope="module")
+def answered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("loading")
+    shutil.copytree(ROOT / "inputs", folder / "inputs")
+    assert run_subprocess(["--offline", "--offline-latency-ms", "0"], folder).exit_code == 0
+    (folder / "outputs" / "failed.jsonl").write_text('{"id": "x", "prompt": "p", "error": "e", "attempts": 1}\n')
+    return folder
+
+
+def test_the_readmes_shell_one_liners_load_every_answer(answered: Path) -> None:
+    jq_line, python_line = readme_blocks("Loading the answers")[0].strip().splitlines()
+    if shutil.which("jq"):
+        done = subprocess.run(["bash", "-c", jq_line], cwd=answered, capture_output=True, text=True, check=True)
+        assert len(done.stdout.splitlines()) == 30
+    python_line = python_line.replace("python ", f"{sys.executable} ", 1)
+    done = subprocess.run(["bash", "-c", python_line], cwd=answered, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "30"
+
+
+@pytest.mark.parametrize("block, module", [(1, "pandas"), (2, "datasets")])
+def test_the_readmes_python_snippets_load_every_answer(answered: Path, block: int, module: str, monkeypatch) -> None:
+    pytest.importorskip(module)
+    monkeypatch.chdir(answered)
+    scope: dict = {}
+    exec(readme_blocks("Loading the answers")[block], scope)  # noqa: S102 (the README's own snippet, run as a reader would)
+    assert len(scope["answers"]) == 30

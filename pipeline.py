@@ -825,6 +825,8 @@ async def answer(client: Any, prompt: Prompt, gate: Gate, settings: Settings, ta
 
 def stop_if_fatal(kind: str, exc: BaseException, settings: Settings) -> None:
     """A refused key or a spent daily quota ends the run: no other request would fare better."""
+    if kind == "auth" and on_vertex() and not api_key_from_env():
+        raise PipelineError(f"the credentials were refused ({describe(exc, settings)}); check your Application Default Credentials") from None
     if kind == "auth":
         raise PipelineError(f"the API key was refused ({describe(exc, settings)}); check GEMINI_API_KEY") from None
     if kind == "daily quota":
@@ -864,6 +866,8 @@ def classify(exc: BaseException) -> str:
 
     google-genai raises APIError carrying the HTTP status as `.code`; it is read
     here without importing the SDK, so that --offline starts fast."""
+    if type(exc).__module__.startswith("google.auth"):  # Vertex AI: credentials that cannot be refreshed
+        return "auth"
     if (code := api_error_code(exc)) is not None:
         if code in (401, 403) or any(d.get("reason") == "API_KEY_INVALID" for d in error_details(exc)):
             return "auth"
@@ -1962,11 +1966,44 @@ def connect(settings: Settings) -> Any:
         retry_options=types.HttpRetryOptions(attempts=1),
         async_client_args={"follow_redirects": False, "allow_redirects": False},  # httpx's name, aiohttp's name
     )
-    return genai.Client(api_key=api_key_from_env(), http_options=options)
+    if not on_vertex():
+        return genai.Client(api_key=api_key_from_env(), http_options=options)
+    if key := api_key_from_env():  # Vertex AI express mode
+        return genai.Client(vertexai=True, api_key=key, http_options=options)
+    project, location = os.environ["GOOGLE_CLOUD_PROJECT"], os.environ["GOOGLE_CLOUD_LOCATION"]  # see check_credentials
+    return genai.Client(vertexai=True, project=project, location=location, http_options=options)
 
 
 def api_key_from_env() -> str | None:
     return os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
+
+
+def on_vertex() -> bool:
+    """Whether google-genai is told to use Vertex AI rather than the Gemini API."""
+    return os.environ.get("GOOGLE_GENAI_USE_VERTEXAI", "").strip().lower() in ("true", "1")
+
+
+def check_credentials(settings: Settings) -> None:
+    """What the chosen backend needs: the Gemini API a key; Vertex AI a project, a
+    location and Application Default Credentials (or, in express mode, a key)."""
+    if not on_vertex():
+        if not api_key_from_env():
+            raise PipelineError("no API key: set GEMINI_API_KEY (or GOOGLE_GENAI_USE_VERTEXAI=true for Vertex AI), or try the pipeline with --offline")
+        return
+    if settings.batch:
+        raise PipelineError("--batch on Vertex AI reads and writes Cloud Storage or BigQuery, which this tool does not handle: run without --batch")
+    if api_key_from_env():
+        return
+    if missing := [name for name in ("GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION") if not os.environ.get(name)]:
+        raise PipelineError(f"Vertex AI needs {' and '.join(missing)} set (or an API key, for express mode)")
+    import google.auth
+    import google.auth.exceptions
+
+    try:  # loaded here once, so that a missing ADC is one line now, not a failure per prompt later
+        google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    except google.auth.exceptions.DefaultCredentialsError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"no Application Default Credentials for Vertex AI ({reason}): run 'gcloud auth application-default login'") from None
 
 
 def redact(text: str) -> str:
@@ -2057,6 +2094,10 @@ HELP_EPILOG = """\
 environment:
   GEMINI_API_KEY          your Gemini API key (GOOGLE_API_KEY is read too)
   GOOGLE_GEMINI_BASE_URL  another API endpoint, e.g. a proxy (read by google-genai)
+  GOOGLE_GENAI_USE_VERTEXAI=true  use Vertex AI, with GOOGLE_CLOUD_PROJECT,
+                          GOOGLE_CLOUD_LOCATION and Application Default Credentials
+                          (GOOGLE_APPLICATION_CREDENTIALS, or gcloud's); with an API
+                          key instead, Vertex AI express mode
 inputs:
   *.jsonl  a request per line: {"prompt": ..., "id": ..., "system_instruction": ...,
            "config": {...}, other fields...}, or the Batch API's {"key", "request"}
@@ -2154,8 +2195,8 @@ def check_setup(settings: Settings) -> None:
         raise PipelineError(f"input dir {settings.input_dir} does not exist or is not a folder (see --input-dir)")
     if settings.output_dir.resolve() == settings.input_dir.resolve():  # every rerun would read the shards as prompts
         raise PipelineError(f"--output-dir {settings.output_dir} is the input dir: choose another folder")
-    if not settings.offline and not api_key_from_env():
-        raise PipelineError("no API key: set GEMINI_API_KEY, or try the pipeline with --offline")
+    if not settings.offline:
+        check_credentials(settings)
     Requests.of(job_generation(settings))  # a misspelt setting stops the run here, before any request
     try:  # last: a refused start leaves no folder behind
         settings.output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """A fake Gemini API on 127.0.0.1, for tests and benchmarks: the real google-genai
 SDK talks to it over HTTP (GOOGLE_GEMINI_BASE_URL=http://127.0.0.1:PORT).
 
-It speaks `POST /{version}/models/{model}:generateContent` with the API's own
+It speaks `POST /{version}/models/{model}:generateContent` (and Vertex AI's
+`/v1beta1/projects/{p}/locations/{l}/publishers/google/models/{model}:generateContent`,
+recording its bearer token) with the API's own
 JSON: answers with candidates, finishReason and usageMetadata; errors as
 {"error": {"code", "message", "status", "details": [google.rpc.* ...]}}. And the
 Batch API as google-genai calls it: `models/{model}:batchGenerateContent` (inline
@@ -45,6 +47,8 @@ class Request:
     attempt: int  # 1 for the first request with this prompt, 2 for the second, ...
     at: float  # time.monotonic() on arrival
     body: dict[str, Any] = field(default_factory=dict)  # the GenerateContentRequest as sent: settings and all
+    path: str = ""  # e.g. /v1beta/models/m:generateContent, or Vertex AI's /v1beta1/projects/p/locations/l/...
+    authorization: str | None = None  # Vertex AI's "Bearer <token>"
 
 
 @dataclass(frozen=True)
@@ -317,7 +321,7 @@ class FakeGemini:
         api_key = headers.get("x-goog-api-key")
         if method == "POST" and route.endswith(":generateContent"):
             model = route.rpartition("/models/")[2].partition(":")[0]
-            reply = self._answer(model, json.loads(body), api_key)
+            reply = self._answer(model, json.loads(body), api_key, route, headers.get("authorization"))
             if self.latency_s or reply.delay_s:
                 await asyncio.sleep(self.latency_s + reply.delay_s)
             return reply
@@ -334,12 +338,12 @@ class FakeGemini:
             return Reply(200, data) if data is not None else error(404, f"File files/{match[1]} not found.")
         return error(404, f"Method not found: {method} {path}")
 
-    def _answer(self, model: str, body: dict[str, Any], api_key: str | None) -> Reply:
+    def _answer(self, model: str, body: dict[str, Any], api_key: str | None, path: str = "", authorization: str | None = None) -> Reply:
         """Ask `behaviour`, and keep count of requests and of answers paid for."""
         prompt = prompt_of(body)
         with self._seen:
             self._attempts[prompt] += 1
-            request = Request(model, prompt, api_key, self._attempts[prompt], time.monotonic(), body)
+            request = Request(model, prompt, api_key, self._attempts[prompt], time.monotonic(), body, path, authorization)
             self.requests.append(request)
             self._seen.notify_all()
         reply = self.behaviour(request)

@@ -1,0 +1,74 @@
+"""Vertex AI through the real SDK, on loopback only: Application Default Credentials from
+a file that needs no refresh, google-genai pointed at the fake server by
+GOOGLE_VERTEX_BASE_URL, and no API key anywhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import sample_prompts, write_prompts
+from fake_gemini import FakeGemini
+
+TOKEN = "ya29.fake-adc-token"
+
+
+@pytest.fixture
+def vertex(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The fake server and the environment a Vertex AI user has: project, location, an ADC file."""
+    adc = tmp_path / "adc.json"
+    adc.write_text(json.dumps({
+        "type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r",
+        "token": TOKEN, "expiry": "2999-01-01T00:00:00Z",  # valid for ever: never refreshed, no Google host asked
+    }))  # fmt: skip
+    with FakeGemini() as server:
+        for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("GOOGLE_GENAI_USE_VERTEXAI", "true")
+        monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "my-project")
+        monkeypatch.setenv("GOOGLE_CLOUD_LOCATION", "us-central1")
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(adc))
+        monkeypatch.setenv("GOOGLE_VERTEX_BASE_URL", server.base_url)
+        monkeypatch.setenv("NO_GCE_CHECK", "True")  # google-auth: never probe a metadata server
+        monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")
+        yield server
+
+
+def test_vertex_ai_with_application_default_credentials_and_no_key(tmp_path, vertex, run) -> None:
+    result = run(write_prompts(tmp_path / "inputs", sample_prompts(6)), "--temperature", "0.3")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(vertex.answered.values()) == [1] * 6
+    for request in vertex.requests:
+        assert request.path == "/v1beta1/projects/my-project/locations/us-central1/publishers/google/models/gemini-flash-latest:generateContent"
+        assert request.authorization == f"Bearer {TOKEN}" and request.api_key is None
+        assert request.body["generationConfig"] == {"temperature": 0.3}
+
+
+def test_vertex_ai_express_mode_takes_an_api_key(tmp_path, vertex, run, monkeypatch) -> None:
+    monkeypatch.setenv("GOOGLE_API_KEY", "express-key")
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT")
+    monkeypatch.delenv("GOOGLE_CLOUD_LOCATION")
+    result = run(write_prompts(tmp_path / "inputs", sample_prompts(2)))
+    assert result.exit_code == 0, result.stderr
+    assert {r.api_key for r in vertex.requests} == {"express-key"}
+    assert all("/publishers/google/models/" in r.path for r in vertex.requests)
+
+
+@pytest.mark.parametrize(
+    "unset, flags, named",
+    [
+        ("GOOGLE_CLOUD_LOCATION", [], "GOOGLE_CLOUD_LOCATION"),
+        ("GOOGLE_APPLICATION_CREDENTIALS", [], "Application Default Credentials"),
+        (None, ["--batch"], "--batch on Vertex AI"),
+    ],
+)
+def test_what_vertex_ai_lacks_is_one_line_before_any_request(tmp_path, vertex, run, monkeypatch, unset, flags, named) -> None:
+    if unset == "GOOGLE_APPLICATION_CREDENTIALS":
+        monkeypatch.setenv(unset, str(tmp_path / "no-such-file.json"))
+    elif unset:
+        monkeypatch.delenv(unset)
+    result = run(write_prompts(tmp_path / "inputs", sample_prompts(2)), *flags)
+    assert result.exit_code == 2 and not vertex.requests
+    [line] = result.stderr.strip().splitlines()
+    assert named in line and not (tmp_path / "outputs").exists()

@@ -98,6 +98,7 @@ OFFLINE_LATENCY_MS = 50.0  # simulated latency of each --offline answer
 BATCH_MODE = False  # send the prompts as jobs of Gemini's Batch API: half the price, hours not seconds
 BATCH_SIZE = 10_000  # prompts per batch job, at most
 BATCH_POLL_S = 30.0  # seconds between two looks at a running batch job (longer while it is pending)
+PROGRESS_EVERY_S = 30.0  # when stderr is not a terminal (a log file, CI, a scheduler), a progress line this often
 
 # Not settings: fixed by the design.
 READ_CHUNK_BYTES = 1 << 20  # input is read this much at a time, so memory stays flat
@@ -161,6 +162,7 @@ class Settings:
     batch: bool = BATCH_MODE
     batch_size: int = BATCH_SIZE
     batch_poll_s: float = BATCH_POLL_S
+    progress_every_s: float = PROGRESS_EVERY_S
     offline: bool = False
     offline_latency_ms: float = OFFLINE_LATENCY_MS
     verbose: bool = False
@@ -350,6 +352,13 @@ def json_line(record: dict[str, Any]) -> str:
 Outcome = Response | Failure
 
 
+def duration(seconds: float) -> str:
+    """45s, 1m32s, 2h05m."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 @dataclass
 class Tally:
     """Running counts, for the progress display and the summary line."""
@@ -363,6 +372,7 @@ class Tally:
     response_tokens: int = 0
     held_s: float = 0.0  # time during which requests waited on the rate limit or a 429's back-off
     jobs: Counter[str] = field(default_factory=Counter)  # batch jobs: submitted, running, done
+    total: int | None = None  # prompts in the inputs, once counted
     started: float = field(default_factory=time.monotonic)
     bar: Any = None  # a tqdm bar when stderr is a terminal
 
@@ -376,7 +386,28 @@ class Tally:
             else:
                 self.failed += 1
         if self.bar is not None and written:
+            if isinstance(written[0], Failure):
+                self.bar.set_postfix_str(self.postfix(), refresh=False)
             self.bar.update(len(written))
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
+    def postfix(self) -> str:
+        """What the bar shows after its count: failures, batch jobs."""
+        return "; ".join(part for part in (f"{self.failed} failed" if self.failed else "", self.jobs_summary()[2:]) if part)
+
+    def progress_line(self) -> str:
+        """E.g. 1200/5000 prompts (24%), 3 failed, 41.2/s, ETA 1m32s."""
+        done = self.answered + self.failed + self.skipped
+        rate = (self.answered + self.failed) / max(time.monotonic() - self.started, 1e-9)
+        if self.total is None:
+            return f"{done}/? prompts, {self.failed} failed, {rate:.1f}/s"
+        eta = duration(max(self.total - done, 0) / rate) if rate else "?"
+        return f"{done}/{self.total} prompts ({100 * done // max(self.total, 1)}%), {self.failed} failed, {rate:.1f}/s, ETA {eta}"
 
     def summary(self) -> str:
         seconds = time.monotonic() - self.started
@@ -401,7 +432,7 @@ class Tally:
             self.jobs[ends] -= 1
         progress = f"batch jobs:{self.jobs_summary().partition(':')[2]}"
         if self.bar is not None:
-            self.bar.set_postfix_str(progress)
+            self.bar.set_postfix_str(self.postfix())
         else:
             log.info("%s; %d prompts written", progress, self.answered + self.failed)
 
@@ -1744,22 +1775,22 @@ async def read_records(path: Path) -> AsyncIterator[tuple[dict[str, Any], str]]:
         yield record, line.decode() + "\n"
 
 
-async def count_answered_before(input_dir: Path, output_dir: Path, past: PastRuns, requests: Requests) -> int:
-    """How many input prompts earlier runs answered. Refuses to mix two runs if an
-    input line was edited since its answer was written."""
-    count = 0
-    if past.answered:
-        for path in await list_input_files(input_dir):
-            async for prompt in read_prompts(path, requests):
-                if (answered_hash := past.answered.get(prompt.id)) is None:
-                    continue
-                if answered_hash != hash(prompt.text):
-                    raise PipelineError(
-                        f"{prompt.id} is not the prompt that {output_dir} holds an answer for: the inputs "
-                        "changed since that run; choose a fresh --output-dir"
-                    )
-                count += 1
-    return count
+async def count_prompts(input_dir: Path, output_dir: Path, past: PastRuns, requests: Requests) -> tuple[int, int]:
+    """How many prompts the inputs hold, and how many of them earlier runs answered.
+    Refuses to mix two runs if an input line was edited since its answer was written."""
+    total = answered = 0
+    for path in await list_input_files(input_dir):
+        async for prompt in read_prompts(path, requests):
+            total += 1
+            if (answered_hash := past.answered.get(prompt.id)) is None:
+                continue
+            if answered_hash != hash(prompt.text):
+                raise PipelineError(
+                    f"{prompt.id} is not the prompt that {output_dir} holds an answer for: the inputs "
+                    "changed since that run; choose a fresh --output-dir"
+                )
+            answered += 1
+    return total, answered
 
 
 # -------------------------------------------------------------------- main --
@@ -1775,7 +1806,9 @@ async def main(settings: Settings, tally: Tally) -> None:
         requests = Requests.of(generation)
         past = await load_past_runs(settings.output_dir)
         check_job(settings, generation)
-        tally.skipped = await count_answered_before(settings.input_dir, settings.output_dir, past, requests)
+        if past.answered:  # before any request: edited inputs stop the run
+            tally.total, tally.skipped = await count_prompts(settings.input_dir, settings.output_dir, past, requests)
+        progress = start_progress(settings, tally)
         client = connect(settings)
         cleanup.push_async_callback(client.aio.aclose)
         gate = Gate(settings.requests_per_minute, tally)
@@ -1802,9 +1835,44 @@ async def main(settings: Settings, tally: Tally) -> None:
             raise
         finally:  # on success, error and Ctrl-C alike
             await shut_down(gate, readers, [*generators, *resumed_jobs], writers, prompts, outcomes)
+            await stop(*progress)
             await finish_failures(settings.output_dir, past.failures)
         for path in past.arrival_files:  # the run is complete: what they held is in synced shards now
             path.unlink()
+
+
+def start_progress(settings: Settings, tally: Tally) -> list[asyncio.Task[None]]:
+    """The progress display: a bar on a terminal (log lines go above it), else a line every
+    PROGRESS_EVERY_S; and, on a fresh run, the total counted meanwhile, streaming."""
+    tally.bar = progress_bar(settings, tally)
+    if tally.bar is not None:
+        log.handlers[:] = [BarHandler(tally.bar, log.handlers[0].formatter if log.handlers else None)]
+    tasks = [] if tally.bar is not None else [asyncio.create_task(report_progress(tally, settings.progress_every_s))]
+    if tally.total is None:
+        tasks.append(asyncio.create_task(count_total(settings.input_dir, tally)))
+    return tasks
+
+
+async def report_progress(tally: Tally, every_s: float) -> None:
+    """Where nobody watches a terminal (nohup, CI, a scheduler's log): a line every `every_s`."""
+    while True:
+        await asyncio.sleep(every_s)
+        log.info("%s", tally.progress_line())
+
+
+async def count_total(input_dir: Path, tally: Tally) -> None:
+    with contextlib.suppress(PipelineError, OSError):  # an input that cannot be read: the reader says so
+        tally.set_total(sum([await count_rows(path) for path in await list_input_files(input_dir)]))
+
+
+async def count_rows(path: Path) -> int:
+    """How many prompts a file holds, for the progress display, without parsing them: its
+    non-blank lines; for CSV, its rows after the header (a quoted cell may span lines)."""
+    rows, in_quotes, is_csv = 0, False, path.suffix.lower() == ".csv"
+    async for _, line in read_lines(path):
+        rows += bool(line.strip()) and not in_quotes
+        in_quotes ^= is_csv and line.count(b'"') % 2 == 1
+    return max(rows - 1, 0) if is_csv else rows
 
 
 async def requeue(journaled: list[Response], outcomes: asyncio.Queue[Outcome]) -> None:
@@ -2170,6 +2238,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--batch", action="store_true", default=d.batch, help="send the prompts as jobs of Gemini's Batch API: half the price, results within 24 h")
     p.add_argument("--batch-size", type=at_least(1), default=d.batch_size, help="prompts per batch job, at most")
     p.add_argument("--batch-poll-s", type=above_zero, default=d.batch_poll_s, help="seconds between looks at a running batch job (up to 600 while pending)")
+    p.add_argument("--progress-every-s", type=above_zero, default=d.progress_every_s, help="when stderr is not a terminal, seconds between two progress lines")
     p.add_argument("--offline", action="store_true", help="use a built-in simulated model: no network, no key")
     p.add_argument(
         "--offline-latency-ms", type=at_least(0, float), default=d.offline_latency_ms, help="simulated latency of --offline"
@@ -2185,7 +2254,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         a.input_dir, a.output_dir, a.model, a.system_instruction, a.temperature, a.max_output_tokens, a.response_schema,
         a.generation_config, a.workers, a.queue_size, a.shard_size, a.max_attempts, a.timeout,
         a.retry_base_s, a.retry_max_s, a.rpm, a.postprocess_workers, a.readers, a.writers,
-        batch=a.batch, batch_size=a.batch_size, batch_poll_s=a.batch_poll_s, offline=a.offline, offline_latency_ms=a.offline_latency_ms, verbose=a.verbose,
+        batch=a.batch, batch_size=a.batch_size, batch_poll_s=a.batch_poll_s, progress_every_s=a.progress_every_s, offline=a.offline, offline_latency_ms=a.offline_latency_ms, verbose=a.verbose,
     )  # fmt: skip
 
 
@@ -2247,13 +2316,14 @@ class BarHandler(logging.Handler):
         self.bar.write(self.format(record), file=sys.stderr)
 
 
-def progress_bar(settings: Settings) -> Any:
-    """A live count on stderr when a person is watching (and -v is not printing events)."""
+def progress_bar(settings: Settings, tally: Tally) -> Any:
+    """A live count on stderr when a person is watching (and -v is not printing events):
+    done of the total (once counted) from where earlier runs stopped, rate, ETA, failures."""
     if settings.verbose or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
-    return tqdm(unit=" prompts", file=sys.stderr, mininterval=0.2)
+    return tqdm(total=tally.total, initial=tally.skipped, unit=" prompts", file=sys.stderr, mininterval=0.2)
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -2272,9 +2342,7 @@ def cli(argv: list[str] | None = None) -> int:
 
 def run_and_report(settings: Settings) -> int:
     """Run the job; the summary line, one line saying how it ended, and the exit status."""
-    tally = Tally(bar=progress_bar(settings))
-    if tally.bar is not None:
-        log.handlers[:] = [BarHandler(tally.bar, log.handlers[0].formatter if log.handlers else None)]
+    tally = Tally()
     try:
         asyncio.run(main(settings, tally))
     except QuotaExhausted as exc:

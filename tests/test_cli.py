@@ -8,6 +8,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -171,6 +173,7 @@ def test_help_lists_every_setting_with_its_constant_as_default(tmp_path: Path) -
         ("--offline-latency-ms", pipeline.OFFLINE_LATENCY_MS),
         ("--postprocess-workers", pipeline.POSTPROCESS_WORKERS), ("--readers", pipeline.READERS),
         ("--writers", pipeline.WRITERS), ("--batch-size", pipeline.BATCH_SIZE), ("--batch-poll-s", pipeline.BATCH_POLL_S),
+        ("--progress-every-s", pipeline.PROGRESS_EVERY_S),
     ]:  # fmt: skip
         shown = "unset" if constant is None else str(constant)  # None cannot be passed as a value
         assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(shown)}\)", help_text), flag
@@ -217,3 +220,69 @@ def test_the_readmes_python_snippets_load_every_answer(answered: Path, block: in
     scope: dict = {}
     exec(readme_blocks("Loading the answers")[block], scope)  # noqa: S102 (the README's own snippet, run as a reader would)
     assert len(scope["answers"]) == 30
+
+
+def test_without_a_terminal_a_progress_line_comes_every_progress_every_s(tmp_path: Path) -> None:
+    write_prompts(tmp_path / "inputs", sample_prompts(30))
+    flags = ["--offline", "--workers", "1", "--offline-latency-ms", "100", "--progress-every-s", "0.5"]
+    result = run_subprocess(flags, tmp_path)  # stderr is a pipe
+    assert result.exit_code == 0, result.stderr
+    progress = re.findall(r"^(\d+)/30 prompts \((\d+)%\), 0 failed, [\d.]+/s, ETA \S+$", result.stderr, re.MULTILINE)
+    assert len(progress) >= 3, result.stderr
+    done = [int(n) for n, _ in progress]
+    assert done == sorted(done) and done[-1] > done[0] and all(int(p) == 100 * int(n) // 30 for n, p in progress)
+    assert "shard_" not in result.stderr  # nothing per prompt without -v
+
+
+def on_a_terminal(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, interrupt_after: Callable[[], object] | None = None
+) -> tuple[int, str]:
+    """Run pipeline.py with stderr on a 120-column pseudo-terminal, as a person sees it;
+    Ctrl-C once `interrupt_after()` returns. Its exit status and everything it showed."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "pipeline.py"), *args], cwd=cwd, env=env, stdout=follower, stderr=follower
+    )
+    os.close(follower)
+    if interrupt_after is not None:
+        threading.Thread(target=lambda: interrupt_after() and process.send_signal(signal.SIGINT), daemon=True).start()
+    screen = b""
+    while select.select([leader], [], [], 60)[0]:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child is gone: EIO
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(leader)
+    return process.wait(timeout=10), screen.decode(errors="replace")
+
+
+def test_on_a_terminal_the_bar_shows_the_total_and_eta_from_the_resumed_count(tmp_path: Path) -> None:
+    write_prompts(tmp_path / "inputs", sample_prompts(10), per_file=10)
+    assert run_subprocess(["--offline", "--offline-latency-ms", "0"], tmp_path).exit_code == 0
+    write_prompts(tmp_path / "inputs", sample_prompts(30), per_file=10)  # the same 10, and 20 more
+    status, screen = on_a_terminal(["--offline", "--workers", "1", "--offline-latency-ms", "50"], tmp_path)
+    assert status == 0, screen
+    frames = re.findall(r"(\d+)/30 \[[\d:]+<([\d:?]+),", screen)
+    assert frames and frames[0][0] == "10", screen  # starts at what earlier runs answered
+    assert frames[-1][0] == "30" and any(eta not in ("?", "00:00") for _, eta in frames)  # and counts down an ETA
+
+
+
+def test_on_a_terminal_the_stopping_line_prints_above_the_bar(tmp_path: Path) -> None:
+    write_prompts(tmp_path / "inputs", sample_prompts(30))
+    with FakeGemini(latency_s=30) as server:
+        env = {**os.environ, "GEMINI_API_KEY": API_KEY, "GOOGLE_GEMINI_BASE_URL": server.base_url}
+        status, screen = on_a_terminal([], tmp_path, env, interrupt_after=lambda: server.wait_for_requests(5))
+    assert status == 130
+    lines = [line.strip() for line in re.split(r"[\r\n]+", screen)]  # what each line starts with, after the bar is cleared
+    assert "stopping: writing the answers received (Ctrl-C again quits at once)" in lines, screen

@@ -11,7 +11,7 @@ shard_00001.jsonl, ... (SHARD_SIZE records each); prompts that failed for good
 go to OUTPUT_DIR/failed.jsonl with the reason. Run the same command again after
 a crash or Ctrl-C and it continues: answered prompts are skipped, failed ones
 retried. Exit status: 0 all answered, 1 some failed, 2 bad settings, input or
-key, 130 interrupted.
+key, 130 interrupted (143 by SIGTERM).
 
 How it is built, in the order data flows through this file:
   settings   the constants below, each also a command-line flag; and postprocess(), yours to edit
@@ -32,9 +32,11 @@ How it is built, in the order data flows through this file:
   resume     load_past_runs: what the output dir already holds (PastRuns); repairs torn lines;
              check_job: one folder, one model and one set of settings
   main       starts the stages, waits for the queues to drain, and shuts down (shut_down)
-             on success, error and Ctrl-C alike; stops at once if a stage dies (supervised)
+             on success, error and Ctrl-C alike; stops at once if a stage dies (supervised);
+             start_progress: the bar, or a progress line every PROGRESS_EVERY_S
   offline    OfflineClient, a stand-in for genai.Client with the same call shape
-  CLI        flags, start-up checks, the summary line and the exit status
+  CLI        flags, start-up checks (check_credentials: Gemini API or Vertex AI), the lock on
+             the output dir, the summary line and the exit status
 """
 
 from __future__ import annotations

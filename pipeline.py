@@ -1810,7 +1810,7 @@ async def main(settings: Settings, tally: Tally) -> None:
         check_job(settings, generation)
         if past.answered:  # before any request: edited inputs stop the run
             tally.total, tally.skipped = await count_prompts(settings.input_dir, settings.output_dir, past, requests)
-        progress = start_progress(settings, tally)
+        cleanup.push_async_callback(stop, *start_progress(settings, tally))
         client = connect(settings)
         cleanup.push_async_callback(client.aio.aclose)
         gate = Gate(settings.requests_per_minute, tally)
@@ -1837,7 +1837,6 @@ async def main(settings: Settings, tally: Tally) -> None:
             raise
         finally:  # on success, error and Ctrl-C alike
             await shut_down(gate, readers, [*generators, *resumed_jobs], writers, prompts, outcomes)
-            await stop(*progress)
             await finish_failures(settings.output_dir, past.failures)
         for path in past.arrival_files:  # the run is complete: what they held is in synced shards now
             path.unlink()

@@ -22,6 +22,7 @@ peak RSS from wait4(). The sections:
              post-processing at all, in the ceiling's setting), and what it buys with
              heavy_postprocess (20 ms of CPU per answer) under 100 ms latency: time
              against running it on the event loop, and the loop's longest stall
+  longline   one 200 MB line read by pipeline.read_lines: seconds and peak RSS (linear, one line in memory)
   transport  500 workers at 1 s latency on google-genai's two transports: httpx2 (the
              SDK's default; its pool holds 100 connections) and aiohttp (requirements.txt)
 """
@@ -353,7 +354,30 @@ def transport(scratch: Path, workers: int, reps: int) -> None:
             )
 
 
-SECTIONS = ["ceiling", "scaling", "machinery", "memory", "postprocess", "transport"]
+def child_longline(path: str) -> None:
+    """Read one file's lines through the pipeline's reader; report time and peak RSS."""
+    sys.path.insert(0, str(ROOT))
+    import resource
+
+    import pipeline
+
+    async def read() -> int:
+        return sum([len(line) async for _, line in pipeline.read_lines(Path(path))])
+
+    started = time.perf_counter()
+    size = asyncio.run(read())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"| longline, a {size / 1e6:.0f} MB line | {time.perf_counter() - started:.2f} s | peak RSS {peak:.0f} MB |", flush=True)
+
+
+def longline(scratch: Path, megabytes: int) -> None:
+    path = scratch / "longline.txt"
+    path.write_bytes(b"x" * (megabytes * 1_000_000))
+    subprocess.run([sys.executable, __file__, "longline", str(path)], check=True)
+    path.unlink()
+
+
+SECTIONS = ["ceiling", "scaling", "machinery", "memory", "postprocess", "transport", "longline"]
 
 
 def main() -> None:
@@ -382,11 +406,15 @@ def main() -> None:
             postprocessing(scratch, 500 if quick else 2000, 100 if quick else 300, 1 if quick else 5, 1 if quick else 11)
         if "transport" in only:
             transport(scratch, 500, 1 if quick else 3)
+        if "longline" in only:
+            longline(scratch, 200)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "pipeline":
         child_pipeline(sys.argv[3:], postprocess=sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "longline":
+        child_longline(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "ceiling":
         child_ceiling(int(sys.argv[2]), int(sys.argv[3]))
     else:

@@ -22,6 +22,10 @@ peak RSS from wait4(). The sections:
              post-processing at all, in the ceiling's setting), and what it buys with
              heavy_postprocess (20 ms of CPU per answer) under 100 ms latency: time
              against running it on the event loop, and the loop's longest stall
+  concurrency  --workers 100, 500, 1000, 2000 at 1 s latency, 10 prompts per worker, the
+             pipeline against the bare-SDK program: wall against the ideal 10 s, requests
+             in flight at the server, client CPU, peak RSS; tests/concurrency.png when
+             matplotlib is installed
   longline   one 200 MB line read by pipeline.read_lines: seconds and peak RSS (linear, one line in memory)
   transport  500 workers at 1 s latency on google-genai's two transports: httpx2 (the
              SDK's default; its pool holds 100 connections) and aiohttp (requirements.txt)
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import math
 import os
@@ -354,6 +359,59 @@ def transport(scratch: Path, workers: int, reps: int) -> None:
             )
 
 
+def concurrency(scratch: Path, counts: list[int]) -> None:
+    """Whether --workers N puts N requests in flight, and what the pipeline adds to bare SDK
+    calls at that concurrency. The fake server runs in this process, so that it can count
+    the requests in flight (its CPU is not the child's)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_gemini import FakeGemini
+
+    rows = []
+    for workers in counts:
+        prompts = workers * 10
+        inputs = make_inputs(scratch / f"concurrency_{workers}", prompts)
+        contenders = {
+            "pipeline": pipeline_args(inputs, scratch, "--workers", str(workers), "--shard-size", "1000"),
+            "bare SDK": ["ceiling", str(prompts), str(workers)],
+        }
+        for name, args in contenders.items():
+            with FakeGemini(latency_s=1.0) as server:
+                run = measure(args, {"GOOGLE_GEMINI_BASE_URL": server.base_url, "GEMINI_API_KEY": "benchmark-key"})
+                arrivals = sorted(request.at for request in server.requests)
+            in_flight = max(bisect.bisect_left(arrivals, at + 1.0) - i for i, at in enumerate(arrivals))
+            rows.append((workers, name, prompts / run.wall_s))
+            print(
+                f"| concurrency, {name}, {workers} workers, {prompts} prompts, 1 s | {run.wall_s / 10:.2f}x ideal "
+                f"| {run.wall_s:.1f} s vs 10 s; {in_flight} requests in flight at the server; client CPU "
+                f"{run.process_cpu_s:.1f} s ({run.process_cpu_s / prompts * 1000:.2f} ms per request); peak RSS {run.peak_rss_mb:.0f} MB |",
+                flush=True,
+            )
+    draw_concurrency(rows, ROOT / "tests" / "concurrency.png")
+
+
+def draw_concurrency(rows: list[tuple[int, str, float]], path: Path) -> None:
+    """Prompts/s against workers, for the pipeline, the bare SDK and the ideal: a curve reads faster than a table."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("# matplotlib is not installed: no picture")
+        return
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    workers = sorted({w for w, _, _ in rows})
+    axes.plot(workers, workers, "k--", label="ideal (workers / 1 s)")
+    for name, style in (("pipeline", "o-"), ("bare SDK", "s-")):
+        axes.plot([w for w, n, _ in rows if n == name], [r for _, n, r in rows if n == name], style, label=name)
+    axes.set(xlabel="--workers", ylabel="prompts/s", title="1 s latency, 10 prompts per worker, 2-core VM")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    print(f"# picture: {path.relative_to(ROOT)}")
+
+
 def child_longline(path: str) -> None:
     """Read one file's lines through the pipeline's reader; report time and peak RSS."""
     sys.path.insert(0, str(ROOT))
@@ -377,7 +435,7 @@ def longline(scratch: Path, megabytes: int) -> None:
     path.unlink()
 
 
-SECTIONS = ["ceiling", "scaling", "machinery", "memory", "postprocess", "transport", "longline"]
+SECTIONS = ["ceiling", "scaling", "machinery", "memory", "postprocess", "transport", "concurrency", "longline"]
 
 
 def main() -> None:
@@ -406,6 +464,8 @@ def main() -> None:
             postprocessing(scratch, 500 if quick else 2000, 100 if quick else 300, 1 if quick else 5, 1 if quick else 11)
         if "transport" in only:
             transport(scratch, 500, 1 if quick else 3)
+        if "concurrency" in only:
+            concurrency(scratch, [100, 500] if quick else [100, 500, 1000, 2000])
         if "longline" in only:
             longline(scratch, 200)
 

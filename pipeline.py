@@ -928,8 +928,8 @@ def network_errors() -> tuple[type[BaseException], ...]:
     """Timeouts and connection errors of whichever HTTP library the SDK has loaded."""
     found: list[type[BaseException]] = [TimeoutError, OSError]
     for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("aiohttp", "ClientError")):
-        if module in sys.modules:
-            found.append(getattr(sys.modules[module], name))
+        if (loaded := sys.modules.get(module)) is not None:
+            found.append(getattr(loaded, name))
     return tuple(found)
 
 

@@ -845,14 +845,12 @@ async def answer(client: Any, prompt: Prompt, gate: Gate, settings: Settings, ta
                 await gate.sleep(delay)
         else:
             outcome = to_outcome(prompt, reply, attempt, settings.model)
-            if isinstance(outcome, Response) and (problem := outcome.parse()):  # e.g. JSON cut short at MAX_TOKENS
-                if attempt < settings.max_attempts:
-                    tally.retries += 1
-                    log.debug("retry %s after attempt %d: %s", prompt.id, attempt, problem)
-                    continue
-                return Failure(prompt, problem, attempt, response=outcome.text)  # paid for: kept
+            if (unfit := not_as_asked(outcome)) and attempt < settings.max_attempts:  # e.g. JSON cut short at MAX_TOKENS
+                tally.retries += 1
+                log.debug("retry %s after attempt %d: %s", prompt.id, attempt, unfit.error)
+                continue
             log.debug("generated %s (attempt %d)", prompt.id, attempt)
-            return outcome
+            return unfit or outcome
     raise AssertionError("unreachable: the last attempt always returns")  # pragma: no cover
 
 
@@ -887,6 +885,13 @@ def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome
         prompt_tokens=(usage and usage.prompt_token_count) or 0,
         response_tokens=(usage and usage.candidates_token_count) or 0,
     )
+
+
+def not_as_asked(outcome: Outcome) -> Failure | None:
+    """An answer that is not the JSON asked for, as a Failure that keeps it (it was paid for)."""
+    if isinstance(outcome, Response) and (problem := outcome.parse()):
+        return Failure(outcome.prompt, problem, outcome.attempts, response=outcome.text)
+    return None
 
 
 def enum_name(value: Any) -> str | None:
@@ -1176,9 +1181,7 @@ def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, settin
     if response is None:
         return Failure(prompt, f"batch job {job.name} returned nothing for this prompt", attempts=1)
     outcome = to_outcome(prompt, response, 1, settings.model)
-    if isinstance(outcome, Response) and (problem := outcome.parse()):  # one attempt in a job: no retry
-        return Failure(prompt, problem, 1, response=outcome.text)
-    return outcome
+    return not_as_asked(outcome) or outcome  # one attempt in a job: no retry
 
 
 async def api_call(
@@ -1527,7 +1530,7 @@ class ArrivalJournal:
         self.name = name  # "<run>.<writer>": unique to this writer of this run
         self.needed = needed  # False when post-processing runs inline: answers then reach the shards with no wait
         self.fd: int | None = None  # the file being appended to
-        self.path = output_dir  # ...and its path
+        self.path: Path | None = None  # ...and its path
         self.count = 0  # answers in it
         self.files = itertools.count()
         self.closed: list[tuple[Path, int]] = []  # earlier files, each with the last shard its answers went to
@@ -1548,10 +1551,10 @@ class ArrivalJournal:
 
     def close(self, last_shard: int = sys.maxsize - 1) -> None:
         """Close the file; by default as one that goes only once every shard is synced."""
-        if self.fd is not None:
+        if self.fd is not None and self.path is not None:
             os.close(self.fd)
             self.closed.append((self.path, last_shard))
-            self.fd, self.count = None, 0
+            self.fd, self.path, self.count = None, None, 0
 
     def forget(self, durable_below: int) -> None:
         """Remove the closed files whose answers are all in synced shards (see ShardWriter.durable_below)."""

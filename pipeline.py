@@ -44,7 +44,9 @@ from __future__ import annotations
 __version__ = "0.9.0"  # --version prints it
 
 import argparse
+import array
 import asyncio
+import bisect
 import contextlib
 import csv
 import fcntl
@@ -69,6 +71,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Container, Itera
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from json.decoder import scanstring
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -607,17 +610,15 @@ def last_user_text(contents: list[Any]) -> str:
 
 
 # ------------------------------------------------------------------ reader --
-async def read_inputs(
-    files: Iterator[Path], prompts: asyncio.Queue[Prompt], requests: Requests, answered: Container[str] = ()
-) -> None:
-    """Queue every prompt of each file taken from `files`, in order, except those `answered`
-    before; waits while the queue is full. With READERS > 1 the readers share `files`,
-    each taking the next file when it finishes one."""
+async def read_inputs(files: Iterator[Path], prompts: asyncio.Queue[Prompt], requests: Requests, past: PastRuns) -> None:
+    """Queue every prompt of each file taken from `files`, in order, except those the
+    output dir already has (see PastRuns.skips); waits while the queue is full. With
+    READERS > 1 the readers share `files`, each taking the next file when it finishes one."""
     for path in files:
         async with contextlib.aclosing(read_prompts(path, requests)) as file_prompts:
             async for prompt in file_prompts:
                 requests.claim(prompt)
-                if prompt.id not in answered:
+                if not past.skips(prompt):
                     await prompts.put(prompt)
                     log.debug("enqueued %s", prompt.id)
 
@@ -647,22 +648,26 @@ async def read_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
 
 async def line_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
     """A prompt per non-blank line; blank lines are skipped but still counted in the ids."""
-    async for number, line in read_lines(path):
-        text, error = decode(line, first=number == 1)
-        if error:
-            yield Prompt(f"{path.name}:{number}", text, error=error)
-        elif text := text.strip():
-            yield requests.prompt(f"{path.name}:{number}", text)
+    name = path.name
+    async for first, lines in read_lines(path):
+        for number, line in enumerate(lines, first):
+            text, error = decode(line, first=number == 1)
+            if error:
+                yield Prompt(f"{name}:{number}", text, error=error)
+            elif text := text.strip():
+                yield requests.prompt(f"{name}:{number}", text)
 
 
 async def jsonl_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
     """A request per non-blank line (see Requests.from_json)."""
-    async for number, line in read_lines(path):
-        text, error = decode(line, first=number == 1)
-        if error:
-            yield Prompt(f"{path.name}:{number}", text, error=error)
-        elif text.strip():
-            yield requests.from_json(text, f"{path.name}:{number}")
+    name = path.name
+    async for first, lines in read_lines(path):
+        for number, line in enumerate(lines, first):
+            text, error = decode(line, first=number == 1)
+            if error:
+                yield Prompt(f"{name}:{number}", text, error=error)
+            elif text.strip():
+                yield requests.from_json(text, f"{name}:{number}")
 
 
 async def csv_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
@@ -673,52 +678,52 @@ async def csv_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
     header: list[str] | None = None
     pending: list[str] = []
     start = 0
-    async for number, line in read_lines(path):
-        text, error = decode(line, first=number == 1)
-        if error:  # no row can hold it: that line fails
-            yield Prompt(f"{path.name}:{number}", text, error=error)
+    async for first, lines in read_lines(path):
+        for number, line in enumerate(lines, first):
+            text, error = decode(line, first=number == 1)
+            if error:  # no row can hold it: that line fails
+                yield Prompt(f"{path.name}:{number}", text, error=error)
+                pending = []
+                continue
+            start = start if pending else number
+            pending.append(text)
+            row_text = "\n".join(pending)
+            if row_text.count('"') % 2:  # a quoted cell goes on in the next line
+                continue
             pending = []
-            continue
-        start = start if pending else number
-        pending.append(text)
-        row_text = "\n".join(pending)
-        if row_text.count('"') % 2:  # a quoted cell goes on in the next line
-            continue
-        pending = []
-        if not row_text.strip():
-            continue
-        cells = next(csv.reader([row_text]))
-        if header is None:
-            header = [cell.strip() for cell in cells]
-            if "prompt" not in header:
-                raise PipelineError(f"{path}, line {start}: the header names no 'prompt' column ({', '.join(header)})")
-        elif len(cells) != len(header):
-            yield Prompt(f"{path.name}:{start}", row_text.strip(), error=f"row has {len(cells)} cells, the header {len(header)}")
-        else:
-            row = {name: cell for name, cell in zip(header, cells) if cell or name not in ("id", "system_instruction")}
-            yield requests.from_row(row, f"{path.name}:{start}")
+            if not row_text.strip():
+                continue
+            cells = next(csv.reader([row_text]))
+            if header is None:
+                header = [cell.strip() for cell in cells]
+                if "prompt" not in header:
+                    raise PipelineError(f"{path}, line {start}: the header names no 'prompt' column ({', '.join(header)})")
+            elif len(cells) != len(header):
+                yield Prompt(f"{path.name}:{start}", row_text.strip(), error=f"row has {len(cells)} cells, the header {len(header)}")
+            else:
+                row = {name: cell for name, cell in zip(header, cells) if cell or name not in ("id", "system_instruction")}
+                yield requests.from_row(row, f"{path.name}:{start}")
     if pending:
         yield Prompt(f"{path.name}:{start}", "\n".join(pending).strip(), error="a quoted cell is never closed")
 
 
-async def read_lines(path: Path) -> AsyncIterator[tuple[int, bytes]]:
-    """Numbered lines of a file, read in large chunks: one thread hop per chunk, not per line."""
-    number = 0
+async def read_lines(path: Path) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """The lines of a file, a chunk of READ_CHUNK_BYTES at a time: one thread hop and one
+    await per chunk, not per line. Each run of lines comes with the number of its first."""
+    number = 1
     async with aiofiles.open(path, "rb") as file:
         unfinished = bytearray()  # the line across chunks, grown in place: linear time, memory about one line
         while chunk := await file.read(READ_CHUNK_BYTES):
-            first, *lines = chunk.split(b"\n")
+            first, *rest = chunk.split(b"\n")
             unfinished += first
-            if not lines:
+            if not rest:
                 continue
-            number += 1
-            yield number, unfinished
-            unfinished = bytearray(lines.pop())
-            for line in lines:
-                number += 1
-                yield number, line
+            lines = [unfinished, *rest[:-1]]
+            yield number, lines
+            number += len(lines)
+            unfinished = bytearray(rest[-1])
         if unfinished:
-            yield number + 1, unfinished
+            yield number, [unfinished]
 
 
 def decode(line: bytes, first: bool) -> tuple[str, str | None]:
@@ -826,10 +831,9 @@ async def answer(client: Any, prompt: Prompt, gate: Gate, settings: Settings, ta
         if not await gate.admit():
             return None
         try:
-            async with asyncio.timeout(settings.timeout_s):
-                reply = await client.aio.models.generate_content(
-                    model=settings.model, contents=prompt.contents or prompt.text, config=prompt.config
-                )
+            reply = await client.aio.models.generate_content(  # --timeout is the client's own (see connect)
+                model=settings.model, contents=prompt.contents or prompt.text, config=prompt.config
+            )
         except Exception as exc:  # noqa: BLE001 (the SDK's and the network's errors: classify() sorts them)
             kind = classify(exc)
             stop_if_fatal(kind, exc, settings)
@@ -1239,15 +1243,16 @@ class BatchJournal:
         jobs: list[BatchJob] = []
         unknown: dict[str, list[Prompt]] = {}
         if self.path.exists():
-            async for number, line in complete_lines(self.path, b'{"submit'):
-                try:
-                    record = json.loads(line)
-                    if "submitting" in record:
-                        unknown[str(record["submitting"])] = [unjournaled(*p) for p in record["prompts"]]
-                    elif (job_prompts := unknown.pop(str(record["submitted"]))) and record["job"]:
-                        jobs.append(BatchJob(str(record["job"]), job_prompts))
-                except (ValueError, KeyError, TypeError):
-                    raise PipelineError(f"{self.path}, line {number}, is not a batch job this pipeline recorded; {MOVE_IT_AWAY}") from None
+            async for first, lines in complete_lines(self.path, b'{"submit'):
+                for number, line in enumerate(lines, first):
+                    try:
+                        record = json.loads(line)
+                        if "submitting" in record:
+                            unknown[str(record["submitting"])] = [unjournaled(*p) for p in record["prompts"]]
+                        elif (job_prompts := unknown.pop(str(record["submitted"]))) and record["job"]:
+                            jobs.append(BatchJob(str(record["job"]), job_prompts))
+                    except (ValueError, KeyError, TypeError):
+                        raise PipelineError(f"{self.path}, line {number}, is not a batch job this pipeline recorded; {MOVE_IT_AWAY}") from None
         return jobs, unknown
 
 
@@ -1635,66 +1640,122 @@ def replace_file(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------ resume --
+class Fingerprints:
+    """A set of strings (or tuples of them) kept as their 64-bit hash() in sorted arrays: 8
+    bytes each where a dict of the strings takes about 150, so that resuming a job of 10
+    million prompts fits in 160 MB, not 1.5 GB. Filled once (add, then freeze), then only
+    asked. The hashes are this process's own, never stored. Two values share one with odds
+    of n / 2**64 per question: for 10 million, about 1 in 2 billion."""
+
+    BUCKETS = 4096  # arrays, by a hash's low bits: sorting each needs memory for that one only
+
+    def __init__(self) -> None:
+        self.buckets = [array.array("q") for _ in range(self.BUCKETS)]  # each sorted once frozen
+
+    def add(self, value: Any) -> None:
+        fingerprint = hash(value)
+        self.buckets[fingerprint % self.BUCKETS].append(fingerprint)
+
+    def freeze(self) -> None:
+        self.buckets = [array.array("q", sorted(set(bucket))) for bucket in self.buckets]
+
+    def __contains__(self, value: object) -> bool:
+        fingerprint = hash(value)
+        bucket = self.buckets[fingerprint % self.BUCKETS]
+        found = bisect.bisect_left(bucket, fingerprint)
+        return found < len(bucket) and bucket[found] == fingerprint
+
+    def __len__(self) -> int:
+        return sum(map(len, self.buckets))
+
+
+class Answered:
+    """The prompts earlier runs answered: their ids, and each id with the text it was asked
+    with, as Fingerprints (16 bytes a prompt). A reader skips a prompt it holds; a prompt
+    whose id it holds with another text was edited since (see PastRuns.skips)."""
+
+    def __init__(self) -> None:
+        self.ids = Fingerprints()
+        self.asked = Fingerprints()  # (id, text)
+
+    def add(self, prompt_id: str, text: str) -> None:
+        self.ids.add(prompt_id)
+        self.asked.add((prompt_id, text))
+
+    def freeze(self) -> None:
+        self.ids.freeze()
+        self.asked.freeze()
+
+    def __contains__(self, prompt_id: object) -> bool:
+        return prompt_id in self.ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 @dataclass
 class PastRuns:
     """What earlier runs left in the output dir, so that this run continues where they stopped."""
 
-    answered: dict[str, int] = field(default_factory=dict)  # prompt id -> hash() of its prompt text
+    output_dir: Path
+    answered: Answered = field(default_factory=Answered)
     failures: dict[str, str] = field(default_factory=dict)  # prompt id -> its failed.jsonl line, if still unanswered
     next_shard: int = 0
     batch_jobs: list[BatchJob] = field(default_factory=list)  # --batch jobs submitted, not yet all written
     in_batch_jobs: set[str] = field(default_factory=set)  # the ids of their prompts
     unknown_submissions: dict[str, list[Prompt]] = field(default_factory=dict)  # see BatchJournal
     journaled: list[Response] = field(default_factory=list)  # answers received, never written (see ArrivalJournal)
+    journaled_ids: set[str] = field(default_factory=set)  # ...their ids
     arrival_files: list[Path] = field(default_factory=list)  # the arrivals journals that held them
 
     def add_batch_job(self, job: BatchJob) -> None:
         self.batch_jobs.append(job)
         self.in_batch_jobs.update(p.id for p in job.prompts)
 
-    def not_to_ask(self) -> Container[str]:
-        """The ids the reader skips: answered, journaled, or waiting in a batch job."""
-        return AnyOf((self.answered, {r.prompt.id for r in self.journaled}, self.in_batch_jobs))
-
-
-@dataclass(frozen=True)
-class AnyOf:
-    """Membership in any of several containers, without copying them into one."""
-
-    containers: tuple[Container[str], ...]
-
-    def __contains__(self, item: object) -> bool:
-        return any(item in container for container in self.containers)
+    def skips(self, prompt: Prompt) -> bool:
+        """Whether a reader leaves `prompt` out: answered, journaled, or waiting in a batch
+        job. An answered id whose text is not the one answered stops the run before that
+        prompt is asked: the inputs were edited, and one folder would hold two jobs."""
+        if (prompt.id, prompt.text) in self.answered.asked:
+            return True
+        if prompt.id in self.answered:
+            raise PipelineError(
+                f"{prompt.id} is not the prompt that {self.output_dir} holds an answer for: the inputs "
+                "changed since that run; choose a fresh --output-dir"
+            )
+        return prompt.id in self.journaled_ids or prompt.id in self.in_batch_jobs
 
 
 async def load_past_runs(output_dir: Path) -> PastRuns:
     """Read the shards and failed.jsonl of earlier runs. A last line cut short by a
     killed process is removed, so that prompt is simply asked again."""
     log.debug("reading what earlier runs left in %s", output_dir)
-    past = PastRuns()
-    journaled: dict[str, Response] = {}
+    past = PastRuns(output_dir)
     for number, path in shard_files(output_dir):
         records = 0
-        async for record, _ in read_records(path):
-            past.answered[record["id"]] = hash(record["prompt"])
-            records += 1
+        async for run in read_records(path):
+            for prompt_id, text, _ in run:
+                past.answered.add(prompt_id, text)
+            records += len(run)
         if records:
             past.next_shard = number + 1
         else:  # created, or emptied by the repair, just before a kill: no shard is ever empty
             path.unlink()
+    past.answered.freeze()
     for path in failure_journals(output_dir):  # appended to while running, so an id may repeat: the last line wins
-        async for record, line in read_records(path):
-            if record["id"] not in past.answered:
-                past.failures[record["id"]] = line
+        async for run in read_records(path):
+            past.failures.update((prompt_id, line + "\n") for prompt_id, _, line in run if prompt_id not in past.answered)
+    journaled: dict[str, Response] = {}
     for path in sorted(p for p in output_dir.iterdir() if ARRIVALS.fullmatch(p.name)):
         past.arrival_files.append(path)
-        async for record, line in read_records(path):
-            if record["id"] not in past.answered and record["id"] not in journaled:
-                try:
-                    journaled[record["id"]] = Response.from_record(json.loads(line))
-                except (KeyError, TypeError, ValueError):
-                    raise PipelineError(f"{path} holds a line that is not an answer this pipeline journaled; {MOVE_IT_AWAY}") from None
-    past.journaled = list(journaled.values())
+        async for run in read_records(path):
+            for prompt_id, _, line in run:
+                if prompt_id not in past.answered and prompt_id not in journaled:
+                    try:
+                        journaled[prompt_id] = Response.from_record(json.loads(line))
+                    except (KeyError, TypeError, ValueError):
+                        raise PipelineError(f"{path} holds a line that is not an answer this pipeline journaled; {MOVE_IT_AWAY}") from None
+    past.journaled, past.journaled_ids = list(journaled.values()), set(journaled)
     jobs, unknown = await BatchJournal(output_dir / BATCH_JOURNAL).load()
     for job in jobs:
         if any(p.id not in past.answered and p.id not in past.failures for p in job.prompts):
@@ -1706,6 +1767,7 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
 
 
 RECORD_OPENING = json_line({"id": ""})[:7].encode()  # '{"id": ': how every record and failure line starts
+ID_OPENING, PROMPT_OPENING = '{"id": "', ', "prompt": "'  # how json_line() writes the two fields every record starts with
 MOVE_IT_AWAY = "move the file away or choose a fresh --output-dir"
 
 
@@ -1751,51 +1813,49 @@ def failure_journals(output_dir: Path) -> list[Path]:
     return sorted((p for p in output_dir.iterdir() if FAILED_JOURNAL.fullmatch(p.name)), key=lambda p: natural_key(p.name))
 
 
-async def complete_lines(path: Path, opening: bytes) -> AsyncIterator[tuple[int, bytes]]:
-    """The numbered lines of a file we append to, each of which starts with `opening`. A
-    last line without its newline (the process died writing it) is removed from the file,
-    not returned; but only if it is the start of such a line: a file someone else wrote
-    is never cut (the caller refuses its complete lines, this its last)."""
+async def complete_lines(path: Path, opening: bytes) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """The lines of a file we append to, each of which starts with `opening`, in runs (see
+    read_lines). A last line without its newline (the process died writing it) is removed
+    from the file, not returned; but only if it is the start of such a line: a file
+    someone else wrote is never cut (the caller refuses its complete lines, this its last)."""
     size = (await aiofiles.os.stat(path)).st_size
     end = 0
-    async for number, line in read_lines(path):
-        start, end = end, end + len(line) + 1
-        if end > size:
-            if not (line.startswith(opening) or opening.startswith(line)):
-                raise PipelineError(f"{path}, line {number}, is not a line this pipeline wrote; {MOVE_IT_AWAY}")
-            log.warning("repairing %s: dropping its unfinished last line %d", path.name, number)
-            os.truncate(path, start)
-            return
-        yield number, line
+    async for first, lines in read_lines(path):
+        end += sum(map(len, lines)) + len(lines)  # each line and its newline
+        if end > size:  # the last line has none
+            *lines, torn = lines
+            if not (torn.startswith(opening) or opening.startswith(torn)):
+                raise PipelineError(f"{path}, line {first + len(lines)}, is not a line this pipeline wrote; {MOVE_IT_AWAY}")
+            log.warning("repairing %s: dropping its unfinished last line %d", path.name, first + len(lines))
+            os.truncate(path, size - len(torn))
+        if lines:
+            yield first, lines
 
 
-async def read_records(path: Path) -> AsyncIterator[tuple[dict[str, Any], str]]:
-    """The records of a JSON Lines file we wrote, each with its line; repairs a torn last line."""
-    async for number, line in complete_lines(path, RECORD_OPENING):
-        try:
-            record = json.loads(line)
-            record = {"id": str(record["id"]), "prompt": str(record["prompt"])}
-        except (ValueError, KeyError, TypeError):
-            raise PipelineError(f"{path}, line {number}, is not a record this pipeline wrote; {MOVE_IT_AWAY}") from None
-        yield record, line.decode() + "\n"
+async def read_records(path: Path) -> AsyncIterator[list[tuple[str, str, str]]]:
+    """The records of a JSON Lines file we wrote, as runs of (id, prompt, line); repairs a
+    torn last line. Only the id and the prompt are decoded: they come first in every
+    record (see Response.record), so the rest of the line is left as it is."""
+    async for first, lines in complete_lines(path, RECORD_OPENING):
+        records = []
+        for number, line in enumerate(lines, first):
+            try:
+                text = line.decode()
+                records.append((*id_and_prompt(text), text))
+            except (ValueError, KeyError, TypeError):
+                raise PipelineError(f"{path}, line {number}, is not a record this pipeline wrote; {MOVE_IT_AWAY}") from None
+        yield records
 
 
-async def count_prompts(input_dir: Path, output_dir: Path, past: PastRuns, requests: Requests) -> tuple[int, int]:
-    """How many prompts the inputs hold, and how many of them earlier runs answered.
-    Refuses to mix two runs if an input line was edited since its answer was written."""
-    total = answered = 0
-    for path in await list_input_files(input_dir):
-        async for prompt in read_prompts(path, requests):
-            total += 1
-            if (answered_hash := past.answered.get(prompt.id)) is None:
-                continue
-            if answered_hash != hash(prompt.text):
-                raise PipelineError(
-                    f"{prompt.id} is not the prompt that {output_dir} holds an answer for: the inputs "
-                    "changed since that run; choose a fresh --output-dir"
-                )
-            answered += 1
-    return total, answered
+def id_and_prompt(line: str) -> tuple[str, str]:
+    """A record's id and prompt, read from the front of its line; the whole line decoded
+    only if it was not written the way json_line() writes."""
+    if line.startswith(ID_OPENING):
+        prompt_id, end = scanstring(line, len(ID_OPENING))
+        if line.startswith(PROMPT_OPENING, end):
+            return prompt_id, scanstring(line, end + len(PROMPT_OPENING))[0]
+    record = json.loads(line)
+    return str(record["id"]), str(record["prompt"])
 
 
 # -------------------------------------------------------------------- main --
@@ -1811,8 +1871,7 @@ async def main(settings: Settings, tally: Tally) -> None:
         requests = Requests.of(generation)
         past = await load_past_runs(settings.output_dir)
         check_job(settings, generation)
-        if past.answered:  # before any request: edited inputs stop the run
-            tally.total, tally.skipped = await count_prompts(settings.input_dir, settings.output_dir, past, requests)
+        tally.skipped = len(past.answered)
         cleanup.push_async_callback(stop, *start_progress(settings, tally))
         client = connect(settings)
         cleanup.push_async_callback(client.aio.aclose)
@@ -1823,7 +1882,7 @@ async def main(settings: Settings, tally: Tally) -> None:
         files = iter(await list_input_files(settings.input_dir))
         generators, resumed_jobs = await start_generators(client, prompts, outcomes, gate, past, settings, tally)
         resumed_jobs.append(asyncio.create_task(requeue(past.journaled, outcomes)))
-        readers = [asyncio.create_task(read_inputs(files, prompts, requests, past.not_to_ask())) for _ in range(settings.readers)]
+        readers = [asyncio.create_task(read_inputs(files, prompts, requests, past)) for _ in range(settings.readers)]
         shard_numbers, run = itertools.count(past.next_shard), os.urandom(3).hex()
         writers = [
             asyncio.create_task(write_outputs(outcomes, shards, failures, postprocessor, tally))
@@ -1847,14 +1906,12 @@ async def main(settings: Settings, tally: Tally) -> None:
 
 def start_progress(settings: Settings, tally: Tally) -> list[asyncio.Task[None]]:
     """The progress display: a bar on a terminal (log lines go above it), else a line every
-    PROGRESS_EVERY_S; and, on a fresh run, the total counted meanwhile, streaming."""
+    PROGRESS_EVERY_S; and the total, counted meanwhile, streaming."""
     tally.bar = progress_bar(settings, tally)
     if tally.bar is not None:
         log.handlers[:] = [BarHandler(tally.bar, log.handlers[0].formatter if log.handlers else None)]
     tasks = [] if tally.bar is not None else [asyncio.create_task(report_progress(tally, settings.progress_every_s))]
-    if tally.total is None:
-        tasks.append(asyncio.create_task(count_total(settings.input_dir, tally)))
-    return tasks
+    return [*tasks, asyncio.create_task(count_total(settings.input_dir, tally))]
 
 
 async def report_progress(tally: Tally, every_s: float) -> None:
@@ -1873,9 +1930,13 @@ async def count_rows(path: Path) -> int:
     """How many prompts a file holds, for the progress display, without parsing them: its
     non-blank lines; for CSV, its rows after the header (a quoted cell may span lines)."""
     rows, in_quotes, is_csv = 0, False, path.suffix.lower() == ".csv"
-    async for _, line in read_lines(path):
-        rows += bool(line.strip()) and not in_quotes
-        in_quotes ^= is_csv and line.count(b'"') % 2 == 1
+    async for _, lines in read_lines(path):
+        if not is_csv:
+            rows += sum(1 for line in lines if line.strip())
+            continue
+        for line in lines:
+            rows += bool(line.strip()) and not in_quotes
+            in_quotes ^= line.count(b'"') % 2 == 1
     return max(rows - 1, 0) if is_csv else rows
 
 
@@ -2028,13 +2089,17 @@ async def stop(*tasks: asyncio.Task[None]) -> None:
 def connect(settings: Settings) -> Any:
     """The model client: google-genai's, or the offline stand-in."""
     if settings.offline:
-        return OfflineClient(settings.offline_latency_ms / 1000, settings.model)
+        return OfflineClient(settings.offline_latency_ms / 1000, settings.model, settings.timeout_s)
     from google import genai  # imported here so that --offline never pays for it
     from google.genai import types
 
     # attempts=1: answer() owns retries, so the SDK must not retry behind its back. No
     # redirects: httpx and aiohttp would carry the x-goog-api-key header to another host.
+    # The request timeout is the transport's (aiohttp's total timeout, which the SDK also
+    # sends as X-Server-Timeout, so the server knows when an answer is no longer awaited),
+    # not a second timer around each call; batch mode's uploads and downloads have none.
     options = types.HttpOptions(
+        timeout=None if settings.batch else max(1, round(settings.timeout_s * 1000)),  # in ms
         retry_options=types.HttpRetryOptions(attempts=1),
         async_client_args={"follow_redirects": False, "allow_redirects": False},  # httpx's name, aiohttp's name
     )
@@ -2098,15 +2163,18 @@ class OfflineClient:
     """Stands in for genai.Client (client.aio.models.generate_content, client.aio.aclose)
     with deterministic answers and a simulated latency: no network, no key."""
 
-    def __init__(self, latency_s: float, model: str) -> None:
+    def __init__(self, latency_s: float, model: str, timeout_s: float = math.inf) -> None:
         self.latency_s = latency_s
         self.model = f"{model} (offline)"
+        self.timeout_s = timeout_s  # a latency above it times out, as a real request would
         self.aio = SimpleNamespace(models=self, aclose=self.aclose)
 
     async def generate_content(self, model: str, contents: str | list[Any], config: Any = None) -> Any:
         """Settings are ignored, but for JSON: asked for it, the answer has the schema's shape."""
         if self.latency_s:
-            await asyncio.sleep(self.latency_s)
+            await asyncio.sleep(min(self.latency_s, self.timeout_s))
+            if self.latency_s > self.timeout_s:
+                raise TimeoutError
         prompt = contents if isinstance(contents, str) else last_user_text(contents)
         match = TWO_TIMES.search(prompt)
         text = f"Two times {match[1]} is {2 * int(match[1])}." if match else f"You said: {prompt}"

@@ -18,6 +18,7 @@ peak RSS from wait4(). The sections:
   scaling    at 100 ms server latency: pipeline time over the ideal ceil(n/W) x 100 ms
   machinery  --offline at 0 ms latency: prompts/s of the pipeline's own machinery
   memory     peak RSS of --offline runs over 10,000 and 1,000,000 prompts
+  restart    a rerun of a finished 1,000,000-prompt --offline job: seconds and peak RSS
   postprocess  what the process pool costs with the shipped word count (against no
              post-processing at all, in the ceiling's setting), and what it buys with
              heavy_postprocess (20 ms of CPU per answer) under 100 ms latency: time
@@ -300,6 +301,22 @@ def memory(scratch: Path, sizes: list[int]) -> None:
     )
 
 
+def restart(scratch: Path, prompts: int, reps: int) -> None:
+    """A rerun of a finished job (nothing left to do): what resuming costs before any request."""
+    inputs = make_inputs(scratch / "restart_inputs", prompts)
+    flags = ["--offline", "--offline-latency-ms", "0", "--queue-size", "100", "--shard-size", "1000"]
+    args = pipeline_args(inputs, scratch, *flags)
+    first = measure(args)
+    reruns = [measure(args) for _ in range(reps)]
+    print(
+        f"| restart, rerun of a finished {prompts:,}-prompt --offline job | {median([m.wall_s for m in reruns]):.2f} s, "
+        f"peak RSS {median([m.peak_rss_mb for m in reruns]):.0f} MB | median of {reps}; the first run: {first.wall_s:.1f} s, "
+        f"{first.peak_rss_mb:.0f} MB |",
+        flush=True,
+    )
+    shutil.rmtree(inputs)
+
+
 def postprocessing(scratch: Path, prompts: int, heavy_prompts: int, reps: int, cost_reps: int) -> None:
     """What the pool costs when postprocess() is cheap (the shipped word count, against no
     post-processing at all, in the ceiling's setting), and what it buys when it is heavy."""
@@ -420,7 +437,7 @@ def child_longline(path: str) -> None:
     import pipeline
 
     async def read() -> int:
-        return sum([len(line) async for _, line in pipeline.read_lines(Path(path))])
+        return sum([len(line) async for _, lines in pipeline.read_lines(Path(path)) for line in lines])
 
     started = time.perf_counter()
     size = asyncio.run(read())
@@ -435,7 +452,7 @@ def longline(scratch: Path, megabytes: int) -> None:
     path.unlink()
 
 
-SECTIONS = ["ceiling", "scaling", "machinery", "memory", "postprocess", "transport", "concurrency", "longline"]
+SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "transport", "concurrency", "longline"]
 
 
 def main() -> None:
@@ -460,6 +477,8 @@ def main() -> None:
             machinery(scratch, 20_000 if quick else 100_000, 1 if quick else 3)
         if "memory" in only:
             memory(scratch, [10_000, 100_000 if quick else 1_000_000])
+        if "restart" in only:
+            restart(scratch, 100_000 if quick else 1_000_000, 1 if quick else 3)
         if "postprocess" in only:
             postprocessing(scratch, 500 if quick else 2000, 100 if quick else 300, 1 if quick else 5, 1 if quick else 11)
         if "transport" in only:

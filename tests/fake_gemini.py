@@ -49,6 +49,7 @@ class Request:
     body: dict[str, Any] = field(default_factory=dict)  # the GenerateContentRequest as sent: settings and all
     path: str = ""  # e.g. /v1beta/models/m:generateContent, or Vertex AI's /v1beta1/projects/p/locations/l/...
     authorization: str | None = None  # Vertex AI's "Bearer <token>"
+    server_timeout: str | None = None  # the X-Server-Timeout header: the client's deadline, in whole seconds
 
 
 @dataclass(frozen=True)
@@ -321,7 +322,7 @@ class FakeGemini:
         api_key = headers.get("x-goog-api-key")
         if method == "POST" and route.endswith(":generateContent"):
             model = route.rpartition("/models/")[2].partition(":")[0]
-            reply = self._answer(model, json.loads(body), api_key, route, headers.get("authorization"))
+            reply = self._answer(model, json.loads(body), api_key, route, headers)
             if self.latency_s or reply.delay_s:
                 await asyncio.sleep(self.latency_s + reply.delay_s)
             return reply
@@ -338,12 +339,15 @@ class FakeGemini:
             return Reply(200, data) if data is not None else error(404, f"File files/{match[1]} not found.")
         return error(404, f"Method not found: {method} {path}")
 
-    def _answer(self, model: str, body: dict[str, Any], api_key: str | None, path: str = "", authorization: str | None = None) -> Reply:
+    def _answer(self, model: str, body: dict[str, Any], api_key: str | None, path: str = "", headers: dict[str, str] | None = None) -> Reply:
         """Ask `behaviour`, and keep count of requests and of answers paid for."""
-        prompt = prompt_of(body)
+        prompt, headers = prompt_of(body), headers or {}
         with self._seen:
             self._attempts[prompt] += 1
-            request = Request(model, prompt, api_key, self._attempts[prompt], time.monotonic(), body, path, authorization)
+            request = Request(
+                model, prompt, api_key, self._attempts[prompt], time.monotonic(), body, path,
+                headers.get("authorization"), headers.get("x-server-timeout"),
+            )  # fmt: skip
             self.requests.append(request)
             self._seen.notify_all()
         reply = self.behaviour(request)

@@ -104,6 +104,24 @@ def test_request_timeout_is_retried(tmp_path, fake_gemini, run) -> None:
     assert [r["attempts"] for r in result.records()] == [2, 2, 2]
 
 
+def test_a_request_that_always_times_out_fails_with_the_reason(tmp_path, fake_gemini, run) -> None:
+    """--timeout is the SDK client's own: the server is told the deadline, and the timeout
+    that the transport raises is retried, then reported as one."""
+    server = fake_gemini(lambda r: Reply(**{**echo(r).__dict__, "delay_s": 5.0}))
+    result = run(write_prompts(tmp_path / "inputs", ["slow"]), "--timeout", "0.3", "--max-attempts", "2", *fast_retries())
+    assert result.exit_code == 1
+    [failed] = map(json.loads, (tmp_path / "outputs" / "failed.jsonl").open())
+    assert (failed["error"], failed["attempts"]) == ("timed out after 0.3 s", 2)
+    assert [r.server_timeout for r in server.requests] == ["1", "1"]  # whole seconds, rounded up
+
+
+def test_offline_latency_above_the_timeout_times_out(tmp_path, run) -> None:
+    result = run(write_prompts(tmp_path / "inputs", ["What is two times 3?"]), "--offline", "--offline-latency-ms", "300", "--timeout", "0.05", "--max-attempts", "1")
+    assert result.exit_code == 1
+    [failed] = map(json.loads, (tmp_path / "outputs" / "failed.jsonl").open())
+    assert failed["error"] == "timed out after 0.05 s"
+
+
 def test_retry_delay_from_server_is_honoured(tmp_path, fake_gemini, run) -> None:
     server = fake_gemini(fail_first(1, rate_limited(1.2)))
     result = run(write_prompts(tmp_path / "inputs", ["only prompt"]), *fast_retries())

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -94,6 +95,48 @@ def test_edited_inputs_stop_the_run(tmp_path, fake_gemini, run) -> None:
     assert "shard_1.txt:2" in message and "--output-dir" in message and "Traceback" not in second.stderr
     assert not server.requests
     assert {n: (first.output_dir / n).read_bytes() for n in first.shard_names()} == before
+
+
+async def test_a_rerun_parses_each_input_once_and_decodes_shards_no_further_than_id_and_prompt(tmp_path, fake_gemini, monkeypatch) -> None:
+    fake_gemini()
+    inputs = write_prompts(tmp_path / "inputs", sample_prompts(12))
+    settings = pipeline.Settings(input_dir=inputs, output_dir=tmp_path / "outputs", shard_size=5)
+    settings.output_dir.mkdir()
+    await pipeline.main(settings, pipeline.Tally())
+    parsed: Counter[str] = Counter()
+    real_read_prompts = pipeline.read_prompts
+    monkeypatch.setattr(pipeline, "read_prompts", lambda path, requests: parsed.update([path.name]) or real_read_prompts(path, requests))
+    real_loads = json.loads
+
+    def loads(text, *args, **kwargs):
+        assert not str(text).startswith('{"id"'), "a record was decoded whole"
+        return real_loads(text, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.json, "loads", loads)
+    tally = pipeline.Tally()
+    await pipeline.main(settings, tally)
+    assert (tally.skipped, tally.answered) == (12, 0)
+    assert parsed == {f"shard_{i}.txt": 1 for i in range(4)}
+
+
+def test_resuming_keeps_16_bytes_or_so_per_answered_prompt() -> None:
+    """Resuming a 10,000,000-prompt job must not need gigabytes: an answered prompt costs
+    two 64-bit fingerprints (its id; its id and text), not a dict entry of strings."""
+    count = 200_000
+    ids = [f"prompts_{i // 10_000}.txt:{i % 10_000 + 1}" for i in range(count)]
+    tracemalloc.start()
+    answered = pipeline.Answered()
+    for i, prompt_id in enumerate(ids):
+        answered.add(prompt_id, f"What is two times {i}?")
+    answered.freeze()
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert held / count < 24, f"{held / count:.1f} bytes per answered prompt"
+    assert len(answered) == count
+    assert all(prompt_id in answered for prompt_id in ids[::997])
+    assert all((ids[i], f"What is two times {i}?") in answered.asked for i in range(0, count, 997))
+    assert not any(f"new.txt:{i}" in answered for i in range(1000))
+    assert (ids[5], "What is two times 6?") not in answered.asked  # the same id with another text
 
 
 def start_pipeline(cwd: Path, server: FakeGemini, *flags: str) -> subprocess.Popen[str]:

@@ -21,16 +21,18 @@ How it is built, in the order data flows through this file:
   reader     read_inputs (x READERS): streams prompts from the input files (lines, JSONL or
              CSV rows) into a bounded queue
   generators generate_content (x GENERATE_WORKERS): ask the model, retrying in place
-             with back-off (answer, classify, backoff_s); never re-queue, so never deadlock.
-             Every request passes a Gate, which can stop them all at once
+             with back-off (answer, failed_for_good, classify, backoff_s); never re-queue, so
+             never deadlock. Every request passes a Gate (--rpm, --tpm, a 429's shared back-off,
+             and Spend: the estimated cost from PRICES, --max-cost), which can stop them all
   batch      --batch: generate_in_batches stands in for the generators: prompts go in jobs
              of Gemini's Batch API, recorded in a BatchJournal so that a rerun collects them
   pool       PostProcessor: runs postprocess() over answers in a process pool, in batches,
              for the writers, so that CPU work never stalls the event loop
   writer     write_outputs (x WRITERS): each the only task writing its files; journals each
              answer as it takes it (ArrivalJournal), then fills numbered shards
-  resume     load_past_runs: what the output dir already holds (PastRuns); repairs torn lines;
-             check_job: one folder, one model and one set of settings
+  resume     load_past_runs: what the output dir already holds (PastRuns: answered prompts
+             as Fingerprints, 16 bytes each; failures, those refused for good left alone);
+             repairs torn lines; check_job: one folder, one model and one set of settings
   main       starts the stages, waits for the queues to drain, and shuts down (shut_down)
              on success, error and Ctrl-C alike; stops at once if a stage dies (supervised);
              start_progress: the bar, or a progress line every PROGRESS_EVERY_S
@@ -96,6 +98,9 @@ REQUEST_TIMEOUT_S = 60.0  # give up on a single request after this many seconds
 RETRY_BASE_S = 1.0  # first back-off after a transient failure; doubles each attempt
 RETRY_MAX_S = 60.0  # longest back-off between two attempts (server-given delays excepted)
 REQUESTS_PER_MINUTE: float | None = None  # your quota's RPM: requests start evenly spaced below it (None: no limit)
+TOKENS_PER_MINUTE: float | None = None  # your quota's input tokens per minute: requests start so as to stay below it (None: no limit)
+MAX_COST_USD: float | None = None  # stop starting requests before the estimated spend passes this many US dollars (None: no limit)
+RETRY_FAILED = False  # a rerun also asks again the prompts the API refused for good (400s, safety blocks)
 POSTPROCESS_WORKERS = os.cpu_count() or 1  # processes running postprocess() below; 0: run it on the event loop
 READERS = 1  # tasks reading input files, each taking the next unread file
 WRITERS = 1  # tasks writing outputs, each into shards of its own
@@ -104,6 +109,20 @@ BATCH_MODE = False  # send the prompts as jobs of Gemini's Batch API: half the p
 BATCH_SIZE = 10_000  # prompts per batch job, at most
 BATCH_POLL_S = 30.0  # seconds between two looks at a running batch job (longer while it is pending)
 PROGRESS_EVERY_S = 30.0  # when stderr is not a terminal (a log file, CI, a scheduler), a progress line this often
+
+# What a model costs, in US dollars per million tokens: input, output (thinking included),
+# cached input. The standard tier, prompts up to 200k tokens; the Batch API costs half.
+# A model is priced by the longest name here that its name starts with. Copied on 2026-11-28
+# from copies of https://ai.google.dev/gemini-api/docs/pricing (README, "What it costs"):
+# check them there, and add the models you use.
+PRICES: dict[str, tuple[float, float, float]] = {
+    "gemini-flash-latest": (0.50, 3.00, 0.05),  # the alias: priced as the model it named then, Gemini 3 Flash
+    "gemini-3-flash-preview": (0.50, 3.00, 0.05),
+    "gemini-3-pro-preview": (2.00, 12.00, 0.20),
+    "gemini-2.5-pro": (1.25, 10.00, 0.125),
+    "gemini-2.5-flash": (0.30, 2.50, 0.03),
+    "gemini-2.5-flash-lite": (0.10, 0.40, 0.01),
+}
 
 # Not settings: fixed by the design.
 READ_CHUNK_BYTES = 1 << 20  # input is read this much at a time, so memory stays flat
@@ -127,6 +146,10 @@ ARRIVALS_PER_FILE = 1024  # answers per arrivals journal file (see ArrivalJourna
 ROUND_TRIP_S = 0.001  # work worth one more trip to the pool: a trip costs a few hundred µs of CPU here
 LONGEST_SERVER_DELAY_S = 3600.0  # a RetryInfo asking for a longer wait is a spent quota: stop, do not sleep for days
 MESSAGE_CHARS = 500  # an error message from the server is cut to this length (an HTML page would fill the screen)
+BATCH_PRICE = 0.5  # the Batch API bills half of PRICES
+CHARS_PER_TOKEN = 4  # a request's input tokens are estimated as its characters / 4, until answers say better
+NON_TEXT_PART_TOKENS = 258  # an image or file part, estimated as one image tile (Gemini's documented cost per tile)
+FAIL_FAST_OUTCOMES = 20  # when this many first outcomes are all one permanent error, the run stops
 
 
 def postprocess(prompt: str, response: str) -> dict[str, Any]:
@@ -160,6 +183,9 @@ class Settings:
     retry_base_s: float = RETRY_BASE_S
     retry_max_s: float = RETRY_MAX_S
     requests_per_minute: float | None = REQUESTS_PER_MINUTE
+    tokens_per_minute: float | None = TOKENS_PER_MINUTE
+    max_cost_usd: float | None = MAX_COST_USD
+    retry_failed: bool = RETRY_FAILED
     postprocess_workers: int = POSTPROCESS_WORKERS
     readers: int = READERS
     writers: int = WRITERS
@@ -228,6 +254,8 @@ class Response:
     attempts: int
     prompt_tokens: int
     response_tokens: int
+    thinking_tokens: int = 0  # billed as output
+    cached_tokens: int = 0  # of prompt_tokens, those read from a context cache (billed less)
     extra: str = ""  # what postprocess() returned, as a JSON object (encoded in the pool, see extra_fields)
     parsed: Any = None  # the answer decoded, when it must be JSON (see parse)
     line: str | None = None  # its record without postprocess()'s fields, encoded once (see record_line)
@@ -248,7 +276,12 @@ class Response:
             "model": self.model,
             "finish_reason": self.finish_reason,
             "attempts": self.attempts,
-            "usage": {"prompt_tokens": self.prompt_tokens, "response_tokens": self.response_tokens},
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "response_tokens": self.response_tokens,
+                "thinking_tokens": self.thinking_tokens,
+                "cached_tokens": self.cached_tokens,
+            },
         }
         if self.prompt.answer_format is not None:
             record["parsed"] = self.parsed
@@ -278,7 +311,8 @@ class Response:
         usage = record["usage"]
         return cls(
             prompt, str(record["response"]), str(record["model"]), record["finish_reason"], int(record["attempts"]),
-            int(usage["prompt_tokens"]), int(usage["response_tokens"]), parsed=record.get("parsed"),
+            int(usage["prompt_tokens"]), int(usage["response_tokens"]), int(usage.get("thinking_tokens", 0)),
+            int(usage.get("cached_tokens", 0)), parsed=record.get("parsed"),
         )  # fmt: skip
 
 
@@ -290,15 +324,19 @@ class Failure:
     error: str
     attempts: int
     response: str | None = None  # an answer that postprocess() failed on: paid for, so kept
+    permanent: bool = False  # refused for good (a 400, a safety block): a rerun leaves it, unless --retry-failed
 
     def to_json(self) -> str:
-        record = {"id": self.prompt.id, "prompt": self.prompt.text, "error": redact(self.error), "attempts": self.attempts}
+        record = {
+            "id": self.prompt.id, "prompt": self.prompt.text, "error": redact(self.error), "attempts": self.attempts,
+            "permanent": self.permanent,
+        }  # fmt: skip
         if self.response is not None:
             record["response"] = self.response
         return json_line({**record, **carried(self.prompt.fields)})
 
 
-RECORD_FIELDS = {"id", "prompt", "response", "model", "finish_reason", "attempts", "usage", "parsed", "error"}
+RECORD_FIELDS = {"id", "prompt", "response", "model", "finish_reason", "attempts", "usage", "parsed", "error", "permanent"}
 
 
 def carried(fields: dict[str, Any] | None) -> dict[str, Any]:
@@ -357,6 +395,11 @@ def json_line(record: dict[str, Any]) -> str:
 Outcome = Response | Failure
 
 
+def dollars(usd: float) -> str:
+    """$1,234.57 or $0.42; under a dollar, three significant digits ($0.000123)."""
+    return f"${usd:,.2f}" if usd >= 0.995 else f"${usd:.3g}"
+
+
 def duration(seconds: float) -> str:
     """45s, 1m32s, 2h05m."""
     minutes, secs = divmod(round(seconds), 60)
@@ -375,6 +418,11 @@ class Tally:
     rate_limited: int = 0  # 429 answers
     prompt_tokens: int = 0
     response_tokens: int = 0
+    thinking_tokens: int = 0
+    cached_tokens: int = 0
+    left_alone: int = 0  # failed for good in an earlier run, not asked again (see --retry-failed)
+    spend: Spend | None = None  # the estimated spend, when the model has a price
+    opening: list[str] = field(default_factory=list)  # the first outcomes: "" or a permanent error (see watch)
     held_s: float = 0.0  # time during which requests waited on the rate limit or a 429's back-off
     jobs: Counter[str] = field(default_factory=Counter)  # batch jobs: submitted, running, done
     total: int | None = None  # prompts in the inputs, once counted
@@ -388,12 +436,27 @@ class Tally:
                 self.answered += 1
                 self.prompt_tokens += outcome.prompt_tokens
                 self.response_tokens += outcome.response_tokens
+                self.thinking_tokens += outcome.thinking_tokens
+                self.cached_tokens += outcome.cached_tokens
             else:
                 self.failed += 1
         if self.bar is not None and written:
             if isinstance(written[0], Failure):
                 self.bar.set_postfix_str(self.postfix(), refresh=False)
             self.bar.update(len(written))
+
+    def watch(self, outcome: Outcome) -> Outcome:
+        """`outcome`, one of the run's first; but if the first FAIL_FAST_OUTCOMES are all one
+        error that no retry fixes (a setting the API refuses), the run stops: the rest would
+        fail the same way, each paid for."""
+        if len(self.opening) < FAIL_FAST_OUTCOMES:
+            self.opening.append(outcome.error if isinstance(outcome, Failure) and outcome.permanent else "")
+            if len(self.opening) == FAIL_FAST_OUTCOMES and self.opening[0] and len(set(self.opening)) == 1:
+                raise PipelineError(
+                    f"the first {FAIL_FAST_OUTCOMES} prompts all failed the same way, which no retry fixes: "
+                    f"{self.opening[0]}; check --model and the settings"
+                )
+        return outcome
 
     def set_total(self, total: int) -> None:
         self.total = total
@@ -402,17 +465,23 @@ class Tally:
             self.bar.refresh()
 
     def postfix(self) -> str:
-        """What the bar shows after its count: failures, batch jobs."""
-        return "; ".join(part for part in (f"{self.failed} failed" if self.failed else "", self.jobs_summary()[2:]) if part)
+        """What the bar shows after its count: the spend, failures, batch jobs."""
+        parts = (self.cost(), f"{self.failed} failed" if self.failed else "", self.jobs_summary()[2:])
+        return "; ".join(part for part in parts if part)
+
+    def cost(self) -> str:
+        """The estimated spend so far, e.g. $0.42; nothing when the model has no price."""
+        return dollars(self.spend.spent_usd) if self.spend is not None and self.spend.price else ""
 
     def progress_line(self) -> str:
         """E.g. 1200/5000 prompts (24%), 3 failed, 41.2/s, ETA 1m32s."""
         done = self.answered + self.failed + self.skipped
         rate = (self.answered + self.failed) / max(time.monotonic() - self.started, 1e-9)
+        spent = f", {self.cost()}" if self.cost() else ""
         if self.total is None:
-            return f"{done}/? prompts, {self.failed} failed, {rate:.1f}/s"
+            return f"{done}/? prompts, {self.failed} failed, {rate:.1f}/s{spent}"
         eta = duration(max(self.total - done, 0) / rate) if rate else "?"
-        return f"{done}/{self.total} prompts ({100 * done // max(self.total, 1)}%), {self.failed} failed, {rate:.1f}/s, ETA {eta}"
+        return f"{done}/{self.total} prompts ({100 * done // max(self.total, 1)}%), {self.failed} failed, {rate:.1f}/s, ETA {eta}{spent}"
 
     def summary(self) -> str:
         seconds = time.monotonic() - self.started
@@ -420,7 +489,8 @@ class Tally:
         return (
             f"{self.answered} answered, {self.failed} failed, {self.skipped} already done, {self.retries} retries, "
             f"{self.rate_limited} rate-limited, {self.held_s:.1f} s held by limits, "
-            f"tokens {self.prompt_tokens} in / {self.response_tokens} out, "
+            f"tokens {self.prompt_tokens} in ({self.cached_tokens} cached) / {self.response_tokens} out "
+            f"+ {self.thinking_tokens} thinking{f', {self.cost()} estimated' if self.cost() else ''}, "
             f"{seconds:.2f} s, {rate:.1f} prompts/s{self.jobs_summary()}"
         )
 
@@ -759,16 +829,29 @@ async def generate_content(
 
 class Gate:
     """Every request passes here first, so one place decides when requests may start:
-    no faster than --rpm, evenly spaced; none while a 429's back-off runs, for every
-    generator at once (instead of each discovering the same limit on its own); and none
-    once closed (Ctrl-C, a refused key, the daily quota), when back-off waits end early.
+    no faster than --rpm and --tpm, evenly spaced; none while a 429's back-off runs, for
+    every generator at once (instead of each discovering the same limit on its own); none
+    that would take the estimated spend past --max-cost (see Spend); and none once closed
+    (Ctrl-C, a refused key, the daily quota, the budget), when back-off waits end early.
 
-    Hand-written rather than aiolimiter's AsyncLimiter: the rate limit and the shared
+    --tpm spaces requests by their input tokens: each moves the next start by its tokens'
+    share of a minute. A request's tokens are estimated before it is sent (estimated_tokens)
+    and scaled by what the API has counted so far per estimated token; each answer's own
+    count then moves the schedule by the estimate's error, so the two limits hold at once.
+
+    Hand-written rather than aiolimiter's AsyncLimiter: the rate limits and the shared
     back-off are one schedule here (the next moment a request may start)."""
 
-    def __init__(self, requests_per_minute: float | None, tally: Tally) -> None:
+    def __init__(
+        self, requests_per_minute: float | None, tally: Tally, tokens_per_minute: float | None = None, spend: Spend | None = None
+    ) -> None:
         self.interval_s = 60 / (requests_per_minute * RPM_HEADROOM) if requests_per_minute else 0.0
-        self.next_slot = 0.0  # time.monotonic() of the next free start under the rate limit
+        self.token_s = 60 / (tokens_per_minute * RPM_HEADROOM) if tokens_per_minute else 0.0  # of the schedule per input token
+        self.next_slot = 0.0  # time.monotonic() of the next free start under --rpm...
+        self.next_tokens = 0.0  # ...and under --tpm: when the input tokens started so far fit in it
+        self.estimated = 0  # input tokens of the requests answered so far, as estimated...
+        self.counted = 0  # ...and as the API counted them
+        self.spend = spend or Spend(None)
         self.paused_until = 0.0  # no request starts before this: a 429's back-off
         self.tally = tally
         self._closed = asyncio.Event()
@@ -782,20 +865,36 @@ class Gate:
     def close(self) -> None:
         self._closed.set()
 
-    async def admit(self) -> bool:
-        """Wait for this request's turn; False once the gate is closed."""
+    async def admit(self, tokens: int = 0) -> bool:
+        """Wait for the turn of a request of about `tokens` input tokens; False once the gate
+        is closed. Each request admitted must be followed by landed()."""
         while not self.closed:
             now = time.monotonic()
             if now < self.paused_until:
                 await self.hold(self.paused_until - now)
                 continue
-            slot = max(now, self.next_slot)
+            slot = max(now, self.next_slot, self.next_tokens)
             self.next_slot = slot + self.interval_s
+            self.next_tokens = slot + tokens * self.token_ratio * self.token_s
             if slot > now:
                 await self.hold(slot - now)
             if time.monotonic() >= self.paused_until:  # no 429 paused everyone meanwhile
+                if not self.closed and not self.spend.start(tokens, self.token_ratio):
+                    self.close()  # the budget is spent: no request starts any more
                 return not self.closed
         return False
+
+    def landed(self, tokens: int, usage: Any = None) -> None:
+        """A request admitted with `tokens` got its reply (`usage`: its usage_metadata), or none."""
+        if counted := token_count(usage, "prompt_token_count"):
+            self.next_tokens += (counted - tokens * self.token_ratio) * self.token_s  # the estimate's error
+            self.estimated, self.counted = self.estimated + tokens, self.counted + counted
+        self.spend.land(tokens, usage)
+
+    @property
+    def token_ratio(self) -> float:
+        """Input tokens the API counts per token estimated, so far (1 until answers say)."""
+        return min(max(self.counted / self.estimated, 0.1), 10.0) if self.estimated else 1.0
 
     def pause(self, seconds: float) -> None:
         """Hold every new request for `seconds`: the back-off after a 429, shared by all."""
@@ -822,40 +921,137 @@ class Gate:
             await asyncio.wait_for(self._closed.wait(), seconds)
 
 
+class Spend:
+    """What the run has cost so far, in US dollars, estimated from each reply's token counts
+    and PRICES (thinking billed as output, cached input at its own price, the Batch API at
+    half); and --max-cost: a request may start only while what was spent, plus what the
+    requests in flight are expected to cost, plus its own, stays within it. A request's
+    expected cost is its estimated input and the mean output of the replies so far."""
+
+    def __init__(self, price: tuple[float, float, float] | None, limit_usd: float | None = None, discount: float = 1.0) -> None:
+        self.price = price  # USD per million input, output and cached input tokens; None: unknown
+        self.limit_usd = limit_usd  # --max-cost
+        self.discount = discount  # BATCH_PRICE for --batch
+        self.spent_usd = 0.0  # every reply billed so far
+        self.in_flight = 0  # requests started and not yet landed...
+        self.in_flight_tokens = 0  # ...and their estimated input tokens
+        self.replies = 0  # replies billed, and...
+        self.output_tokens = 0  # ...the output tokens (thinking included) they billed
+        self.exhausted = False  # --max-cost stopped the run
+
+    @classmethod
+    def of(cls, settings: Settings) -> Spend:
+        if settings.offline:
+            return cls(None)  # nothing is billed
+        return cls(price_of(settings.model), settings.max_cost_usd, BATCH_PRICE if settings.batch else 1.0)
+
+    def usd(self, input_tokens: float, cached: float, output: float) -> float:
+        if self.price is None:
+            return 0.0
+        per_input, per_output, per_cached = self.price
+        return ((input_tokens - cached) * per_input + cached * per_cached + output * per_output) / 1e6 * self.discount
+
+    def start(self, tokens: int, ratio: float) -> bool:
+        """Count a request in flight; False, counting nothing, if it would pass --max-cost."""
+        if self.limit_usd is not None:
+            mean_output = self.output_tokens / self.replies if self.replies else 0.0
+            expected = self.usd((self.in_flight_tokens + tokens) * ratio, 0, (self.in_flight + 1) * mean_output)
+            if self.spent_usd + expected > self.limit_usd:
+                self.exhausted = True
+                return False
+        self.in_flight, self.in_flight_tokens = self.in_flight + 1, self.in_flight_tokens + tokens
+        return True
+
+    def land(self, tokens: int, usage: Any) -> None:
+        self.in_flight, self.in_flight_tokens = self.in_flight - 1, self.in_flight_tokens - tokens
+        self.bill(usage)
+
+    def bill(self, usage: Any) -> None:
+        """Add what a reply with this usage_metadata costs (none: nothing billed)."""
+        if usage is None:
+            return
+        output = token_count(usage, "candidates_token_count") + token_count(usage, "thoughts_token_count")
+        self.replies, self.output_tokens = self.replies + 1, self.output_tokens + output
+        self.spent_usd += self.usd(
+            token_count(usage, "prompt_token_count"), token_count(usage, "cached_content_token_count"), output
+        )
+
+
+def price_of(model: str) -> tuple[float, float, float] | None:
+    """The PRICES row of the longest name that `model` starts with."""
+    name = model.removeprefix("models/")
+    known = [key for key in PRICES if name.startswith(key)]
+    return PRICES[max(known, key=len)] if known else None
+
+
+def token_count(usage: Any, name: str) -> int:
+    """A count of a reply's usage_metadata: 0 when absent (the API leaves out zeros)."""
+    return getattr(usage, name, None) or 0
+
+
+def estimated_tokens(prompt: Prompt) -> int:
+    """A request's input tokens before it is sent: its text's characters (the system
+    instruction's too) / CHARS_PER_TOKEN, and NON_TEXT_PART_TOKENS per image or file part."""
+    parts = [part for content in prompt.contents or [] if isinstance(content, dict) for part in content.get("parts") or []]
+    texts = [str(part["text"]) for part in parts if isinstance(part, dict) and "text" in part]
+    others = len(parts) - len(texts)  # inline data, files
+    if not parts:
+        texts = [prompt.text]
+    instruction = getattr(prompt.config, "system_instruction", None)
+    if isinstance(instruction, str):
+        texts.append(instruction)
+    elif instruction is not None:
+        texts += [part.text or "" for part in instruction.parts or []]
+    return sum(map(len, texts)) // CHARS_PER_TOKEN + 1 + NON_TEXT_PART_TOKENS * others
+
+
 async def answer(client: Any, prompt: Prompt, gate: Gate, settings: Settings, tally: Tally) -> Outcome | None:
     """Ask the model once per attempt until it answers, fails for good, or attempts run
     out. None if the run stops first: the prompt stays unanswered, for the next run."""
     if prompt.error:
-        return Failure(prompt, prompt.error, attempts=0)
+        return Failure(prompt, prompt.error, attempts=0, permanent=True)
+    tokens = estimated_tokens(prompt)
     for attempt in range(1, settings.max_attempts + 1):
-        if not await gate.admit():
+        if not await gate.admit(tokens):
             return None
         try:
             reply = await client.aio.models.generate_content(  # --timeout is the client's own (see connect)
                 model=settings.model, contents=prompt.contents or prompt.text, config=prompt.config
             )
         except Exception as exc:  # noqa: BLE001 (the SDK's and the network's errors: classify() sorts them)
-            kind = classify(exc)
-            stop_if_fatal(kind, exc, settings)
-            if kind == "permanent" or attempt == settings.max_attempts:
-                return Failure(prompt, describe(exc, settings), attempt)
-            delay = backoff_s(attempt, exc, settings)
+            gate.landed(tokens)
+            if failure := await failed_for_good(exc, prompt, attempt, gate, settings):
+                return tally.watch(failure)
+            continue
+        gate.landed(tokens, reply.usage_metadata)
+        outcome = to_outcome(prompt, reply, attempt, settings.model)
+        if (unfit := not_as_asked(outcome)) and attempt < settings.max_attempts:  # e.g. JSON cut short at MAX_TOKENS
             tally.retries += 1
-            log.debug("retry %s in %.2f s after attempt %d: %s", prompt.id, delay, attempt, describe(exc, settings))
-            if kind == "rate limit":
-                tally.rate_limited += 1
-                gate.pause(delay)  # everyone waits it out in admit(), this prompt included
-            else:
-                await gate.sleep(delay)
-        else:
-            outcome = to_outcome(prompt, reply, attempt, settings.model)
-            if (unfit := not_as_asked(outcome)) and attempt < settings.max_attempts:  # e.g. JSON cut short at MAX_TOKENS
-                tally.retries += 1
-                log.debug("retry %s after attempt %d: %s", prompt.id, attempt, unfit.error)
-                continue
-            log.debug("generated %s (attempt %d)", prompt.id, attempt)
-            return unfit or outcome
+            log.debug("retry %s after attempt %d: %s", prompt.id, attempt, unfit.error)
+            continue
+        log.debug("generated %s (attempt %d)", prompt.id, attempt)
+        return tally.watch(unfit or outcome)
     raise AssertionError("unreachable: the last attempt always returns")  # pragma: no cover
+
+
+async def failed_for_good(exc: Exception, prompt: Prompt, attempt: int, gate: Gate, settings: Settings) -> Failure | None:
+    """After a failed request: the prompt's Failure if no retry can help (or none is left),
+    else None once its back-off is waited out (a 429's by every generator: see Gate.pause)."""
+    kind = classify(exc)
+    stop_if_fatal(kind, exc, settings)
+    if kind == "permanent" and api_error_code(exc) == 404:  # generateContent's only 404: no such model
+        raise PipelineError(f"the API does not know the model: {describe(exc, settings)} (check --model {settings.model})")
+    if kind == "permanent" or attempt == settings.max_attempts:
+        return Failure(prompt, describe(exc, settings), attempt, permanent=kind == "permanent")
+    delay = backoff_s(attempt, exc, settings)
+    gate.tally.retries += 1
+    log.debug("retry %s in %.2f s after attempt %d: %s", prompt.id, delay, attempt, describe(exc, settings))
+    if kind == "rate limit":
+        gate.tally.rate_limited += 1
+        gate.pause(delay)  # everyone waits it out in admit(), this prompt included
+    else:
+        await gate.sleep(delay)
+    return None
 
 
 def stop_if_fatal(kind: str, exc: BaseException, settings: Settings) -> None:
@@ -878,7 +1074,7 @@ def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome
     if not text:
         block = reply.prompt_feedback.block_reason if reply.prompt_feedback else None
         reason = f"blocked: {enum_name(block)}" if block else f"finish_reason {finish_reason}"
-        return Failure(prompt, f"response has no text ({reason})", attempts)
+        return Failure(prompt, f"response has no text ({reason})", attempts, permanent=True)
     usage = reply.usage_metadata
     return Response(
         prompt=prompt,
@@ -886,15 +1082,17 @@ def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome
         model=reply.model_version or model,
         finish_reason=finish_reason,
         attempts=attempts,
-        prompt_tokens=(usage and usage.prompt_token_count) or 0,
-        response_tokens=(usage and usage.candidates_token_count) or 0,
+        prompt_tokens=token_count(usage, "prompt_token_count"),
+        response_tokens=token_count(usage, "candidates_token_count"),
+        thinking_tokens=token_count(usage, "thoughts_token_count"),
+        cached_tokens=token_count(usage, "cached_content_token_count"),
     )
 
 
 def not_as_asked(outcome: Outcome) -> Failure | None:
     """An answer that is not the JSON asked for, as a Failure that keeps it (it was paid for)."""
     if isinstance(outcome, Response) and (problem := outcome.parse()):
-        return Failure(outcome.prompt, problem, outcome.attempts, response=outcome.text)
+        return Failure(outcome.prompt, problem, outcome.attempts, response=outcome.text, permanent=True)
     return None
 
 
@@ -1149,6 +1347,9 @@ async def job_outcomes(client: Any, job: BatchJob, ended: Any, settings: Setting
         return [Failure(p, f"batch job {job.name} returned no responses file", attempts=1) for p in job.prompts]
     data = await api_call(lambda: client.aio.files.download(file=ended.dest.file_name), settings, tally, timed=False)
     results = results_by_key(data)
+    if tally.spend is not None:
+        for response, _ in results.values():
+            tally.spend.bill(getattr(response, "usage_metadata", None))
     return [job_outcome(prompt, *results.get(prompt.id, (None, None)), job, settings) for prompt in job.prompts]
 
 
@@ -1700,6 +1901,8 @@ class PastRuns:
     output_dir: Path
     answered: Answered = field(default_factory=Answered)
     failures: dict[str, str] = field(default_factory=dict)  # prompt id -> its failed.jsonl line, if still unanswered
+    refused: set[str] = field(default_factory=set)  # ...of those, the ids the API refused for good: not asked again
+    left_alone: int = 0  # refused prompts the readers skipped
     next_shard: int = 0
     batch_jobs: list[BatchJob] = field(default_factory=list)  # --batch jobs submitted, not yet all written
     in_batch_jobs: set[str] = field(default_factory=set)  # the ids of their prompts
@@ -1713,10 +1916,13 @@ class PastRuns:
         self.in_batch_jobs.update(p.id for p in job.prompts)
 
     def skips(self, prompt: Prompt) -> bool:
-        """Whether a reader leaves `prompt` out: answered, journaled, or waiting in a batch
-        job. An answered id whose text is not the one answered stops the run before that
+        """Whether a reader leaves `prompt` out: answered, refused for good, journaled, or
+        waiting in a batch job. An answered id whose text is not the one answered stops the run before that
         prompt is asked: the inputs were edited, and one folder would hold two jobs."""
         if (prompt.id, prompt.text) in self.answered.asked:
+            return True
+        if prompt.id in self.refused:
+            self.left_alone += 1
             return True
         if prompt.id in self.answered:
             raise PipelineError(
@@ -1745,6 +1951,7 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
     for path in failure_journals(output_dir):  # appended to while running, so an id may repeat: the last line wins
         async for run in read_records(path):
             past.failures.update((prompt_id, line + "\n") for prompt_id, _, line in run if prompt_id not in past.answered)
+    past.refused = {prompt_id for prompt_id, line in past.failures.items() if json.loads(line).get("permanent") is True}
     journaled: dict[str, Response] = {}
     for path in sorted(p for p in output_dir.iterdir() if ARRIVALS.fullmatch(p.name)):
         past.arrival_files.append(path)
@@ -1771,23 +1978,27 @@ ID_OPENING, PROMPT_OPENING = '{"id": "', ', "prompt": "'  # how json_line() writ
 MOVE_IT_AWAY = "move the file away or choose a fresh --output-dir"
 
 
-def check_job(settings: Settings, generation: dict[str, Any]) -> None:
+def check_job(settings: Settings, generation: dict[str, Any], answered: bool) -> bool:
     """One folder, one job: its answers were all asked with one model and one set of settings.
-    The first run records them in JOB_FILE; a rerun with others stops before any request."""
+    The first run records them in JOB_FILE; a rerun with others stops before any request,
+    unless the folder holds no answer yet (a mistyped --model, say, is simply corrected).
+    True when the job recorded is replaced: what an earlier job was refused says nothing now."""
     path = settings.output_dir / JOB_FILE
     job = {"model": f"{settings.model} (offline)" if settings.offline else settings.model, "settings": generation}
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        with stop_on_os_error(f"cannot write {path}"):
-            replace_file(path, json_line(job))
-        return
+        recorded = None
     except OSError as exc:
         raise PipelineError(f"cannot read {path}: {exc.strerror or exc}") from None
     except ValueError:
         raise PipelineError(f"{path} is not a job this pipeline recorded; {MOVE_IT_AWAY}") from None
     if recorded == job:
-        return
+        return False
+    if recorded is None or not answered:
+        with stop_on_os_error(f"cannot write {path}"):
+            replace_file(path, json_line(job))
+        return recorded is not None
     before = recorded.get("settings") if isinstance(recorded, dict) and isinstance(recorded.get("settings"), dict) else {}
     changed = ["--model or --offline"] if not isinstance(recorded, dict) or recorded.get("model") != job["model"] else []
     changed += sorted(SETTING_FLAGS.get(k, k) for k in before.keys() | generation.keys() if before.get(k) != generation.get(k))
@@ -1870,12 +2081,17 @@ async def main(settings: Settings, tally: Tally) -> None:
         generation = job_generation(settings)
         requests = Requests.of(generation)
         past = await load_past_runs(settings.output_dir)
-        check_job(settings, generation)
+        if check_job(settings, generation, answered=bool(past.answered or past.journaled)) or settings.retry_failed:
+            past.refused.clear()
         tally.skipped = len(past.answered)
         cleanup.push_async_callback(stop, *start_progress(settings, tally))
         client = connect(settings)
         cleanup.push_async_callback(client.aio.aclose)
-        gate = Gate(settings.requests_per_minute, tally)
+        spend = Spend.of(settings)
+        if spend.price is None and not settings.offline:
+            log.warning("no price for %s in PRICES (near the top of pipeline.py): the spend is not shown", settings.model)
+        tally.spend = spend if spend.price is not None else None
+        gate = Gate(settings.requests_per_minute, tally, settings.tokens_per_minute, spend)
         depth = queue_depth(settings)
         prompts: asyncio.Queue[Prompt] = asyncio.Queue(maxsize=depth)
         outcomes: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=depth)
@@ -1900,6 +2116,7 @@ async def main(settings: Settings, tally: Tally) -> None:
         finally:  # on success, error and Ctrl-C alike
             await shut_down(gate, readers, [*generators, *resumed_jobs], writers, prompts, outcomes)
             await finish_failures(settings.output_dir, past.failures)
+            tally.left_alone = past.left_alone
         for path in past.arrival_files:  # the run is complete: what they held is in synced shards now
             path.unlink()
 
@@ -2301,6 +2518,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument(
         "--rpm", type=above_zero, default=d.requests_per_minute, help="requests per minute your quota allows; unset: no limit"
     )
+    p.add_argument("--tpm", type=above_zero, default=d.tokens_per_minute, help="input tokens per minute your quota allows; unset: no limit")
+    p.add_argument("--max-cost", type=above_zero, metavar="USD", default=d.max_cost_usd, help="stop starting requests before the estimated spend passes this many US dollars; unset: no limit")
+    p.add_argument("--retry-failed", action="store_true", default=d.retry_failed, help="also ask again the prompts the API refused for good in an earlier run (400s, safety blocks)")
     p.add_argument(
         "--postprocess-workers", type=at_least(0), default=d.postprocess_workers,
         help="processes running postprocess(), by default the CPU count; 0: run it on the event loop",
@@ -2322,11 +2542,17 @@ def parse_args(argv: list[str] | None) -> Settings:
         p.error("argument --batch: not with --offline (the Batch API has no offline stand-in)")
     if a.retry_max_s < a.retry_base_s:
         p.error(f"argument --retry-max-s: must be at least --retry-base-s ({a.retry_base_s:g})")
+    if a.max_cost is not None and (a.offline or a.batch):
+        p.error(f"argument --max-cost: not with {'--offline (nothing is billed)' if a.offline else '--batch (a job is billed as a whole)'}")
+    if a.max_cost is not None and price_of(a.model) is None:
+        p.error(f"argument --max-cost: PRICES (near the top of pipeline.py) has no price for --model {a.model}: add it")
     return Settings(
-        a.input_dir, a.output_dir, a.model, a.system_instruction, a.temperature, a.max_output_tokens, a.response_schema,
-        a.generation_config, a.workers, a.queue_size, a.shard_size, a.max_attempts, a.timeout,
-        a.retry_base_s, a.retry_max_s, a.rpm, a.postprocess_workers, a.readers, a.writers,
-        batch=a.batch, batch_size=a.batch_size, batch_poll_s=a.batch_poll_s, progress_every_s=a.progress_every_s, offline=a.offline, offline_latency_ms=a.offline_latency_ms, verbose=a.verbose,
+        input_dir=a.input_dir, output_dir=a.output_dir, model=a.model, system_instruction=a.system_instruction,
+        temperature=a.temperature, max_output_tokens=a.max_output_tokens, response_schema=a.response_schema,
+        generation_config=a.generation_config, workers=a.workers, queue_size=a.queue_size, shard_size=a.shard_size,
+        max_attempts=a.max_attempts, timeout_s=a.timeout, retry_base_s=a.retry_base_s, retry_max_s=a.retry_max_s,
+        requests_per_minute=a.rpm, postprocess_workers=a.postprocess_workers, readers=a.readers, writers=a.writers,
+        tokens_per_minute=a.tpm, max_cost_usd=a.max_cost, retry_failed=a.retry_failed, batch=a.batch, batch_size=a.batch_size, batch_poll_s=a.batch_poll_s, progress_every_s=a.progress_every_s, offline=a.offline, offline_latency_ms=a.offline_latency_ms, verbose=a.verbose,
     )  # fmt: skip
 
 
@@ -2429,11 +2655,23 @@ def run_and_report(settings: Settings) -> int:
     except Exception as exc:  # a bug: still one line, and the details with -v
         log.debug("internal error", exc_info=True)
         return finish(tally, f"internal error: {type(exc).__name__}: {exc} (rerun with -v for details)", 1)
+    if tally.spend is not None and tally.spend.exhausted:
+        return finish(
+            tally,
+            f"stopped after {plural(tally.answered, 'prompt')}: the budget of ${settings.max_cost_usd:g} is spent "
+            f"({dollars(tally.spend.spent_usd)}): run the same command again with a larger --max-cost to continue",
+            1,
+        )
+    left_alone = (
+        f"; {plural(tally.left_alone, 'prompt')} refused for good before {'was' if tally.left_alone == 1 else 'were'} "
+        "not asked again (--retry-failed asks them)" if tally.left_alone else ""
+    )  # fmt: skip
+    if tally.failed or tally.left_alone:
+        failed = f"{plural(tally.failed, 'prompt')} failed" if tally.failed else "nothing failed this time"
+        return finish(tally, f"{failed}: see {settings.output_dir / FAILED_FILE}{left_alone}", 1)
     if tally.answered + tally.failed == 0:
         done_before = f"all {plural(tally.skipped, 'prompt')} {'was' if tally.skipped == 1 else 'were'} answered before" if tally.skipped else "no prompts"
         return finish(tally, f"nothing to do: {done_before} in {settings.input_dir}", 0)
-    if tally.failed:
-        return finish(tally, f"{plural(tally.failed, 'prompt')} failed: see {settings.output_dir / FAILED_FILE}", 1)
     return finish(tally, f"done: answers in {settings.output_dir}", 0)
 
 

@@ -376,10 +376,11 @@ def transport(scratch: Path, workers: int, reps: int) -> None:
             )
 
 
-def concurrency(scratch: Path, counts: list[int]) -> None:
+def concurrency(scratch: Path, counts: list[int], reps: int) -> None:
     """Whether --workers N puts N requests in flight, and what the pipeline adds to bare SDK
-    calls at that concurrency. The fake server runs in this process, so that it can count
-    the requests in flight (its CPU is not the child's)."""
+    calls at that concurrency: medians of `reps` runs, the two contenders alternating. The
+    fake server runs in this process, so that it can count the requests in flight (its CPU
+    is not the child's)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from fake_gemini import FakeGemini
 
@@ -387,22 +388,30 @@ def concurrency(scratch: Path, counts: list[int]) -> None:
     for workers in counts:
         prompts = workers * 10
         inputs = make_inputs(scratch / f"concurrency_{workers}", prompts)
-        contenders = {
-            "pipeline": pipeline_args(inputs, scratch, "--workers", str(workers), "--shard-size", "1000"),
-            "bare SDK": ["ceiling", str(prompts), str(workers)],
-        }
-        for name, args in contenders.items():
-            with FakeGemini(latency_s=1.0) as server:
-                run = measure(args, {"GOOGLE_GEMINI_BASE_URL": server.base_url, "GEMINI_API_KEY": "benchmark-key"})
-                arrivals = sorted(request.at for request in server.requests)
-            in_flight = max(bisect.bisect_left(arrivals, at + 1.0) - i for i, at in enumerate(arrivals))
-            rows.append((workers, name, prompts / run.wall_s))
+        runs: dict[str, list[tuple[Measure, int]]] = {"pipeline": [], "bare SDK": []}
+        for _ in range(reps):
+            for name, measured in runs.items():
+                if name == "pipeline":
+                    args = pipeline_args(inputs, scratch, "--workers", str(workers), "--shard-size", "1000")
+                else:
+                    args = ["ceiling", str(prompts), str(workers)]
+                with FakeGemini(latency_s=1.0) as server:
+                    run = measure(args, {"GOOGLE_GEMINI_BASE_URL": server.base_url, "GEMINI_API_KEY": "benchmark-key"})
+                    arrivals = sorted(request.at for request in server.requests)
+                measured.append((run, max(bisect.bisect_left(arrivals, at + 1.0) - i for i, at in enumerate(arrivals))))
+        for name, measured in runs.items():
+            wall = median([run.wall_s for run, _ in measured])
+            cpu = median([run.process_cpu_s for run, _ in measured])
+            rows.append((workers, name, prompts / wall))
             print(
-                f"| concurrency, {name}, {workers} workers, {prompts} prompts, 1 s | {run.wall_s / 10:.2f}x ideal "
-                f"| {run.wall_s:.1f} s vs 10 s; {in_flight} requests in flight at the server; client CPU "
-                f"{run.process_cpu_s:.1f} s ({run.process_cpu_s / prompts * 1000:.2f} ms per request); peak RSS {run.peak_rss_mb:.0f} MB |",
+                f"| concurrency, {name}, {workers} workers, {prompts} prompts, 1 s | {wall / 10:.2f}x ideal "
+                f"| median of {reps}: {wall:.1f} s vs 10 s (runs {', '.join(f'{run.wall_s:.1f}' for run, _ in measured)}); "
+                f"{median([flying for _, flying in measured]):.0f} requests in flight at the server; client CPU {cpu:.1f} s "
+                f"({cpu / prompts * 1000:.2f} ms per request); peak RSS {max(run.peak_rss_mb for run, _ in measured):.0f} MB |",
                 flush=True,
             )
+        pipeline_wall, bare_wall = (median([run.wall_s for run, _ in runs[name]]) for name in runs)
+        print(f"| concurrency, {workers} workers: pipeline over bare SDK | {pipeline_wall / bare_wall:.2f}x wall | |", flush=True)
     draw_concurrency(rows, ROOT / "tests" / "concurrency.png")
 
 
@@ -484,7 +493,7 @@ def main() -> None:
         if "transport" in only:
             transport(scratch, 500, 1 if quick else 3)
         if "concurrency" in only:
-            concurrency(scratch, [100, 500] if quick else [100, 500, 1000, 2000])
+            concurrency(scratch, [100, 500] if quick else [100, 500, 1000, 2000], 1 if quick else 3)
         if "longline" in only:
             longline(scratch, 200)
 

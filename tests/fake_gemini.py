@@ -79,19 +79,27 @@ class BatchJob:
 
 
 # ----------------------------------------------------------- wire format --
-def answer(text: str, prompt: str = "", finish_reason: str = "STOP") -> Reply:
-    prompt_tokens, response_tokens = len(prompt.split()), len(text.split())
+def prompt_tokens_of(prompt: str) -> int:
+    """What this server counts as a prompt's input tokens (and reports in promptTokenCount): its words."""
+    return len(prompt.split())
+
+
+def answer(text: str, prompt: str = "", finish_reason: str = "STOP", thinking: int = 0, cached: int = 0) -> Reply:
+    """A 200 with `text`; `thinking` and `cached` tokens are reported as the API does:
+    absent when 0, cached ones counted in promptTokenCount too."""
+    prompt_tokens, response_tokens = prompt_tokens_of(prompt) + cached, len(text.split())
+    usage = {"promptTokenCount": prompt_tokens, "candidatesTokenCount": response_tokens}
+    if thinking:
+        usage["thoughtsTokenCount"] = thinking
+    if cached:
+        usage["cachedContentTokenCount"] = cached
     return Reply(
         200,
         {
             "candidates": [
                 {"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": finish_reason, "index": 0}
             ],
-            "usageMetadata": {
-                "promptTokenCount": prompt_tokens,
-                "candidatesTokenCount": response_tokens,
-                "totalTokenCount": prompt_tokens + response_tokens,
-            },
+            "usageMetadata": {**usage, "totalTokenCount": prompt_tokens + response_tokens + thinking},
             "modelVersion": MODEL_VERSION,
             "responseId": "fake-response",
         },
@@ -161,7 +169,8 @@ def quota_failure(*quota_ids: str) -> dict[str, Any]:
         "@type": "type.googleapis.com/google.rpc.QuotaFailure",
         "violations": [
             {
-                "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_"
+                + ("input_token_count" if "InputTokens" in quota_id else "requests"),
                 "quotaId": quota_id,
                 "quotaDimensions": {"location": "global", "model": "gemini-flash-latest"},
                 "quotaValue": "10",
@@ -199,6 +208,34 @@ class PerWindowQuota:
         if self.counts[window] > self.limit:
             return rate_limited((window + 1) * self.window_s - request.at)
         return self.then(request)
+
+
+class PerWindowTokenQuota:
+    """A behaviour that admits `limit` input tokens (as prompt_tokens_of counts them) per
+    fixed window of `window_s` seconds, and answers a request that would pass it with the
+    API's 429 for the input-tokens-per-minute quota."""
+
+    QUOTA_ID = "GenerateContentInputTokensPerModelPerMinute"
+
+    def __init__(self, limit: int, window_s: float, then: Callable[[Request], Reply] = echo) -> None:
+        self.limit, self.window_s, self.then = limit, window_s, then
+        self.tokens: Counter[int] = Counter()  # admitted input tokens per window
+
+    def __call__(self, request: Request) -> Reply:
+        window, tokens = int(request.at // self.window_s), prompt_tokens_of(request.prompt)
+        if self.tokens[window] + tokens > self.limit:
+            return rate_limited((window + 1) * self.window_s - request.at, self.QUOTA_ID)
+        self.tokens[window] += tokens
+        return self.then(request)
+
+
+def unknown_model(request: Request) -> Reply:
+    """The API's 404 for a model name it does not know."""
+    return error(
+        404,
+        f"models/{request.model} is not found for API version v1beta, or is not supported for generateContent. "
+        "Call ListModels to see the list of available models and their supported methods.",
+    )
 
 
 class DailyQuota:
@@ -243,7 +280,8 @@ class FakeGemini:
     latency_s: float = 0.0
     requests: list[Request] = field(default_factory=list)
     answered: Counter[str] = field(default_factory=Counter)  # 200s per prompt: what the user paid for
-    answered_at: list[float] = field(default_factory=list)  # arrival times of the requests answered 200
+    answered_at: list[float] = field(default_factory=list)  # arrival times of the requests answered 200...
+    answered_prompts: list[str] = field(default_factory=list)  # ...and their prompts
     port: int = 0
     host: str = "127.0.0.1"  # any loopback address (127.0.0.0/8): a second host for redirect tests
     # The Batch API: a job is pending for the first batch_polls[0] GETs, running for the
@@ -355,6 +393,7 @@ class FakeGemini:
             with self._seen:
                 self.answered[prompt] += 1
                 self.answered_at.append(request.at)
+                self.answered_prompts.append(prompt)
         return reply
 
     # ----------------------------------------------------------- Batch API --

@@ -135,7 +135,7 @@ def test_retry_delay_from_server_is_honoured(tmp_path, fake_gemini, run) -> None
 def test_permanent_failures_and_safety_blocks_go_to_failed_jsonl(tmp_path, fake_gemini, run) -> None:
     replies = {
         "bad request": error(400, "Request contains an invalid argument."),
-        "no such model": error(404, "models/x is not found for API version v1beta"),
+        "too long": error(400, "The input token count (1048577) exceeds the maximum number of tokens allowed (1048576)."),
         "unsafe": safety_block(),
     }
     server = fake_gemini(lambda r: replies.get(r.prompt) or echo(r))
@@ -146,9 +146,9 @@ def test_permanent_failures_and_safety_blocks_go_to_failed_jsonl(tmp_path, fake_
     failures = {f["prompt"]: f for f in result.failures()}
     assert set(failures) == set(replies)
     assert "400 INVALID_ARGUMENT" in failures["bad request"]["error"]
-    assert "404 NOT_FOUND" in failures["no such model"]["error"]
+    assert "exceeds the maximum number of tokens" in failures["too long"]["error"]  # a 404 stops the run: see test_cost
     assert "SAFETY" in failures["unsafe"]["error"]
-    assert all(f["attempts"] == 1 for f in failures.values())
+    assert all(f["attempts"] == 1 and f["permanent"] for f in failures.values())
     assert failures["unsafe"]["id"] == "shard_1.txt:1"
     assert len(server.requests) == 5  # permanent failures are not retried
     assert "3 prompts failed" in result.stderr and "failed.jsonl" in result.stderr

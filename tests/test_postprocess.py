@@ -104,9 +104,9 @@ async def test_a_postprocess_error_fails_that_prompt_not_the_run(tmp_path, fake_
 async def test_three_readers_and_three_writers(tmp_path, fake_gemini, monkeypatch) -> None:
     """Every prompt answered once; each file read and written by one task only; failures
     from every writer end in one exact failed.jsonl, and a rerun with other counts resumes."""
-    fake_gemini(lambda request: error(400, "no") if request.prompt.endswith("7?") else echo(request), latency_s=0.002)
+    fake_gemini(lambda request: error(503, "no") if request.prompt.endswith("7?") else echo(request), latency_s=0.002)
     prompts = [f"What is two times {i}?" for i in range(300)]
-    settings = settings_for(tmp_path, prompts, readers=3, writers=3, workers=8, shard_size=7)
+    settings = settings_for(tmp_path, prompts, readers=3, writers=3, workers=8, shard_size=7, max_attempts=1)
     read_by: dict[str, set[str]] = defaultdict(set)
     written_by: dict[str, set[str]] = defaultdict(set)
     real_read_prompts, real_write_all = pipeline.read_prompts, pipeline.write_all

@@ -32,10 +32,11 @@ def all_lines_are_records(output_dir: Path) -> list[dict]:
 
 
 def test_rerun_skips_answered_and_retries_failed(tmp_path, fake_gemini, run) -> None:
+    """Failed for reasons that may pass (attempts spent on 503s): a plain rerun asks them."""
     inputs = write_prompts(tmp_path / "inputs", sample_prompts(12))
     refused = {"What is two times 3?", "What is two times 8?"}
-    fake_gemini(lambda r: error(400, "not today") if r.prompt in refused else echo(r))
-    first = run(inputs, "--shard-size", "4")
+    fake_gemini(lambda r: error(503, "not today") if r.prompt in refused else echo(r))
+    first = run(inputs, "--shard-size", "4", "--max-attempts", "1")
     assert first.exit_code == 1
     assert {f["prompt"] for f in first.failures()} == refused
     before = {n: (first.output_dir / n).read_bytes() for n in first.shard_names()}
@@ -56,12 +57,12 @@ def test_rerun_skips_answered_and_retries_failed(tmp_path, fake_gemini, run) -> 
 
 def test_failed_jsonl_lists_exactly_the_still_unanswered(tmp_path, fake_gemini, run) -> None:
     inputs = write_prompts(tmp_path / "inputs", ["a", "b", "c", "d"])
-    fake_gemini(lambda r: error(400, "no") if r.prompt in "bcd" else echo(r))
-    run(inputs)
-    fake_gemini(lambda r: error(400, "still no") if r.prompt == "c" else echo(r))
-    second = run(inputs)
+    fake_gemini(lambda r: error(503, "no") if r.prompt in "bcd" else echo(r))
+    run(inputs, "--max-attempts", "1")
+    fake_gemini(lambda r: error(503, "still no") if r.prompt == "c" else echo(r))
+    second = run(inputs, "--max-attempts", "1")
     assert second.exit_code == 1
-    assert [(f["id"], f["error"]) for f in second.failures()] == [("shard_0.txt:3", "400 INVALID_ARGUMENT: still no")]
+    assert [(f["id"], f["error"]) for f in second.failures()] == [("shard_0.txt:3", "503 UNAVAILABLE: still no")]
     assert sorted(second.ids()) == ["shard_0.txt:1", "shard_0.txt:2", "shard_1.txt:1"]
 
 

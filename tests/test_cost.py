@@ -137,3 +137,10 @@ def test_a_plain_rerun_leaves_what_was_refused_for_good_and_retry_failed_asks_it
     assert third.exit_code == 0, third.stderr
     assert [r.prompt for r in server.requests] == [blocked]
     assert not (tmp_path / "outputs" / "failed.jsonl").exists()
+
+
+def test_the_progress_display_shows_the_spend() -> None:
+    tally = pipeline.Tally(spend=pipeline.Spend((0.5, 3.0, 0.05)))
+    tally.spend.bill(type("Usage", (), {"prompt_token_count": 400_000, "candidates_token_count": 60_000})())
+    assert tally.progress_line().endswith(", $0.38") and tally.postfix() == "$0.38"
+    assert "$" not in pipeline.Tally(spend=pipeline.Spend(None)).progress_line()  # no price, no figure

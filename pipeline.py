@@ -710,34 +710,25 @@ def natural_key(name: str) -> list[Any]:
 
 async def read_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
     """The prompts of one file, read by its kind: rows of *.jsonl and *.csv, else lines."""
-    rows = {".jsonl": jsonl_prompts, ".csv": csv_prompts}.get(path.suffix.lower(), line_prompts)
+    rows = csv_prompts if path.suffix.lower() == ".csv" else line_prompts
     with stop_on_os_error(f"cannot read input file {path}"):
         async for prompt in rows(path, requests):
             yield prompt
 
 
 async def line_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
-    """A prompt per non-blank line; blank lines are skipped but still counted in the ids."""
-    name = path.name
+    """A prompt per non-blank line, or in *.jsonl a request per line (see Requests.from_json);
+    blank lines are skipped but still counted in the ids."""
+    name, rows = path.name, path.suffix.lower() == ".jsonl"
     async for first, lines in read_lines(path):
         for number, line in enumerate(lines, first):
             text, error = decode(line, first=number == 1)
             if error:
                 yield Prompt(f"{name}:{number}", text, error=error)
-            elif text := text.strip():
-                yield requests.prompt(f"{name}:{number}", text)
-
-
-async def jsonl_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
-    """A request per non-blank line (see Requests.from_json)."""
-    name = path.name
-    async for first, lines in read_lines(path):
-        for number, line in enumerate(lines, first):
-            text, error = decode(line, first=number == 1)
-            if error:
-                yield Prompt(f"{name}:{number}", text, error=error)
-            elif text.strip():
+            elif rows and text.strip():
                 yield requests.from_json(text, f"{name}:{number}")
+            elif not rows and (text := text.strip()):
+                yield requests.prompt(f"{name}:{number}", text)
 
 
 async def csv_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
@@ -875,21 +866,28 @@ class Gate:
                 continue
             slot = max(now, self.next_slot, self.next_tokens)
             self.next_slot = slot + self.interval_s
-            self.next_tokens = slot + tokens * self.token_ratio * self.token_s
+            if tokens:
+                self.next_tokens = slot + tokens * self.token_ratio * self.token_s
             if slot > now:
                 await self.hold(slot - now)
             if time.monotonic() >= self.paused_until:  # no 429 paused everyone meanwhile
-                if not self.closed and not self.spend.start(tokens, self.token_ratio):
+                if self.spend.limit_usd is not None and not self.closed and not self.spend.start(tokens, self.token_ratio):
                     self.close()  # the budget is spent: no request starts any more
                 return not self.closed
         return False
 
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether requests must say their tokens: for --tpm and --max-cost only."""
+        return bool(self.token_s) or self.spend.limit_usd is not None
+
     def landed(self, tokens: int, usage: Any = None) -> None:
         """A request admitted with `tokens` got its reply (`usage`: its usage_metadata), or none."""
-        if counted := token_count(usage, "prompt_token_count"):
+        if tokens and (counted := token_count(usage, "prompt_token_count")):
             self.next_tokens += (counted - tokens * self.token_ratio) * self.token_s  # the estimate's error
             self.estimated, self.counted = self.estimated + tokens, self.counted + counted
-        self.spend.land(tokens, usage)
+        if self.spend.price is not None:
+            self.spend.land(tokens, usage)
 
     @property
     def token_ratio(self) -> float:
@@ -952,23 +950,25 @@ class Spend:
         return ((input_tokens - cached) * per_input + cached * per_cached + output * per_output) / 1e6 * self.discount
 
     def start(self, tokens: int, ratio: float) -> bool:
-        """Count a request in flight; False, counting nothing, if it would pass --max-cost."""
-        if self.limit_usd is not None:
-            mean_output = self.output_tokens / self.replies if self.replies else 0.0
-            expected = self.usd((self.in_flight_tokens + tokens) * ratio, 0, (self.in_flight + 1) * mean_output)
-            if self.spent_usd + expected > self.limit_usd:
-                self.exhausted = True
-                return False
+        """Count a request in flight (for --max-cost only); False, counting nothing, if it would pass it."""
+        if self.limit_usd is None:
+            return True
+        mean_output = self.output_tokens / self.replies if self.replies else 0.0
+        expected = self.usd((self.in_flight_tokens + tokens) * ratio, 0, (self.in_flight + 1) * mean_output)
+        if self.spent_usd + expected > self.limit_usd:
+            self.exhausted = True
+            return False
         self.in_flight, self.in_flight_tokens = self.in_flight + 1, self.in_flight_tokens + tokens
         return True
 
     def land(self, tokens: int, usage: Any) -> None:
-        self.in_flight, self.in_flight_tokens = self.in_flight - 1, self.in_flight_tokens - tokens
+        if self.limit_usd is not None:
+            self.in_flight, self.in_flight_tokens = self.in_flight - 1, self.in_flight_tokens - tokens
         self.bill(usage)
 
     def bill(self, usage: Any) -> None:
         """Add what a reply with this usage_metadata costs (none: nothing billed)."""
-        if usage is None:
+        if usage is None or self.price is None:
             return
         output = token_count(usage, "candidates_token_count") + token_count(usage, "thoughts_token_count")
         self.replies, self.output_tokens = self.replies + 1, self.output_tokens + output
@@ -1010,7 +1010,7 @@ async def answer(client: Any, prompt: Prompt, gate: Gate, settings: Settings, ta
     out. None if the run stops first: the prompt stays unanswered, for the next run."""
     if prompt.error:
         return Failure(prompt, prompt.error, attempts=0, permanent=True)
-    tokens = estimated_tokens(prompt)
+    tokens = estimated_tokens(prompt) if gate.counts_tokens else 0
     for attempt in range(1, settings.max_attempts + 1):
         if not await gate.admit(tokens):
             return None
@@ -1075,18 +1075,21 @@ def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome
         block = reply.prompt_feedback.block_reason if reply.prompt_feedback else None
         reason = f"blocked: {enum_name(block)}" if block else f"finish_reason {finish_reason}"
         return Failure(prompt, f"response has no text ({reason})", attempts, permanent=True)
-    usage = reply.usage_metadata
+    usage = reply.usage_metadata or NO_USAGE  # the API leaves out counts of 0
     return Response(
         prompt=prompt,
         text=text,
         model=reply.model_version or model,
         finish_reason=finish_reason,
         attempts=attempts,
-        prompt_tokens=token_count(usage, "prompt_token_count"),
-        response_tokens=token_count(usage, "candidates_token_count"),
-        thinking_tokens=token_count(usage, "thoughts_token_count"),
-        cached_tokens=token_count(usage, "cached_content_token_count"),
+        prompt_tokens=usage.prompt_token_count or 0,
+        response_tokens=usage.candidates_token_count or 0,
+        thinking_tokens=usage.thoughts_token_count or 0,
+        cached_tokens=usage.cached_content_token_count or 0,
     )
+
+
+NO_USAGE = SimpleNamespace(prompt_token_count=0, candidates_token_count=0, thoughts_token_count=0, cached_content_token_count=0)
 
 
 def not_as_asked(outcome: Outcome) -> Failure | None:
@@ -2397,7 +2400,10 @@ class OfflineClient:
         text = f"Two times {match[1]} is {2 * int(match[1])}." if match else f"You said: {prompt}"
         if config is not None and config.response_mime_type == "application/json":
             text = JSON_ENCODER.encode(shaped_like(config.response_json_schema or {"required": ["answer"]}, text))
-        usage = SimpleNamespace(prompt_token_count=len(prompt.split()), candidates_token_count=len(text.split()))
+        usage = SimpleNamespace(
+            prompt_token_count=len(prompt.split()), candidates_token_count=len(text.split()),
+            thoughts_token_count=None, cached_content_token_count=None,
+        )  # fmt: skip
         return SimpleNamespace(
             text=text,
             candidates=[SimpleNamespace(finish_reason="STOP")],

@@ -27,6 +27,8 @@ peak RSS from wait4(). The sections:
              pipeline against the bare-SDK program: wall against the ideal 10 s, requests
              in flight at the server, client CPU, peak RSS; tests/concurrency.png when
              matplotlib is installed
+  profile    cProfile of the pipeline and of the bare-SDK program at 1,000 workers, 1 s
+             latency: CPU per request, and the time by package (waiting in epoll left out)
   longline   one 200 MB line read by pipeline.read_lines: seconds and peak RSS (linear, one line in memory)
   transport  500 workers at 1 s latency on google-genai's two transports: httpx2 (the
              SDK's default; its pool holds 100 connections) and aiohttp (requirements.txt)
@@ -438,6 +440,53 @@ def draw_concurrency(rows: list[tuple[int, str, float]], path: Path) -> None:
     print(f"# picture: {path.relative_to(ROOT)}")
 
 
+def child_profile(which: str, inputs: str, output: str, workers: int) -> None:
+    """Run the pipeline or the bare-SDK program under cProfile; print its time by package."""
+    import collections
+    import cProfile
+    import pstats
+
+    sys.path.insert(0, str(ROOT))
+    prompts = sum(1 for path in Path(inputs).iterdir() for _ in path.open())
+    profile = cProfile.Profile()
+    started = time.process_time()
+    profile.enable()
+    if which == "pipeline":
+        import pipeline
+
+        pipeline.cli(["--input-dir", inputs, "--output-dir", output, "--workers", str(workers), "--shard-size", "1000"])
+    else:
+        child_ceiling(prompts, workers)
+    profile.disable()
+    cpu = time.process_time() - started
+    packages: collections.Counter[str] = collections.Counter()
+    for (path, _, name), (_, _, own_s, _, _) in pstats.Stats(profile).stats.items():  # type: ignore[attr-defined]
+        if name == "<method 'poll' of 'select.epoll' objects>":
+            continue  # waiting, not working
+        packages[next((label for key, label in PACKAGES if key in path), "other")] += own_s
+    shares = ", ".join(f"{label} {seconds:.2f} s" for label, seconds in packages.most_common())
+    print(f"| profile, {which}, {workers} workers, {prompts} prompts, 1 s | {cpu / prompts * 1000:.2f} ms CPU per request under cProfile | {shares} |")
+
+
+PACKAGES = [("pipeline.py", "pipeline.py"), ("google/genai", "google-genai"), ("pydantic", "pydantic"), ("aiohttp", "aiohttp"),
+            ("/asyncio/", "asyncio"), ("/json/", "json"), ("~", "builtins")]  # fmt: skip
+
+
+def profile(scratch: Path, workers: int) -> None:
+    """Where the CPU goes, the pipeline and the bare-SDK program side by side, at 1 s latency."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_gemini import FakeGemini
+
+    inputs = make_inputs(scratch / "profile_inputs", workers * 10)
+    for which in ("pipeline", "bare SDK"):
+        output = tempfile.mkdtemp(dir=scratch)
+        with FakeGemini(latency_s=1.0) as server:
+            env = {**os.environ, "GOOGLE_GEMINI_BASE_URL": server.base_url, "GEMINI_API_KEY": "benchmark-key"}
+            args = [sys.executable, __file__, "profile", which, str(inputs), output, str(workers)]
+            done = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
+        print(next(line for line in done.stdout.splitlines() if line.startswith("| profile")), flush=True)
+
+
 def child_longline(path: str) -> None:
     """Read one file's lines through the pipeline's reader; report time and peak RSS."""
     sys.path.insert(0, str(ROOT))
@@ -461,7 +510,7 @@ def longline(scratch: Path, megabytes: int) -> None:
     path.unlink()
 
 
-SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "transport", "concurrency", "longline"]
+SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "transport", "concurrency", "profile", "longline"]
 
 
 def main() -> None:
@@ -494,6 +543,8 @@ def main() -> None:
             transport(scratch, 500, 1 if quick else 3)
         if "concurrency" in only:
             concurrency(scratch, [100, 500] if quick else [100, 500, 1000, 2000], 1 if quick else 3)
+        if "profile" in only:
+            profile(scratch, 1000)
         if "longline" in only:
             longline(scratch, 200)
 
@@ -501,6 +552,8 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "pipeline":
         child_pipeline(sys.argv[3:], postprocess=sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "profile":
+        child_profile(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     elif len(sys.argv) > 1 and sys.argv[1] == "longline":
         child_longline(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "ceiling":

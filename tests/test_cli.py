@@ -173,11 +173,25 @@ def test_help_lists_every_setting_with_its_constant_as_default(tmp_path: Path) -
         ("--offline-latency-ms", pipeline.OFFLINE_LATENCY_MS),
         ("--postprocess-workers", pipeline.POSTPROCESS_WORKERS), ("--readers", pipeline.READERS),
         ("--writers", pipeline.WRITERS), ("--batch-size", pipeline.BATCH_SIZE), ("--batch-poll-s", pipeline.BATCH_POLL_S),
-        ("--progress-every-s", pipeline.PROGRESS_EVERY_S),
+        ("--progress-every-s", pipeline.PROGRESS_EVERY_S), ("--tpm", pipeline.TOKENS_PER_MINUTE),
+        ("--max-cost", pipeline.MAX_COST_USD),
     ]:  # fmt: skip
         shown = "unset" if constant is None else str(constant)  # None cannot be passed as a value
         assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(shown)}\)", help_text), flag
     assert "--offline " in help_text and "--verbose" in help_text
+
+
+def test_every_setting_constant_has_its_flag_and_readme_row_and_nothing_else_does(tmp_path: Path) -> None:
+    source = (ROOT / "pipeline.py").read_text()
+    block = source.split(" settings --\n", 1)[1].split("\n\n", 1)[0]  # the constants users edit, up to the first blank line
+    constants = set(re.findall(r"^([A-Z][A-Z0-9_]+)(?::[^=]+)? = ", block, re.MULTILINE))
+    readme = (ROOT / "README.md").read_text().split("## Settings\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (?:`([A-Z0-9_]+)`)? *\| (?:`-\w`, )?`(--[a-z-]+)`", readme, re.MULTILINE)
+    help_text = run_subprocess(["--help"], tmp_path).stdout.split("options:", 1)[1]
+    flags = set(re.findall(r"^ {2}(?:-\w, )?(--[a-z-]+)", help_text, re.MULTILINE)) - {"--help", "--version"}
+    assert constants == {constant for constant, _ in rows if constant}
+    assert {flag for _, flag in rows} == flags
+    assert len(rows) == len({flag for _, flag in rows})  # one row each
 
 
 def test_readme_test_command_is_what_ci_runs() -> None:

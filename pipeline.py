@@ -241,6 +241,7 @@ class Prompt:
     answer_format: AnswerFormat | None = None  # set when the answer must be JSON
     fields: dict[str, Any] | None = None  # the row's other fields, carried into its record
     origin: str = ""  # "file:line" of a row that names its own id: ids must be unique in a job
+    own_settings: bool = False  # asked with settings of its own row, not only the run's
 
 
 @dataclass(slots=True)
@@ -550,7 +551,7 @@ class Requests:
             config, answer_format = generation_config({**self.generation, **own})
         except ValueError as exc:
             return Prompt(prompt_id, text, error=f"its settings: {exc}", fields=row.get("fields"), origin=row.get("origin", ""))
-        return Prompt(prompt_id, text, config=config, answer_format=answer_format, **row)
+        return Prompt(prompt_id, text, config=config, answer_format=answer_format, own_settings=True, **row)
 
     def from_json(self, text: str, where: str) -> Prompt:
         """A JSONL line: {"prompt": ...} or the Batch API's {"key": ..., "request": ...}."""
@@ -1041,6 +1042,8 @@ async def failed_for_good(exc: Exception, prompt: Prompt, attempt: int, gate: Ga
     stop_if_fatal(kind, exc, settings)
     if kind == "permanent" and api_error_code(exc) == 404:  # generateContent's only 404: no such model
         raise PipelineError(f"the API does not know the model: {describe(exc, settings)} (check --model {settings.model})")
+    if kind == "permanent" and not prompt.own_settings and (setting := refused_setting(exc)):  # every request has it
+        raise PipelineError(f"the API refuses the setting {setting}: {describe(exc, settings)}")
     if kind == "permanent" or attempt == settings.max_attempts:
         return Failure(prompt, describe(exc, settings), attempt, permanent=kind == "permanent")
     delay = backoff_s(attempt, exc, settings)
@@ -1149,6 +1152,19 @@ def error_details(exc: BaseException) -> list[dict[str, Any]]:
     error = body.get("error") if isinstance(body, dict) else None  # proxies send {"error": "some text"} too
     details = error.get("details") if isinstance(error, dict) else None
     return [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
+
+
+def refused_setting(exc: BaseException) -> str | None:
+    """The run-wide request field a 400's google.rpc.BadRequest names as invalid, if any."""
+    for detail in error_details(exc):
+        for violation in detail.get("fieldViolations") or []:
+            field_name = str(violation.get("field", "")) if isinstance(violation, dict) else ""
+            if field_name.split(".")[0] in RUN_WIDE_FIELDS:
+                return field_name
+    return None
+
+
+RUN_WIDE_FIELDS = {"generation_config", "generationConfig", "system_instruction", "systemInstruction", "model", "safety_settings", "safetySettings"}
 
 
 def server_retry_delay_s(exc: BaseException) -> float | None:

@@ -144,3 +144,24 @@ def test_the_progress_display_shows_the_spend() -> None:
     tally.spend.bill(type("Usage", (), {"prompt_token_count": 400_000, "candidates_token_count": 60_000})())
     assert tally.progress_line().endswith(", $0.38") and tally.postfix() == "$0.38"
     assert "$" not in pipeline.Tally(spend=pipeline.Spend(None)).progress_line()  # no price, no figure
+
+
+def bad_setting(request):
+    violation = {"field": "generation_config.top_k", "description": "Invalid value (TYPE_INT32), \"x\""}
+    return error(400, "Invalid value at 'generation_config.top_k'", {"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": [violation]})
+
+
+def test_a_setting_the_api_refuses_stops_the_run_at_once_unless_it_is_a_rows_own(tmp_path, fake_gemini, run) -> None:
+    server = fake_gemini(bad_setting)
+    result = run(write_prompts(tmp_path / "inputs", sample_prompts(60)), "--workers", "4")
+    assert result.exit_code == 2 and len(server.requests) <= 4
+    assert "generation_config.top_k" in result.stderr.strip().splitlines()[-1]
+
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    lines = [{"prompt": "mine", "config": {"top_k": 3}}, *({"prompt": f"p{i}"} for i in range(4))]
+    (rows / "r.jsonl").write_text("".join(json.dumps(row) + "\n" for row in lines))
+    server = fake_gemini(lambda r: bad_setting(r) if r.prompt == "mine" else echo(r))
+    result = run(rows, output_dir=tmp_path / "rows_out")
+    assert result.exit_code == 1  # only the row with settings of its own failed; the run went on
+    assert len((tmp_path / "rows_out" / "failed.jsonl").read_text().splitlines()) == 1

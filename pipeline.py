@@ -14,36 +14,40 @@ retried. Exit status: 0 all answered, 1 some failed, 2 bad settings, input or
 key, 130 interrupted (143 by SIGTERM).
 
 How it is built, in the order data flows through this file:
-  settings   the constants below, each also a command-line flag; and postprocess(), yours to edit
-  records    Prompt in; Response or Failure out; AnswerFormat, the JSON an answer must be
+  settings   the constants below: each declared once (value, kind, comment), and each also
+             a flag (SETTINGS, read into Settings); PRICES; and postprocess(), yours to edit
+  records    Prompt in; Response or Failure out; AnswerFormat, the JSON an answer must be;
+             Tally, what happened; Run, what the stages of one run share
   requests   Requests: how rows become requests, the run's settings (validated through
              google-genai's types) with a row's own over them
-  reader     read_inputs (x READERS): streams prompts from the input files (lines, JSONL or
-             CSV rows) into a bounded queue
-  generators generate_content (x GENERATE_WORKERS): ask the model, retrying in place
-             with back-off (answer, failed_for_good, classify, backoff_s); never re-queue, so
-             never deadlock. Every request passes a Gate (--rpm, --tpm, a 429's shared back-off,
-             and Spend: the estimated cost from PRICES, --max-cost), which can stop them all
-  batch      --batch: generate_in_batches stands in for the generators: prompts go in jobs
-             of Gemini's Batch API, recorded in a BatchJournal so that a rerun collects them
+  reader     read_inputs(run) (x READERS): streams prompts from the input files (lines,
+             JSONL or CSV rows) into the bounded prompts queue
+  generator  generate_content(run) (x WORKERS): ask the model, retrying in place with
+             back-off (answer, failed_for_good, classify, backoff_s); never re-queue, so
+             never deadlock. Every request passes a Gate (--rpm, --tpm, a 429's shared
+             back-off, and Spend: the estimated cost from PRICES, --max-cost-usd)
+  batch      generate_in_batches(run): with --batch, the generator stage instead, with the
+             same contract: prompts go in jobs of Gemini's Batch API, recorded in a
+             BatchJournal so that a rerun collects them (collect_earlier_jobs)
   pool       PostProcessor: runs postprocess() over answers in a process pool, in batches,
              for the writers, so that CPU work never stalls the event loop
-  writer     write_outputs (x WRITERS): each the only task writing its files; journals each
-             answer as it takes it (ArrivalJournal), then fills numbered shards
+  writer     write_outputs(run, n) (x WRITERS): each the only task writing its files;
+             journals each answer as it takes it (ArrivalJournal), then fills numbered shards
   resume     load_past_runs: what the output dir already holds (PastRuns: answered prompts
              as Fingerprints, 16 bytes each; failures, those refused for good left alone);
              repairs torn lines; check_job: one folder, one model and one set of settings
-  main       starts the stages, waits for the queues to drain, and shuts down (shut_down)
-             on success, error and Ctrl-C alike; stops at once if a stage dies (supervised);
-             start_progress: the bar, or a progress line every PROGRESS_EVERY_S
+  main       main(): open_run, start the stages, wait until every prompt is answered
+             (all_answered), shut down (shut_down) on success, error and Ctrl-C alike;
+             stops at once if a stage dies (supervised); start_progress: the bar, or a line
+             every PROGRESS_EVERY_S
   offline    OfflineClient, a stand-in for genai.Client with the same call shape
-  CLI        flags, start-up checks (check_credentials: Gemini API or Vertex AI), the lock on
-             the output dir, the summary line and the exit status
+  CLI        parse_args (the flags, from SETTINGS), start-up checks (check_credentials:
+             Gemini API or Vertex AI), the lock on the output dir, the summary and exit status
 """
 
 from __future__ import annotations
 
-__version__ = "0.9.0"  # --version prints it
+__version__ = "0.10.0"  # --version prints it
 
 import argparse
 import array
@@ -68,47 +72,52 @@ import socket
 import sys
 import threading
 import time
+import tokenize
+import typing
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from json.decoder import scanstring
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Annotated, Any
 
 import aiofiles
 import aiofiles.os
 
 # ---------------------------------------------------------------- settings --
-INPUT_DIR = "inputs"  # folder of prompt files: *.jsonl and *.csv a request per row, other files a prompt per line
-OUTPUT_DIR = "outputs"  # where shards and failed.jsonl are written (created if missing)
-MODEL = "gemini-flash-latest"  # Gemini model that answers every prompt
-SYSTEM_INSTRUCTION: str | None = None  # system instruction for every request (a row's own replaces it)
-TEMPERATURE: float | None = None  # sampling temperature, 0 to 2 (None: the model's default)
-MAX_OUTPUT_TOKENS: int | None = None  # longest answer, in tokens (None: the model's default)
-RESPONSE_SCHEMA: str | None = None  # JSON Schema file: answers are asked as JSON, checked, decoded into "parsed"
-GENERATION_CONFIG: str | None = None  # JSON file of other GenerateContentConfig fields (top_p, seed, safety_settings...)
-GENERATE_WORKERS = 5  # requests in flight at once
-QUEUE_SIZE = 5  # bound of each queue (at least GENERATE_WORKERS): how far reading may run ahead
-SHARD_SIZE = 5  # records per output shard (the last shard may hold fewer)
-MAX_ATTEMPTS = 5  # tries per prompt, the first included, before it counts as failed
-REQUEST_TIMEOUT_S = 60.0  # give up on a single request after this many seconds
-RETRY_BASE_S = 1.0  # first back-off after a transient failure; doubles each attempt
-RETRY_MAX_S = 60.0  # longest back-off between two attempts (server-given delays excepted)
-REQUESTS_PER_MINUTE: float | None = None  # your quota's RPM: requests start evenly spaced below it (None: no limit)
-TOKENS_PER_MINUTE: float | None = None  # your quota's input tokens per minute: requests start so as to stay below it (None: no limit)
-MAX_COST_USD: float | None = None  # stop starting requests before the estimated spend passes this many US dollars (None: no limit)
-RETRY_FAILED = False  # a rerun also asks again the prompts the API refused for good (400s, safety blocks)
-POSTPROCESS_WORKERS = os.cpu_count() or 1  # processes running postprocess() below; 0: run it on the event loop
-READERS = 1  # tasks reading input files, each taking the next unread file
-WRITERS = 1  # tasks writing outputs, each into shards of its own
-OFFLINE_LATENCY_MS = 50.0  # simulated latency of each --offline answer
-BATCH_MODE = False  # send the prompts as jobs of Gemini's Batch API: half the price, hours not seconds
-BATCH_SIZE = 10_000  # prompts per batch job, at most
-BATCH_POLL_S = 30.0  # seconds between two looks at a running batch job (longer while it is pending)
-PROGRESS_EVERY_S = 30.0  # when stderr is not a terminal (a log file, CI, a scheduler), a progress line this often
+# Each setting is declared here and only here: NAME = value, its kind, and a comment. The
+# kind (defined below) says what a value must be; the comment is its --help. Every one is
+# also the flag --name-in-lower-case (WORKERS is --workers), whose default is the value.
+INPUT_DIR: Folder = "inputs"  # folder of prompt files: *.jsonl and *.csv a request per row, other files a prompt per line
+OUTPUT_DIR: Folder = "outputs"  # where shards and failed.jsonl are written (created if missing)
+MODEL: Text = "gemini-flash-latest"  # the Gemini model that answers every prompt
+SYSTEM_INSTRUCTION: Text | None = None  # system instruction for every request (a row's own replaces it)
+TEMPERATURE: NonNegative | None = None  # sampling temperature, 0 to 2 (unset: the model's default)
+MAX_OUTPUT_TOKENS: AtLeastOne | None = None  # longest answer, in tokens (unset: the model's default)
+RESPONSE_SCHEMA: File | None = None  # a JSON Schema file: answers are asked as JSON, checked against it, and decoded into "parsed"
+GENERATION_CONFIG: File | None = None  # a JSON file of other GenerateContentConfig fields (top_p, seed, safety_settings, thinking_config...)
+WORKERS: AtLeastOne = 5  # requests in flight at once
+QUEUE_SIZE: AtLeastOne = 5  # bound of each queue (at least WORKERS): how far reading may run ahead
+SHARD_SIZE: AtLeastOne = 5  # records per output shard (the last shard may hold fewer)
+MAX_ATTEMPTS: AtLeastOne = 5  # tries per prompt, the first included, before it counts as failed
+TIMEOUT_S: Positive = 60.0  # seconds before one request is abandoned (and retried)
+RETRY_BASE_S: Positive = 1.0  # first back-off after a transient failure, in seconds; doubles each attempt
+RETRY_MAX_S: Positive = 60.0  # longest back-off between two attempts, in seconds (server-given delays excepted)
+RPM: Positive | None = None  # requests per minute your quota allows: requests start evenly spaced below it (unset: no limit)
+TPM: Positive | None = None  # input tokens per minute your quota allows: requests start so as to stay below it (unset: no limit)
+MAX_COST_USD: Positive | None = None  # stop starting requests before the estimated spend passes this many US dollars (unset: no limit)
+RETRY_FAILED: Switch = False  # a rerun also asks again the prompts the API refused for good (400s, safety blocks)
+POSTPROCESS_WORKERS: AtLeastZero = os.cpu_count() or 1  # processes running postprocess(), by default the CPU count; 0: run it on the event loop
+READERS: AtLeastOne = 1  # tasks reading input files, each taking the next unread file
+WRITERS: AtLeastOne = 1  # tasks writing outputs, each into shards of its own
+OFFLINE_LATENCY_MS: NonNegative = 50.0  # simulated latency of each --offline answer, in milliseconds
+BATCH: Switch = False  # send the prompts as jobs of Gemini's Batch API: half the price, results within 24 h
+BATCH_SIZE: AtLeastOne = 10_000  # prompts per batch job, at most
+BATCH_POLL_S: Positive = 30.0  # seconds between two looks at a running batch job (up to 600 while pending)
+PROGRESS_EVERY_S: Positive = 30.0  # when stderr is not a terminal (a log file, CI, a scheduler), seconds between two progress lines
 
 # What a model costs, in US dollars per million tokens: input, output (thinking included),
 # cached input. The standard tier, prompts up to 200k tokens; the Batch API costs half.
@@ -163,40 +172,104 @@ def postprocess(prompt: str, response: str) -> dict[str, Any]:
 log = logging.getLogger("pipeline")
 
 
+# What a setting's value must be: its annotation above. Each kind is the type a reader and
+# a type checker see, with the Check its flag applies to a value (the constant's too).
 @dataclass(frozen=True)
-class Settings:
-    """One run's configuration: the constants above as overridden on the command line."""
+class Check:
+    """How a setting's flag reads a value: `read` turns the text into the value or raises
+    argparse.ArgumentTypeError saying why not; `metavar` names the value in --help."""
 
-    input_dir: Path = Path(INPUT_DIR)
-    output_dir: Path = Path(OUTPUT_DIR)
-    model: str = MODEL
-    system_instruction: str | None = SYSTEM_INSTRUCTION
-    temperature: float | None = TEMPERATURE
-    max_output_tokens: int | None = MAX_OUTPUT_TOKENS
-    response_schema: Path | None = Path(RESPONSE_SCHEMA) if RESPONSE_SCHEMA else None
-    generation_config: Path | None = Path(GENERATION_CONFIG) if GENERATION_CONFIG else None
-    workers: int = GENERATE_WORKERS
-    queue_size: int = QUEUE_SIZE
-    shard_size: int = SHARD_SIZE
-    max_attempts: int = MAX_ATTEMPTS
-    timeout_s: float = REQUEST_TIMEOUT_S
-    retry_base_s: float = RETRY_BASE_S
-    retry_max_s: float = RETRY_MAX_S
-    requests_per_minute: float | None = REQUESTS_PER_MINUTE
-    tokens_per_minute: float | None = TOKENS_PER_MINUTE
-    max_cost_usd: float | None = MAX_COST_USD
-    retry_failed: bool = RETRY_FAILED
-    postprocess_workers: int = POSTPROCESS_WORKERS
-    readers: int = READERS
-    writers: int = WRITERS
-    postprocess: Callable[[str, str], dict[str, Any]] = postprocess  # a top-level function: it is sent to the pool by name
-    batch: bool = BATCH_MODE
-    batch_size: int = BATCH_SIZE
-    batch_poll_s: float = BATCH_POLL_S
-    progress_every_s: float = PROGRESS_EVERY_S
-    offline: bool = False
-    offline_latency_ms: float = OFFLINE_LATENCY_MS
-    verbose: bool = False
+    read: Callable[[str], Any]
+    metavar: str | None = None
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
+    def read(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):  # nan compares false with everything, inf waits forever
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        return value
+
+    return read
+
+
+def above_zero(text: str) -> float:
+    value = at_least(0, float)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+Folder = Annotated[str, Check(Path, "DIR")]  # a folder, read as a Path
+File = Annotated[str, Check(Path, "FILE")]  # a file, read as a Path
+Text = Annotated[str, Check(str, "TEXT")]
+AtLeastOne = Annotated[int, Check(at_least(1), "N")]
+AtLeastZero = Annotated[int, Check(at_least(0), "N")]
+NonNegative = Annotated[float, Check(at_least(0, float), "N")]
+Positive = Annotated[float, Check(above_zero, "N")]
+Switch = Annotated[bool, Check(bool)]  # a flag that takes no value: given, it turns the setting on
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One constant of the settings block, as the command line and Settings see it."""
+
+    constant: str  # its name, e.g. "WORKERS"
+    check: Check  # from its kind
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.constant.lower().replace("_", "-")
+
+    @property
+    def attribute(self) -> str:
+        return self.constant.lower()
+
+    def value(self) -> Any:
+        """The constant's value now, read as its flag reads a value: checked, and a folder's
+        name made a Path. Raises argparse.ArgumentTypeError where the flag would refuse it."""
+        value = globals()[self.constant]
+        return value if value is None or isinstance(value, bool) else self.check.read(str(value))
+
+    def default(self) -> Any:
+        """Settings' default: the value, or where it is refused the constant as it is (parse_args says why)."""
+        try:
+            return self.value()
+        except argparse.ArgumentTypeError:
+            return globals()[self.constant]
+
+
+def declared_settings() -> list[Setting]:
+    """The settings block's constants, in order: the module's names whose annotation is a kind."""
+    hints = typing.get_type_hints(sys.modules[__name__], include_extras=True)
+    return [Setting(name, check) for name, hint in hints.items() if (check := check_of(hint))]
+
+
+def check_of(hint: Any) -> Check | None:
+    """The Check in a kind, or in `kind | None`."""
+    if typing.get_origin(hint) is Annotated:
+        return next((m for m in hint.__metadata__ if isinstance(m, Check)), None)
+    return next(filter(None, map(check_of, typing.get_args(hint))), None)
+
+
+SETTINGS = declared_settings()
+Settings = make_dataclass(
+    "Settings",
+    [
+        *((setting.attribute, Any, field(default=setting.default())) for setting in SETTINGS),
+        ("offline", bool, field(default=False)),  # --offline: the built-in simulated model (OfflineClient)
+        ("verbose", bool, field(default=False)),  # -v: log every event
+        ("postprocess", Callable[[str, str], dict[str, Any]], field(default=postprocess)),  # sent to the pool by name
+    ],
+    frozen=True,
+)
+Settings.__doc__ = """One run's configuration: each constant of the settings block by its name in lower case
+(WORKERS is settings.workers), as overridden on the command line."""
 
 
 class PipelineError(Exception):
@@ -517,6 +590,29 @@ class Tally:
         return self.jobs["submitted"] + self.jobs["resumed"] - self.jobs["done"]
 
 
+@dataclass
+class Run:
+    """What the stages of one run share, made once by open_run(): each stage takes the run
+    and uses its parts, instead of six of them travelling together through every call."""
+
+    settings: Settings
+    tally: Tally  # counts of what happened, for the progress display and the summary
+    client: Any  # google-genai's Client, or the OfflineClient
+    gate: Gate  # every request passes it first (--rpm, --tpm, 429s, --max-cost-usd)
+    requests: Requests  # how rows become requests
+    past: PastRuns  # what earlier runs left in the output dir
+    postprocessor: PostProcessor
+    prompts: asyncio.Queue[Prompt]  # reader -> generators
+    outcomes: asyncio.Queue[Outcome]  # generators -> writers
+    files: Iterator[Path]  # input files no reader has taken yet (READERS share it)
+    shard_numbers: Iterator[int]  # the next free shard numbers (WRITERS share it)
+    name: str = field(default_factory=lambda: os.urandom(3).hex())  # names this run's journal files
+    # An earlier run's work that this one finishes (its journaled answers, --batch jobs to
+    # collect). A stage adds its own before its first await: all_answered() looks at the list
+    # only once every stage has started (tasks take their first step in the order created).
+    leftovers: list[asyncio.Task[None]] = field(default_factory=list)
+
+
 # ---------------------------------------------------------------- requests --
 REQUEST_LEVEL = ("systemInstruction", "safetySettings", "tools", "toolConfig", "cachedContent", "labels")  # not generationConfig's
 SDK_OPTIONS = ("httpOptions", "shouldReturnHttpResponse", "automaticFunctionCalling")  # the SDK's, not the API's
@@ -681,16 +777,16 @@ def last_user_text(contents: list[Any]) -> str:
 
 
 # ------------------------------------------------------------------ reader --
-async def read_inputs(files: Iterator[Path], prompts: asyncio.Queue[Prompt], requests: Requests, past: PastRuns) -> None:
-    """Queue every prompt of each file taken from `files`, in order, except those the
+async def read_inputs(run: Run) -> None:
+    """Queue every prompt of each input file the reader takes, in order, except those the
     output dir already has (see PastRuns.skips); waits while the queue is full. With
-    READERS > 1 the readers share `files`, each taking the next file when it finishes one."""
-    for path in files:
-        async with contextlib.aclosing(read_prompts(path, requests)) as file_prompts:
+    READERS > 1 the readers share run.files, each taking the next file when it finishes one."""
+    for path in run.files:
+        async with contextlib.aclosing(read_prompts(path, run.requests)) as file_prompts:
             async for prompt in file_prompts:
-                requests.claim(prompt)
-                if not past.skips(prompt):
-                    await prompts.put(prompt)
+                run.requests.claim(prompt)
+                if not run.past.skips(prompt):
+                    await run.prompts.put(prompt)
                     log.debug("enqueued %s", prompt.id)
 
 
@@ -800,30 +896,23 @@ def decode(line: bytes, first: bool) -> tuple[str, str | None]:
 
 
 # --------------------------------------------------------------- generator --
-async def generate_content(
-    client: Any,
-    prompts: asyncio.Queue[Prompt],
-    outcomes: asyncio.Queue[Outcome],
-    gate: Gate,
-    settings: Settings,
-    tally: Tally,
-) -> None:
+async def generate_content(run: Run) -> None:
     """Turn queued prompts into outcomes until cancelled. Retries happen in place,
     never through the input queue, so a full queue can never deadlock a retry."""
     while True:
-        prompt = await prompts.get()
+        prompt = await run.prompts.get()
         try:
-            if outcome := await answer(client, prompt, gate, settings, tally):
-                await outcomes.put(outcome)
+            if outcome := await answer(run, prompt):
+                await run.outcomes.put(outcome)
         finally:  # however it ended, so that prompts.join() counts this prompt as handled
-            prompts.task_done()
+            run.prompts.task_done()
 
 
 class Gate:
     """Every request passes here first, so one place decides when requests may start:
     no faster than --rpm and --tpm, evenly spaced; none while a 429's back-off runs, for
     every generator at once (instead of each discovering the same limit on its own); none
-    that would take the estimated spend past --max-cost (see Spend); and none once closed
+    that would take the estimated spend past --max-cost-usd (see Spend); and none once closed
     (Ctrl-C, a refused key, the daily quota, the budget), when back-off waits end early.
 
     --tpm spaces requests by their input tokens: each moves the next start by its tokens'
@@ -879,7 +968,7 @@ class Gate:
 
     @property
     def counts_tokens(self) -> bool:
-        """Whether requests must say their tokens: for --tpm and --max-cost only."""
+        """Whether requests must say their tokens: for --tpm and --max-cost-usd only."""
         return bool(self.token_s) or self.spend.limit_usd is not None
 
     def landed(self, tokens: int, usage: Any = None) -> None:
@@ -923,20 +1012,20 @@ class Gate:
 class Spend:
     """What the run has cost so far, in US dollars, estimated from each reply's token counts
     and PRICES (thinking billed as output, cached input at its own price, the Batch API at
-    half); and --max-cost: a request may start only while what was spent, plus what the
+    half); and --max-cost-usd: a request may start only while what was spent, plus what the
     requests in flight are expected to cost, plus its own, stays within it. A request's
     expected cost is its estimated input and the mean output of the replies so far."""
 
     def __init__(self, price: tuple[float, float, float] | None, limit_usd: float | None = None, discount: float = 1.0) -> None:
         self.price = price  # USD per million input, output and cached input tokens; None: unknown
-        self.limit_usd = limit_usd  # --max-cost
+        self.limit_usd = limit_usd  # --max-cost-usd
         self.discount = discount  # BATCH_PRICE for --batch
         self.spent_usd = 0.0  # every reply billed so far
         self.in_flight = 0  # requests started and not yet landed...
         self.in_flight_tokens = 0  # ...and their estimated input tokens
         self.replies = 0  # replies billed, and...
         self.output_tokens = 0  # ...the output tokens (thinking included) they billed
-        self.exhausted = False  # --max-cost stopped the run
+        self.exhausted = False  # --max-cost-usd stopped the run
 
     @classmethod
     def of(cls, settings: Settings) -> Spend:
@@ -951,7 +1040,7 @@ class Spend:
         return ((input_tokens - cached) * per_input + cached * per_cached + output * per_output) / 1e6 * self.discount
 
     def start(self, tokens: int, ratio: float) -> bool:
-        """Count a request in flight (for --max-cost only); False, counting nothing, if it would pass it."""
+        """Count a request in flight (for --max-cost-usd only); False, counting nothing, if it would pass it."""
         if self.limit_usd is None:
             return True
         mean_output = self.output_tokens / self.replies if self.replies else 0.0
@@ -1006,9 +1095,10 @@ def estimated_tokens(prompt: Prompt) -> int:
     return sum(map(len, texts)) // CHARS_PER_TOKEN + 1 + NON_TEXT_PART_TOKENS * others
 
 
-async def answer(client: Any, prompt: Prompt, gate: Gate, settings: Settings, tally: Tally) -> Outcome | None:
+async def answer(run: Run, prompt: Prompt) -> Outcome | None:
     """Ask the model once per attempt until it answers, fails for good, or attempts run
     out. None if the run stops first: the prompt stays unanswered, for the next run."""
+    client, gate, settings, tally = run.client, run.gate, run.settings, run.tally
     if prompt.error:
         return Failure(prompt, prompt.error, attempts=0, permanent=True)
     tokens = estimated_tokens(prompt) if gate.counts_tokens else 0
@@ -1016,7 +1106,7 @@ async def answer(client: Any, prompt: Prompt, gate: Gate, settings: Settings, ta
         if not await gate.admit(tokens):
             return None
         try:
-            reply = await client.aio.models.generate_content(  # --timeout is the client's own (see connect)
+            reply = await client.aio.models.generate_content(  # --timeout-s is the client's own (see connect)
                 model=settings.model, contents=prompt.contents or prompt.text, config=prompt.config
             )
         except Exception as exc:  # noqa: BLE001 (the SDK's and the network's errors: classify() sorts them)
@@ -1214,86 +1304,84 @@ class BatchJob:
     prompts: list[Prompt]
 
 
-async def generate_in_batches(
-    client: Any,
-    prompts: asyncio.Queue[Prompt],
-    outcomes: asyncio.Queue[Outcome],
-    journal: BatchJournal,
-    settings: Settings,
-    tally: Tally,
-) -> None:
-    """--batch: stands in for the generators. Gathers queued prompts into jobs of up to
-    BATCH_SIZE and runs each job (run_job) while gathering the next."""
+async def generate_in_batches(run: Run) -> None:
+    """--batch: the generator stage, with the same contract as generate_content (prompts
+    from run.prompts, outcomes to run.outcomes). Gathers queued prompts into jobs of up to
+    BATCH_SIZE and runs each job (run_job) while gathering the next. The jobs earlier runs
+    submitted are collected meanwhile, as a leftover of this run (collect_earlier_jobs)."""
+    journal = BatchJournal(run.settings.output_dir / BATCH_JOURNAL)
     try:
-        async with asyncio.TaskGroup() as jobs:
-            while job_prompts := await gather_job(prompts, outcomes, settings.batch_size):
-                jobs.create_task(run_job(client, job_prompts, prompts, outcomes, journal, settings, tally))
+        async with asyncio.TaskGroup() as jobs:  # entered without a wait: the leftover is known in time
+            finding = jobs.create_task(find_unknown_jobs(run, journal))
+            run.leftovers.append(jobs.create_task(collect_earlier_jobs(run, finding)))
+            await finding  # before any prompt is taken: one in a job found now must not be sent again
+            while job_prompts := await gather_job(run):
+                jobs.create_task(run_job(run, job_prompts, journal))
     except BaseExceptionGroup as group:  # a job's error ends the run, as a generator's would
         raise group.exceptions[0] from None
 
 
-async def gather_job(prompts: asyncio.Queue[Prompt], outcomes: asyncio.Queue[Outcome], size: int) -> list[Prompt]:
-    """The prompts of the next job: up to `size`, or fewer once none came for BATCH_GATHER_S.
+async def gather_job(run: Run) -> list[Prompt]:
+    """The prompts of the next job: up to BATCH_SIZE, or fewer once none came for BATCH_GATHER_S.
     A prompt that cannot be sent (not UTF-8) is failed here, not put in a job."""
     job: list[Prompt] = []
-    while len(job) < size:
+    while len(job) < run.settings.batch_size:
         try:
             async with asyncio.timeout(BATCH_GATHER_S if job else None):
-                prompt = await prompts.get()
+                prompt = await run.prompts.get()
         except TimeoutError:
             break
-        if prompt.error:
-            await outcomes.put(Failure(prompt, prompt.error, attempts=0))
-            prompts.task_done()
+        if prompt.id in run.past.in_batch_jobs:  # queued before find_unknown_jobs found its job
+            run.prompts.task_done()
+        elif prompt.error:
+            await run.outcomes.put(Failure(prompt, prompt.error, attempts=0))
+            run.prompts.task_done()
         else:
             job.append(prompt)
     return job
 
 
-async def run_job(
-    client: Any,
-    job_prompts: list[Prompt],
-    prompts: asyncio.Queue[Prompt],
-    outcomes: asyncio.Queue[Outcome],
-    journal: BatchJournal,
-    settings: Settings,
-    tally: Tally,
-) -> None:
+async def run_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal) -> None:
     """Submit a job, wait for it to end, and queue an outcome for each of its prompts."""
     try:
-        job = await submit_job(client, job_prompts, journal, settings, tally)
+        job = await submit_job(run, job_prompts, journal)
     except PipelineError:
         raise
     except Exception as exc:  # noqa: BLE001 (the API refused the job: its prompts fail, with the reason)
-        results: list[Outcome] = [Failure(p, f"batch job not created: {describe(exc, settings)}", 1) for p in job_prompts]
+        results: list[Outcome] = [Failure(p, f"batch job not created: {describe(exc, run.settings)}", 1) for p in job_prompts]
     else:
-        results = await collect_job(client, job, settings, tally)
+        results = await collect_job(run, job)
     for outcome in results:
-        await outcomes.put(outcome)
-        prompts.task_done()
+        await run.outcomes.put(outcome)
+        run.prompts.task_done()
 
 
-async def resume_job(
-    client: Any, job: BatchJob, outcomes: asyncio.Queue[Outcome], answered: Container[str], settings: Settings, tally: Tally
-) -> None:
-    """A job an earlier run submitted and did not finish collecting: look at it at once (it
-    may have ended long ago) and queue the outcomes of its prompts not yet written."""
-    tally.count_job("resumed")
-    for outcome in await collect_job(client, job, settings, tally, first_look_s=0.0):
-        if outcome.prompt.id not in answered:
-            await outcomes.put(outcome)
+async def collect_earlier_jobs(run: Run, finding: asyncio.Task[None]) -> None:
+    """The jobs earlier runs submitted and did not finish collecting, all at once; with
+    those a stopped run never heard back from, once `finding` has found them."""
+    await finding
+    await asyncio.gather(*(resume_job(run, job) for job in run.past.batch_jobs))
 
 
-async def submit_job(client: Any, job_prompts: list[Prompt], journal: BatchJournal, settings: Settings, tally: Tally) -> BatchJob:
+async def resume_job(run: Run, job: BatchJob) -> None:
+    """A job an earlier run submitted: look at it at once (it may have ended long ago) and
+    queue the outcomes of its prompts not yet written."""
+    run.tally.count_job("resumed")
+    for outcome in await collect_job(run, job, first_look_s=0.0):
+        if outcome.prompt.id not in run.past.answered:
+            await run.outcomes.put(outcome)
+
+
+async def submit_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal) -> BatchJob:
     """Create a batch job from an uploaded JSONL file of keyed requests. Never inline: the
     API has been seen to return inline results out of order and without the metadata
     sent (googleapis/python-genai#1909, #1886, #2008), while a file's results are keyed."""
-    source = await upload_requests(client, job_prompts, settings, tally)
+    source = await upload_requests(run, job_prompts)
     display_name = f"pipeline {job_prompts[0].id} {os.urandom(4).hex()}"  # unique: a rerun may look it up
     config = {"display_name": display_name}
     journal.submitting(display_name, job_prompts)  # before the job exists: a rerun must find it, never pay twice
     try:
-        created = await api_call(lambda: client.aio.batches.create(model=settings.model, src=source, config=config), settings, tally)
+        created = await api_call(run, lambda: run.client.aio.batches.create(model=run.settings.model, src=source, config=config))
     except Exception as exc:
         if api_error_code(exc) is not None and classify(exc) in ("permanent", "auth"):  # the API said no: no job
             journal.created(display_name, None)
@@ -1301,31 +1389,31 @@ async def submit_job(client: Any, job_prompts: list[Prompt], journal: BatchJourn
     job = BatchJob(created.name, job_prompts)
     journal.created(display_name, job.name)
     log.debug("submitted %s: %d prompts, %s", job.name, len(job_prompts), source)
-    tally.count_job("submitted")
+    run.tally.count_job("submitted")
     return job
 
 
-async def upload_requests(client: Any, job_prompts: list[Prompt], settings: Settings, tally: Tally) -> str:
+async def upload_requests(run: Run, job_prompts: list[Prompt]) -> str:
     """Upload a job's requests as a JSONL file through the Files API; returns its name."""
     rest: dict[int, dict[str, Any]] = {}  # each config's REST form, made once (most prompts share the run's)
     data = "".join(json_line({"key": p.id, "request": rest_request(p, rest)}) for p in job_prompts).encode()
     config = {"mime_type": "jsonl", "display_name": f"pipeline {job_prompts[0].id}"}
-    uploaded = await api_call(lambda: client.aio.files.upload(file=io.BytesIO(data), config=config), settings, tally, timed=False)
+    uploaded = await api_call(run, lambda: run.client.aio.files.upload(file=io.BytesIO(data), config=config), timed=False)
     return str(uploaded.name)
 
 
-async def collect_job(client: Any, job: BatchJob, settings: Settings, tally: Tally, first_look_s: float | None = None) -> list[Outcome]:
+async def collect_job(run: Run, job: BatchJob, first_look_s: float | None = None) -> list[Outcome]:
     """Wait for a job to end; then an outcome for each of its prompts. If the API says
     the job is gone, its prompts fail; if its results cannot be read, the run stops and
     the job stays in the journal for the next run: its answers are paid for."""
     try:
-        ended = await wait_for_job(client, job, settings, tally, first_look_s)
-        return await job_outcomes(client, job, ended, settings, tally)
+        ended = await wait_for_job(run, job, first_look_s)
+        return await job_outcomes(run, job, ended)
     except PipelineError:
         raise
     except Exception as exc:  # noqa: BLE001 (sorted below: the API's refusal, or results we cannot read)
         if api_error_code(exc) is not None:
-            return [Failure(p, f"batch job {job.name}: {describe(exc, settings)}", attempts=1) for p in job.prompts]
+            return [Failure(p, f"batch job {job.name}: {describe(exc, run.settings)}", attempts=1) for p in job.prompts]
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise PipelineError(
             f"cannot read batch job {job.name} ({reason}); its answers stay on Google's side: run the same command "
@@ -1333,30 +1421,31 @@ async def collect_job(client: Any, job: BatchJob, settings: Settings, tally: Tal
         ) from None
 
 
-async def wait_for_job(client: Any, job: BatchJob, settings: Settings, tally: Tally, first_look_s: float | None) -> Any:
+async def wait_for_job(run: Run, job: BatchJob, first_look_s: float | None) -> Any:
     """Poll the job every BATCH_POLL_S, backing off up to BATCH_POLL_MAX_S while it stays
     pending (a queue on Google's side can take hours); returns it once it has ended."""
-    delay = settings.batch_poll_s if first_look_s is None else first_look_s
-    longest = max(BATCH_POLL_MAX_S, settings.batch_poll_s)
+    every_s = run.settings.batch_poll_s
+    delay = every_s if first_look_s is None else first_look_s
+    longest = max(BATCH_POLL_MAX_S, every_s)
     running = False
     while True:
         await asyncio.sleep(delay)
-        current = await api_call(lambda: client.aio.batches.get(name=job.name), settings, tally, retry_forever=True)
+        current = await api_call(run, lambda: run.client.aio.batches.get(name=job.name), retry_forever=True)
         state = enum_name(current.state)
         log.debug("polled %s: %s", job.name, state)
         if state in JOB_ENDED:
-            tally.count_job("done", ends="running" if running else None)
+            run.tally.count_job("done", ends="running" if running else None)
             return current
         if state == "JOB_STATE_RUNNING" and not running:
-            tally.count_job("running")
+            run.tally.count_job("running")
             running = True
-        delay = settings.batch_poll_s if running else min(max(delay * 1.5, settings.batch_poll_s), longest)
+        delay = every_s if running else min(max(delay * 1.5, every_s), longest)
 
 
 JOB_ENDED = {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
 
 
-async def job_outcomes(client: Any, job: BatchJob, ended: Any, settings: Settings, tally: Tally) -> list[Outcome]:
+async def job_outcomes(run: Run, job: BatchJob, ended: Any) -> list[Outcome]:
     """An outcome per prompt of an ended job: its answer or its own error if the job
     succeeded, else the job's state as the reason."""
     state = enum_name(ended.state)
@@ -1364,12 +1453,12 @@ async def job_outcomes(client: Any, job: BatchJob, ended: Any, settings: Setting
         return [Failure(p, f"batch job {job.name} ended {state}", attempts=1) for p in job.prompts]
     if not (ended.dest and ended.dest.file_name):  # jobs are sent as files, so their results come as one
         return [Failure(p, f"batch job {job.name} returned no responses file", attempts=1) for p in job.prompts]
-    data = await api_call(lambda: client.aio.files.download(file=ended.dest.file_name), settings, tally, timed=False)
+    data = await api_call(run, lambda: run.client.aio.files.download(file=ended.dest.file_name), timed=False)
     results = results_by_key(data)
-    if tally.spend is not None:
+    if run.tally.spend is not None:
         for response, _ in results.values():
-            tally.spend.bill(getattr(response, "usage_metadata", None))
-    return [job_outcome(prompt, *results.get(prompt.id, (None, None)), job, settings) for prompt in job.prompts]
+            run.tally.spend.bill(getattr(response, "usage_metadata", None))
+    return [job_outcome(prompt, *results.get(prompt.id, (None, None)), job, run.settings.model) for prompt in job.prompts]
 
 
 def rest_request(prompt: Prompt, rest: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -1398,23 +1487,22 @@ def results_by_key(data: bytes) -> dict[str, tuple[Any, Any]]:
     return results
 
 
-def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, settings: Settings) -> Outcome:
+def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, model: str) -> Outcome:
     if error is not None:  # a google.rpc.Status: its code is gRPC's (3 is INVALID_ARGUMENT), not HTTP's
         reason = f"batch request failed, code {getattr(error, 'code', '?')}: {getattr(error, 'message', '')}"
         return Failure(prompt, " ".join(reason.split()), attempts=1)
     if response is None:
         return Failure(prompt, f"batch job {job.name} returned nothing for this prompt", attempts=1)
-    outcome = to_outcome(prompt, response, 1, settings.model)
+    outcome = to_outcome(prompt, response, 1, model)
     return not_as_asked(outcome) or outcome  # one attempt in a job: no retry
 
 
-async def api_call(
-    call: Callable[[], Awaitable[Any]], settings: Settings, tally: Tally, retry_forever: bool = False, timed: bool = True
-) -> Any:
+async def api_call(run: Run, call: Callable[[], Awaitable[Any]], retry_forever: bool = False, timed: bool = True) -> Any:
     """One Batch or Files API call, retried as a prompt's request is: transient errors and
     429s back off and try again, MAX_ATTEMPTS times or `retry_forever` (a poll); a refused
     key or a spent daily quota stop the run; other errors are raised. `timed`: give up
-    after REQUEST_TIMEOUT_S (not for uploads and downloads, which take what they take)."""
+    after TIMEOUT_S (not for uploads and downloads, which take what they take)."""
+    settings = run.settings
     for attempt in itertools.count(1):
         try:
             async with asyncio.timeout(settings.timeout_s if timed else None):
@@ -1424,7 +1512,7 @@ async def api_call(
             stop_if_fatal(kind, exc, settings)
             if kind == "permanent" or (attempt == settings.max_attempts and not retry_forever):
                 raise
-            tally.retries += 1
+            run.tally.retries += 1
             delay = backoff_s(min(attempt, settings.max_attempts), exc, settings)
             log.debug("retry a Batch API call in %.2f s after attempt %d: %s", delay, attempt, describe(exc, settings))
             await asyncio.sleep(delay)
@@ -1489,19 +1577,20 @@ def unjournaled(prompt_id: str, text: str, extra: dict[str, Any] | None = None) 
     return Prompt(str(prompt_id), str(text), answer_format=answer_format, fields=extra.get("fields"))
 
 
-async def find_unknown_jobs(client: Any, journal: BatchJournal, past: PastRuns, settings: Settings, tally: Tally) -> None:
+async def find_unknown_jobs(run: Run, journal: BatchJournal) -> None:
     """Submissions a stopped run never heard back from: a job the API did create is found by
     its display name and collected like the others; otherwise its prompts are asked again."""
-    if not past.unknown_submissions:
+    unknown = run.past.unknown_submissions
+    if not unknown:
         return
     found = {}
-    async for job in await api_call(lambda: client.aio.batches.list(config={"page_size": 100}), settings, tally):
-        if job.display_name in past.unknown_submissions:
+    async for job in await api_call(run, lambda: run.client.aio.batches.list(config={"page_size": 100})):
+        if job.display_name in unknown:
             found[job.display_name] = job.name
-    for display_name, job_prompts in past.unknown_submissions.items():
+    for display_name, job_prompts in unknown.items():
         journal.created(display_name, found.get(display_name))
         if display_name in found:
-            past.add_batch_job(BatchJob(found[display_name], job_prompts))
+            run.past.add_batch_job(BatchJob(found[display_name], job_prompts))
 
 
 # -------------------------------------------------------------------- pool --
@@ -1620,28 +1709,37 @@ def with_extra(response: Response, extra: str) -> Outcome:
 
 
 # ------------------------------------------------------------------ writer --
-async def write_outputs(
-    outcomes: asyncio.Queue[Outcome], shards: ShardWriter, failures: FailureLog, postprocessor: PostProcessor, tally: Tally
-) -> None:
-    """A writer task: the only one writing its shards and its failure journal. Takes the
-    outcomes that are waiting, post-processes them, and hands them to the operating
-    system at once (see ShardWriter for why that matters)."""
+async def write_outputs(run: Run, writer: int) -> None:
+    """Writer number `writer`: the only task writing its shards, its arrivals journal and
+    its failure journal. Takes the outcomes that are waiting, post-processes them, and
+    hands them to the operating system at once (see ShardWriter for why that matters)."""
+    shards, failures = open_writer_files(run, writer)
     with stop_on_os_error(f"cannot write to {shards.output_dir}"):
         async with contextlib.aclosing(shards), contextlib.aclosing(failures):
             while True:
-                batch = await next_batch(outcomes, postprocessor, shards.journal)
-                done = await postprocessor.run(batch)
+                batch = await next_batch(run.outcomes, run.postprocessor, shards.journal)
+                done = await run.postprocessor.run(batch)
                 answered = [o for o in done if isinstance(o, Response)]
                 for written in shards.write(answered):  # counted as written: a full disk may stop it midway
-                    tally.count(written)
+                    run.tally.count(written)
                 failed = [o for o in done if isinstance(o, Failure)]
                 failures.write(failed, answered)
-                tally.count(failed)
+                run.tally.count(failed)
                 for _ in done:
-                    outcomes.task_done()
+                    run.outcomes.task_done()
                 await shards.settle()
                 shards.journal.rotate(shards.number)
                 shards.journal.forget(shards.durable_below)
+
+
+def open_writer_files(run: Run, writer: int) -> tuple[ShardWriter, FailureLog]:
+    """A writer's own shards (numbered from the shared run.shard_numbers), arrivals journal
+    (none when post-processing runs inline: answers then reach the shards with no wait)
+    and failure journal (sharing run.past.failures: see FailureLog)."""
+    output_dir = run.settings.output_dir
+    journal = ArrivalJournal(output_dir, f"{run.name}.{writer}", needed=run.settings.postprocess_workers > 0)
+    shards = ShardWriter(output_dir, run.settings.shard_size, run.shard_numbers, journal)
+    return shards, FailureLog(failure_journal(output_dir, writer), run.past.failures)
 
 
 async def next_batch(outcomes: asyncio.Queue[Outcome], postprocessor: PostProcessor, journal: ArrivalJournal) -> list[Outcome]:
@@ -2090,15 +2188,38 @@ def id_and_prompt(line: str) -> tuple[str, str]:
 
 # -------------------------------------------------------------------- main --
 async def main(settings: Settings, tally: Tally) -> None:
-    """Start READERS readers, GENERATE_WORKERS generators and WRITERS writers, linked by
-    two bounded queues; wait until every prompt is answered, then shut them down."""
-    async with contextlib.AsyncExitStack() as cleanup:  # undone in reverse order, however the run ends
+    """Start READERS readers, WORKERS generators (or the batch stage) and WRITERS writers,
+    linked by two bounded queues; wait until every prompt is answered, then shut them down."""
+    async with open_run(settings, tally) as run:
+        generate, copies = generator_stage(settings)
+        readers = [asyncio.create_task(read_inputs(run)) for _ in range(settings.readers)]
+        generators = [asyncio.create_task(generate(run)) for _ in range(copies)]
+        writers = [asyncio.create_task(write_outputs(run, number)) for number in range(settings.writers)]
+        try:
+            await supervised(all_answered(run, readers), [*generators, *writers])
+        except asyncio.CancelledError:
+            log.warning("stopping: writing the answers received (Ctrl-C again quits at once)")
+            raise
+        finally:  # on success, error and Ctrl-C alike
+            await shut_down(run, readers, generators, writers)
+
+
+def generator_stage(settings: Settings) -> tuple[Callable[[Run], Awaitable[None]], int]:
+    """The stage that turns prompts into outcomes, and how many of it run: WORKERS
+    generate_content, or with --batch one generate_in_batches (which runs jobs in parallel)."""
+    return (generate_in_batches, 1) if settings.batch else (generate_content, settings.workers)
+
+
+@contextlib.asynccontextmanager
+async def open_run(settings: Settings, tally: Tally) -> AsyncIterator[Run]:
+    """Everything the stages share, from what earlier runs left in the output dir; closed
+    in reverse order however the run ends (the pool, the client, the progress display)."""
+    async with contextlib.AsyncExitStack() as cleanup:
         postprocessor = PostProcessor(settings.postprocess, settings.postprocess_workers)
         cleanup.push_async_callback(postprocessor.aclose)
         postprocessor.start()  # first, before anything starts a thread
         cleanup.enter_context(stopped_by_signals(asyncio.current_task()))  # a long start-up scan too
         generation = job_generation(settings)
-        requests = Requests.of(generation)
         past = await load_past_runs(settings.output_dir)
         if check_job(settings, generation, answered=bool(past.answered or past.journaled)) or settings.retry_failed:
             past.refused.clear()
@@ -2106,38 +2227,29 @@ async def main(settings: Settings, tally: Tally) -> None:
         cleanup.push_async_callback(stop, *start_progress(settings, tally))
         client = connect(settings)
         cleanup.push_async_callback(client.aio.aclose)
-        spend = Spend.of(settings)
-        if spend.price is None and not settings.offline:
-            log.warning("no price for %s in PRICES (near the top of pipeline.py): the spend is not shown", settings.model)
-        tally.spend = spend if spend.price is not None else None
-        gate = Gate(settings.requests_per_minute, tally, settings.tokens_per_minute, spend)
         depth = queue_depth(settings)
-        prompts: asyncio.Queue[Prompt] = asyncio.Queue(maxsize=depth)
-        outcomes: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=depth)
-        files = iter(await list_input_files(settings.input_dir))
-        generators, resumed_jobs = await start_generators(client, prompts, outcomes, gate, past, settings, tally)
-        resumed_jobs.append(asyncio.create_task(requeue(past.journaled, outcomes)))
-        readers = [asyncio.create_task(read_inputs(files, prompts, requests, past)) for _ in range(settings.readers)]
-        shard_numbers, run = itertools.count(past.next_shard), os.urandom(3).hex()
-        writers = [
-            asyncio.create_task(write_outputs(outcomes, shards, failures, postprocessor, tally))
-            for shards, failures in (
-                (ShardWriter(settings.output_dir, settings.shard_size, shard_numbers, ArrivalJournal(settings.output_dir, f"{run}.{number}", needed=settings.postprocess_workers > 0)),
-                 FailureLog(failure_journal(settings.output_dir, number), past.failures))
-                for number in range(settings.writers)
-            )
-        ]  # fmt: skip
+        run = Run(
+            settings, tally, client, open_gate(settings, tally), Requests.of(generation), past, postprocessor,
+            prompts=asyncio.Queue(maxsize=depth), outcomes=asyncio.Queue(maxsize=depth),
+            files=iter(await list_input_files(settings.input_dir)), shard_numbers=itertools.count(past.next_shard),
+        )  # fmt: skip
+        run.leftovers.append(asyncio.create_task(requeue(run)))
         try:
-            await supervised(all_answered(readers, prompts, resumed_jobs), [*generators, *resumed_jobs, *writers])
-        except asyncio.CancelledError:
-            log.warning("stopping: writing the answers received (Ctrl-C again quits at once)")
-            raise
-        finally:  # on success, error and Ctrl-C alike
-            await shut_down(gate, readers, [*generators, *resumed_jobs], writers, prompts, outcomes)
+            yield run
+        finally:
             await finish_failures(settings.output_dir, past.failures)
             tally.left_alone = past.left_alone
         for path in past.arrival_files:  # the run is complete: what they held is in synced shards now
             path.unlink()
+
+
+def open_gate(settings: Settings, tally: Tally) -> Gate:
+    """The Gate for --rpm, --tpm and --max-cost-usd; the spend is shown when the model has a price."""
+    spend = Spend.of(settings)
+    if spend.price is None and not settings.offline:
+        log.warning("no price for %s in PRICES (near the top of pipeline.py): the spend is not shown", settings.model)
+    tally.spend = spend if spend.price is not None else None
+    return Gate(settings.rpm, tally, settings.tpm, spend)
 
 
 def start_progress(settings: Settings, tally: Tally) -> list[asyncio.Task[None]]:
@@ -2176,33 +2288,12 @@ async def count_rows(path: Path) -> int:
     return max(rows - 1, 0) if is_csv else rows
 
 
-async def requeue(journaled: list[Response], outcomes: asyncio.Queue[Outcome]) -> None:
+async def requeue(run: Run) -> None:
     """Answers an earlier run journaled but never wrote: to the writers, as if just answered."""
-    if journaled:
-        log.info("writing %d answers that an earlier run received but never wrote (no request made)", len(journaled))
-    for response in journaled:
-        await outcomes.put(response)
-
-
-async def start_generators(
-    client: Any,
-    prompts: asyncio.Queue[Prompt],
-    outcomes: asyncio.Queue[Outcome],
-    gate: Gate,
-    past: PastRuns,
-    settings: Settings,
-    tally: Tally,
-) -> tuple[list[asyncio.Task[None]], list[asyncio.Task[None]]]:
-    """GENERATE_WORKERS generators; or, with --batch, the task that submits jobs, and one per
-    job an earlier run left to collect (returned second: the run waits for them too)."""
-    if not settings.batch:
-        generate = [generate_content(client, prompts, outcomes, gate, settings, tally) for _ in range(settings.workers)]
-        return [asyncio.create_task(g) for g in generate], []
-    journal = BatchJournal(settings.output_dir / BATCH_JOURNAL)
-    await find_unknown_jobs(client, journal, past, settings, tally)
-    submitting = asyncio.create_task(generate_in_batches(client, prompts, outcomes, journal, settings, tally))
-    resumed = [resume_job(client, job, outcomes, past.answered, settings, tally) for job in past.batch_jobs]
-    return [submitting], [asyncio.create_task(r) for r in resumed]
+    if run.past.journaled:
+        log.info("writing %d answers that an earlier run received but never wrote (no request made)", len(run.past.journaled))
+    for response in run.past.journaled:
+        await run.outcomes.put(response)
 
 
 @contextlib.contextmanager
@@ -2257,36 +2348,27 @@ def queue_depth(settings: Settings) -> int:
     return max(settings.queue_size, settings.workers)
 
 
-async def all_answered(
-    readers: list[asyncio.Task[None]], prompts: asyncio.Queue[Prompt], resumed_jobs: list[asyncio.Task[None]]
-) -> None:
+async def all_answered(run: Run, readers: list[asyncio.Task[None]]) -> None:
     await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)  # every prompt is queued, or a reader failed;
-    await prompts.join()  # either way every queued prompt gets its outcome queued
+    await run.prompts.join()  # either way every queued prompt gets its outcome queued
     for reader in readers:  # (answers already paid for are kept); then a reader's error is raised.
         if reader.done():
             reader.result()
-    await asyncio.gather(*resumed_jobs)  # --batch: and every job an earlier run submitted is collected
+    await asyncio.gather(*run.leftovers)  # and what an earlier run left (see Run.leftovers for when they are known)
 
 
-async def shut_down(
-    gate: Gate,
-    readers: list[asyncio.Task[None]],
-    generators: list[asyncio.Task[None]],
-    writers: list[asyncio.Task[None]],
-    prompts: asyncio.Queue[Prompt],
-    outcomes: asyncio.Queue[Outcome],
-) -> None:
+async def shut_down(run: Run, readers: list[asyncio.Task[None]], generators: list[asyncio.Task[None]], writers: list[asyncio.Task[None]]) -> None:
     """Stop asking, let requests in flight land for a moment, write every answer
     received, then stop every task. A writer's error is raised: the run is not complete."""
-    gate.close()  # no request starts from now on
+    run.gate.close()  # no request starts from now on
     for reader in readers:
         reader.cancel()
-    while not prompts.empty():  # never tried: the next run asks them
-        prompts.get_nowait()
-        prompts.task_done()
-    await until(prompts.join(), writers, timeout=STOP_GRACE_S)  # answers in flight are queued,
-    await stop(*readers, *generators)
-    await until(outcomes.join(), writers)  # and written.
+    while not run.prompts.empty():  # never tried: the next run asks them
+        run.prompts.get_nowait()
+        run.prompts.task_done()
+    await until(run.prompts.join(), writers, timeout=STOP_GRACE_S)  # answers in flight are queued,
+    await stop(*readers, *generators, *run.leftovers)
+    await until(run.outcomes.join(), writers)  # and written.
     await stop(*writers)
     for writer in writers:
         if not writer.cancelled() and writer.exception():
@@ -2497,66 +2579,14 @@ exit status:
   130 interrupted by Ctrl-C   143 stopped by SIGTERM (both: run again to continue)"""
 
 
-def at_least(minimum: float, kind: type = int) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value):  # nan compares false with everything, inf waits forever
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
-        return value
-
-    return parse
-
-
-def above_zero(text: str) -> float:
-    value = at_least(0, float)(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> Settings:
-    d = Settings()
+    """The settings block's constants (each as its flag's default, checked like a value given
+    there), as overridden by `argv`; and the flags that are no setting: --offline, -v."""
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=HELP_EPILOG, formatter_class=HelpFormatter)
-    p.add_argument("--input-dir", type=Path, default=d.input_dir, help="folder of prompt files, one prompt per line")
-    p.add_argument("--output-dir", type=Path, default=d.output_dir, help="folder for shards and failed.jsonl")
-    p.add_argument("--model", default=d.model, help="Gemini model name")
-    p.add_argument("--system-instruction", metavar="TEXT", default=d.system_instruction, help="system instruction for every request (a row's own replaces it)")
-    p.add_argument("--temperature", type=at_least(0, float), default=d.temperature, help="sampling temperature, 0 to 2 (unset: the model's default)")
-    p.add_argument("--max-output-tokens", type=at_least(1), default=d.max_output_tokens, help="longest answer, in tokens (unset: the model's default)")
-    p.add_argument("--response-schema", type=Path, metavar="FILE", default=d.response_schema, help='a JSON Schema file: answers are asked as JSON, checked against it, and decoded into "parsed"')
-    p.add_argument("--generation-config", type=Path, metavar="FILE", default=d.generation_config, help="a JSON file of other GenerateContentConfig fields (top_p, seed, stop_sequences, safety_settings, thinking_config...)")
-    p.add_argument("--workers", type=at_least(1), default=d.workers, help="requests in flight at once")
-    p.add_argument("--queue-size", type=at_least(1), default=d.queue_size, help="bound of each queue")
-    p.add_argument("--shard-size", type=at_least(1), default=d.shard_size, help="records per output shard")
-    p.add_argument("--max-attempts", type=at_least(1), default=d.max_attempts, help="tries per prompt")
-    p.add_argument("--timeout", type=above_zero, default=d.timeout_s, help="seconds before one request is abandoned")
-    p.add_argument("--retry-base-s", type=above_zero, default=d.retry_base_s, help="first retry back-off, seconds")
-    p.add_argument("--retry-max-s", type=above_zero, default=d.retry_max_s, help="longest retry back-off, seconds")
-    p.add_argument(
-        "--rpm", type=above_zero, default=d.requests_per_minute, help="requests per minute your quota allows; unset: no limit"
-    )
-    p.add_argument("--tpm", type=above_zero, default=d.tokens_per_minute, help="input tokens per minute your quota allows; unset: no limit")
-    p.add_argument("--max-cost", type=above_zero, metavar="USD", default=d.max_cost_usd, help="stop starting requests before the estimated spend passes this many US dollars; unset: no limit")
-    p.add_argument("--retry-failed", action="store_true", default=d.retry_failed, help="also ask again the prompts the API refused for good in an earlier run (400s, safety blocks)")
-    p.add_argument(
-        "--postprocess-workers", type=at_least(0), default=d.postprocess_workers,
-        help="processes running postprocess(), by default the CPU count; 0: run it on the event loop",
-    )  # fmt: skip
-    p.add_argument("--readers", type=at_least(1), default=d.readers, help="tasks reading input files")
-    p.add_argument("--writers", type=at_least(1), default=d.writers, help="tasks writing shards")
-    p.add_argument("--batch", action="store_true", default=d.batch, help="send the prompts as jobs of Gemini's Batch API: half the price, results within 24 h")
-    p.add_argument("--batch-size", type=at_least(1), default=d.batch_size, help="prompts per batch job, at most")
-    p.add_argument("--batch-poll-s", type=above_zero, default=d.batch_poll_s, help="seconds between looks at a running batch job (up to 600 while pending)")
-    p.add_argument("--progress-every-s", type=above_zero, default=d.progress_every_s, help="when stderr is not a terminal, seconds between two progress lines")
+    helps = setting_comments()
+    for setting in SETTINGS:
+        p.add_argument(setting.flag, help=helps.get(setting.constant, "").replace("%", "%%"), **flag_reading(setting, p))
     p.add_argument("--offline", action="store_true", help="use a built-in simulated model: no network, no key")
-    p.add_argument(
-        "--offline-latency-ms", type=at_least(0, float), default=d.offline_latency_ms, help="simulated latency of --offline"
-    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every enqueue, answer, retry and write")
     p.add_argument("--version", action="version", version=f"pipeline.py {__version__}")
     a = p.parse_args(argv)
@@ -2564,18 +2594,42 @@ def parse_args(argv: list[str] | None) -> Settings:
         p.error("argument --batch: not with --offline (the Batch API has no offline stand-in)")
     if a.retry_max_s < a.retry_base_s:
         p.error(f"argument --retry-max-s: must be at least --retry-base-s ({a.retry_base_s:g})")
-    if a.max_cost is not None and (a.offline or a.batch):
-        p.error(f"argument --max-cost: not with {'--offline (nothing is billed)' if a.offline else '--batch (a job is billed as a whole)'}")
-    if a.max_cost is not None and price_of(a.model) is None:
-        p.error(f"argument --max-cost: PRICES (near the top of pipeline.py) has no price for --model {a.model}: add it")
-    return Settings(
-        input_dir=a.input_dir, output_dir=a.output_dir, model=a.model, system_instruction=a.system_instruction,
-        temperature=a.temperature, max_output_tokens=a.max_output_tokens, response_schema=a.response_schema,
-        generation_config=a.generation_config, workers=a.workers, queue_size=a.queue_size, shard_size=a.shard_size,
-        max_attempts=a.max_attempts, timeout_s=a.timeout, retry_base_s=a.retry_base_s, retry_max_s=a.retry_max_s,
-        requests_per_minute=a.rpm, postprocess_workers=a.postprocess_workers, readers=a.readers, writers=a.writers,
-        tokens_per_minute=a.tpm, max_cost_usd=a.max_cost, retry_failed=a.retry_failed, batch=a.batch, batch_size=a.batch_size, batch_poll_s=a.batch_poll_s, progress_every_s=a.progress_every_s, offline=a.offline, offline_latency_ms=a.offline_latency_ms, verbose=a.verbose,
-    )  # fmt: skip
+    if a.max_cost_usd is not None and (a.offline or a.batch):
+        p.error(f"argument --max-cost-usd: not with {'--offline (nothing is billed)' if a.offline else '--batch (a job is billed as a whole)'}")
+    if a.max_cost_usd is not None and price_of(a.model) is None:
+        p.error(f"argument --max-cost-usd: PRICES (near the top of pipeline.py) has no price for --model {a.model}: add it")
+    return Settings(**vars(a))
+
+
+def flag_reading(setting: Setting, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """How its flag reads a setting: a switch takes no value; any other reads one with its
+    kind's check, and defaults to the constant, checked the same way (an edit gone wrong
+    gets the same one-line error as a bad flag)."""
+    if setting.check.read is bool:
+        return {"action": "store_true", "default": setting.value()}
+    try:
+        default = setting.value()
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"{setting.constant} = {globals()[setting.constant]!r} at the top of pipeline.py: {exc}")
+    return {"type": setting.check.read, "metavar": setting.check.metavar, "default": default}
+
+
+def setting_comments() -> dict[str, str]:
+    """Each constant's comment in the settings block (its --help), read from this file."""
+    try:
+        source = Path(__file__).read_text(encoding="utf-8")
+    except OSError:  # run from somewhere without its source: flags without help
+        return {}
+    block = source.split(" settings --\n", 1)[-1].split("\n\n", 1)[0]
+    comments, name = {}, None
+    for token in tokenize.generate_tokens(io.StringIO(block).readline):
+        if token.type == tokenize.NAME and token.start[1] == 0:
+            name = token.string
+        elif token.type == tokenize.COMMENT and name is not None:
+            comments[name] = token.string.lstrip("# ").strip()
+        elif token.type == tokenize.NEWLINE:
+            name = None
+    return comments
 
 
 def check_setup(settings: Settings) -> None:
@@ -2681,7 +2735,7 @@ def run_and_report(settings: Settings) -> int:
         return finish(
             tally,
             f"stopped after {plural(tally.answered, 'prompt')}: the budget of ${settings.max_cost_usd:g} is spent "
-            f"({dollars(tally.spend.spent_usd)}): run the same command again with a larger --max-cost to continue",
+            f"({dollars(tally.spend.spent_usd)}): run the same command again with a larger --max-cost-usd to continue",
             1,
         )
     left_alone = (

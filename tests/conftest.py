@@ -4,6 +4,8 @@ GOOGLE_GEMINI_BASE_URL, prompt folders, and ways to run the pipeline in-process
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -107,3 +109,14 @@ def run_subprocess(args: list[str], cwd: Path, env: dict[str, str] | None = None
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
     return Run(done.returncode, done.stdout, done.stderr, cwd / "outputs")
+
+
+def stage_run(output_dir: Path, settings: pipeline.Settings | None = None, **parts) -> pipeline.Run:
+    """A pipeline.Run for calling one stage alone: the parts a test gives, the rest empty."""
+    settings = settings or pipeline.Settings(output_dir=output_dir)
+    defaults = {
+        "settings": settings, "tally": pipeline.Tally(), "client": None, "gate": None, "requests": pipeline.Requests({}),
+        "past": pipeline.PastRuns(output_dir), "postprocessor": pipeline.PostProcessor(pipeline.postprocess, 0),
+        "prompts": asyncio.Queue(), "outcomes": asyncio.Queue(), "files": iter([]), "shard_numbers": itertools.count(),
+    }  # fmt: skip
+    return pipeline.Run(**{**defaults, **parts})

@@ -166,15 +166,15 @@ def test_help_lists_every_setting_with_its_constant_as_default(tmp_path: Path) -
         ("--system-instruction", pipeline.SYSTEM_INSTRUCTION), ("--temperature", pipeline.TEMPERATURE),
         ("--max-output-tokens", pipeline.MAX_OUTPUT_TOKENS), ("--response-schema", pipeline.RESPONSE_SCHEMA),
         ("--generation-config", pipeline.GENERATION_CONFIG),
-        ("--workers", pipeline.GENERATE_WORKERS), ("--queue-size", pipeline.QUEUE_SIZE),
+        ("--workers", pipeline.WORKERS), ("--queue-size", pipeline.QUEUE_SIZE),
         ("--shard-size", pipeline.SHARD_SIZE), ("--max-attempts", pipeline.MAX_ATTEMPTS),
-        ("--timeout", pipeline.REQUEST_TIMEOUT_S), ("--retry-base-s", pipeline.RETRY_BASE_S),
-        ("--retry-max-s", pipeline.RETRY_MAX_S), ("--rpm", pipeline.REQUESTS_PER_MINUTE),
+        ("--timeout-s", pipeline.TIMEOUT_S), ("--retry-base-s", pipeline.RETRY_BASE_S),
+        ("--retry-max-s", pipeline.RETRY_MAX_S), ("--rpm", pipeline.RPM),
         ("--offline-latency-ms", pipeline.OFFLINE_LATENCY_MS),
         ("--postprocess-workers", pipeline.POSTPROCESS_WORKERS), ("--readers", pipeline.READERS),
         ("--writers", pipeline.WRITERS), ("--batch-size", pipeline.BATCH_SIZE), ("--batch-poll-s", pipeline.BATCH_POLL_S),
-        ("--progress-every-s", pipeline.PROGRESS_EVERY_S), ("--tpm", pipeline.TOKENS_PER_MINUTE),
-        ("--max-cost", pipeline.MAX_COST_USD),
+        ("--progress-every-s", pipeline.PROGRESS_EVERY_S), ("--tpm", pipeline.TPM),
+        ("--max-cost-usd", pipeline.MAX_COST_USD),
     ]:  # fmt: skip
         shown = "unset" if constant is None else str(constant)  # None cannot be passed as a value
         assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(shown)}\)", help_text), flag
@@ -192,6 +192,22 @@ def test_every_setting_constant_has_its_flag_and_readme_row_and_nothing_else_doe
     assert constants == {constant for constant, _ in rows if constant}
     assert {flag for _, flag in rows} == flags
     assert len(rows) == len({flag for _, flag in rows})  # one row each
+
+
+@pytest.mark.parametrize(("constant", "value", "reason"), [("SHARD_SIZE", 0, "must be at least 1"), ("TIMEOUT_S", -1.0, "must be at least 0")])
+def test_a_constant_edited_to_a_value_its_flag_refuses_gets_one_line(monkeypatch, capsys, constant, value, reason) -> None:
+    monkeypatch.setattr(pipeline, constant, value)
+    with pytest.raises(SystemExit) as stopped:
+        pipeline.parse_args([])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{constant} = {value!r} at the top of pipeline.py" in error and reason in error
+
+
+def test_a_constants_comment_is_its_flags_help() -> None:
+    helps = pipeline.setting_comments()
+    assert set(helps) == {setting.constant for setting in pipeline.SETTINGS}
+    assert helps["WORKERS"] == "requests in flight at once"
 
 
 def test_readme_test_command_is_what_ci_runs() -> None:

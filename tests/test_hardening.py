@@ -5,7 +5,6 @@ back, binary inputs, huge lines, a full disk, a redirect, many workers and Ctrl-
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, ROOT, sample_prompts, write_prompts
+from conftest import API_KEY, ROOT, sample_prompts, stage_run, write_prompts
 from fake_gemini import FakeGemini, Reply, echo, error, rate_limited, raw_error
 from test_pipeline import fail_first, fast_retries
 from test_resume import start_pipeline, wait_for_writes
@@ -121,7 +120,7 @@ def test_a_retry_delay_of_hours_stops_the_run_like_a_spent_daily_quota(tmp_path,
     result = run(write_prompts(tmp_path / "inputs", sample_prompts(20)))
     assert result.exit_code == 1 and time.monotonic() - started < 10
     assert "the server asks to wait 72.0 h" in result.stderr and not result.failures()
-    assert len(server.requests) <= pipeline.GENERATE_WORKERS
+    assert len(server.requests) <= pipeline.WORKERS
 
 
 def test_the_api_key_quoted_back_by_a_server_is_never_shown_or_written(tmp_path, fake_gemini, run) -> None:
@@ -212,10 +211,9 @@ async def test_after_a_full_disk_the_summary_counts_what_was_written(tmp_path, m
     for i in range(10):  # one batch for the writer, spread over ten shards of one
         outcomes.put_nowait(pipeline.Response(pipeline.Prompt(f"a:{i}", "p"), "r", "m", "STOP", 1, 1, 1))
     tally = pipeline.Tally()
-    writer = pipeline.write_outputs(
-        outcomes, pipeline.ShardWriter(tmp_path, 1, itertools.count(), pipeline.ArrivalJournal(tmp_path, "t.0")),
-        pipeline.FailureLog(tmp_path / "failed.jsonl", {}), pipeline.PostProcessor(pipeline.postprocess, 0), tally,
-    )  # fmt: skip
+    settings = pipeline.Settings(output_dir=tmp_path, shard_size=1, postprocess_workers=0)
+    run = stage_run(tmp_path, settings, tally=tally, outcomes=outcomes)
+    writer = pipeline.write_outputs(run, 0)
     with pytest.raises(pipeline.PipelineError, match="No space left on device"):
         await writer
     assert tally.answered == len(list(tmp_path.glob("shard_*.jsonl"))) == 3  # the fourth never opened

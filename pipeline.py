@@ -601,7 +601,7 @@ class Run:
     gate: Gate  # every request passes it first (--rpm, --tpm, 429s, --max-cost-usd)
     requests: Requests  # how rows become requests
     past: PastRuns  # what earlier runs left in the output dir
-    postprocessor: PostProcessor
+    postprocessor: PostProcessor  # runs postprocess() for the writers, in its pool
     prompts: asyncio.Queue[Prompt]  # reader -> generators
     outcomes: asyncio.Queue[Outcome]  # generators -> writers
     files: Iterator[Path]  # input files no reader has taken yet (READERS share it)

@@ -1,7 +1,7 @@
 """Benchmark pipeline.py against the SDK's own ceiling, across worker counts, and for
 memory. Not a test: run it by hand, on a quiet machine.
 
-    python tests/benchmark.py            # the full run, about thirty minutes
+    python tests/benchmark.py            # the full run, about forty minutes
     python tests/benchmark.py --quick    # fewer prompts and repetitions, for a look
     python tests/benchmark.py --only postprocess   # one section (--only may repeat)
 
@@ -23,6 +23,8 @@ peak RSS from wait4(). The sections:
              post-processing at all, in the ceiling's setting), and what it buys with
              heavy_postprocess (20 ms of CPU per answer) under 100 ms latency: time
              against running it on the event loop, and the loop's longest stall
+  journal    what the arrivals journal costs in the ceiling's setting: the pipeline
+             against itself with the journal's write left out, and the CPU inside it
   concurrency  --workers 100, 500, 1000, 2000 at 1 s latency, 10 prompts per worker, the
              pipeline against the bare-SDK program: wall against the ideal 10 s, requests
              in flight at the server, client CPU, peak RSS; tests/concurrency.png when
@@ -49,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Self
@@ -69,15 +72,18 @@ class Measure:
     stall_s: float  # the event loop's longest stall (pipeline only)
     process_cpu_s: float  # the whole process, start-up included (wait4)
     peak_rss_mb: float
+    journal_cpu_s: float  # in-process, inside the arrivals journal's write (see timed_journal)
 
 
 # ------------------------------------------------------------ the children --
 def child_pipeline(args: list[str], postprocess: str = "default") -> None:
     """Run pipeline.cli(args) and report how long it took from the inside. `postprocess`:
     "default" as shipped; "none" skips post-processing altogether (the baseline of its
-    cost); "heavy" swaps in heavy_postprocess. The report includes the event loop's
-    longest stall, measured by a task that asks to wake every STALL_TICK_S, from the
-    moment the client exists until the run ends."""
+    cost); "heavy" swaps in heavy_postprocess; "no-journal" is the shipped run with the
+    arrivals journal's write left out (the baseline of its cost: never for real work).
+    The report includes the event loop's longest stall, measured by a task that asks to
+    wake every STALL_TICK_S, from the moment the client exists until the run ends, and
+    the CPU time spent inside the journal's write (see timed_journal)."""
     sys.path.insert(0, str(ROOT))
     if os.environ.get("BENCH_WITHOUT_AIOHTTP"):
         sys.modules["aiohttp"] = None  # type: ignore[assignment]  (the SDK then falls back to httpx2)
@@ -87,6 +93,11 @@ def child_pipeline(args: list[str], postprocess: str = "default") -> None:
 
     if postprocess == "none":
         pipeline.PostProcessor.run = pass_through  # type: ignore[method-assign]
+    journal_cpu = [0.0]
+    if postprocess == "no-journal":
+        pipeline.ArrivalJournal.write = lambda self, responses: None  # type: ignore[method-assign]
+    else:
+        pipeline.ArrivalJournal.write = timed_journal(pipeline.ArrivalJournal.write, journal_cpu)  # type: ignore[method-assign]
     if postprocess == "heavy":
         parse_args = pipeline.parse_args
         pipeline.parse_args = lambda argv: replace(parse_args(argv), postprocess=heavy_postprocess)
@@ -101,7 +112,22 @@ def child_pipeline(args: list[str], postprocess: str = "default") -> None:
     pipeline.connect = connect_then_watch
     started = os.times(), time.perf_counter()
     code = pipeline.cli(args)
-    report(*started, code, stalls[0])
+    report(*started, code, stalls[0], journal_cpu[0])
+
+
+def timed_journal(write: Callable[[Any, list[Any]], None], spent: list[float]) -> Callable[[Any, list[Any]], None]:
+    """ArrivalJournal.write, adding the main thread's CPU time inside it to spent[0]. The
+    records are encoded before the clock starts: the shard needs them encoded anyway,
+    so the journal's own price is the rest (joining them, and the write)."""
+
+    def timed(journal: Any, responses: list[Any]) -> None:
+        for response in responses:
+            response.record_line()
+        started = time.thread_time()
+        write(journal, responses)
+        spent[0] += time.thread_time() - started
+
+    return timed
 
 
 async def pass_through(self: Any, batch: list[Any]) -> list[Any]:
@@ -148,12 +174,12 @@ def child_ceiling(prompts: int, workers: int) -> None:
     report(*started, 0, stalls[0])
 
 
-def report(times: os.times_result, wall: float, code: int, stall_s: float = 0.0) -> None:
+def report(times: os.times_result, wall: float, code: int, stall_s: float = 0.0, journal_cpu_s: float = 0.0) -> None:
     now = os.times()
     cpu, kernel = now.user + now.system - times.user - times.system, now.system - times.system
     children = now.children_user + now.children_system - times.children_user - times.children_system
     result = {"wall_s": time.perf_counter() - wall, "cpu_s": cpu, "sys_s": kernel, "children_cpu_s": children}
-    print("BENCH " + json.dumps({**result, "stall_s": stall_s, "code": code}), flush=True)
+    print("BENCH " + json.dumps({**result, "stall_s": stall_s, "journal_cpu_s": journal_cpu_s, "code": code}), flush=True)
 
 
 # ---------------------------------------------------------------- harness --
@@ -174,7 +200,7 @@ def measure(child_args: list[str], env: dict[str, str] | None = None) -> Measure
     process_cpu = usage.ru_utime + usage.ru_stime
     return Measure(
         inner["wall_s"], inner["cpu_s"], inner["sys_s"], inner["children_cpu_s"], inner["stall_s"], process_cpu,
-        usage.ru_maxrss / 1024,
+        usage.ru_maxrss / 1024, inner.get("journal_cpu_s", 0.0),
     )  # fmt: skip
 
 
@@ -211,8 +237,22 @@ def pipeline_args(inputs: Path, scratch: Path, *flags: str, postprocess: str = "
     return ["pipeline", postprocess, "--input-dir", str(inputs), "--output-dir", str(output), *flags]
 
 
+def alternating(kinds: list[str], reps: int, args_of: Callable[[str], list[str]], env: dict[str, str]) -> dict[str, list[Measure]]:
+    """`reps` runs of each kind of child, their order reversed every other repetition."""
+    runs: dict[str, list[Measure]] = {kind: [] for kind in kinds}
+    for rep in range(reps):
+        for kind in kinds if rep % 2 == 0 else kinds[::-1]:
+            runs[kind].append(measure(args_of(kind), env))
+    return runs
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """The first quartile, the median and the third."""
+    return statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
 
 
 # --------------------------------------------------------------- sections --
@@ -325,12 +365,11 @@ def postprocessing(scratch: Path, prompts: int, heavy_prompts: int, reps: int, c
     inputs = make_inputs(scratch / "postprocess_inputs", prompts)
     with FakeServer(latency_ms=0) as server:
         for workers in (5, 50):
-            runs: dict[str, list[Measure]] = {"default": [], "none": []}
-            for rep in range(cost_reps):
-                for kind in ("default", "none") if rep % 2 == 0 else ("none", "default"):
-                    no_pool = ["--postprocess-workers", "0"] if kind == "none" else []
-                    args = pipeline_args(inputs, scratch, "--workers", str(workers), *no_pool, postprocess=kind)
-                    runs[kind].append(measure(args, server.env))
+            def postprocessed(kind: str, workers: int = workers) -> list[str]:
+                no_pool = ["--postprocess-workers", "0"] if kind == "none" else []
+                return pipeline_args(inputs, scratch, "--workers", str(workers), *no_pool, postprocess=kind)
+
+            runs = alternating(["default", "none"], cost_reps, postprocessed, server.env)
             pairs = list(zip(runs["default"], runs["none"], strict=True))
             cpu = median([a.cpu_s / b.cpu_s for a, b in pairs])
             pool = median([(a.cpu_s + a.children_cpu_s) / b.cpu_s for a, b in pairs])
@@ -360,6 +399,32 @@ def postprocessing(scratch: Path, prompts: int, heavy_prompts: int, reps: int, c
             f"program's own longest stall (SDK only, no post-processing): {median([m.stall_s for m in runs['ceiling']]) * 1000:.1f} ms |",
             flush=True,
         )
+
+
+def journal(scratch: Path, prompts: int, reps: int) -> None:
+    """What the arrivals journal costs where it costs the most: in the ceiling's setting
+    (0 ms latency, default settings: answers are taken one or two at a time, so nearly
+    one write each), the pipeline as shipped against the same pipeline with the journal's
+    write left out, alternating. The pairs' ratios are given with their middle half (the
+    machine's own noise), and the CPU spent inside the write, measured from the inside."""
+    inputs = make_inputs(scratch / "journal_inputs", prompts)
+    with FakeServer(latency_ms=0) as server:
+        for workers in (5, 50):
+            def journaled(kind: str, workers: int = workers) -> list[str]:
+                return pipeline_args(inputs, scratch, "--workers", str(workers), postprocess=kind)
+
+            runs = alternating(["default", "no-journal"], reps, journaled, server.env)
+            pairs = list(zip(runs["default"], runs["no-journal"], strict=True))
+            cpu = quartiles([a.cpu_s / b.cpu_s for a, b in pairs])
+            wall = quartiles([a.wall_s / b.wall_s for a, b in pairs])
+            inside = median([m.journal_cpu_s / m.cpu_s for m in runs["default"]])
+            print(
+                f"| journal cost, {prompts} prompts, 0 ms, {workers} workers, default settings, with vs without the "
+                f"journal | CPU {cpu[1]:.3f}x (middle half {cpu[0]:.3f} to {cpu[2]:.3f}), wall {wall[1]:.3f}x "
+                f"({wall[0]:.3f} to {wall[2]:.3f}) | {reps} pairs; inside the journal's write: "
+                f"{median([m.journal_cpu_s for m in runs['default']]) * 1000:.1f} ms, {inside:.1%} of the run's CPU |",
+                flush=True,
+            )
 
 
 def transport(scratch: Path, workers: int, reps: int) -> None:
@@ -510,7 +575,7 @@ def longline(scratch: Path, megabytes: int) -> None:
     path.unlink()
 
 
-SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "transport", "concurrency", "profile", "longline"]
+SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline"]
 
 
 def main() -> None:
@@ -539,6 +604,8 @@ def main() -> None:
             restart(scratch, 100_000 if quick else 1_000_000, 1 if quick else 3)
         if "postprocess" in only:
             postprocessing(scratch, 500 if quick else 2000, 100 if quick else 300, 1 if quick else 5, 1 if quick else 11)
+        if "journal" in only:
+            journal(scratch, 500 if quick else 2000, 1 if quick else 41)
         if "transport" in only:
             transport(scratch, 500, 1 if quick else 3)
         if "concurrency" in only:

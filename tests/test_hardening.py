@@ -5,6 +5,7 @@ back, binary inputs, huge lines, a full disk, a redirect, many workers and Ctrl-
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import subprocess
@@ -217,6 +218,19 @@ async def test_after_a_full_disk_the_summary_counts_what_was_written(tmp_path, m
     with pytest.raises(pipeline.PipelineError, match="No space left on device"):
         await writer
     assert tally.answered == len(list(tmp_path.glob("shard_*.jsonl"))) == 3  # the fourth never opened
+
+
+async def test_a_full_disk_under_the_arrivals_journal_stops_the_writer_with_one_line(tmp_path, monkeypatch) -> None:
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)  # the journal's space is reserved before it is mapped
+    outcomes: asyncio.Queue[pipeline.Outcome] = asyncio.Queue()
+    outcomes.put_nowait(pipeline.Response(pipeline.Prompt("a:1", "p"), "r", "m", "STOP", 1, 1, 1))
+    settings = pipeline.Settings(output_dir=tmp_path, postprocess_workers=1)  # a journal: answers may wait for the pool
+    with pytest.raises(pipeline.PipelineError, match=f"cannot write to {tmp_path}.*No space left on device"):
+        await pipeline.write_outputs(stage_run(tmp_path, settings, outcomes=outcomes), 0)
+    assert not list(tmp_path.glob("shard_*.jsonl"))  # stopped before anything else, with no SIGBUS
 
 
 # ------------------------------------------------------------------ signals --

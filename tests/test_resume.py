@@ -235,6 +235,53 @@ def test_an_answer_journaled_but_never_written_is_written_with_no_request(tmp_pa
     assert not journal.exists()
 
 
+def test_a_killed_runs_journal_is_cut_at_the_line_of_its_first_zero_byte(tmp_path, fake_gemini, run) -> None:
+    server = fake_gemini()
+    inputs = write_prompts(tmp_path / "inputs", sample_prompts(4))
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    kept, holed, after = (
+        pipeline.Response(pipeline.Prompt(f"shard_0.txt:{i + 1}", f"What is two times {i}?"), str(2 * i), "m-7", "STOP", 1, 6, 1)
+        for i in range(3)
+    )  # fmt: skip
+    line = pipeline.json_line(holed.record()).encode()
+    torn = line[:20] + bytes(16) + line[36:]  # a copy the kill cut short, its middle not yet stored
+    journal = outputs / "arrivals.ab12cd.0.0.jsonl"  # as a killed run left it: lines, then its reserved zeros
+    journal.write_bytes(pipeline.json_line(kept.record()).encode() + torn + pipeline.json_line(after.record()).encode() + bytes(4096))
+    result = run(inputs)
+    assert result.exit_code == 0, result.stderr
+    records = {r["id"]: r for r in result.records()}
+    assert records["shard_0.txt:1"] == {**kept.record(), "word_count": 1} and len(records) == 4
+    assert sorted(server.answered) == ["What is two times 1?", "What is two times 2?", "What is two times 3?"]
+    assert set(server.answered.values()) == {1} and not journal.exists()
+
+
+def test_the_journal_reserves_its_space_grows_is_cut_to_its_lines_and_outlives_a_kill(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(pipeline, "ARRIVALS_FILE_BYTES", 4096)
+    answers = [pipeline.Response(pipeline.Prompt(f"a:{i}", "p"), "r" * 1000, "m", "STOP", 1, 1, 1) for i in range(10)]
+    lines = [answer.record_line().encode() for answer in answers]
+    journal = pipeline.ArrivalJournal(tmp_path, "ab12cd.0")
+    journal.write(answers[:1])
+    assert journal.path is not None
+    assert journal.path.read_bytes() == lines[0] + bytes(4096 - len(lines[0]))  # in the page cache at once, space reserved
+    journal.write(answers[1:])  # more than the space: it grows
+    assert journal.path.read_bytes().rstrip(b"\0") == b"".join(lines)
+    path = journal.path
+    journal.close()
+    assert path.read_bytes() == b"".join(lines)
+    killed = (
+        f"import os, sys, signal; sys.path.insert(0, {str(ROOT)!r}); import pipeline; from pathlib import Path\n"
+        f"pipeline.ARRIVALS_FILE_BYTES = 4096\n"
+        f"journal = pipeline.ArrivalJournal(Path({str(tmp_path)!r}), 'ef34ab.0')\n"
+        f"journal.write([pipeline.Response(pipeline.Prompt('a:1', 'p'), 'r', 'm', 'STOP', 1, 1, 1)])\n"
+        f"os.kill(os.getpid(), signal.SIGKILL)\n"
+    )  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", killed], check=False).returncode == -signal.SIGKILL
+    [left] = tmp_path.glob("arrivals.ef34ab.0.*.jsonl")
+    expected = pipeline.Response(pipeline.Prompt("a:1", "p"), "r", "m", "STOP", 1, 1, 1).record_line().encode()
+    assert left.read_bytes() == expected + bytes(4096 - len(expected))  # what was copied, then its reserved space
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_writes_everything_received_and_exits_130_or_143(tmp_path, stop_signal) -> None:
     write_prompts(tmp_path / "inputs", sample_prompts(60))

@@ -76,8 +76,8 @@ class Measure:
 
 
 # ------------------------------------------------------------ the children --
-def child_pipeline(args: list[str], postprocess: str = "default") -> None:
-    """Run pipeline.cli(args) and report how long it took from the inside. `postprocess`:
+def child_pipeline(args: list[str], variant: str = "default") -> None:
+    """Run pipeline.cli(args) and report how long it took from the inside. `variant`:
     "default" as shipped; "none" skips post-processing altogether (the baseline of its
     cost); "heavy" swaps in heavy_postprocess; "no-journal" is the shipped run with the
     arrivals journal's write left out (the baseline of its cost: never for real work).
@@ -91,14 +91,14 @@ def child_pipeline(args: list[str], postprocess: str = "default") -> None:
         import google.genai  # noqa: F401  (imported before the clock starts, as in the ceiling)
     import pipeline
 
-    if postprocess == "none":
+    if variant == "none":
         pipeline.PostProcessor.run = pass_through  # type: ignore[method-assign]
     journal_cpu = [0.0]
-    if postprocess == "no-journal":
+    if variant == "no-journal":
         pipeline.ArrivalJournal.write = lambda self, responses: None  # type: ignore[method-assign]
     else:
         pipeline.ArrivalJournal.write = timed_journal(pipeline.ArrivalJournal.write, journal_cpu)  # type: ignore[method-assign]
-    if postprocess == "heavy":
+    if variant == "heavy":
         parse_args = pipeline.parse_args
         pipeline.parse_args = lambda argv: replace(parse_args(argv), postprocess=heavy_postprocess)
     stalls = [0.0]
@@ -232,9 +232,9 @@ def make_inputs(folder: Path, prompts: int, per_file: int = 10_000) -> Path:
     return folder
 
 
-def pipeline_args(inputs: Path, scratch: Path, *flags: str, postprocess: str = "default") -> list[str]:
+def pipeline_args(inputs: Path, scratch: Path, *flags: str, variant: str = "default") -> list[str]:
     output = Path(tempfile.mkdtemp(dir=scratch))
-    return ["pipeline", postprocess, "--input-dir", str(inputs), "--output-dir", str(output), *flags]
+    return ["pipeline", variant, "--input-dir", str(inputs), "--output-dir", str(output), *flags]
 
 
 def alternating(kinds: list[str], reps: int, args_of: Callable[[str], list[str]], env: dict[str, str]) -> dict[str, list[Measure]]:
@@ -367,7 +367,7 @@ def postprocessing(scratch: Path, prompts: int, heavy_prompts: int, reps: int, c
         for workers in (5, 50):
             def postprocessed(kind: str, workers: int = workers) -> list[str]:
                 no_pool = ["--postprocess-workers", "0"] if kind == "none" else []
-                return pipeline_args(inputs, scratch, "--workers", str(workers), *no_pool, postprocess=kind)
+                return pipeline_args(inputs, scratch, "--workers", str(workers), *no_pool, variant=kind)
 
             runs = alternating(["default", "none"], cost_reps, postprocessed, server.env)
             pairs = list(zip(runs["default"], runs["none"], strict=True))
@@ -386,7 +386,7 @@ def postprocessing(scratch: Path, prompts: int, heavy_prompts: int, reps: int, c
         runs: dict[str, list[Measure]] = {processes: [], "0": [], "ceiling": []}
         for rep in range(reps):
             for count in (processes, "0") if rep % 2 == 0 else ("0", processes):
-                args = pipeline_args(inputs, scratch, "--workers", str(HEAVY_WORKERS), "--postprocess-workers", count, postprocess="heavy")
+                args = pipeline_args(inputs, scratch, "--workers", str(HEAVY_WORKERS), "--postprocess-workers", count, variant="heavy")
                 runs[count].append(measure(args, server.env))
             runs["ceiling"].append(measure(["ceiling", str(heavy_prompts), str(HEAVY_WORKERS)], server.env))
         pool, inline = runs[processes], runs["0"]
@@ -411,7 +411,7 @@ def journal(scratch: Path, prompts: int, reps: int) -> None:
     with FakeServer(latency_ms=0) as server:
         for workers in (5, 50):
             def journaled(kind: str, workers: int = workers) -> list[str]:
-                return pipeline_args(inputs, scratch, "--workers", str(workers), postprocess=kind)
+                return pipeline_args(inputs, scratch, "--workers", str(workers), variant=kind)
 
             runs = alternating(["default", "no-journal"], reps, journaled, server.env)
             pairs = list(zip(runs["default"], runs["no-journal"], strict=True))
@@ -618,7 +618,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "pipeline":
-        child_pipeline(sys.argv[3:], postprocess=sys.argv[2])
+        child_pipeline(sys.argv[3:], variant=sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "profile":
         child_profile(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     elif len(sys.argv) > 1 and sys.argv[1] == "longline":

@@ -55,6 +55,7 @@ import asyncio
 import bisect
 import contextlib
 import csv
+import hashlib
 import fcntl
 import io
 import itertools
@@ -156,10 +157,12 @@ ARRIVALS_PER_FILE = 1024  # answers per arrivals journal file (see ArrivalJourna
 ARRIVALS_FILE_BYTES = 1 << 20  # ...and the space reserved for it at first (it doubles as needed)
 ROUND_TRIP_S = 0.001  # work worth one more trip to the pool: a trip costs a few hundred µs of CPU here
 LONGEST_SERVER_DELAY_S = 3600.0  # a RetryInfo asking for a longer wait is a spent quota: stop, do not sleep for days
+KEY_PIECE = 16  # redact() masks any run of this many characters of the API key, not only all of it
 MESSAGE_CHARS = 500  # an error message from the server is cut to this length (an HTML page would fill the screen)
 BATCH_PRICE = 0.5  # the Batch API bills half of PRICES
 CHARS_PER_TOKEN = 4  # a request's input tokens are estimated as its characters / 4, until answers say better
 NON_TEXT_PART_TOKENS = 258  # an image or file part, estimated as one image tile (Gemini's documented cost per tile)
+MAX_NESTING = 64  # a JSONL row nested deeper is refused: every JSON reader can take it back
 FAIL_FAST_OUTCOMES = 20  # when this many first outcomes are all one permanent error, the run stops
 
 
@@ -317,6 +320,7 @@ class Prompt:
     fields: dict[str, Any] | None = None  # the row's other fields, carried into its record
     origin: str = ""  # "file:line" of a row that names its own id: ids must be unique in a job
     own_settings: bool = False  # asked with settings of its own row, not only the run's
+    digest: str = ""  # of what its row sends besides `text` (settings, turns, parts), when it sends more: see row_digest
 
 
 @dataclass(slots=True)
@@ -348,6 +352,7 @@ class Response:
         record = {
             "id": self.prompt.id,
             "prompt": self.prompt.text,
+            **({"row_sha256": self.prompt.digest} if self.prompt.digest else {}),  # third: see id_and_prompt
             "response": self.text,
             "model": self.model,
             "finish_reason": self.finish_reason,
@@ -383,7 +388,10 @@ class Response:
         """An answer an earlier run journaled (see ArrivalJournal)."""
         fields = {name: value for name, value in record.items() if name not in RECORD_FIELDS}
         answer_format = AnswerFormat.of({}) if "parsed" in record else None  # parsed already: any JSON passes
-        prompt = Prompt(str(record["id"]), str(record["prompt"]), answer_format=answer_format, fields=fields or None)
+        prompt = Prompt(
+            str(record["id"]), str(record["prompt"]), answer_format=answer_format, fields=fields or None,
+            digest=str(record.get("row_sha256", "")),
+        )  # fmt: skip
         usage = record["usage"]
         return cls(
             prompt, str(record["response"]), str(record["model"]), record["finish_reason"], int(record["attempts"]),
@@ -404,15 +412,15 @@ class Failure:
 
     def to_json(self) -> str:
         record = {
-            "id": self.prompt.id, "prompt": self.prompt.text, "error": redact(self.error), "attempts": self.attempts,
-            "permanent": self.permanent,
+            "id": self.prompt.id, "prompt": self.prompt.text, **({"row_sha256": self.prompt.digest} if self.prompt.digest else {}),
+            "error": redact(self.error), "attempts": self.attempts, "permanent": self.permanent,
         }  # fmt: skip
         if self.response is not None:
             record["response"] = self.response
         return json_line({**record, **carried(self.prompt.fields)})
 
 
-RECORD_FIELDS = {"id", "prompt", "response", "model", "finish_reason", "attempts", "usage", "parsed", "error", "permanent"}
+RECORD_FIELDS = {"id", "prompt", "row_sha256", "response", "model", "finish_reason", "attempts", "usage", "parsed", "error", "permanent"}
 
 
 def carried(fields: dict[str, Any] | None) -> dict[str, Any]:
@@ -433,8 +441,12 @@ class AnswerFormat:
 
     @classmethod
     def of(cls, schema: Any) -> AnswerFormat:
-        """Raises ValueError, with the reason, for a schema that is not one."""
+        """Raises ValueError, with the reason, for a schema that is not one or that names a
+        $ref it cannot resolve (answers could not be checked). Refs are looked up in the
+        schema and the drafts' own meta-schemas only: never fetched from the network."""
         import jsonschema
+        import jsonschema_specifications
+        import referencing.exceptions
 
         if not isinstance(schema, dict):
             raise ValueError("responseJsonSchema: not a JSON object")  # noqa: TRY004 (callers report ValueErrors)
@@ -443,22 +455,47 @@ class AnswerFormat:
             validator.check_schema(schema)
         except jsonschema.SchemaError as exc:
             raise ValueError(f"responseJsonSchema is not a JSON Schema: {exc.message}") from None
-        return cls(schema, validator(schema))
+        checker = validator(schema, registry=jsonschema_specifications.REGISTRY)
+        for ref in schema_refs(schema):
+            try:
+                checker._resolver.lookup(ref)  # noqa: SLF001 (the public API resolves refs only while validating)
+            except referencing.exceptions.Unresolvable:
+                raise ValueError(f"responseJsonSchema: $ref {ref[:100]!r} points at nothing in the schema") from None
+        return cls(schema, checker)
 
     def check(self, text: str) -> tuple[Any, str | None]:
         """The answer decoded, or None and why it is not what was asked."""
         import jsonschema
 
         try:
-            value = json.loads(text)
+            value = strict_json(text)
         except ValueError as exc:
-            return None, f"answer is not JSON ({exc.msg} at character {exc.pos})"
-        if error := jsonschema.exceptions.best_match(self.validator.iter_errors(value)):
+            return None, f"answer is not JSON ({exc})"
+        if problem := unwritable(value, text, "answer"):
+            return None, problem
+        try:
+            error = jsonschema.exceptions.best_match(self.validator.iter_errors(value))
+        except Exception as exc:  # noqa: BLE001 (a schema that fails while checking: this answer fails, never the run)
+            return None, f"answer could not be checked against the schema: {type(exc).__name__}: {exc}"[:MESSAGE_CHARS]
+        if error:
             return None, f"answer does not match the schema: {error.message} (at {error.json_path})"[:MESSAGE_CHARS]
         return value, None
 
 
-JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps would build one per call
+def schema_refs(schema: Any) -> Iterator[str]:
+    """Every $ref a JSON Schema names, at any depth."""
+    stack = [schema]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if isinstance(item.get("$ref"), str):
+                yield item["$ref"]
+            stack += item.values()
+        elif isinstance(item, list):
+            stack += item
+
+
+JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)  # json.dumps would build one per call; NaN is no JSON
 
 
 def json_line(record: dict[str, Any]) -> str:
@@ -608,6 +645,7 @@ class Run:
     outcomes: asyncio.Queue[Outcome]  # generators -> writers
     files: Iterator[Path]  # input files no reader has taken yet (READERS share it)
     shard_numbers: Iterator[int]  # the next free shard numbers (WRITERS share it)
+    ids: Ids = field(default_factory=lambda: Ids())  # every id the readers have given out
     name: str = field(default_factory=lambda: os.urandom(3).hex())  # names this run's journal files
     # An earlier run's work that this one finishes (its journaled answers, --batch jobs to
     # collect). A stage adds its own before its first await: all_answered() looks at the list
@@ -630,7 +668,6 @@ class Requests:
     generation: dict[str, Any]  # the run's settings: GenerateContentConfig fields, camelCase
     config: Any = None  # `generation` validated: shared by every prompt without settings of its own
     answer_format: AnswerFormat | None = None  # JSON asked for by the run's settings
-    claimed: dict[str, str] = field(default_factory=dict)  # id -> "file:line" of the row that named it
 
     @classmethod
     def of(cls, generation: dict[str, Any]) -> Requests:
@@ -643,22 +680,30 @@ class Requests:
 
     def prompt(self, prompt_id: str, text: str, own: dict[str, Any] | None = None, **row: Any) -> Prompt:
         """A prompt asked with the run's settings and `own` (camelCase) over them."""
+        if own or row.get("contents"):
+            row["digest"] = row_digest(own, row.get("contents"))
         if not own:
             return Prompt(prompt_id, text, config=self.config, answer_format=self.answer_format, **row)
         try:
-            config, answer_format = generation_config({**self.generation, **own})
+            config, answer_format = generation_config(over(self.generation, own))
         except ValueError as exc:
-            return Prompt(prompt_id, text, error=f"its settings: {exc}", fields=row.get("fields"), origin=row.get("origin", ""))
+            return Prompt(prompt_id, text, error=f"its settings: {exc}", fields=row.get("fields"), origin=row.get("origin", ""), digest=row["digest"])
         return Prompt(prompt_id, text, config=config, answer_format=answer_format, own_settings=True, **row)
 
     def from_json(self, text: str, where: str) -> Prompt:
-        """A JSONL line: {"prompt": ...} or the Batch API's {"key": ..., "request": ...}."""
+        """A JSONL line: {"prompt": ...} or the Batch API's {"key": ..., "request": ...}. A
+        line whose values JSON Lines cannot carry back out fails here, before it is paid for."""
         try:
-            row = json.loads(text)
+            row = strict_json(text)
         except ValueError as exc:
-            return Prompt(where, text.strip(), error=f"line is not JSON ({exc.msg}, column {exc.colno})")
+            return Prompt(where, text.strip(), error=f"line is not JSON ({exc})")
         if not isinstance(row, dict):
             return Prompt(where, text.strip(), error="line is not a JSON object")
+        if problem := unwritable(row, text):
+            prompt_id, origin = own_id(row.get("key" if "request" in row else "id"), where)
+            if not is_utf8(prompt_id):
+                prompt_id, origin = where, ""
+            return Prompt(prompt_id, text.strip(), error=f"{problem} ({where})", origin=origin)
         if isinstance(row.get("request"), dict):
             return self.from_batch_row(row, where)
         return self.from_row(row, where)
@@ -690,10 +735,122 @@ class Requests:
         own = {**camel_keys(request.get("generationConfig") or {}), **{k: request[k] for k in REQUEST_LEVEL if k in request}}
         return self.prompt(prompt_id, last_user_text(contents), own, contents=contents, fields=fields or None, origin=origin)
 
+
+
+def row_digest(own: dict[str, Any] | None, contents: list[Any] | None) -> str:
+    """What a row sends besides its text, hashed: with its text and id, what a rerun compares
+    to know the row was not edited since it was answered (PastRuns.skips)."""
+    canonical = json.dumps([own or {}, contents], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+@dataclass
+class Ids:
+    """Every id the inputs give, in one namespace: the ids rows name, and the default ids
+    ("file:line") of the rows and lines that name none. Two prompts with one id would be
+    answered and written twice under it. The named ids are kept with their place; the
+    default ones as a bit per line of their file (a million lines: 125 kB)."""
+
+    named: dict[str, str] = field(default_factory=dict)  # id -> "file:line" of the row that named it
+    places: dict[str, bytearray] = field(default_factory=dict)  # file name -> bit n set: line n took its place as its id
+
     def claim(self, prompt: Prompt) -> None:
-        """Refuse a row naming an id that another row named: never merge two prompts."""
-        if prompt.origin and (first := self.claimed.setdefault(prompt.id, prompt.origin)) != prompt.origin:
-            raise PipelineError(f"id {prompt.id!r} is named twice in the inputs: {first} and {prompt.origin}; ids must be unique")
+        """Refuse a prompt whose id another has: never merge two prompts."""
+        unnamed = f"{prompt.id} (a row with no id of its own)"
+        if prompt.origin:
+            other, here = self.named.setdefault(prompt.id, prompt.origin), prompt.origin
+            if other == here:
+                other = unnamed if self.is_place(prompt.id) else None
+        else:
+            self.take_place(prompt.id)
+            other, here = self.named.get(prompt.id), unnamed
+        if other:
+            raise PipelineError(f"id {prompt.id!r} is named twice in the inputs: {other} and {here}; ids must be unique")
+
+    def take_place(self, place: str) -> None:
+        name, _, number = place.rpartition(":")
+        bits, line = self.places.setdefault(name, bytearray()), int(number)
+        if len(bits) <= line >> 3:
+            bits.extend(bytes((line >> 3) + 1 - len(bits)))
+        bits[line >> 3] |= 1 << (line & 7)
+
+    def is_place(self, prompt_id: str) -> bool:
+        """Whether `prompt_id` is the default id of a prompt already read."""
+        name, _, number = prompt_id.rpartition(":")
+        bits = self.places.get(name)
+        if bits is None or not number.isdigit():
+            return False
+        line = int(number)
+        return len(bits) > line >> 3 and bool(bits[line >> 3] & 1 << (line & 7))
+
+
+def strict_json(text: str) -> Any:
+    """json.loads, refusing what strict JSON readers refuse (NaN, Infinity, 1e999) and
+    raising ValueError with the reason for every way a line can be wrong."""
+    try:
+        return json.loads(text, parse_constant=not_a_number, parse_float=finite_float)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg}, column {exc.colno}") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None  # (a number too long to read raises a ValueError of its own)
+
+
+def not_a_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a number strict JSON allows")
+
+
+def finite_float(text: str) -> float:
+    if math.isfinite(value := float(text)):
+        return value
+    raise ValueError(f"{text} is out of range for a number")
+
+
+def unwritable(value: Any, text: str, name: str = "") -> str | None:
+    """Why a decoded row (read from `text`) cannot be written back as UTF-8 JSON Lines, if
+    it cannot: text with a lone surrogate (JSON's "\\udc80" decodes to one), or nesting
+    deeper than MAX_NESTING. Only a line that could hold either is walked."""
+    if "\\u" not in text and text.count("[") + text.count("{") <= MAX_NESTING:
+        return None
+    stack = [(value, name, 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if depth > MAX_NESTING:
+            return f"{where or 'line'} is nested more than {MAX_NESTING} deep"
+        if isinstance(item, str) and not is_utf8(item):
+            return f"{where or 'text'} holds a lone surrogate ({ascii(next(c for c in item if not is_utf8(c)))}), which UTF-8 cannot carry"
+        if isinstance(item, dict):
+            stack += [(key, f"{where}.{key}" if where else "a field name", depth + 1) for key in item if not is_utf8(key)]
+            stack += [(v, f"{where}.{k}" if where else str(k), depth + 1) for k, v in item.items()]
+        elif isinstance(item, list):
+            stack += [(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(item)]
+    return None
+
+
+def writable(text: str) -> str:
+    """A server's text, with any lone surrogate (JSON can carry one escaped) made "?": an
+    answer already paid for must never be one the writer cannot write."""
+    return text if is_utf8(text) else text.encode("utf-8", "replace").decode()
+
+
+def is_utf8(text: str) -> bool:
+    if text.isascii():  # a flag of the string: no scan
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def over(generation: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """The run's settings with a row's own over them. A schema of the row's replaces the
+    run's of either kind: the API takes responseSchema or responseJsonSchema, never both."""
+    if own.keys() & SCHEMA_FIELDS:
+        generation = {key: value for key, value in generation.items() if key not in SCHEMA_FIELDS}
+    return {**generation, **own}
+
+
+SCHEMA_FIELDS = {"responseSchema", "responseJsonSchema"}
 
 
 def row_problem(prompt: Any, instruction: Any, own: Any) -> str | None:
@@ -781,13 +938,16 @@ def last_user_text(contents: list[Any]) -> str:
 # ------------------------------------------------------------------ reader --
 async def read_inputs(run: Run) -> None:
     """Queue every prompt of each input file the reader takes, in order, except those the
-    output dir already has (see PastRuns.skips); waits while the queue is full. With
+    output dir already has (see PastRuns.skips; an answer journaled for exactly that
+    request goes to the writers instead); waits while the queue is full. With
     READERS > 1 the readers share run.files, each taking the next file when it finishes one."""
     for path in run.files:
         async with contextlib.aclosing(read_prompts(path, run.requests)) as file_prompts:
             async for prompt in file_prompts:
-                run.requests.claim(prompt)
-                if not run.past.skips(prompt):
+                run.ids.claim(prompt)
+                if journaled := run.past.journaled_answer(prompt):
+                    await run.outcomes.put(journaled)  # answered before, never written: no request
+                elif not run.past.skips(prompt):
                     await run.prompts.put(prompt)
                     log.debug("enqueued %s", prompt.id)
 
@@ -808,11 +968,14 @@ def natural_key(name: str) -> list[Any]:
 
 
 async def read_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
-    """The prompts of one file, read by its kind: rows of *.jsonl and *.csv, else lines."""
-    rows = csv_prompts if path.suffix.lower() == ".csv" else line_prompts
+    """The prompts of one file, read by its kind: rows of *.jsonl, *.csv and *.tsv, else lines."""
+    rows = csv_prompts if path.suffix.lower() in DELIMITERS else line_prompts
     with stop_on_os_error(f"cannot read input file {path}"):
         async for prompt in rows(path, requests):
             yield prompt
+
+
+DELIMITERS = {".csv": ",", ".tsv": "\t"}  # the files read as tables, and what separates their cells
 
 
 async def line_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
@@ -832,39 +995,97 @@ async def line_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
 
 async def csv_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
     """A request per row after a header naming a prompt column (and optionally id and
-    system_instruction; other columns are carried into the records). A quoted cell may
-    span lines: lines are gathered until the row's quotes balance, then parsed by the
-    csv module. A row's place is the line where it starts."""
+    system_instruction; other columns are carried into the records). Read by the csv
+    module, as Excel writes (see table_rows); a row's place is the line where it starts."""
     header: list[str] | None = None
-    pending: list[str] = []
-    start = 0
-    async for first, lines in read_lines(path):
-        for number, line in enumerate(lines, first):
-            text, error = decode(line, first=number == 1)
-            if error:  # no row can hold it: that line fails
-                yield Prompt(f"{path.name}:{number}", text, error=error)
-                pending = []
-                continue
-            start = start if pending else number
-            pending.append(text)
-            row_text = "\n".join(pending)
-            if row_text.count('"') % 2:  # a quoted cell goes on in the next line
-                continue
-            pending = []
-            if not row_text.strip():
-                continue
-            cells = next(csv.reader([row_text]))
-            if header is None:
-                header = [cell.strip() for cell in cells]
-                if "prompt" not in header:
-                    raise PipelineError(f"{path}, line {start}: the header names no 'prompt' column ({', '.join(header)})")
-            elif len(cells) != len(header):
-                yield Prompt(f"{path.name}:{start}", row_text.strip(), error=f"row has {len(cells)} cells, the header {len(header)}")
+    async for number, cells, error in table_rows(path):
+        where = f"{path.name}:{number}"
+        if error:  # no row can hold it: that row fails
+            yield Prompt(where, " ".join(cells).strip(), error=error)
+        elif header is None:
+            header = table_header(path, number, cells)
+        elif len(cells) != len(header):
+            yield Prompt(where, DELIMITERS[path.suffix.lower()].join(cells).strip(), error=f"row has {len(cells)} cells, the header {len(header)}")
+        else:
+            row = {name: cell for name, cell in zip(header, cells) if cell or name not in ("id", "system_instruction")}
+            yield requests.from_row(row, where)
+
+
+async def table_headers_checked(files: list[Path]) -> list[Path]:
+    """`files`, once every CSV and TSV among them has a header naming a prompt column: a
+    table without one stops the run before any request, not once the reader reaches it."""
+    for path in files:
+        if path.suffix.lower() in DELIMITERS:
+            with stop_on_os_error(f"cannot read input file {path}"):
+                async for number, cells, error in table_rows(path):
+                    if not error:
+                        table_header(path, number, cells)
+                        break
+    return files
+
+
+def table_header(path: Path, number: int, cells: list[str]) -> list[str]:
+    """A table's column names; PipelineError if none is prompt, saying how the line was split."""
+    header = [cell.strip() for cell in cells]
+    if "prompt" in header:
+        return header
+    delimiter = DELIMITERS[path.suffix.lower()]
+    seen = "tab" if delimiter == "\t" else "comma"
+    other = next((name for mark, name in ((";", "semicolon"), ("\t", "tab"), (",", "comma")) if mark != delimiter and mark in "".join(cells)), None)
+    hint = f"; it looks {other}-separated: save it comma-separated as .csv, or tab-separated as .tsv" if other else ""
+    raise PipelineError(f"{path}, line {number}: the header names no 'prompt' column (read as {seen}-separated: {', '.join(header)[:200]}){hint}")
+
+
+async def table_rows(path: Path) -> AsyncIterator[tuple[int, list[str], str | None]]:
+    """The non-blank rows of a CSV or TSV file, each with the line it starts on and why it
+    cannot be a row, if it cannot. Parsed by the csv module in a worker thread, TABLE_ROWS
+    at a time: linear in the file's size, a cell of any size, streaming."""
+    rows = read_table(path, DELIMITERS[path.suffix.lower()])
+    try:
+        while batch := await asyncio.to_thread(list, itertools.islice(rows, TABLE_ROWS)):
+            for row in batch:
+                yield row
+    finally:
+        rows.close()
+
+
+def read_table(path: Path, delimiter: str) -> Iterator[tuple[int, list[str], str | None]]:
+    """table_rows' reading, in a thread. Excel's rules (RFC 4180, and a quote inside an
+    unquoted cell is just a character); CRLF, LF and bare CR line ends. Bytes that are not
+    UTF-8 fail their row. A last quoted cell never closed swallows an END_OF_FILE line
+    we add after the file's own, so that it fails its row instead of passing silently."""
+    csv.field_size_limit(sys.maxsize)  # the csv module's own limit (128 KiB) would refuse long prompts
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as file:
+        reader = csv.reader(itertools.chain(file, [f"{END_OF_FILE}\n"]), delimiter=delimiter)
+        start = 1
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield start, [], f"row is not CSV ({exc})"
             else:
-                row = {name: cell for name, cell in zip(header, cells) if cell or name not in ("id", "system_instruction")}
-                yield requests.from_row(row, f"{path.name}:{start}")
-    if pending:
-        yield Prompt(f"{path.name}:{start}", "\n".join(pending).strip(), error="a quoted cell is never closed")
+                if cells and END_OF_FILE in cells[-1]:
+                    if cells != [END_OF_FILE]:
+                        yield start, [*cells[:-1], cells[-1].split(END_OF_FILE)[0][:200]], "a quoted cell is never closed"
+                    return
+                if any(cell.strip() for cell in cells):
+                    yield start, *cell_problem(cells)
+            start = reader.line_num + 1
+
+
+def cell_problem(cells: list[str]) -> tuple[list[str], str | None]:
+    """A row's cells, and why it cannot be a prompt if it cannot (NUL, bytes not UTF-8)."""
+    if any("\x00" in cell for cell in cells):
+        return [cell.replace("\x00", "\ufffd") for cell in cells], "row holds a NUL byte: not text"
+    if not all(map(is_utf8, cells)):
+        return [writable(cell.encode("utf-8", "surrogateescape").decode("utf-8", "replace")) for cell in cells], "row is not valid UTF-8"
+    return cells, None
+
+
+END_OF_FILE = "\ud800 end of file"  # a line no file can hold: surrogateescape makes only \udc80-\udcff
+TABLE_ROWS = 512  # CSV rows parsed per trip to the worker thread
 
 
 async def read_lines(path: Path) -> AsyncIterator[tuple[int, list[bytes]]]:
@@ -1006,9 +1227,14 @@ class Gate:
                 self.tally.held_s += time.monotonic() - self._held_since
 
     async def sleep(self, seconds: float) -> None:
-        """Wait `seconds`, or less if the gate closes meanwhile."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._closed.wait(), seconds)
+        """Wait `seconds`, or less if the gate closes meanwhile. Not asyncio.wait_for: on
+        3.11 it swallows a cancel that comes in the turn the gate closes (shut_down does
+        both at once), and the generator would go back to waiting on an empty queue."""
+        closing = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait([closing], timeout=seconds)
+        finally:
+            closing.cancel()
 
 
 class Spend:
@@ -1165,7 +1391,7 @@ def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome
     """A Response, or a Failure when the reply has no text (e.g. blocked for safety)."""
     candidate = reply.candidates[0] if reply.candidates else None
     finish_reason = enum_name(candidate.finish_reason) if candidate else None
-    text = reply.text
+    text = writable(reply.text or "")
     if not text:
         block = reply.prompt_feedback.block_reason if reply.prompt_feedback else None
         reason = f"blocked: {enum_name(block)}" if block else f"finish_reason {finish_reason}"
@@ -1174,7 +1400,7 @@ def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome
     return Response(
         prompt=prompt,
         text=text,
-        model=reply.model_version or model,
+        model=writable(reply.model_version or model),
         finish_reason=finish_reason,
         attempts=attempts,
         prompt_tokens=usage.prompt_token_count or 0,
@@ -1195,7 +1421,7 @@ def not_as_asked(outcome: Outcome) -> Failure | None:
 
 
 def enum_name(value: Any) -> str | None:
-    return None if value is None else str(getattr(value, "value", value))
+    return None if value is None else writable(str(getattr(value, "value", value)))
 
 
 def classify(exc: BaseException) -> str:
@@ -1290,11 +1516,11 @@ def describe(exc: BaseException, settings: Settings) -> str:
     if (code := api_error_code(exc)) is not None:
         body = getattr(exc, "details", None)
         message = getattr(exc, "message", None) or (body.get("error") if isinstance(body, dict) else body) or ""
-        text = f"{code} {getattr(exc, 'status', None) or ''}: {message}"
+        text = f"{' '.join(str(part) for part in (code, getattr(exc, 'status', None)) if part)}: {message}"
     else:
         text = f"{type(exc).__name__}: {exc}"
-    text = " ".join(text.split())  # an HTML error page would otherwise fill the screen
-    return redact(text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…")
+    text = redact(" ".join(writable(text).split()))  # an HTML error page would otherwise fill the screen; before the cut,
+    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"  # which could leave part of a key
 
 
 # ------------------------------------------------------------------- batch --
@@ -1567,7 +1793,9 @@ class BatchJournal:
 
 
 def journaled(prompt: Prompt) -> list[dict[str, Any]]:
-    extra = {"fields": prompt.fields} if prompt.fields else {}
+    extra: dict[str, Any] = {"fields": prompt.fields} if prompt.fields else {}
+    if prompt.digest:
+        extra["digest"] = prompt.digest
     if prompt.answer_format is not None:
         extra["schema"] = prompt.answer_format.schema
     return [extra] if extra else []
@@ -1576,7 +1804,7 @@ def journaled(prompt: Prompt) -> list[dict[str, Any]]:
 def unjournaled(prompt_id: str, text: str, extra: dict[str, Any] | None = None) -> Prompt:
     extra = extra or {}
     answer_format = AnswerFormat.of(extra["schema"]) if "schema" in extra else None
-    return Prompt(str(prompt_id), str(text), answer_format=answer_format, fields=extra.get("fields"))
+    return Prompt(str(prompt_id), str(text), answer_format=answer_format, fields=extra.get("fields"), digest=str(extra.get("digest", "")))
 
 
 async def find_unknown_jobs(run: Run, journal: BatchJournal) -> None:
@@ -2028,18 +2256,23 @@ class Fingerprints:
         return sum(map(len, self.buckets))
 
 
+def asked_as(prompt_id: str, text: str, digest: str) -> tuple[str, ...]:
+    """A request as resuming compares it: its id, its text, and its row's digest if it has one."""
+    return (prompt_id, text, digest) if digest else (prompt_id, text)
+
+
 class Answered:
-    """The prompts earlier runs answered: their ids, and each id with the text it was asked
-    with, as Fingerprints (16 bytes a prompt). A reader skips a prompt it holds; a prompt
-    whose id it holds with another text was edited since (see PastRuns.skips)."""
+    """The prompts earlier runs answered: their ids, and each id with the request it was
+    asked with (asked_as), as Fingerprints (16 bytes a prompt). A reader skips a prompt it
+    holds; a prompt whose id it holds with another request was edited since (see PastRuns.skips)."""
 
     def __init__(self) -> None:
         self.ids = Fingerprints()
         self.asked = Fingerprints()  # (id, text)
 
-    def add(self, prompt_id: str, text: str) -> None:
+    def add(self, prompt_id: str, text: str, digest: str = "") -> None:
         self.ids.add(prompt_id)
-        self.asked.add((prompt_id, text))
+        self.asked.add(asked_as(prompt_id, text, digest))
 
     def freeze(self) -> None:
         self.ids.freeze()
@@ -2065,8 +2298,7 @@ class PastRuns:
     batch_jobs: list[BatchJob] = field(default_factory=list)  # --batch jobs submitted, not yet all written
     in_batch_jobs: set[str] = field(default_factory=set)  # the ids of their prompts
     unknown_submissions: dict[str, list[Prompt]] = field(default_factory=dict)  # see BatchJournal
-    journaled: list[Response] = field(default_factory=list)  # answers received, never written (see ArrivalJournal)
-    journaled_ids: set[str] = field(default_factory=set)  # ...their ids
+    journaled: dict[str, Response] = field(default_factory=dict)  # answers received, never written, by id (see ArrivalJournal)
     arrival_files: list[Path] = field(default_factory=list)  # the arrivals journals that held them
 
     def add_batch_job(self, job: BatchJob) -> None:
@@ -2077,7 +2309,7 @@ class PastRuns:
         """Whether a reader leaves `prompt` out: answered, refused for good, journaled, or
         waiting in a batch job. An answered id whose text is not the one answered stops the run before that
         prompt is asked: the inputs were edited, and one folder would hold two jobs."""
-        if (prompt.id, prompt.text) in self.answered.asked:
+        if asked_as(prompt.id, prompt.text, prompt.digest) in self.answered.asked:
             return True
         if prompt.id in self.refused:
             self.left_alone += 1
@@ -2087,7 +2319,25 @@ class PastRuns:
                 f"{prompt.id} is not the prompt that {self.output_dir} holds an answer for: the inputs "
                 "changed since that run; choose a fresh --output-dir"
             )
-        return prompt.id in self.journaled_ids or prompt.id in self.in_batch_jobs
+        return prompt.id in self.in_batch_jobs
+
+    def journaled_answer(self, prompt: Prompt) -> Response | None:
+        """The answer an earlier run journaled for `prompt`, if it answered this very request
+        (text and row digest); one for an edited row is dropped, and the row asked again."""
+        journaled = self.journaled.pop(prompt.id, None) if self.journaled else None
+        if journaled is None:
+            return None
+        if (journaled.prompt.text, journaled.prompt.digest) != (prompt.text, prompt.digest):
+            log.info("%s was edited since an earlier run received its answer: asking it again", prompt.id)
+            return None
+        journaled.prompt = prompt  # the row's fields as they are now
+        return journaled
+
+    def drop_journaled(self) -> None:
+        """Once every input is read: journaled answers that no input asked for now are not written."""
+        if self.journaled:
+            log.warning("dropping %s journaled by an earlier run for ids no input has now: %s", plural(len(self.journaled), "answer"), ", ".join(list(self.journaled)[:5]))
+            self.journaled.clear()
 
 
 async def load_past_runs(output_dir: Path) -> PastRuns:
@@ -2098,8 +2348,8 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
     for number, path in shard_files(output_dir):
         records = 0
         async for run in read_records(path):
-            for prompt_id, text, _ in run:
-                past.answered.add(prompt_id, text)
+            for prompt_id, text, digest, _ in run:
+                past.answered.add(prompt_id, text, digest)
             records += len(run)
         if records:
             past.next_shard = number + 1
@@ -2108,20 +2358,20 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
     past.answered.freeze()
     for path in failure_journals(output_dir):  # appended to while running, so an id may repeat: the last line wins
         async for run in read_records(path):
-            past.failures.update((prompt_id, line + "\n") for prompt_id, _, line in run if prompt_id not in past.answered)
+            past.failures.update((prompt_id, line + "\n") for prompt_id, _, _, line in run if prompt_id not in past.answered)
     past.refused = {prompt_id for prompt_id, line in past.failures.items() if json.loads(line).get("permanent") is True}
     journaled: dict[str, Response] = {}
     for path in sorted(p for p in output_dir.iterdir() if ARRIVALS.fullmatch(p.name)):
         past.arrival_files.append(path)
         await cut_at_zero(path)
         async for run in read_records(path):
-            for prompt_id, _, line in run:
+            for prompt_id, _, _, line in run:
                 if prompt_id not in past.answered and prompt_id not in journaled:
                     try:
                         journaled[prompt_id] = Response.from_record(json.loads(line))
                     except (KeyError, TypeError, ValueError):
                         raise PipelineError(f"{path} holds a line that is not an answer this pipeline journaled; {MOVE_IT_AWAY}") from None
-    past.journaled, past.journaled_ids = list(journaled.values()), set(journaled)
+    past.journaled = journaled
     jobs, unknown = await BatchJournal(output_dir / BATCH_JOURNAL).load()
     for job in jobs:
         if any(p.id not in past.answered and p.id not in past.failures for p in job.prompts):
@@ -2134,6 +2384,7 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
 
 RECORD_OPENING = json_line({"id": ""})[:7].encode()  # '{"id": ': how every record and failure line starts
 ID_OPENING, PROMPT_OPENING = '{"id": "', ', "prompt": "'  # how json_line() writes the two fields every record starts with
+DIGEST_OPENING = ', "row_sha256": "'  # ...and the third, in the records of rows that have one
 MOVE_IT_AWAY = "move the file away or choose a fresh --output-dir"
 
 
@@ -2221,9 +2472,9 @@ async def complete_lines(path: Path, opening: bytes) -> AsyncIterator[tuple[int,
             yield first, lines
 
 
-async def read_records(path: Path) -> AsyncIterator[list[tuple[str, str, str]]]:
-    """The records of a JSON Lines file we wrote, as runs of (id, prompt, line); repairs a
-    torn last line. Only the id and the prompt are decoded: they come first in every
+async def read_records(path: Path) -> AsyncIterator[list[tuple[str, str, str, str]]]:
+    """The records of a JSON Lines file we wrote, as runs of (id, prompt, row digest, line);
+    repairs a torn last line. Only those three are decoded: they come first in every
     record (see Response.record), so the rest of the line is left as it is."""
     async for first, lines in complete_lines(path, RECORD_OPENING):
         records = []
@@ -2236,15 +2487,17 @@ async def read_records(path: Path) -> AsyncIterator[list[tuple[str, str, str]]]:
         yield records
 
 
-def id_and_prompt(line: str) -> tuple[str, str]:
-    """A record's id and prompt, read from the front of its line; the whole line decoded
-    only if it was not written the way json_line() writes."""
+def id_and_prompt(line: str) -> tuple[str, str, str]:
+    """A record's id, prompt and row digest ("" if none), read from the front of its line;
+    the whole line decoded only if it was not written the way json_line() writes."""
     if line.startswith(ID_OPENING):
         prompt_id, end = scanstring(line, len(ID_OPENING))
         if line.startswith(PROMPT_OPENING, end):
-            return prompt_id, scanstring(line, end + len(PROMPT_OPENING))[0]
+            text, end = scanstring(line, end + len(PROMPT_OPENING))
+            digest = scanstring(line, end + len(DIGEST_OPENING))[0] if line.startswith(DIGEST_OPENING, end) else ""
+            return prompt_id, text, digest
     record = json.loads(line)
-    return str(record["id"]), str(record["prompt"])
+    return str(record["id"]), str(record["prompt"]), str(record.get("row_sha256", ""))
 
 
 # -------------------------------------------------------------------- main --
@@ -2292,9 +2545,11 @@ async def open_run(settings: Settings, tally: Tally) -> AsyncIterator[Run]:
         run = Run(
             settings, tally, client, open_gate(settings, tally), Requests.of(generation), past, postprocessor,
             prompts=asyncio.Queue(maxsize=depth), outcomes=asyncio.Queue(maxsize=depth),
-            files=iter(await list_input_files(settings.input_dir)), shard_numbers=itertools.count(past.next_shard),
+            files=iter(await table_headers_checked(await list_input_files(settings.input_dir))),
+            shard_numbers=itertools.count(past.next_shard),
         )  # fmt: skip
-        run.leftovers.append(asyncio.create_task(requeue(run)))
+        if past.journaled:
+            log.info("%s that an earlier run received but never wrote: written as their prompts are read, with no request", plural(len(past.journaled), "answer"))
         try:
             yield run
         finally:
@@ -2336,25 +2591,14 @@ async def count_total(input_dir: Path, tally: Tally) -> None:
 
 
 async def count_rows(path: Path) -> int:
-    """How many prompts a file holds, for the progress display, without parsing them: its
-    non-blank lines; for CSV, its rows after the header (a quoted cell may span lines)."""
-    rows, in_quotes, is_csv = 0, False, path.suffix.lower() == ".csv"
+    """How many prompts a file holds, for the progress display, without making them: its
+    non-blank lines; for CSV and TSV, its rows after the header, as the reader reads them."""
+    if path.suffix.lower() in DELIMITERS:
+        return max(sum([1 async for _ in table_rows(path)]) - 1, 0)
+    rows = 0
     async for _, lines in read_lines(path):
-        if not is_csv:
-            rows += sum(1 for line in lines if line.strip())
-            continue
-        for line in lines:
-            rows += bool(line.strip()) and not in_quotes
-            in_quotes ^= line.count(b'"') % 2 == 1
-    return max(rows - 1, 0) if is_csv else rows
-
-
-async def requeue(run: Run) -> None:
-    """Answers an earlier run journaled but never wrote: to the writers, as if just answered."""
-    if run.past.journaled:
-        log.info("writing %d answers that an earlier run received but never wrote (no request made)", len(run.past.journaled))
-    for response in run.past.journaled:
-        await run.outcomes.put(response)
+        rows += sum(1 for line in lines if line.strip())
+    return rows
 
 
 @contextlib.contextmanager
@@ -2415,6 +2659,7 @@ async def all_answered(run: Run, readers: list[asyncio.Task[None]]) -> None:
     for reader in readers:  # (answers already paid for are kept); then a reader's error is raised.
         if reader.done():
             reader.result()
+    run.past.drop_journaled()  # every input is read: what is left answers none of them
     await asyncio.gather(*run.leftovers)  # and what an earlier run left (see Run.leftovers for when they are known)
 
 
@@ -2460,8 +2705,13 @@ async def supervised(work: Awaitable[None], stages: list[asyncio.Task[None]]) ->
 
 
 async def stop(*tasks: asyncio.Task[None]) -> None:
-    for task in tasks:
-        task.cancel()
+    """Cancel `tasks` and wait until they end. One that caught the cancel and went on (a
+    library can swallow one) is cancelled again, rather than waited for forever."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=STOP_GRACE_S)
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
@@ -2491,7 +2741,9 @@ def connect(settings: Settings) -> Any:
 
 
 def api_key_from_env() -> str | None:
-    return os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
+    """The key as it is sent: stripped (a key pasted with a trailing space or newline is common)."""
+    key = (os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY") or "").strip()
+    return key or None
 
 
 def on_vertex() -> bool:
@@ -2523,10 +2775,19 @@ def check_credentials(settings: Settings) -> None:
 
 
 def redact(text: str) -> str:
-    """`text` with the API key's value replaced by ***: a server or proxy may quote the key
-    back in an error, and nothing the pipeline prints or writes may carry it."""
+    """`text` with the API key replaced by ***: a server or proxy may quote the key back in
+    an error, and nothing the pipeline prints or writes may carry it. Any piece of it of
+    KEY_PIECE characters or more goes too (a message cut short, a key quoted in part)."""
     key = api_key_from_env()
-    return text.replace(key, "***") if key and len(key) >= 4 else text
+    if not key or len(key) < 4:
+        return text
+    text = text.replace(key, "***")
+    piece = min(KEY_PIECE, len(key))
+    found = [start for start in range(len(key) - piece + 1) if key[start : start + piece] in text]
+    if not found:
+        return text
+    pattern = "|".join(re.escape(key[a:b]) for a in found for b in range(len(key), a + piece - 1, -1))
+    return re.sub(pattern, "***", text)
 
 
 class RedactingFormatter(logging.Formatter):
@@ -2770,7 +3031,7 @@ def cli(argv: list[str] | None = None) -> int:
             check_setup(settings)
             held.enter_context(output_dir_locked(settings.output_dir))
         except PipelineError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(redact(f"error: {exc}"), file=sys.stderr)
             return exc.exit_code
         return run_and_report(settings)
 
@@ -2785,6 +3046,8 @@ def run_and_report(settings: Settings) -> int:
     except PipelineError as exc:
         return finish(tally, f"error: {exc}", exc.exit_code)
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+        if stopped_by := stage_error(exc):  # a signal came while the run was shutting down after it
+            print(redact(f"error: {stopped_by}"), file=sys.stderr)
         jobs = tally.jobs_unfinished
         running = f"{plural(jobs, 'batch job')} still on Google's side; " if jobs else ""
         status = 143 if "SIGTERM" in exc.args else 130  # 128 + the signal's number, as shells and schedulers expect
@@ -2810,6 +3073,14 @@ def run_and_report(settings: Settings) -> int:
         done_before = f"all {plural(tally.skipped, 'prompt')} {'was' if tally.skipped == 1 else 'were'} answered before" if tally.skipped else "no prompts"
         return finish(tally, f"nothing to do: {done_before} in {settings.input_dir}", 0)
     return finish(tally, f"done: answers in {settings.output_dir}", 0)
+
+
+def stage_error(exc: BaseException) -> PipelineError | None:
+    """The error that was ending the run when `exc` interrupted its shutdown, if one was."""
+    while (exc := exc.__context__) is not None:  # type: ignore[assignment]
+        if isinstance(exc, PipelineError):
+            return exc
+    return None
 
 
 def finish(tally: Tally, message: str, exit_code: int) -> int:

@@ -103,7 +103,7 @@ def test_a_csv_without_a_prompt_column_stops_the_run(tmp_path, fake_gemini, run)
     server = fake_gemini()
     result = run(write(tmp_path / "inputs", "a.csv", "text,label\nhello,x\n"))
     assert result.exit_code == 2 and not server.requests
-    assert "a.csv, line 1: the header names no 'prompt' column (text, label)" in result.stderr.splitlines()[-1]
+    assert "a.csv, line 1: the header names no 'prompt' column (read as comma-separated: text, label)" in result.stderr.splitlines()[-1]
 
 
 def test_an_id_named_twice_is_an_input_error_naming_both_places(tmp_path, fake_gemini, run) -> None:

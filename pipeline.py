@@ -101,7 +101,7 @@ TEMPERATURE: NonNegative | None = None  # sampling temperature, 0 to 2 (unset: t
 MAX_OUTPUT_TOKENS: AtLeastOne | None = None  # longest answer, in tokens (unset: the model's default)
 RESPONSE_SCHEMA: File | None = None  # a JSON Schema file: answers are asked as JSON, checked against it, and decoded into "parsed"
 GENERATION_CONFIG: File | None = None  # a JSON file of other GenerateContentConfig fields (top_p, seed, safety_settings, thinking_config...)
-WORKERS: AtLeastOne = 5  # requests in flight at once
+WORKERS: Workers = 5  # requests in flight at once (at most 10,000)
 QUEUE_SIZE: AtLeastOne = 5  # bound of each queue (at least WORKERS): how far reading may run ahead
 SHARD_SIZE: AtLeastOne = 5  # records per output shard (the last shard may hold fewer)
 MAX_ATTEMPTS: AtLeastOne = 5  # tries per prompt, the first included, before it counts as failed
@@ -112,9 +112,9 @@ RPM: Positive | None = None  # requests per minute your quota allows: requests s
 TPM: Positive | None = None  # input tokens per minute your quota allows: requests start so as to stay below it (unset: no limit)
 MAX_COST_USD: Positive | None = None  # stop starting requests before the estimated spend passes this many US dollars (unset: no limit)
 RETRY_FAILED: Switch = False  # a rerun also asks again the prompts the API refused for good (400s, safety blocks)
-POSTPROCESS_WORKERS: AtLeastZero = os.cpu_count() or 1  # processes running postprocess(), by default the CPU count; 0: run it on the event loop
-READERS: AtLeastOne = 1  # tasks reading input files, each taking the next unread file
-WRITERS: AtLeastOne = 1  # tasks writing outputs, each into shards of its own
+POSTPROCESS_WORKERS: Processes = os.cpu_count() or 1  # processes running postprocess(), by default the CPU count (at most 256); 0: run it on the event loop
+READERS: Tasks = 1  # tasks reading input files, each taking the next unread file (at most 64)
+WRITERS: Tasks = 1  # tasks writing outputs, each into shards of its own (at most 64)
 OFFLINE_LATENCY_MS: NonNegative = 50.0  # simulated latency of each --offline answer, in milliseconds
 BATCH: Switch = False  # send the prompts as jobs of Gemini's Batch API: half the price, results within 24 h
 BATCH_SIZE: AtLeastOne = 10_000  # prompts per batch job, at most
@@ -188,7 +188,7 @@ class Check:
     metavar: str | None = None
 
 
-def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
+def at_least(minimum: float, kind: type = int, at_most: float = math.inf) -> Callable[[str], Any]:
     def read(text: str) -> Any:
         try:
             value = kind(text)
@@ -198,6 +198,8 @@ def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        if value > at_most:
+            raise argparse.ArgumentTypeError(f"must be at most {at_most:,g}, got {text}")
         return value
 
     return read
@@ -212,9 +214,17 @@ def above_zero(text: str) -> float:
 
 Folder = Annotated[str, Check(Path, "DIR")]  # a folder, read as a Path
 File = Annotated[str, Check(Path, "FILE")]  # a file, read as a Path
-Text = Annotated[str, Check(str, "TEXT")]
+def not_blank(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (leave it unset instead)")
+    return text
+
+
+Text = Annotated[str, Check(not_blank, "TEXT")]
 AtLeastOne = Annotated[int, Check(at_least(1), "N")]
-AtLeastZero = Annotated[int, Check(at_least(0), "N")]
+Workers = Annotated[int, Check(at_least(1, at_most=10_000), "N")]  # each holds a connection and a task: more only exhausts memory
+Tasks = Annotated[int, Check(at_least(1, at_most=64), "N")]  # readers and writers: more than the disks can serve helps nothing
+Processes = Annotated[int, Check(at_least(0, at_most=256), "N")]  # forked at start-up, all of them
 NonNegative = Annotated[float, Check(at_least(0, float), "N")]
 Positive = Annotated[float, Check(above_zero, "N")]
 Switch = Annotated[bool, Check(bool)]  # a flag that takes no value: given, it turns the setting on
@@ -565,9 +575,10 @@ class Tally:
         if len(self.opening) < FAIL_FAST_OUTCOMES:
             self.opening.append(outcome.error if isinstance(outcome, Failure) and outcome.permanent else "")
             if len(self.opening) == FAIL_FAST_OUTCOMES and self.opening[0] and len(set(self.opening)) == 1:
+                blocked = self.opening[0].startswith("response has no text")  # the model declined: the prompts' doing
                 raise PipelineError(
-                    f"the first {FAIL_FAST_OUTCOMES} prompts all failed the same way, which no retry fixes: "
-                    f"{self.opening[0]}; check --model and the settings"
+                    f"the first {FAIL_FAST_OUTCOMES} prompts all failed the same way, which no retry fixes: {self.opening[0]}; "
+                    + ("check the prompts, or safety_settings in --generation-config" if blocked else "check --model and the settings")
                 )
         return outcome
 
@@ -954,13 +965,23 @@ async def read_inputs(run: Run) -> None:
 
 async def list_input_files(input_dir: Path) -> list[Path]:
     """The regular, non-hidden files of the input dir, in natural order (2 before 10)."""
-    entries = await aiofiles.os.scandir(input_dir)
-    names = [entry.name for entry in entries if not entry.name.startswith(".") and entry.is_file()]
+    with stop_on_os_error(f"cannot read input dir {input_dir}"):
+        entries = await aiofiles.os.scandir(input_dir)
+    names = [entry.name for entry in entries if not entry.name.startswith(".") and is_input_file(entry)]
     for name in names:  # ids are made of it: one that JSON cannot carry is refused now, not after paying
         if not name.isprintable():  # control characters, or bytes that are not UTF-8 (decoded as lone surrogates)
             shown = repr(name.encode("utf-8", "surrogateescape"))[2:-1]
             raise PipelineError(f"input file name '{shown}' in {input_dir} is not printable UTF-8: rename it")
     return [input_dir / name for name in sorted(names, key=natural_key)]
+
+
+def is_input_file(entry: os.DirEntry[str]) -> bool:
+    """Whether a folder entry is a file to read: a regular file, or a link to one. A link
+    that cannot be followed (a loop, say) stops the run with one line naming it."""
+    try:
+        return entry.is_file()
+    except OSError as exc:
+        raise PipelineError(f"input file {entry.path}: {exc.strerror or exc}") from None
 
 
 def natural_key(name: str) -> list[Any]:
@@ -1150,6 +1171,7 @@ class Gate:
         self, requests_per_minute: float | None, tally: Tally, tokens_per_minute: float | None = None, spend: Spend | None = None
     ) -> None:
         self.interval_s = 60 / (requests_per_minute * RPM_HEADROOM) if requests_per_minute else 0.0
+        self.tokens_per_minute = tokens_per_minute  # --tpm
         self.token_s = 60 / (tokens_per_minute * RPM_HEADROOM) if tokens_per_minute else 0.0  # of the schedule per input token
         self.next_slot = 0.0  # time.monotonic() of the next free start under --rpm...
         self.next_tokens = 0.0  # ...and under --tpm: when the input tokens started so far fit in it
@@ -1188,6 +1210,17 @@ class Gate:
                     self.close()  # the budget is spent: no request starts any more
                 return not self.closed
         return False
+
+    def never_admits(self, tokens: int) -> str | None:
+        """Why a request of about `tokens` input tokens could never start, if it could not:
+        more than --tpm allows in a minute, or alone more than --max-cost-usd."""
+        expected = round(tokens * self.token_ratio)
+        if self.tokens_per_minute and expected > self.tokens_per_minute * RPM_HEADROOM:
+            return f"needs about {expected:,} input tokens, more than --tpm {self.tokens_per_minute:g} lets start in a minute"
+        limit = self.spend.limit_usd
+        if limit is not None and (cost := self.spend.expected_usd(expected)) > limit:
+            return f"would cost about {dollars(cost)} alone, more than --max-cost-usd {limit:g}"
+        return None
 
     @property
     def counts_tokens(self) -> bool:
@@ -1271,13 +1304,21 @@ class Spend:
         """Count a request in flight (for --max-cost-usd only); False, counting nothing, if it would pass it."""
         if self.limit_usd is None:
             return True
-        mean_output = self.output_tokens / self.replies if self.replies else 0.0
-        expected = self.usd((self.in_flight_tokens + tokens) * ratio, 0, (self.in_flight + 1) * mean_output)
+        expected = self.usd((self.in_flight_tokens + tokens) * ratio, 0, (self.in_flight + 1) * self.mean_output)
         if self.spent_usd + expected > self.limit_usd:
             self.exhausted = True
             return False
         self.in_flight, self.in_flight_tokens = self.in_flight + 1, self.in_flight_tokens + tokens
         return True
+
+    @property
+    def mean_output(self) -> float:
+        """Output tokens (thinking included) per reply billed so far."""
+        return self.output_tokens / self.replies if self.replies else 0.0
+
+    def expected_usd(self, input_tokens: float) -> float:
+        """What one request of `input_tokens` is expected to cost: its input and the mean output."""
+        return self.usd(input_tokens, 0, self.mean_output)
 
     def land(self, tokens: int, usage: Any) -> None:
         if self.limit_usd is not None:
@@ -1330,6 +1371,8 @@ async def answer(run: Run, prompt: Prompt) -> Outcome | None:
     if prompt.error:
         return Failure(prompt, prompt.error, attempts=0, permanent=True)
     tokens = estimated_tokens(prompt) if gate.counts_tokens else 0
+    if too_large := gate.never_admits(tokens):
+        return Failure(prompt, too_large, attempts=0)
     for attempt in range(1, settings.max_attempts + 1):
         if not await gate.admit(tokens):
             return None
@@ -1778,7 +1821,7 @@ class BatchJournal:
         """The jobs created; and the submissions whose fate is unknown, by display name."""
         jobs: list[BatchJob] = []
         unknown: dict[str, list[Prompt]] = {}
-        if self.path.exists():
+        if ours(self.path).exists():
             async for first, lines in complete_lines(self.path, b'{"submit'):
                 for number, line in enumerate(lines, first):
                     try:
@@ -2361,7 +2404,7 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
             past.failures.update((prompt_id, line + "\n") for prompt_id, _, _, line in run if prompt_id not in past.answered)
     past.refused = {prompt_id for prompt_id, line in past.failures.items() if json.loads(line).get("permanent") is True}
     journaled: dict[str, Response] = {}
-    for path in sorted(p for p in output_dir.iterdir() if ARRIVALS.fullmatch(p.name)):
+    for path in sorted(files_named(output_dir, ARRIVALS)):
         past.arrival_files.append(path)
         await cut_at_zero(path)
         async for run in read_records(path):
@@ -2393,7 +2436,7 @@ def check_job(settings: Settings, generation: dict[str, Any], answered: bool) ->
     The first run records them in JOB_FILE; a rerun with others stops before any request,
     unless the folder holds no answer yet (a mistyped --model, say, is simply corrected).
     True when the job recorded is replaced: what an earlier job was refused says nothing now."""
-    path = settings.output_dir / JOB_FILE
+    path = ours(settings.output_dir / JOB_FILE)
     job = {"model": f"{settings.model} (offline)" if settings.offline else settings.model, "settings": generation}
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
@@ -2425,13 +2468,25 @@ SETTING_FLAGS = {  # how check_job names a changed setting
 
 
 def shard_files(output_dir: Path) -> list[tuple[int, Path]]:
-    shards = [(int(m[1]), p) for p in output_dir.iterdir() if (m := SHARD_NAME.fullmatch(p.name))]
-    return sorted(shards)
+    return sorted((int(SHARD_NAME.fullmatch(p.name)[1]), p) for p in files_named(output_dir, SHARD_NAME))  # type: ignore[index]
 
 
 def failure_journals(output_dir: Path) -> list[Path]:
     """failed.jsonl, and the journals of other writers that a killed run left (failed.K.jsonl)."""
-    return sorted((p for p in output_dir.iterdir() if FAILED_JOURNAL.fullmatch(p.name)), key=lambda p: natural_key(p.name))
+    return sorted(files_named(output_dir, FAILED_JOURNAL), key=lambda p: natural_key(p.name))
+
+
+def files_named(output_dir: Path, pattern: re.Pattern[str]) -> list[Path]:
+    """The output dir's files whose names `pattern` matches, each a regular file (see ours)."""
+    return [ours(path) for path in output_dir.iterdir() if pattern.fullmatch(path.name)]
+
+
+def ours(path: Path) -> Path:
+    """`path`, if absent or a regular file; a FIFO or folder by the name of one of our files
+    (reading a FIFO would hang the run) stops it with one line instead."""
+    if path.exists() and not path.is_file():
+        raise PipelineError(f"{path} is not a regular file; {MOVE_IT_AWAY}")
+    return path
 
 
 async def cut_at_zero(path: Path) -> None:
@@ -2448,7 +2503,8 @@ async def cut_at_zero(path: Path) -> None:
             if newline >= 0:
                 line_start = offset + newline + 1
             if zero >= 0:
-                os.truncate(path, line_start)
+                with stop_on_os_error(f"cannot repair {path}"):
+                    os.truncate(path, line_start)
                 return
             offset += len(chunk)
 
@@ -2467,7 +2523,8 @@ async def complete_lines(path: Path, opening: bytes) -> AsyncIterator[tuple[int,
             if not (torn.startswith(opening) or opening.startswith(torn)):
                 raise PipelineError(f"{path}, line {first + len(lines)}, is not a line this pipeline wrote; {MOVE_IT_AWAY}")
             log.warning("repairing %s: dropping its unfinished last line %d", path.name, first + len(lines))
-            os.truncate(path, size - len(torn))
+            with stop_on_os_error(f"cannot repair {path}"):
+                os.truncate(path, size - len(torn))
         if lines:
             yield first, lines
 
@@ -2534,7 +2591,8 @@ async def open_run(settings: Settings, tally: Tally) -> AsyncIterator[Run]:
         postprocessor.start()  # first, before anything starts a thread
         cleanup.enter_context(stopped_by_signals(asyncio.current_task()))  # a long start-up scan too
         generation = job_generation(settings)
-        past = await load_past_runs(settings.output_dir)
+        with stop_on_os_error(f"cannot read {settings.output_dir}"):
+            past = await load_past_runs(settings.output_dir)
         if check_job(settings, generation, answered=bool(past.answered or past.journaled)) or settings.retry_failed:
             past.refused.clear()
         tally.skipped = len(past.answered)
@@ -2884,10 +2942,12 @@ environment:
 inputs:
   *.jsonl  a request per line: {"prompt": ..., "id": ..., "system_instruction": ...,
            "config": {...}, other fields...}, or the Batch API's {"key", "request"}
-  *.csv    a header naming a prompt column (and optionally id, system_instruction)
+  *.csv    a header naming a prompt column (and optionally id, system_instruction),
+  *.tsv    comma- or tab-separated, as Excel writes them
   others   a prompt per non-blank line, known as "<file name>:<line number>"
 output:
-  OUTPUT_DIR/shard_NNNNN.jsonl  one answer per line: id, prompt, response, model,
+  OUTPUT_DIR/shard_NNNNN.jsonl  one answer per line: id, prompt, row_sha256 (a row
+                                with settings of its own), response, model,
                                 finish_reason, attempts, usage, parsed (with a
                                 schema), the row's other fields, and the fields
                                 postprocess() adds (word_count unless edited)
@@ -2896,8 +2956,13 @@ output:
   OUTPUT_DIR/job.json           the model and settings the folder's answers were asked with
 exit status:
   0 every prompt answered (or nothing to do)
-  1 some prompts failed, or the daily quota is spent: run again later
-  2 bad flag, input, output dir, setting or key (nothing was sent)
+  1 some prompts failed, the daily quota or --max-cost-usd is spent, or an
+    internal error: what was answered is kept; run again to continue
+  2 refused at start-up, nothing sent: bad flag, setting, input folder, CSV
+    header, output dir or key. Or stopped mid-run, keeping every answer, by
+    what no retry fixes: an id given twice, inputs edited since their
+    answers, a setting or model the API refuses for every prompt, the same
+    refusal for the first 20 prompts, a full disk or other file error
   130 interrupted by Ctrl-C   143 stopped by SIGTERM (both: run again to continue)"""
 
 

@@ -207,7 +207,7 @@ def test_a_constant_edited_to_a_value_its_flag_refuses_gets_one_line(monkeypatch
 def test_a_constants_comment_is_its_flags_help() -> None:
     helps = pipeline.setting_comments()
     assert set(helps) == {setting.constant for setting in pipeline.SETTINGS}
-    assert helps["WORKERS"] == "requests in flight at once"
+    assert helps["WORKERS"] == "requests in flight at once (at most 10,000)"
 
 
 def test_readme_test_command_is_what_ci_runs() -> None:

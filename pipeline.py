@@ -47,7 +47,7 @@ How it is built, in the order data flows through this file:
 
 from __future__ import annotations
 
-__version__ = "0.10.1"  # --version prints it
+__version__ = "0.11.0"  # --version prints it
 
 import argparse
 import array
@@ -55,8 +55,8 @@ import asyncio
 import bisect
 import contextlib
 import csv
-import hashlib
 import fcntl
+import hashlib
 import io
 import itertools
 import json
@@ -212,14 +212,14 @@ def above_zero(text: str) -> float:
     return value
 
 
-Folder = Annotated[str, Check(Path, "DIR")]  # a folder, read as a Path
-File = Annotated[str, Check(Path, "FILE")]  # a file, read as a Path
 def not_blank(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty (leave it unset instead)")
     return text
 
 
+Folder = Annotated[str, Check(Path, "DIR")]  # a folder, read as a Path
+File = Annotated[str, Check(Path, "FILE")]  # a file, read as a Path
 Text = Annotated[str, Check(not_blank, "TEXT")]
 AtLeastOne = Annotated[int, Check(at_least(1), "N")]
 Workers = Annotated[int, Check(at_least(1, at_most=10_000), "N")]  # each holds a connection and a task: more only exhausts memory
@@ -710,6 +710,8 @@ class Requests:
             return Prompt(where, text.strip(), error=f"line is not JSON ({exc})")
         if not isinstance(row, dict):
             return Prompt(where, text.strip(), error="line is not a JSON object")
+        if not isinstance(given := row.get("key" if "request" in row else "id", ""), str | int) or isinstance(given, bool):
+            return Prompt(where, text.strip(), error=f"its {'key' if 'request' in row else 'id'} is not a string or a whole number")
         if problem := unwritable(row, text):
             prompt_id, origin = own_id(row.get("key" if "request" in row else "id"), where)
             if not is_utf8(prompt_id):
@@ -747,7 +749,6 @@ class Requests:
         return self.prompt(prompt_id, last_user_text(contents), own, contents=contents, fields=fields or None, origin=origin)
 
 
-
 def row_digest(own: dict[str, Any] | None, contents: list[Any] | None) -> str:
     """What a row sends besides its text, hashed: with its text and id, what a rerun compares
     to know the row was not edited since it was answered (PastRuns.skips)."""
@@ -767,16 +768,19 @@ class Ids:
 
     def claim(self, prompt: Prompt) -> None:
         """Refuse a prompt whose id another has: never merge two prompts."""
-        unnamed = f"{prompt.id} (a row with no id of its own)"
-        if prompt.origin:
-            other, here = self.named.setdefault(prompt.id, prompt.origin), prompt.origin
-            if other == here:
-                other = unnamed if self.is_place(prompt.id) else None
-        else:
+        if prompt.origin:  # a row naming its id
+            first = self.named.setdefault(prompt.id, prompt.origin)
+            if first == prompt.origin:
+                if not self.is_place(prompt.id):
+                    return
+                first = f"{prompt.id} (a row with no id of its own)"
+            second = prompt.origin
+        else:  # a row or line known by its place
             self.take_place(prompt.id)
-            other, here = self.named.get(prompt.id), unnamed
-        if other:
-            raise PipelineError(f"id {prompt.id!r} is named twice in the inputs: {other} and {here}; ids must be unique")
+            if (first := self.named.get(prompt.id)) is None:
+                return
+            second = f"{prompt.id} (a row with no id of its own)"
+        raise PipelineError(f"id {prompt.id!r} is named twice in the inputs: {first} and {second}; ids must be unique")
 
     def take_place(self, place: str) -> None:
         name, _, number = place.rpartition(":")
@@ -825,6 +829,7 @@ def unwritable(value: Any, text: str, name: str = "") -> str | None:
     stack = [(value, name, 0)]
     while stack:
         item, where, depth = stack.pop()
+        where = writable(where)  # a field's name may hold the very surrogate
         if depth > MAX_NESTING:
             return f"{where or 'line'} is nested more than {MAX_NESTING} deep"
         if isinstance(item, str) and not is_utf8(item):
@@ -3111,12 +3116,12 @@ def run_and_report(settings: Settings) -> int:
     except PipelineError as exc:
         return finish(tally, f"error: {exc}", exc.exit_code)
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:
-        if stopped_by := stage_error(exc):  # a signal came while the run was shutting down after it
-            print(redact(f"error: {stopped_by}"), file=sys.stderr)
+        stopped_by = stage_error(exc)  # a signal came while the run was shutting down after this
         jobs = tally.jobs_unfinished
         running = f"{plural(jobs, 'batch job')} still on Google's side; " if jobs else ""
         status = 143 if "SIGTERM" in exc.args else 130  # 128 + the signal's number, as shells and schedulers expect
-        return finish(tally, f"interrupted: {running}run the same command again to continue where it stopped", status)
+        interrupted = f"interrupted: {running}run the same command again to continue where it stopped"
+        return finish(tally, f"error: {stopped_by}\n{interrupted}" if stopped_by else interrupted, status)
     except Exception as exc:  # a bug: still one line, and the details with -v
         log.debug("internal error", exc_info=True)
         return finish(tally, f"internal error: {type(exc).__name__}: {exc} (rerun with -v for details)", 1)

@@ -32,6 +32,8 @@ peak RSS from wait4(). The sections:
   profile    cProfile of the pipeline and of the bare-SDK program at 1,000 workers, 1 s
              latency: CPU per request, and the time by package (waiting in epoll left out)
   longline   one 200 MB line read by pipeline.read_lines: seconds and peak RSS (linear, one line in memory)
+  csv        CSV files read by pipeline.read_prompts: 40,001 rows after an unquoted cell
+             holding a quote, and one 80 KB multi-line cell: CPU seconds (linear, streaming)
   transport  500 workers at 1 s latency on google-genai's two transports: httpx2 (the
              SDK's default; its pool holds 100 connections) and aiohttp (requirements.txt)
 """
@@ -575,7 +577,29 @@ def longline(scratch: Path, megabytes: int) -> None:
     path.unlink()
 
 
-SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline"]
+def child_csv(path: str) -> None:
+    """Make every prompt of one CSV file through the pipeline's reader; report CPU seconds."""
+    sys.path.insert(0, str(ROOT))
+    import pipeline
+
+    async def read() -> int:
+        return sum([1 async for _ in pipeline.read_prompts(Path(path), pipeline.Requests({}))])
+
+    started = time.process_time()  # the worker thread's CPU included
+    count = asyncio.run(read())
+    print(f"| csv, {Path(path).stem} | {time.process_time() - started:.2f} s CPU | {count:,} prompts |", flush=True)
+
+
+def csv_rows(scratch: Path) -> None:
+    quoted = scratch / "40001-rows-after-a-quote.csv"
+    quoted.write_text('id,prompt\nr0,The 5" screen\n' + "".join(f"r{i},What is two times {i}?\n" for i in range(1, 40_001)))
+    cell = scratch / "an-80-KB-multi-line-cell.csv"
+    cell.write_text('id,prompt\nr0,"' + "\n".join(f"line {i} of a long cell" for i in range(4000)) + '"\n')
+    for path in (quoted, cell):
+        subprocess.run([sys.executable, __file__, "csv", str(path)], check=True)
+
+
+SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline", "csv"]
 
 
 def main() -> None:
@@ -614,6 +638,8 @@ def main() -> None:
             profile(scratch, 1000)
         if "longline" in only:
             longline(scratch, 200)
+        if "csv" in only:
+            csv_rows(scratch)
 
 
 if __name__ == "__main__":
@@ -623,6 +649,8 @@ if __name__ == "__main__":
         child_profile(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     elif len(sys.argv) > 1 and sys.argv[1] == "longline":
         child_longline(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "csv":
+        child_csv(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "ceiling":
         child_ceiling(int(sys.argv[2]), int(sys.argv[3]))
     else:

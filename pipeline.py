@@ -656,7 +656,7 @@ class Run:
     outcomes: asyncio.Queue[Outcome]  # generators -> writers
     files: Iterator[Path]  # input files no reader has taken yet (READERS share it)
     shard_numbers: Iterator[int]  # the next free shard numbers (WRITERS share it)
-    ids: Ids = field(default_factory=lambda: Ids())  # every id the readers have given out
+    ids: Ids = field(default_factory=lambda: Ids())  # every id the inputs name
     name: str = field(default_factory=lambda: os.urandom(3).hex())  # names this run's journal files
     # An earlier run's work that this one finishes (its journaled answers, --batch jobs to
     # collect). A stage adds its own before its first await: all_answered() looks at the list
@@ -760,43 +760,46 @@ def row_digest(own: dict[str, Any] | None, contents: list[Any] | None) -> str:
 class Ids:
     """Every id the inputs give, in one namespace: the ids rows name, and the default ids
     ("file:line") of the rows and lines that name none. Two prompts with one id would be
-    answered and written twice under it. The named ids are kept with their place; the
-    default ones as a bit per line of their file (a million lines: 125 kB)."""
+    answered and written twice under it. Named ids are kept with their place. Default ids
+    cost nothing per prompt: a named id can only meet one if it reads "<input file>:<n>",
+    and only then are that file's default ids listed (read once, a bit per line)."""
 
+    files: dict[str, Path] = field(default_factory=dict)  # the input files, by name
+    requests: Requests | None = None  # how their rows are read (see places_of)
     named: dict[str, str] = field(default_factory=dict)  # id -> "file:line" of the row that named it
-    places: dict[str, bytearray] = field(default_factory=dict)  # file name -> bit n set: line n took its place as its id
+    places: dict[str, bytearray] = field(default_factory=dict)  # file name -> bit n set: line n is known by its place
 
-    def claim(self, prompt: Prompt) -> None:
-        """Refuse a prompt whose id another has: never merge two prompts."""
-        if prompt.origin:  # a row naming its id
-            first = self.named.setdefault(prompt.id, prompt.origin)
-            if first == prompt.origin:
-                if not self.is_place(prompt.id):
-                    return
-                first = f"{prompt.id} (a row with no id of its own)"
-            second = prompt.origin
-        else:  # a row or line known by its place
-            self.take_place(prompt.id)
-            if (first := self.named.get(prompt.id)) is None:
+    async def claim(self, prompt: Prompt) -> None:
+        """Refuse a row naming an id that another row names, or that is another's default id."""
+        if not prompt.origin:
+            return  # known by its place: a row naming that place meets it when it is claimed
+        first = self.named.setdefault(prompt.id, prompt.origin)
+        if first == prompt.origin:  # named once so far; and naming its own place is no clash
+            if prompt.id == prompt.origin or not await self.is_a_place(prompt.id):
                 return
-            second = f"{prompt.id} (a row with no id of its own)"
-        raise PipelineError(f"id {prompt.id!r} is named twice in the inputs: {first} and {second}; ids must be unique")
+            first = f"{prompt.id} (a row with no id of its own)"
+        raise PipelineError(f"id {prompt.id!r} is named twice in the inputs: {first} and {prompt.origin}; ids must be unique")
 
-    def take_place(self, place: str) -> None:
-        name, _, number = place.rpartition(":")
-        bits, line = self.places.setdefault(name, bytearray()), int(number)
-        if len(bits) <= line >> 3:
-            bits.extend(bytes((line >> 3) + 1 - len(bits)))
-        bits[line >> 3] |= 1 << (line & 7)
-
-    def is_place(self, prompt_id: str) -> bool:
-        """Whether `prompt_id` is the default id of a prompt already read."""
+    async def is_a_place(self, prompt_id: str) -> bool:
+        """Whether `prompt_id` is the default id of a row or line of the inputs."""
         name, _, number = prompt_id.rpartition(":")
-        bits = self.places.get(name)
-        if bits is None or not number.isdigit():
+        if name not in self.files or not number.isdigit():
             return False
-        line = int(number)
+        if name not in self.places:
+            self.places[name] = await self.places_of(self.files[name])
+        bits, line = self.places[name], int(number)
         return len(bits) > line >> 3 and bool(bits[line >> 3] & 1 << (line & 7))
+
+    async def places_of(self, path: Path) -> bytearray:
+        """The lines of an input file whose prompts are known by their place, as bits."""
+        bits = bytearray()
+        assert self.requests is not None
+        async for prompt in read_prompts(path, self.requests):
+            if not prompt.origin:
+                line = int(prompt.id.rpartition(":")[2])
+                bits.extend(bytes(max(0, (line >> 3) + 1 - len(bits))))
+                bits[line >> 3] |= 1 << (line & 7)
+        return bits
 
 
 def strict_json(text: str) -> Any:
@@ -960,7 +963,7 @@ async def read_inputs(run: Run) -> None:
     for path in run.files:
         async with contextlib.aclosing(read_prompts(path, run.requests)) as file_prompts:
             async for prompt in file_prompts:
-                run.ids.claim(prompt)
+                await run.ids.claim(prompt)
                 if journaled := run.past.journaled_answer(prompt):
                     await run.outcomes.put(journaled)  # answered before, never written: no request
                 elif not run.past.skips(prompt):
@@ -1376,7 +1379,7 @@ async def answer(run: Run, prompt: Prompt) -> Outcome | None:
     if prompt.error:
         return Failure(prompt, prompt.error, attempts=0, permanent=True)
     tokens = estimated_tokens(prompt) if gate.counts_tokens else 0
-    if too_large := gate.never_admits(tokens):
+    if tokens and (too_large := gate.never_admits(tokens)):
         return Failure(prompt, too_large, attempts=0)
     for attempt in range(1, settings.max_attempts + 1):
         if not await gate.admit(tokens):
@@ -2604,12 +2607,12 @@ async def open_run(settings: Settings, tally: Tally) -> AsyncIterator[Run]:
         cleanup.push_async_callback(stop, *start_progress(settings, tally))
         client = connect(settings)
         cleanup.push_async_callback(client.aio.aclose)
-        depth = queue_depth(settings)
+        depth, requests = queue_depth(settings), Requests.of(generation)
+        files = await table_headers_checked(await list_input_files(settings.input_dir))
         run = Run(
-            settings, tally, client, open_gate(settings, tally), Requests.of(generation), past, postprocessor,
-            prompts=asyncio.Queue(maxsize=depth), outcomes=asyncio.Queue(maxsize=depth),
-            files=iter(await table_headers_checked(await list_input_files(settings.input_dir))),
-            shard_numbers=itertools.count(past.next_shard),
+            settings, tally, client, open_gate(settings, tally), requests, past, postprocessor,
+            prompts=asyncio.Queue(maxsize=depth), outcomes=asyncio.Queue(maxsize=depth), files=iter(files),
+            shard_numbers=itertools.count(past.next_shard), ids=Ids({path.name: path for path in files}, requests),
         )  # fmt: skip
         if past.journaled:
             log.info("%s that an earlier run received but never wrote: written as their prompts are read, with no request", plural(len(past.journaled), "answer"))

@@ -2319,7 +2319,7 @@ class Answered:
 
     def __init__(self) -> None:
         self.ids = Fingerprints()
-        self.asked = Fingerprints()  # (id, text)
+        self.asked = Fingerprints()  # asked_as(id, text, digest)
 
     def add(self, prompt_id: str, text: str, digest: str = "") -> None:
         self.ids.add(prompt_id)
@@ -2357,9 +2357,9 @@ class PastRuns:
         self.in_batch_jobs.update(p.id for p in job.prompts)
 
     def skips(self, prompt: Prompt) -> bool:
-        """Whether a reader leaves `prompt` out: answered, refused for good, journaled, or
-        waiting in a batch job. An answered id whose text is not the one answered stops the run before that
-        prompt is asked: the inputs were edited, and one folder would hold two jobs."""
+        """Whether a reader leaves `prompt` out: answered, refused for good, or waiting in a
+        batch job. An answered id whose request (asked_as) is not the one answered stops the
+        run before that prompt is asked: the inputs were edited, and one folder would hold two jobs."""
         if asked_as(prompt.id, prompt.text, prompt.digest) in self.answered.asked:
             return True
         if prompt.id in self.refused:
@@ -2387,7 +2387,8 @@ class PastRuns:
     def drop_journaled(self) -> None:
         """Once every input is read: journaled answers that no input asked for now are not written."""
         if self.journaled:
-            log.warning("dropping %s journaled by an earlier run for ids no input has now: %s", plural(len(self.journaled), "answer"), ", ".join(list(self.journaled)[:5]))
+            ids = ", ".join(itertools.islice(self.journaled, 5))
+            log.warning("dropping %s an earlier run journaled for ids no input has now: %s", plural(len(self.journaled), "answer"), ids)
             self.journaled.clear()
 
 
@@ -2485,14 +2486,20 @@ def failure_journals(output_dir: Path) -> list[Path]:
 
 
 def files_named(output_dir: Path, pattern: re.Pattern[str]) -> list[Path]:
-    """The output dir's files whose names `pattern` matches, each a regular file (see ours)."""
-    return [ours(path) for path in output_dir.iterdir() if pattern.fullmatch(path.name)]
+    """The output dir's files whose names `pattern` matches, each a regular file (see ours).
+    The folder's own listing says which are (no stat per file: a large job has 100,000s)."""
+    with os.scandir(output_dir) as entries:
+        found = [entry for entry in entries if pattern.fullmatch(entry.name)]
+    for entry in found:
+        if not entry.is_file():
+            raise PipelineError(f"{entry.path} is not a regular file; {MOVE_IT_AWAY}")
+    return [Path(entry.path) for entry in found]
 
 
 def ours(path: Path) -> Path:
     """`path`, if absent or a regular file; a FIFO or folder by the name of one of our files
     (reading a FIFO would hang the run) stops it with one line instead."""
-    if path.exists() and not path.is_file():
+    if path.exists() and not path.is_file():  # (files_named says the same of many files at once)
         raise PipelineError(f"{path} is not a regular file; {MOVE_IT_AWAY}")
     return path
 
@@ -2720,11 +2727,13 @@ def queue_depth(settings: Settings) -> int:
 
 
 async def all_answered(run: Run, readers: list[asyncio.Task[None]]) -> None:
-    await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)  # every prompt is queued, or a reader failed;
-    await run.prompts.join()  # either way every queued prompt gets its outcome queued
-    for reader in readers:  # (answers already paid for are kept); then a reader's error is raised.
+    """Return once every prompt is answered. A reader's error is raised at once: shut_down
+    then stops the run as Ctrl-C would (the requests in flight may still land)."""
+    await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)  # every prompt is queued, or a reader failed
+    for reader in readers:
         if reader.done():
             reader.result()
+    await run.prompts.join()  # every queued prompt has its outcome queued
     run.past.drop_journaled()  # every input is read: what is left answers none of them
     await asyncio.gather(*run.leftovers)  # and what an earlier run left (see Run.leftovers for when they are known)
 

@@ -84,6 +84,19 @@ def test_a_signal_during_that_shutdown_still_prints_the_stages_error_first(tmp_p
     assert "No space left on device" in lines[-2] and lines[-1].startswith("interrupted:")
 
 
+@pytest.mark.timeout(40)
+def test_a_dead_reader_ends_the_run_within_the_grace_while_requests_hang(tmp_path, fake_gemini, run) -> None:
+    server = fake_gemini(latency_s=30)  # every request hangs
+    inputs = write_prompts(tmp_path / "inputs", sample_prompts(20), per_file=20)
+    write(inputs, "a.jsonl", jsonl({"id": "r1", "prompt": "p1"}, {"id": "r1", "prompt": "p2"}))  # read first: a clash
+    started = time.monotonic()
+    result = run(inputs, "--workers", "10")
+    elapsed = time.monotonic() - started
+    assert result.exit_code == 2 and "'r1' is named twice" in result.stderr.strip().splitlines()[-1]
+    assert elapsed < 10, elapsed  # the 1.5 s grace, not the 30 s requests (loose for a busy machine)
+    assert server.requests and not result.records()
+
+
 # -------------------------------------------------- odd values in every field --
 ODD_VALUES = {  # as they stand in a JSONL line: each decodes to something JSON Lines cannot carry back out
     "lone surrogate": '"bad \\udc80 field"',

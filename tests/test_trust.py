@@ -191,15 +191,15 @@ def test_a_json_answer_with_nan_or_too_deep_is_not_as_asked_and_the_run_goes_on(
 
 
 # --------------------------------------------------------------------- CSV --
-def test_a_quote_inside_an_unquoted_cell_is_a_character_and_40001_rows_are_40001_prompts(tmp_path, fake_gemini, run) -> None:
+def test_a_quote_inside_an_unquoted_cell_is_a_character_and_the_rows_after_it_are_rows(tmp_path, fake_gemini, run) -> None:
     server = fake_gemini()
-    rows = "".join(f"r{i},What is two times {i}?\n" for i in range(1, 40_001))
+    rows = "".join(f"r{i},What is two times {i}?\n" for i in range(1, 5_001))  # 40,000 and the CPU: tests/benchmark.py --only csv
     inputs = write(tmp_path / "inputs", "b.csv", 'id,prompt\nr0,The 5" screen\n' + rows)
     result = run(inputs, "--offline", "--offline-latency-ms", "0", "--shard-size", "5000", "--postprocess-workers", "0")
     assert result.exit_code == 0, result.stderr
     records = result.records()
-    assert len({r["id"] for r in records}) == len(records) == 40_001 and not server.requests
-    assert records[0]["prompt"] == 'The 5" screen' and records[-1]["id"] == "r40000"
+    assert len({r["id"] for r in records}) == len(records) == 5_001 and not server.requests
+    assert records[0]["prompt"] == 'The 5" screen' and records[-1]["id"] == "r5000"
 
 
 async def test_csv_is_read_as_excel_writes_it_line_ends_long_cells_and_broken_rows(tmp_path) -> None:

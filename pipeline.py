@@ -963,7 +963,8 @@ async def read_inputs(run: Run) -> None:
     for path in run.files:
         async with contextlib.aclosing(read_prompts(path, run.requests)) as file_prompts:
             async for prompt in file_prompts:
-                await run.ids.claim(prompt)
+                if prompt.origin:  # a named id (a default one is its own place: see Ids)
+                    await run.ids.claim(prompt)
                 if journaled := run.past.journaled_answer(prompt):
                     await run.outcomes.put(journaled)  # answered before, never written: no request
                 elif not run.past.skips(prompt):

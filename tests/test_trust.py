@@ -428,12 +428,12 @@ def test_settings_past_their_bounds_are_one_line(tmp_path, fake_gemini, run, fla
 
 def test_a_prompt_over_the_tpm_fails_at_once_with_the_numbers_and_the_rest_are_answered(tmp_path, fake_gemini, run) -> None:
     server = fake_gemini()
-    prompts = ["short one", "x " * 400, "short two"]
+    prompts = ["short one", "x " * 4000, "short two"]
     started = time.monotonic()
-    result = run(write_prompts(tmp_path / "inputs", prompts), "--tpm", "100")
+    result = run(write_prompts(tmp_path / "inputs", prompts), "--tpm", "1000")
     assert result.exit_code == 1 and time.monotonic() - started < 30
     [failure] = result.failures()
-    assert failure["id"] == "shard_0.txt:2" and "needs about 200 input tokens, more than --tpm 100" in failure["error"]
+    assert failure["id"] == "shard_0.txt:2" and "needs about 2,000 input tokens, more than --tpm 1000" in failure["error"]
     assert sorted(server.answered) == ["short one", "short two"]
 
 

@@ -24,8 +24,11 @@ How it is built, in the order data flows through this file:
              JSONL or CSV rows) into the bounded prompts queue
   generator  generate_content(run) (x WORKERS): ask the model, retrying in place with
              back-off (answer, failed_for_good, classify, backoff_s); never re-queue, so
-             never deadlock. Every request passes a Gate (--rpm, --tpm, a 429's shared
-             back-off, and Spend: the estimated cost from PRICES, --max-cost-usd)
+             never deadlock. Every request (ask) waits out an Outage (the host unreachable:
+             one probe asks, nobody's attempts are used), takes a place of Concurrency
+             (fewer in flight while the server says it is full), and passes a Gate (--rpm,
+             --tpm, a per-minute 429's shared back-off, and Spend: the estimated cost
+             from PRICES, --max-cost-usd)
   batch      generate_in_batches(run): with --batch, the generator stage instead, with the
              same contract: prompts go in jobs of Gemini's Batch API, recorded in a
              BatchJournal so that a rerun collects them (collect_earlier_jobs)
@@ -47,7 +50,7 @@ How it is built, in the order data flows through this file:
 
 from __future__ import annotations
 
-__version__ = "0.11.0"  # --version prints it
+__version__ = "0.12.0"  # --version prints it
 
 import argparse
 import array
@@ -55,6 +58,7 @@ import asyncio
 import bisect
 import contextlib
 import csv
+import errno
 import fcntl
 import hashlib
 import io
@@ -76,7 +80,8 @@ import threading
 import time
 import tokenize
 import typing
-from collections import Counter
+import urllib.parse
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -108,6 +113,7 @@ MAX_ATTEMPTS: AtLeastOne = 5  # tries per prompt, the first included, before it 
 TIMEOUT_S: Positive = 60.0  # seconds before one request is abandoned (and retried)
 RETRY_BASE_S: Positive = 1.0  # first back-off after a transient failure, in seconds; doubles each attempt
 RETRY_MAX_S: Positive = 60.0  # longest back-off between two attempts, in seconds (server-given delays excepted)
+OUTAGE_LIMIT_S: Positive = 900.0  # how long the API's host may stay unreachable before the run stops, to be rerun (30 s if it never answered)
 RPM: Positive | None = None  # requests per minute your quota allows: requests start evenly spaced below it (unset: no limit)
 TPM: Positive | None = None  # input tokens per minute your quota allows: requests start so as to stay below it (unset: no limit)
 MAX_COST_USD: Positive | None = None  # stop starting requests before the estimated spend passes this many US dollars (unset: no limit)
@@ -164,6 +170,11 @@ CHARS_PER_TOKEN = 4  # a request's input tokens are estimated as its characters 
 NON_TEXT_PART_TOKENS = 258  # an image or file part, estimated as one image tile (Gemini's documented cost per tile)
 MAX_NESTING = 64  # a JSONL row nested deeper is refused: every JSON reader can take it back
 FAIL_FAST_OUTCOMES = 20  # when this many first outcomes are all one permanent error, the run stops
+OUTAGE_AT_START_S = 30.0  # a host that never answered and stays unreachable this long: a wrong address, or no network
+PROBE_FIRST_S = 0.5  # during an outage the probe asks at once, then after this long, doubling...
+PROBE_MAX_S = 5.0  # ...to at most this: the run notices within seconds that the way is open again
+PROBE_TIMEOUT_S = 10.0  # a probe unanswered this long counts as the host unreachable
+CAPACITY_BACKOFF = 0.9  # a "server full" answer lowers the requests allowed in flight to this share of those out
 
 
 def postprocess(prompt: str, response: str) -> dict[str, Any]:
@@ -295,9 +306,9 @@ class PipelineError(Exception):
         self.exit_code = exit_code
 
 
-class QuotaExhausted(PipelineError):
-    """The daily request quota is spent (or the server asks for a wait of hours): stop,
-    keep every answer, continue another day."""
+class StopForNow(PipelineError):
+    """The run cannot go on now but can later (the daily quota is spent, the server asks
+    for a wait of hours, the API's host stays unreachable): stop, keep every answer."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"{reason}: run the same command again later to continue", 1)
@@ -519,8 +530,13 @@ Outcome = Response | Failure
 
 
 def dollars(usd: float) -> str:
-    """$1,234.57 or $0.42; under a dollar, three significant digits ($0.000123)."""
-    return f"${usd:,.2f}" if usd >= 0.995 else f"${usd:.3g}"
+    """$1,234.57 or $0.42; under a dollar, three significant digits, never in exponent form ($0.0000525)."""
+    if usd >= 0.995:
+        return f"${usd:,.2f}"
+    if usd <= 0:
+        return "$0"
+    decimals = 2 - math.floor(math.log10(usd))  # three significant digits
+    return f"${usd:.{decimals}f}".rstrip("0").rstrip(".")
 
 
 def duration(seconds: float) -> str:
@@ -545,6 +561,9 @@ class Tally:
     cached_tokens: int = 0
     left_alone: int = 0  # failed for good in an earlier run, not asked again (see --retry-failed)
     spend: Spend | None = None  # the estimated spend, when the model has a price
+    outage: Outage | None = None  # whether the API's host can be reached...
+    concurrency: Concurrency | None = None  # ...and how many requests it lets be in flight
+    unreachable_s: float = 0.0  # time during which the host could not be reached (outages that ended)
     opening: list[str] = field(default_factory=list)  # the first outcomes: "" or a permanent error (see watch)
     held_s: float = 0.0  # time during which requests waited on the rate limit or a 429's back-off
     jobs: Counter[str] = field(default_factory=Counter)  # batch jobs: submitted, running, done
@@ -564,7 +583,7 @@ class Tally:
             else:
                 self.failed += 1
         if self.bar is not None and written:
-            if isinstance(written[0], Failure):
+            if self.spend is not None or isinstance(written[0], Failure):  # the spend moves with every answer
                 self.bar.set_postfix_str(self.postfix(), refresh=False)
             self.bar.update(len(written))
 
@@ -589,9 +608,18 @@ class Tally:
             self.bar.refresh()
 
     def postfix(self) -> str:
-        """What the bar shows after its count: the spend, failures, batch jobs."""
-        parts = (self.cost(), f"{self.failed} failed" if self.failed else "", self.jobs_summary()[2:])
+        """What the bar shows after its count: the spend, failures, batch jobs, the server's state."""
+        parts = (self.cost(), f"{self.failed} failed" if self.failed else "", self.jobs_summary()[2:], *self.server_state())
         return "; ".join(part for part in parts if part)
+
+    def server_state(self) -> tuple[str, str]:
+        """An outage going on, and the requests in flight once the server has said it was full."""
+        return (self.outage.waiting() if self.outage else "", self.concurrency.shown() if self.concurrency else "")
+
+    def show_waiting(self) -> None:
+        """An outage began, goes on or ended: the bar says so now (log lines say so every PROGRESS_EVERY_S)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.postfix())
 
     def cost(self) -> str:
         """The estimated spend so far, e.g. $0.42; nothing when the model has no price."""
@@ -601,7 +629,7 @@ class Tally:
         """E.g. 1200/5000 prompts (24%), 3 failed, 41.2/s, ETA 1m32s."""
         done = self.answered + self.failed + self.skipped
         rate = (self.answered + self.failed) / max(time.monotonic() - self.started, 1e-9)
-        spent = f", {self.cost()}" if self.cost() else ""
+        spent = "".join(f", {part}" for part in (self.cost(), *self.server_state()) if part)
         if self.total is None:
             return f"{done}/? prompts, {self.failed} failed, {rate:.1f}/s{spent}"
         eta = duration(max(self.total - done, 0) / rate) if rate else "?"
@@ -615,8 +643,15 @@ class Tally:
             f"{self.rate_limited} rate-limited, {self.held_s:.1f} s held by limits, "
             f"tokens {self.prompt_tokens} in ({self.cached_tokens} cached) / {self.response_tokens} out "
             f"+ {self.thinking_tokens} thinking{f', {self.cost()} estimated' if self.cost() else ''}, "
-            f"{seconds:.2f} s, {rate:.1f} prompts/s{self.jobs_summary()}"
+            f"{seconds:.2f} s, {rate:.1f} prompts/s{self.jobs_summary()}{self.network_summary()}"
         )
+
+    def network_summary(self) -> str:
+        """Outages waited out, and the limit on requests in flight, if the server set one."""
+        parts = [f"{self.outage.host} unreachable for {duration(self.unreachable_s)}" if self.outage and self.unreachable_s else ""]
+        if self.concurrency and self.concurrency.refusals:
+            parts.append(f"{self.concurrency.refusals} server-full answers, {self.concurrency.shown()} at the end")
+        return "".join(f", {part}" for part in parts if part)
 
     def jobs_summary(self) -> str:
         if not self.jobs:
@@ -633,7 +668,7 @@ class Tally:
         if self.bar is not None:
             self.bar.set_postfix_str(self.postfix())
         else:
-            log.info("%s; %d prompts written", progress, self.answered + self.failed)
+            log.info("%s; %d prompts written so far", progress, self.answered + self.failed)
 
     @property
     def jobs_unfinished(self) -> int:
@@ -649,6 +684,8 @@ class Run:
     tally: Tally  # counts of what happened, for the progress display and the summary
     client: Any  # google-genai's Client, or the OfflineClient
     gate: Gate  # every request passes it first (--rpm, --tpm, 429s, --max-cost-usd)
+    outage: Outage  # holds every request while the API's host cannot be reached
+    concurrency: Concurrency  # how many requests may be in flight (--workers, or fewer if the server is full)
     requests: Requests  # how rows become requests
     past: PastRuns  # what earlier runs left in the output dir
     postprocessor: PostProcessor  # runs postprocess() for the writers, in its pool
@@ -1197,6 +1234,11 @@ class Gate:
     def closed(self) -> bool:
         return self._closed.is_set()
 
+    @property
+    def closed_event(self) -> asyncio.Event:
+        """Set once the gate closes: what a wait elsewhere (see Outage) also ends on."""
+        return self._closed
+
     def close(self) -> None:
         self._closed.set()
 
@@ -1345,6 +1387,192 @@ class Spend:
         )
 
 
+class Concurrency:
+    """How many requests may be in flight at once: --workers, or fewer while the server
+    answers that it is full (a 429 naming no quota, a 503 "overloaded"). Such a capacity
+    is shared with others and moves, and nobody can state it as a setting, so it is found
+    as TCP finds a path's: each refusal lowers the limit (multiplicative decrease), each
+    answer raises it by 1/limit, about one request per round trip (additive increase), up
+    to --workers. Until the first refusal it is --workers and costs nothing.
+
+    A refusal lowers the limit to CAPACITY_BACKOFF times the requests still out, not times
+    the limit: a whole round trip of requests refused together then brings the limit just
+    under what the server held, at once, instead of compounding the factor per refusal.
+    Kept apart from the Gate, which decides how fast requests start: this decides how
+    many may be out at the same time."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most  # --workers: the limit never grows past it
+        self.limit = float(most)  # requests that may be in flight now; fractions grow by additive increase
+        self.in_flight = 0  # requests holding a place
+        self.refusals = 0  # "server full" answers so far: the summary shows the limit only after one
+        self._waiting: deque[asyncio.Future[None]] = deque()  # generators waiting for a place, first come first served
+
+    @contextlib.asynccontextmanager
+    async def place(self) -> AsyncIterator[None]:
+        """Hold one of the places in flight for a request."""
+        if self._waiting or self.in_flight + 1 > self.limit:
+            await self._wait_for_place()
+        else:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self._hand_over()
+
+    async def _wait_for_place(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            await waiter  # _hand_over() counts the place as taken before waking us
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed a place in the same turn: pass it on
+                self.in_flight -= 1
+                self._hand_over()
+            elif waiter in self._waiting:
+                self._waiting.remove(waiter)
+            raise
+
+    def _hand_over(self) -> None:
+        while self._waiting and self.in_flight + 1 <= self.limit:
+            waiter = self._waiting.popleft()
+            if not waiter.done():  # not cancelled meanwhile
+                self.in_flight += 1
+                waiter.set_result(None)
+
+    def answered(self) -> None:
+        if self.limit < self.most:
+            self.limit = min(self.most, self.limit + 1 / self.limit)
+            self._hand_over()
+
+    def refused(self) -> None:
+        """The server was full: called while the refused request still holds its place."""
+        self.refusals += 1
+        self.limit = max(1.0, min(self.limit, CAPACITY_BACKOFF * (self.in_flight - 1)))
+
+    def shown(self) -> str:
+        """The limit in force, e.g. 'in flight: 96 of 400 allowed by the server', once the server was full."""
+        return f"in flight: {int(self.limit)} of {self.most} allowed by the server" if self.refusals else ""
+
+
+@dataclass
+class Episode:
+    """One stretch of time during which the API's host could not be reached."""
+
+    since: float  # time.monotonic() when it began
+    cause: str  # why, in words: "connection refused"
+    confirmed: bool = False  # a probe failed too: the host was down, not one request's connection
+    over: asyncio.Event = field(default_factory=asyncio.Event)  # the host answered again, or the run gave up
+
+
+class Outage:
+    """Whether the API's host can be reached. A connection error (refused, reset, a name
+    that does not resolve, a failed TLS handshake) says that the way is down, not that the
+    prompt is wrong: every request then waits here while one probe (models.get: no tokens,
+    no cost) asks at once, then after PROBE_FIRST_S doubling to PROBE_MAX_S, and its first
+    answer of any kind releases them all. No prompt loses an attempt to an outage; none is
+    marked failed for one. A request whose connection failed while the probe got through
+    at once was unlucky alone: that counts as its attempt, so nothing can loop forever.
+
+    An outage longer than --outage-limit-s stops the run as Ctrl-C does (what was answered
+    is kept; a rerun continues); one of OUTAGE_AT_START_S before the host ever answered is
+    a wrong address or no network, and a one-line error."""
+
+    def __init__(self, probe: Callable[[], Awaitable[Any]], host: str, limit_s: float, closed: asyncio.Event, tally: Tally) -> None:
+        self.probe = probe  # one small request to the host: any answer, an error included, means it is reachable
+        self.host = host  # what cannot be reached, for messages
+        self.limit_s = limit_s  # --outage-limit-s
+        self.reached = False  # the host has answered at least once
+        self.episode: Episode | None = None  # the outage going on, if one is
+        self.given_up: PipelineError | None = None  # why the run stops: it lasted too long
+        self.probing: list[asyncio.Task[None]] = []  # the probe, while it runs (shut_down stops it)
+        self._closed = closed  # the Gate's: the run stops asking
+        self.tally = tally
+
+    async def passed(self) -> None:
+        """Return at once when the host is reachable; else once it answers again or the run
+        stops asking. Raises the error that ends the run if the outage lasted too long."""
+        if (episode := self.episode) is not None:
+            await first_of(episode.over.wait(), self._closed.wait())
+        if self.given_up is not None:
+            raise self.given_up
+
+    async def wait_out(self, cause: str) -> bool:
+        """After a request's connection failed (`cause`, in words): wait until the host answers
+        again. True if it was down (a probe failed too), False if the probe got through at once."""
+        if self.episode is None:
+            self.episode = Episode(time.monotonic(), cause)
+            self.probing[:] = [asyncio.create_task(self._probe(self.episode))]
+        episode = self.episode
+        await self.passed()
+        return episode.confirmed
+
+    def never_reached(self) -> bool:
+        """Whether the host has been unreachable since the run began: a wrong address, or no network."""
+        return not self.reached and self.episode is not None
+
+    def waiting(self) -> str:
+        """For the progress display, e.g. 'waiting for host: connection refused, unreachable for 1m20s'."""
+        if (episode := self.episode) is None or not episode.confirmed:
+            return ""
+        return f"waiting for {self.host}: {episode.cause}, unreachable for {duration(time.monotonic() - episode.since)}"
+
+    async def _probe(self, episode: Episode) -> None:
+        delay = 0.0
+        while (left := self._time_left(episode)) > 0:
+            await asyncio.sleep(min(delay, left))
+            try:
+                async with asyncio.timeout(min(PROBE_TIMEOUT_S, max(self._time_left(episode), 0.1))):
+                    await self.probe()
+            except Exception as exc:  # noqa: BLE001 (an answer of any kind, an API error included, ends the outage)
+                if (cause := unreachable(exc) or ("no answer" if isinstance(exc, TimeoutError) else None)) is not None:
+                    self._still_down(episode, cause)
+                    delay = min(max(2 * delay, PROBE_FIRST_S), PROBE_MAX_S)
+                    continue
+            self._end(episode)
+            return
+        self._give_up(episode)
+
+    def _time_left(self, episode: Episode) -> float:
+        limit_s = self.limit_s if self.reached else min(OUTAGE_AT_START_S, self.limit_s)
+        return limit_s - (time.monotonic() - episode.since)
+
+    def _still_down(self, episode: Episode, cause: str) -> None:
+        episode.cause = cause
+        if not episode.confirmed:
+            episode.confirmed = True
+            log.log(logging.WARNING if self.reached else logging.DEBUG,  # before any answer: one line at the end
+                    "cannot reach %s: %s; every request waits until it answers again", self.host, cause)
+        self.tally.show_waiting()
+
+    def _end(self, episode: Episode) -> None:
+        self.reached, self.episode = True, None
+        if episode.confirmed:
+            log.warning("%s answers again after %s: going on", self.host, duration(time.monotonic() - episode.since))
+            self.tally.unreachable_s += time.monotonic() - episode.since
+            self.tally.show_waiting()
+        episode.over.set()
+
+    def _give_up(self, episode: Episode) -> None:
+        if self.reached:
+            lasted = duration(time.monotonic() - episode.since)
+            self.given_up = StopForNow(f"{self.host} has been unreachable for {lasted} ({episode.cause})")
+        else:
+            self.given_up = PipelineError(f"cannot reach {self.host}: {episode.cause}")
+        episode.over.set()
+
+
+async def first_of(*waits: Awaitable[Any]) -> None:
+    """Wait until the first of `waits` is done; the others are cancelled."""
+    pending = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in pending:
+            waiting.cancel()
+
+
 def price_of(model: str) -> tuple[float, float, float] | None:
     """The PRICES row of the longest name that `model` starts with."""
     name = model.removeprefix("models/")
@@ -1376,51 +1604,77 @@ def estimated_tokens(prompt: Prompt) -> int:
 async def answer(run: Run, prompt: Prompt) -> Outcome | None:
     """Ask the model once per attempt until it answers, fails for good, or attempts run
     out. None if the run stops first: the prompt stays unanswered, for the next run."""
-    client, gate, settings, tally = run.client, run.gate, run.settings, run.tally
+    settings, tally = run.settings, run.tally
     if prompt.error:
         return Failure(prompt, prompt.error, attempts=0, permanent=True)
-    tokens = estimated_tokens(prompt) if gate.counts_tokens else 0
-    if tokens and (too_large := gate.never_admits(tokens)):
+    tokens = estimated_tokens(prompt) if run.gate.counts_tokens else 0
+    if tokens and (too_large := run.gate.never_admits(tokens)):
         return Failure(prompt, too_large, attempts=0)
-    for attempt in range(1, settings.max_attempts + 1):
-        if not await gate.admit(tokens):
-            return None
+    attempt = 1
+    while True:
         try:
-            reply = await client.aio.models.generate_content(  # --timeout-s is the client's own (see connect)
-                model=settings.model, contents=prompt.contents or prompt.text, config=prompt.config
-            )
+            reply = await ask(run, prompt, tokens)
         except Exception as exc:  # noqa: BLE001 (the SDK's and the network's errors: classify() sorts them)
-            gate.landed(tokens)
-            if failure := await failed_for_good(exc, prompt, attempt, gate, settings):
+            if (cause := unreachable(exc)) and await run.outage.wait_out(cause):
+                continue  # the host was down: not this prompt's attempt
+            if failure := await failed_for_good(exc, prompt, attempt, run):
                 return tally.watch(failure)
+            attempt += 1
             continue
-        gate.landed(tokens, reply.usage_metadata)
+        if reply is None:
+            return None
         outcome = to_outcome(prompt, reply, attempt, settings.model)
         if (unfit := not_as_asked(outcome)) and attempt < settings.max_attempts:  # e.g. JSON cut short at MAX_TOKENS
             tally.retries += 1
             log.debug("retry %s after attempt %d: %s", prompt.id, attempt, unfit.error)
+            attempt += 1
             continue
         log.debug("generated %s (attempt %d)", prompt.id, attempt)
         return tally.watch(unfit or outcome)
-    raise AssertionError("unreachable: the last attempt always returns")  # pragma: no cover
 
 
-async def failed_for_good(exc: Exception, prompt: Prompt, attempt: int, gate: Gate, settings: Settings) -> Failure | None:
+async def ask(run: Run, prompt: Prompt, tokens: int) -> Any:
+    """One request: once the host is reachable, a place among those in flight, then the
+    Gate's turn. The reply, or None once the run stops asking."""
+    await run.outage.passed()
+    async with run.concurrency.place():
+        if not await run.gate.admit(tokens):
+            return None
+        try:
+            reply = await run.client.aio.models.generate_content(  # --timeout-s is the client's own (see connect)
+                model=run.settings.model, contents=prompt.contents or prompt.text, config=prompt.config
+            )
+        except Exception as exc:
+            run.gate.landed(tokens)
+            run.outage.reached = run.outage.reached or api_error_code(exc) is not None
+            if classify(exc) == "capacity":
+                run.concurrency.refused()  # before this request leaves its place, so none takes it meanwhile
+            raise
+    run.gate.landed(tokens, reply.usage_metadata)
+    run.outage.reached = True
+    run.concurrency.answered()
+    return reply
+
+
+async def failed_for_good(exc: Exception, prompt: Prompt, attempt: int, run: Run) -> Failure | None:
     """After a failed request: the prompt's Failure if no retry can help (or none is left),
-    else None once its back-off is waited out (a 429's by every generator: see Gate.pause)."""
+    else None once its back-off is waited out: a 429 naming a per-minute quota holds every
+    generator (see Gate.pause); a server full (see Concurrency) only this request."""
+    gate, settings = run.gate, run.settings
     kind = classify(exc)
     stop_if_fatal(kind, exc, settings)
     if kind == "permanent" and api_error_code(exc) == 404:  # generateContent's only 404: no such model
         raise PipelineError(f"the API does not know the model: {describe(exc, settings)} (check --model {settings.model})")
     if kind == "permanent" and not prompt.own_settings and (setting := refused_setting(exc)):  # every request has it
         raise PipelineError(f"the API refuses the setting {setting}: {describe(exc, settings)}")
+    if api_error_code(exc) == 429:
+        run.tally.rate_limited += 1
     if kind == "permanent" or attempt == settings.max_attempts:
         return Failure(prompt, describe(exc, settings), attempt, permanent=kind == "permanent")
     delay = backoff_s(attempt, exc, settings)
-    gate.tally.retries += 1
+    run.tally.retries += 1
     log.debug("retry %s in %.2f s after attempt %d: %s", prompt.id, delay, attempt, describe(exc, settings))
     if kind == "rate limit":
-        gate.tally.rate_limited += 1
         gate.pause(delay)  # everyone waits it out in admit(), this prompt included
     else:
         await gate.sleep(delay)
@@ -1434,9 +1688,9 @@ def stop_if_fatal(kind: str, exc: BaseException, settings: Settings) -> None:
     if kind == "auth":
         raise PipelineError(f"the API key was refused ({describe(exc, settings)}); check GEMINI_API_KEY") from None
     if kind == "daily quota":
-        raise QuotaExhausted(f"the daily quota is exhausted ({', '.join(quota_ids(exc))})")
+        raise StopForNow(f"the daily quota is exhausted ({', '.join(quota_ids(exc))})")
     if (asked := server_retry_delay_s(exc)) is not None and asked > LONGEST_SERVER_DELAY_S:
-        raise QuotaExhausted(f"the server asks to wait {asked / 3600:.1f} h before the next request")
+        raise StopForNow(f"the server asks to wait {asked / 3600:.1f} h before the next request")
 
 
 def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome:
@@ -1478,22 +1732,75 @@ def enum_name(value: Any) -> str | None:
 
 def classify(exc: BaseException) -> str:
     """What a failed request means: 'auth' and 'daily quota' stop the run; 'rate limit'
-    (a 429) pauses every generator; 'transient' is retried; 'permanent' fails the prompt.
+    (a 429 naming a per-minute quota) pauses every generator; 'capacity' (a 429 naming
+    none, a 503 "overloaded": the server is full) lowers the requests in flight (see
+    Concurrency); 'transient' is retried; 'permanent' fails the prompt.
 
     google-genai raises APIError carrying the HTTP status as `.code`; it is read
     here without importing the SDK, so that --offline starts fast."""
-    if type(exc).__module__.startswith("google.auth"):  # Vertex AI: credentials that cannot be refreshed
-        return "auth"
+    if type(exc).__module__.startswith("google.auth"):  # Vertex AI: credentials that cannot be refreshed...
+        return "transient" if type(exc).__name__ == "TransportError" else "auth"  # ...or not now: the network
     if (code := api_error_code(exc)) is not None:
         if code in (401, 403) or any(d.get("reason") == "API_KEY_INVALID" for d in error_details(exc)):
             return "auth"
         if code == 429:
             quotas = quota_ids(exc)  # per-day only: it will not clear for hours; any per-minute: wait
-            return "daily quota" if quotas and all("PerDay" in q for q in quotas) else "rate limit"
+            return "capacity" if not quotas else "daily quota" if all("PerDay" in q for q in quotas) else "rate limit"
+        if code == 503 and "overloaded" in str(getattr(exc, "message", "") or getattr(exc, "details", "")).lower():
+            return "capacity"
         return "transient" if code == 408 or code >= 500 else "permanent"
     if isinstance(exc, json.JSONDecodeError):  # a garbled reply (a proxy's error page sent as JSON): try again
         return "transient"
     return "transient" if isinstance(exc, network_errors()) else "permanent"
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """Why the host could not be reached, in words, if `exc` says so (not that it answered
+    badly or slowly): 'connection refused', 'name not resolved', 'TLS handshake failed'..."""
+    connection_errors = tuple(
+        getattr(loaded, name)
+        for module, names in (("aiohttp", ("ClientConnectionError",)), ("httpx", HTTPX_CONNECTION_ERRORS), ("httpx2", HTTPX_CONNECTION_ERRORS))
+        if (loaded := sys.modules.get(module)) is not None
+        for name in names
+    )
+    if api_error_code(exc) is not None:
+        return None  # the host answered
+    tls_errors = getattr(sys.modules.get("ssl"), "SSLError", ())  # not imported for --offline
+    first_connection_error, seen = None, exc
+    while seen is not None:
+        name = type(seen).__name__
+        if isinstance(seen, tls_errors) or "SSL" in name or "Certificate" in name:
+            return "TLS handshake failed"
+        if isinstance(seen, socket.gaierror) or "DNS" in name:
+            return "name not resolved"
+        if name in ("ConnectionTimeoutError", "ConnectTimeout"):
+            return "connection timed out"
+        if name in ("ServerDisconnectedError", "RemoteProtocolError"):
+            return "the connection was closed before an answer"
+        if isinstance(seen, TimeoutError):
+            return None  # an answer too slow: the prompt's own attempt
+        if isinstance(seen, OSError) and seen.errno in CONNECTION_ERRNOS:
+            return CONNECTION_ERRNOS[seen.errno]
+        if type(seen) in CONNECTION_ERROR_WORDS:  # raised without an errno (a peer hanging up mid-handshake)
+            return CONNECTION_ERROR_WORDS[type(seen)]
+        if first_connection_error is None and isinstance(seen, (ConnectionError, *connection_errors)):
+            first_connection_error = seen
+        seen = seen.__cause__ or seen.__context__
+    if first_connection_error is None:
+        return None
+    return " ".join(str(getattr(first_connection_error, "strerror", None) or "connection failed").lower().split())
+
+
+CONNECTION_ERROR_WORDS: dict[type[BaseException], str] = {
+    ConnectionRefusedError: "connection refused", ConnectionResetError: "connection reset",
+    ConnectionAbortedError: "connection aborted", BrokenPipeError: "the connection was closed before an answer",
+}  # fmt: skip
+HTTPX_CONNECTION_ERRORS = ("ConnectError", "ConnectTimeout", "ReadError", "WriteError", "RemoteProtocolError")
+CONNECTION_ERRNOS = {
+    errno.ECONNREFUSED: "connection refused", errno.ECONNRESET: "connection reset", errno.ECONNABORTED: "connection aborted",
+    errno.EHOSTUNREACH: "no route to host", errno.ENETUNREACH: "network unreachable", errno.ENETDOWN: "network down",
+    errno.ETIMEDOUT: "connection timed out", errno.EPIPE: "the connection was closed before an answer",
+}  # fmt: skip
 
 
 def quota_ids(exc: BaseException) -> list[str]:
@@ -2133,7 +2440,7 @@ class ArrivalJournal:
     The file is mapped into memory, shared: what is copied there is in the page cache at
     once and outlives the process, as a write() would. A write() per batch taken, in a
     writer that takes one or two answers at a time, cost three times as much CPU (see
-    README, Paying twice): a system call that lets go of the GIL, where the copy is neither.
+    tests/README.md, Paying twice): a system call that lets go of the GIL, where the copy is neither.
     Its space is reserved on disk before it is mapped (posix_fallocate), so a full disk
     is an error here and never a SIGBUS later; the mapping doubles when it must grow,
     and a closed file is cut to its lines. A killed run leaves zeros after them: the
@@ -2617,8 +2924,10 @@ async def open_run(settings: Settings, tally: Tally) -> AsyncIterator[Run]:
         cleanup.push_async_callback(client.aio.aclose)
         depth, requests = queue_depth(settings), Requests.of(generation)
         files = await table_headers_checked(await list_input_files(settings.input_dir))
+        gate = open_gate(settings, tally)
+        tally.outage, tally.concurrency = watch_host(settings, client, gate, tally), Concurrency(settings.workers)
         run = Run(
-            settings, tally, client, open_gate(settings, tally), requests, past, postprocessor,
+            settings, tally, client, gate, tally.outage, tally.concurrency, requests, past, postprocessor,
             prompts=asyncio.Queue(maxsize=depth), outcomes=asyncio.Queue(maxsize=depth), files=iter(files),
             shard_numbers=itertools.count(past.next_shard), ids=Ids({path.name: path for path in files}, requests),
         )  # fmt: skip
@@ -2642,6 +2951,14 @@ def open_gate(settings: Settings, tally: Tally) -> Gate:
     return Gate(settings.rpm, tally, settings.tpm, spend)
 
 
+def watch_host(settings: Settings, client: Any, gate: Gate, tally: Tally) -> Outage:
+    """The Outage watch of the host the client talks to; its probe asks for the model's card."""
+    options = getattr(getattr(client, "_api_client", None), "_http_options", None)  # the SDK's resolved base URL
+    url = urllib.parse.urlsplit(str(getattr(options, "base_url", None) or ""))
+    host = f"{url.hostname}{f':{url.port}' if url.port else ''}" if url.hostname else "the API"
+    return Outage(lambda: client.aio.models.get(model=settings.model), host, settings.outage_limit_s, gate.closed_event, tally)
+
+
 def start_progress(settings: Settings, tally: Tally) -> list[asyncio.Task[None]]:
     """The progress display: a bar on a terminal (log lines go above it), else a line every
     PROGRESS_EVERY_S; and the total, counted meanwhile, streaming."""
@@ -2656,7 +2973,8 @@ async def report_progress(tally: Tally, every_s: float) -> None:
     """Where nobody watches a terminal (nohup, CI, a scheduler's log): a line every `every_s`."""
     while True:
         await asyncio.sleep(every_s)
-        log.info("%s", tally.progress_line())
+        if not (tally.outage and tally.outage.never_reached()):  # then the run's one line is the error at the end
+            log.info("%s", tally.progress_line())
 
 
 async def count_total(input_dir: Path, tally: Tally) -> None:
@@ -2749,7 +3067,7 @@ async def shut_down(run: Run, readers: list[asyncio.Task[None]], generators: lis
         run.prompts.get_nowait()
         run.prompts.task_done()
     await until(run.prompts.join(), writers, timeout=STOP_GRACE_S)  # answers in flight are queued,
-    await stop(*readers, *generators, *run.leftovers)
+    await stop(*readers, *generators, *run.leftovers, *run.outage.probing)
     await until(run.outcomes.join(), writers)  # and written.
     await stop(*writers)
     for writer in writers:
@@ -2974,10 +3292,11 @@ output:
   OUTPUT_DIR/job.json           the model and settings the folder's answers were asked with
 exit status:
   0 every prompt answered (or nothing to do)
-  1 some prompts failed, the daily quota or --max-cost-usd is spent, or an
-    internal error: what was answered is kept; run again to continue
+  1 some prompts failed, the daily quota or --max-cost-usd is spent, the API's
+    host was unreachable past --outage-limit-s, or an internal error: what was
+    answered is kept; run again to continue
   2 refused at start-up, nothing sent: bad flag, setting, input folder, CSV
-    header, output dir or key. Or stopped mid-run, keeping every answer, by
+    header, output dir or key, or a host never reached in 30 s. Or stopped mid-run, keeping every answer, by
     what no retry fixes: an id given twice, inputs edited since their
     answers, a setting or model the API refuses for every prompt, the same
     refusal for the first 20 prompts, a full disk or other file error
@@ -3098,11 +3417,20 @@ class BarHandler(logging.Handler):
 def progress_bar(settings: Settings, tally: Tally) -> Any:
     """A live count on stderr when a person is watching (and -v is not printing events):
     done of the total (once counted) from where earlier runs stopped, rate, ETA, failures."""
-    if settings.verbose or not sys.stderr.isatty():
-        return None
+    if settings.verbose or not sys.stderr.isatty() or not terminal_rows():
+        return None  # where a bar cannot show (a pipe, a log file, a terminal of 0 rows): progress lines
     from tqdm import tqdm
 
     return tqdm(total=tally.total, initial=tally.skipped, unit=" prompts", file=sys.stderr, mininterval=0.2)
+
+
+def terminal_rows() -> int:
+    """The rows of stderr's terminal: 0 where it reports none (script, docker -t, ssh -tt
+    from a script), where a bar would not show at all."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).lines
+    except (OSError, ValueError):
+        return 0
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -3124,7 +3452,7 @@ def run_and_report(settings: Settings) -> int:
     tally = Tally()
     try:
         asyncio.run(main(settings, tally))
-    except QuotaExhausted as exc:
+    except StopForNow as exc:
         return finish(tally, f"stopped after {plural(tally.answered + tally.skipped, 'prompt')} done: {exc}", exc.exit_code)
     except PipelineError as exc:
         return finish(tally, f"error: {exc}", exc.exit_code)

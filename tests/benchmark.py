@@ -34,6 +34,12 @@ peak RSS from wait4(). The sections:
   longline   one 200 MB line read by pipeline.read_lines: seconds and peak RSS (linear, one line in memory)
   csv        CSV files read by pipeline.read_prompts: 40,001 rows after an unquoted cell
              holding a quote, and one 80 KB multi-line cell: CPU seconds (linear, streaming)
+  capacity   a server admitting 100 requests in flight (429 with no details beyond):
+             4,000 prompts at 200 ms, --workers 400 against --workers 100 with no limit
+  outage     2,000 prompts at 50 ms, 20 workers; the server goes away for 20 s halfway:
+             how long after its return the run ends, ids once, nothing failed
+  scattered  400 prompts at 50 ms, 20 workers, 5% of requests a per-minute 429 asking 1 s
+             (these three: --baseline DIR runs DIR/pipeline.py too, e.g. a worktree of the old main)
   transport  500 workers at 1 s latency on google-genai's two transports: httpx2 (the
              SDK's default; its pool holds 100 connections) and aiohttp (requirements.txt)
 """
@@ -207,23 +213,26 @@ def measure(child_args: list[str], env: dict[str, str] | None = None) -> Measure
 
 
 class FakeServer:
-    """tests/fake_gemini.py in its own process, so that its CPU is not counted."""
+    """tests/fake_gemini.py in its own process, so that its CPU is not counted. `flags`:
+    more of its command line (--capacity, --away-after); `counts` holds what it saw, once stopped."""
 
-    def __init__(self, latency_ms: float) -> None:
+    def __init__(self, latency_ms: float, *flags: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "fake_gemini.py"), "--port", "0", "--latency-ms", str(latency_ms)],
+            [sys.executable, str(ROOT / "tests" / "fake_gemini.py"), "--port", "0", "--latency-ms", str(latency_ms), *flags],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.process.stdout is not None
         self.base_url = self.process.stdout.readline().split()[3]
         self.env = {"GOOGLE_GEMINI_BASE_URL": self.base_url, "GEMINI_API_KEY": "benchmark-key"}
+        self.counts: dict[str, Any] = {}
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.process.terminate()
-        self.process.wait()
+        rest, _ = self.process.communicate()
+        self.counts = json.loads(rest.splitlines()[-1]) if rest.strip() else {}
 
 
 def make_inputs(folder: Path, prompts: int, per_file: int = 10_000) -> Path:
@@ -599,13 +608,96 @@ def csv_rows(scratch: Path) -> None:
         subprocess.run([sys.executable, __file__, "csv", str(path)], check=True)
 
 
-SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline", "csv"]
+def user_run(root: Path, inputs: Path, scratch: Path, flags: list[str], server: FakeServer, timeout_s: float) -> dict[str, Any]:
+    """`python pipeline.py` of the checkout at `root`, as a user runs it: wall time from the
+    outside (start-up included), exit status (None: still running after `timeout_s`), ids written."""
+    output = Path(tempfile.mkdtemp(dir=scratch))
+    args = [sys.executable, str(root / "pipeline.py"), "--input-dir", str(inputs), "--output-dir", str(output), *flags]
+    started = time.time()
+    try:
+        code: int | None = subprocess.run(args, env={**os.environ, **server.env}, capture_output=True, timeout=timeout_s, check=False).returncode
+    except subprocess.TimeoutExpired:
+        code = None
+    ended = time.time()
+    ids = [json.loads(line)["id"] for shard in output.glob("shard_*.jsonl") for line in shard.open()]
+    failed = output / "failed.jsonl"
+    return {
+        "code": code, "wall_s": ended - started, "ended": ended, "ids": len(ids), "unique_ids": len(set(ids)),
+        "failed": sum(1 for _ in failed.open()) if failed.exists() else 0,
+    }  # fmt: skip
+
+
+def checkouts(baseline: str | None) -> dict[str, Path]:
+    """This checkout, and the one --baseline names (e.g. a git worktree of an older main)."""
+    return {"this": ROOT, **({"baseline": Path(baseline)} if baseline else {})}
+
+
+def capacity(scratch: Path, prompts: int, reps: int, baseline: str | None) -> None:
+    """A server that admits 100 requests in flight and answers 429 (no details) beyond:
+    --workers 400 against it, and the control: --workers 100 against no limit."""
+    inputs = make_inputs(scratch / "capacity_inputs", prompts, per_file=1000)
+    cases = {"--workers 100, no limit": ([], ["--workers", "100"]), "--workers 400, server admits 100": (["--capacity", "100"], ["--workers", "400"])}
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rep in range(reps):
+        for name, root in checkouts(baseline).items():
+            for case, (server_flags, flags) in (cases.items() if rep % 2 == 0 else reversed(cases.items())):
+                with FakeServer(200, *server_flags) as server:
+                    run = user_run(root, inputs, scratch, [*flags, "--queue-size", "1000", "--shard-size", "1000"], server, 90)
+                runs.setdefault((name, case), []).append({**run, **server.counts})
+    for name in checkouts(baseline):
+        control = median([r["wall_s"] for r in runs[(name, "--workers 100, no limit")]])
+        for case in cases:
+            done = runs[(name, case)]
+            wall = median([r["wall_s"] for r in done])
+            refused = median([r["refused_full"] / max(r["requests"], 1) for r in done])
+            finished = "all finished" if all(r["code"] == 0 for r in done) else f"exit statuses {[r['code'] for r in done]} (None: stopped after 90 s)"
+            print(
+                f"| unstated capacity, {prompts} prompts, 200 ms, {case} ({name}) | {wall:.2f} s, {wall / control:.2f}x its control "
+                f"| ideal {prompts / 100 * 0.2:.0f} s; 429s {refused:.1%} of requests; ids written {median([r['unique_ids'] for r in done]):.0f}; {finished} |",
+                flush=True,
+            )
+
+
+def outage(scratch: Path, prompts: int, reps: int, baseline: str | None) -> None:
+    """A server that goes away (refusing connections) for 20 s after half the requests, and
+    comes back on the same port: how soon after its return the run ends, and how it ends."""
+    inputs = make_inputs(scratch / "outage_inputs", prompts, per_file=500)
+    for name, root in checkouts(baseline).items():
+        for _ in range(reps):
+            with FakeServer(50, "--away-after", str(prompts // 2), "--away-s", "20") as server:
+                run = user_run(root, inputs, scratch, ["--workers", "20"], server, 180)
+            after = run["ended"] - server.counts["back_at"] if server.counts.get("back_at") else float("nan")
+            print(
+                f"| outage, {prompts} prompts, 50 ms, 20 workers, server away 20 s ({name}) | exit {run['code']}, "
+                f"{after:.1f} s after the server's return | ids written {run['unique_ids']} of {prompts} (each once: "
+                f"{run['ids'] == run['unique_ids']}); {run['failed']} in failed.jsonl; paid twice {server.counts['paid'] - server.counts['prompts_paid']} |",
+                flush=True,
+            )
+
+
+def scattered(scratch: Path, prompts: int, reps: int, baseline: str | None) -> None:
+    """5% of requests answered with a per-minute 429 (QuotaFailure) asking for 1 s: every
+    such 429 holds every worker (the shared back-off), as before the server-full limit."""
+    inputs = make_inputs(scratch / "scattered_inputs", prompts, per_file=100)
+    walls: dict[str, list[float]] = {}
+    for rep in range(reps):
+        for name, root in (list(checkouts(baseline).items()) if rep % 2 == 0 else list(checkouts(baseline).items())[::-1]):
+            with FakeServer(50, "--per-minute-429s", "0.05") as server:
+                run = user_run(root, inputs, scratch, ["--workers", "20"], server, 180)
+            assert run["code"] == 0 and run["unique_ids"] == prompts, run
+            walls.setdefault(name, []).append(run["wall_s"])
+    for name, times in walls.items():
+        print(f"| scattered 429s, {prompts} prompts, 50 ms, 20 workers, 5% per-minute 429s asking 1 s ({name}) | {median(times):.2f} s | runs: {', '.join(f'{t:.2f}' for t in times)} |", flush=True)
+
+
+SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline", "csv", "capacity", "outage", "scattered"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer prompts and repetitions")
     parser.add_argument("--only", choices=[*SECTIONS], action="append")
+    parser.add_argument("--baseline", help="capacity and outage: also run the pipeline.py of this checkout (a git worktree of an older commit)")
     args = parser.parse_args()
     quick = args.quick
     only = set(args.only or SECTIONS)
@@ -640,6 +732,12 @@ def main() -> None:
             longline(scratch, 200)
         if "csv" in only:
             csv_rows(scratch)
+        if "capacity" in only:
+            capacity(scratch, 4000, 1 if quick else 3, args.baseline)
+        if "outage" in only:
+            outage(scratch, 2000, 1, args.baseline)
+        if "scattered" in only:
+            scattered(scratch, 400, 1 if quick else 4, args.baseline)
 
 
 if __name__ == "__main__":

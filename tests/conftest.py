@@ -5,15 +5,19 @@ GOOGLE_GEMINI_BASE_URL, prompt folders, and ways to run the pipeline in-process
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx2
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +29,26 @@ from fake_gemini import FakeGemini, Reply, Request, echo
 import pipeline
 
 API_KEY = "test-key-5f2c9e"
+
+
+def made_once(make: Callable[..., Any]) -> Callable[..., Any]:
+    """`make`, returning what it made the first time for the same arguments. Each google-genai
+    Client loads the CA bundle into new TLS contexts, about 0.1 s of CPU per run; the tests
+    speak plain HTTP to 127.0.0.1, so in-process runs share them (a subprocess loads its own)."""
+    made: dict[Any, Any] = {}
+
+    @functools.wraps(make)
+    def make_once(*args: Any, **kwargs: Any) -> Any:
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in made:
+            made[key] = make(*args, **kwargs)
+        return made[key]
+
+    return make_once
+
+
+ssl.create_default_context = made_once(ssl.create_default_context)
+httpx2.create_ssl_context = made_once(httpx2.create_ssl_context)
 
 
 @dataclass
@@ -115,7 +139,7 @@ def stage_run(output_dir: Path, settings: pipeline.Settings | None = None, **par
     """A pipeline.Run for calling one stage alone: the parts a test gives, the rest empty."""
     settings = settings or pipeline.Settings(output_dir=output_dir)
     defaults = {
-        "settings": settings, "tally": pipeline.Tally(), "client": None, "gate": None, "requests": pipeline.Requests({}),
+        "settings": settings, "tally": pipeline.Tally(), "client": None, "gate": None, "outage": None, "concurrency": None, "requests": pipeline.Requests({}),
         "past": pipeline.PastRuns(output_dir), "postprocessor": pipeline.PostProcessor(pipeline.postprocess, 0),
         "prompts": asyncio.Queue(), "outcomes": asyncio.Queue(), "files": iter([]), "shard_numbers": itertools.count(),
     }  # fmt: skip

@@ -27,8 +27,10 @@ import itertools
 import json
 import random
 import re
+import signal
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -291,6 +293,15 @@ class FakeGemini:
     batch_outcome: Callable[[BatchJob], str] = lambda job: "BATCH_STATE_SUCCEEDED"
     batch_shuffle: bool = False  # results out of request order, inline ones without their metadata
     batches: dict[str, BatchJob] = field(default_factory=dict)  # by name, in order of creation
+    # A server full: beyond `capacity` generateContent requests in flight, a 429 with no
+    # details (Vertex AI's dynamic shared quota, Gemini under load); None: no limit.
+    capacity: int | None = None
+    in_flight: int = 0
+    most_in_flight: int = 0  # the most generateContent requests it held at once
+    refused_full: int = 0  # the 429s it answered for being full
+    model_gets: int = 0  # GET models/{model}: what the pipeline probes a host with
+    back_at: float | None = None  # time.time() when it listened again after outage()
+    _tasks: set[Any] = field(default_factory=set)
     batch_gets: int = 0
     batch_lists: int = 0
     files: dict[str, bytes] = field(default_factory=dict)  # uploaded and result files, by name
@@ -320,16 +331,56 @@ class FakeGemini:
         self._loop.call_soon_threadsafe(self._stopped.set)
         self._thread.join(10)
 
+    def go_away(self) -> None:
+        """Close the listening socket and every open connection, as a host that goes down
+        does (new connections are refused); the counts are kept. come_back() reopens it."""
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
+
+    def come_back(self) -> None:
+        """Listen again on the same port."""
+        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
+
+    async def outage(self, seconds: float) -> None:
+        """Go away for `seconds`, from the server's own loop; `back_at` says when it returned (time.time())."""
+        await self._close()
+        await asyncio.sleep(seconds)
+        await self._listen()
+        self.back_at = time.time()
+
+    def loop_task(self, work: Any) -> None:
+        """Run a coroutine on the server's loop, from its thread (a behaviour) or any other."""
+        self._loop.call_soon_threadsafe(lambda: self._tasks.add(self._loop.create_task(work)))
+
+    def counts(self) -> dict[str, Any]:
+        """What a benchmark reads back when the server stops."""
+        return {
+            "requests": len(self.requests) + self.refused_full, "refused_full": self.refused_full, "most_in_flight": self.most_in_flight,
+            "paid": sum(self.answered.values()), "prompts_paid": len(self.answered), "back_at": self.back_at,
+        }  # fmt: skip
+
     async def _serve(self, on_ready: Callable[[], object]) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        server = await asyncio.start_server(self._connection, self.host, self.port, backlog=1024)
-        self.port = server.sockets[0].getsockname()[1]
+        self._open: set[asyncio.StreamWriter] = set()
+        await self._listen()
         on_ready()
-        async with server:
+        try:
             await self._stopped.wait()
+        finally:
+            await self._close()
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._connection, self.host, self.port, backlog=1024, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _close(self) -> None:
+        self._server.close()
+        for writer in list(self._open):
+            writer.transport.abort()  # a reset, as when the host's process dies
+        await self._server.wait_closed()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.add(writer)
         try:
             while request_line := await reader.readline():
                 method, path, _ = request_line.decode().split(" ", 2)
@@ -352,18 +403,32 @@ class FakeGemini:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass  # the client hung up, or the server is stopping
+        except ValueError:  # not HTTP (a TLS handshake, say): hang up, as a plain HTTP server does
+            pass
         finally:
+            self._open.discard(writer)
             writer.close()
 
     async def _reply(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
         route, _, query = path.partition("?")
         api_key = headers.get("x-goog-api-key")
         if method == "POST" and route.endswith(":generateContent"):
-            model = route.rpartition("/models/")[2].partition(":")[0]
-            reply = self._answer(model, json.loads(body), api_key, route, headers)
-            if self.latency_s or reply.delay_s:
-                await asyncio.sleep(self.latency_s + reply.delay_s)
-            return reply
+            if self.capacity is not None and self.in_flight >= self.capacity:
+                self.refused_full += 1
+                return error(429, "Resource exhausted. Please try again later.")
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            try:
+                model = route.rpartition("/models/")[2].partition(":")[0]
+                reply = self._answer(model, json.loads(body), api_key, route, headers)
+                if self.latency_s or reply.delay_s:
+                    await asyncio.sleep(self.latency_s + reply.delay_s)
+                return reply
+            finally:
+                self.in_flight -= 1
+        if method == "GET" and (match := re.fullmatch(r"/v1\w*/(?:projects/[^/]+/locations/[^/]+/publishers/google/)?models/([^/:]+)", route)):
+            self.model_gets += 1
+            return Reply(200, {"name": f"models/{match[1]}", "displayName": match[1], "inputTokenLimit": 1048576, "outputTokenLimit": 65536})
         if method == "POST" and route.endswith(":batchGenerateContent"):
             return self._create_batch(route.rpartition("/models/")[2].partition(":")[0], json.loads(body))
         if method == "GET" and re.fullmatch(r"/v1\w*/batches", route):
@@ -520,10 +585,52 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description="Run the fake Gemini server in the foreground.")
     parser.add_argument("--port", type=int, default=8765, help="0: any free port")
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--capacity", type=int, help="requests in flight beyond which it answers 429 with no details")
+    parser.add_argument("--away-after", type=int, help="go away (refuse connections) once this many requests arrived...")
+    parser.add_argument("--away-s", type=float, default=20.0, help="...for this long, then listen again on the same port")
+    parser.add_argument("--per-minute-429s", type=float, help="this share of requests (0.05: 5%%) answered with a per-minute 429 asking for 1 s")
     args = parser.parse_args()
-    server = FakeGemini(latency_s=args.latency_ms / 1000, port=args.port)
+    server = FakeGemini(latency_s=args.latency_ms / 1000, port=args.port, capacity=args.capacity)
+    if args.away_after:
+        server.behaviour = away_once(server, args.away_after, args.away_s)
+    if args.per_minute_429s:
+        server.behaviour = scattered_429s(args.per_minute_429s)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(server._serve(lambda: print(f"fake Gemini on {server.base_url} (Ctrl-C stops it)", flush=True)))
+        asyncio.run(serve_until_terminated(server))
+    print(json.dumps(server.counts()), flush=True)
+
+
+def away_once(server: FakeGemini, after: int, seconds: float) -> Callable[[Request], Reply]:
+    """echo, but once `after` requests have arrived the server goes away for `seconds`."""
+
+    def behaviour(request: Request) -> Reply:
+        if len(server.requests) == after:
+            server.loop_task(server.outage(seconds))
+        return echo(request)
+
+    return behaviour
+
+
+def scattered_429s(share: float) -> Callable[[Request], Reply]:
+    """echo, but `share` of requests (chosen by a hash of prompt and attempt: the same every
+    run) get the API's per-minute 429 with a RetryInfo of 1 s."""
+
+    def behaviour(request: Request) -> Reply:
+        if zlib.crc32(f"{request.prompt}/{request.attempt}".encode()) % 10_000 < share * 10_000:
+            return rate_limited(1.0)
+        return echo(request)
+
+    return behaviour
+
+
+async def serve_until_terminated(server: FakeGemini) -> None:
+    """Serve until SIGTERM (or Ctrl-C); the caller then prints the counts."""
+    stopped = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+    serving = asyncio.create_task(server._serve(lambda: print(f"fake Gemini on {server.base_url} (Ctrl-C stops it)", flush=True)))
+    await stopped.wait()
+    server._stopped.set()
+    await serving
 
 
 if __name__ == "__main__":

@@ -26,21 +26,21 @@ def jobs_per_prompt(server: FakeGemini) -> Counter[str]:
     return Counter(prompt_of(request) for job in server.batches.values() for _, request in job.requests)
 
 
-def test_two_thousand_prompts_end_as_in_interactive_mode(tmp_path, fake_gemini, run) -> None:
+def test_a_thousand_prompts_end_as_in_interactive_mode(tmp_path, fake_gemini, run) -> None:
     server = fake_gemini()
-    inputs = write_prompts(tmp_path / "inputs", [f"What is two times {i}?" for i in range(2_000)], per_file=100)
-    interactive = run(inputs, "--workers", "50", "--shard-size", "100", output_dir=tmp_path / "interactive")
+    inputs = write_prompts(tmp_path / "inputs", [f"What is two times {i}?" for i in range(1_000)], per_file=100)
+    interactive = run(inputs, "--workers", "50", "--shard-size", "50", output_dir=tmp_path / "interactive")
     assert interactive.exit_code == 0, interactive.stderr
     requests_before = len(server.requests)
-    batch = run(inputs, "--batch", "--batch-size", "200", "--shard-size", "100", *FAST, output_dir=tmp_path / "batch")
+    batch = run(inputs, "--batch", "--batch-size", "100", "--shard-size", "50", *FAST, output_dir=tmp_path / "batch")
     assert batch.exit_code == 0, batch.stderr
-    assert answers(batch) == answers(interactive) and len(answers(batch)) == 2_000
+    assert answers(batch) == answers(interactive) and len(answers(batch)) == 1_000
     assert len(batch.shard_names()) == len(interactive.shard_names()) == 20
-    assert len(server.requests) - requests_before == 2_000  # one request per prompt, inside the jobs
+    assert len(server.requests) - requests_before == 1_000  # one request per prompt, inside the jobs
     assert len(server.batches) == 10 and set(jobs_per_prompt(server).values()) == {1}
-    assert all(0 < len(job.requests) <= 200 and job.from_file for job in server.batches.values())  # keyed files
+    assert all(0 < len(job.requests) <= 100 and job.from_file for job in server.batches.values())  # keyed files
     assert "batch jobs: 10 submitted, 0 running, 10 done" in batch.stderr
-    print(f"\n2,000 prompts in batch mode: {len(server.batches)} jobs, {server.batch_gets} polls")
+    print(f"\n1,000 prompts in batch mode: {len(server.batches)} jobs, {server.batch_gets} polls")
 
 
 def test_per_request_errors_and_failed_jobs_land_in_failed_jsonl(tmp_path, fake_gemini, run) -> None:

@@ -116,5 +116,6 @@ def test_classify_reads_the_quota_failure() -> None:
 
     assert pipeline.classify(api_error(rate_limited(1))) == "rate limit"
     assert pipeline.classify(api_error(rate_limited(1, DailyQuota.PER_DAY))) == "daily quota"
-    assert pipeline.classify(api_error(error(429, "no details"))) == "rate limit"
-    assert pipeline.classify(api_error(error(503, "overloaded"))) == "transient"
+    assert pipeline.classify(api_error(error(429, "no details"))) == "capacity"  # a server full: see test_network
+    assert pipeline.classify(api_error(error(503, "overloaded"))) == "capacity"
+    assert pipeline.classify(api_error(error(503, "Service unavailable"))) == "transient"

@@ -190,15 +190,15 @@ def wait_until_gone(pids: set[int], timeout: float = 10) -> set[int]:
 # loses at most the requests in flight and the answers waiting in the outcomes queue.
 @pytest.mark.parametrize("processes", ["0", str(pipeline.POSTPROCESS_WORKERS)], ids=["inline", "pool"])
 def test_sigkill_at_random_moments_then_resume_writes_every_id_once(tmp_path, processes) -> None:
-    prompts, workers, kills = 1000, 10, 5
+    prompts, workers, kills = 600, 10, 3
     queue_size = pipeline.queue_depth(pipeline.Settings(workers=workers))  # the queues hold one place per worker at least
     write_prompts(tmp_path / "inputs", [f"prompt {i}" for i in range(prompts)], per_file=50)
     flags = ("--workers", str(workers), "--shard-size", "7", "--postprocess-workers", processes)
     rng = random.Random(20261127)
-    with FakeGemini(latency_s=0.02) as server:
+    with FakeGemini(latency_s=0.01) as server:
         for _ in range(kills):
             process = start_pipeline(tmp_path, server, *flags)
-            reached = wait_for_writes(process, rng.randint(5, 150))
+            reached = wait_for_writes(process, rng.randint(5, 100))
             pool = children_of(process.pid)
             process.kill()
             process.wait(timeout=10)
@@ -285,7 +285,7 @@ def test_the_journal_reserves_its_space_grows_is_cut_to_its_lines_and_outlives_a
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_writes_everything_received_and_exits_130_or_143(tmp_path, stop_signal) -> None:
     write_prompts(tmp_path / "inputs", sample_prompts(60))
-    with FakeGemini(latency_s=0.3) as server:
+    with FakeGemini(latency_s=0.15) as server:
         process = start_pipeline(tmp_path, server, "--workers", "5")
         assert wait_for_writes(process, 1)
         pool = children_of(process.pid)

@@ -1,0 +1,236 @@
+"""The network is not the prompt's fault: outages are waited out (one probe, nobody's
+attempts used, nothing marked failed), a host never reached is a one-line stop, and a
+server that says it is full (429 naming no quota) gets fewer requests in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import aiohttp
+import pytest
+from conftest import sample_prompts, write_prompts
+from fake_gemini import FakeGemini, Request, Reply, echo, error, rate_limited
+from google.genai import errors
+
+import pipeline
+
+
+def closed_port() -> int:
+    """A loopback port where nothing listens (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# The server runs in this process: a post-processing pool forked from it would keep its
+# listening socket open, and a server that went away would still accept connections.
+NO_POOL = ("--postprocess-workers", "0")
+
+
+def away_for(server: FakeGemini, after: int, seconds: float | None) -> tuple:
+    """A behaviour that answers as echo, but once `after` requests have arrived the server
+    goes away (listening socket and open connections closed) for `seconds` (None: for good).
+    Returns the behaviour and an event set once the server is back."""
+    back, gone = threading.Event(), threading.Event()
+
+    def outage() -> None:
+        server.go_away()
+        gone.set()
+        if seconds is not None:
+            time.sleep(seconds)  # the length of the outage: the scenario, not a synchronisation
+            server.come_back()
+            back.set()
+
+    def behaviour(request: Request) -> Reply:
+        if len(server.requests) == after:
+            threading.Thread(target=outage, daemon=True).start()
+        return echo(request)
+
+    return behaviour, back, gone
+
+
+def test_a_host_that_never_answers_stops_the_run_at_start_in_one_line(tmp_path, monkeypatch, run) -> None:
+    port = closed_port()
+    monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key-5f2c9e")
+    started = time.monotonic()
+    result = run(write_prompts(tmp_path / "inputs", sample_prompts(30)), "--outage-limit-s", "1", "--workers", "10")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"error: cannot reach 127.0.0.1:{port}: connection refused"]
+    assert not (result.output_dir / "failed.jsonl").exists() and not result.shard_names()
+    assert time.monotonic() - started < 10  # the limit is 1 s here (30 s by default)
+
+
+def test_an_outage_in_the_middle_is_waited_out_and_costs_no_attempt(tmp_path, fake_gemini, run) -> None:
+    server = fake_gemini(latency_s=0.02)
+    behaviour, back, _ = away_for(server, after=60, seconds=1.5)
+    server.behaviour = behaviour
+    prompts = sample_prompts(200)
+    result = run(write_prompts(tmp_path / "inputs", prompts, per_file=50), "--workers", "10", "--max-attempts", "1", *NO_POOL)
+    assert back.is_set()
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert sorted(result.ids()) == sorted(f"shard_{i // 50}.txt:{i % 50 + 1}" for i in range(200))
+    assert not result.failures()
+    paid = sum(server.answered.values())
+    assert paid - len(prompts) <= 10  # paid twice: at most the requests in flight when it went away
+    assert f"cannot reach 127.0.0.1:{server.port}: connection refused" in result.stderr
+    assert "answers again after" in result.stderr and "unreachable for" in result.stderr.splitlines()[-2]
+    assert server.model_gets >= 1  # the probe that got through (those while it was away were refused)
+
+
+def test_an_outage_longer_than_the_limit_stops_and_a_rerun_finishes(tmp_path, fake_gemini, run) -> None:
+    server = fake_gemini(latency_s=0.01)
+    behaviour, _, gone = away_for(server, after=40, seconds=None)
+    server.behaviour = behaviour
+    inputs = write_prompts(tmp_path / "inputs", sample_prompts(120), per_file=40)
+    first = run(inputs, "--workers", "5", "--outage-limit-s", "1", *NO_POOL)
+    assert gone.is_set()
+    assert first.exit_code == 1, first.stderr[-2000:]
+    assert first.stderr.strip().splitlines()[-1].endswith(
+        f"127.0.0.1:{server.port} has been unreachable for 1s (connection refused): run the same command again later to continue"
+    )
+    assert not first.failures() and 30 <= len(first.ids()) < 120
+    server.come_back()
+    server.behaviour = echo
+    second = run(inputs, "--workers", "5")
+    assert second.exit_code == 0, second.stderr[-2000:]
+    assert sorted(second.ids()) == sorted(set(second.ids())) and len(second.ids()) == 120
+
+
+def test_a_full_server_gets_fewer_requests_in_flight_and_nothing_fails(tmp_path, fake_gemini, run) -> None:
+    server = fake_gemini(latency_s=0.03)
+    server.capacity = 10
+    result = run(write_prompts(tmp_path / "inputs", sample_prompts(400), per_file=100), "--workers", "60", "--retry-base-s", "0.05")
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert len(set(result.ids())) == 400 and not result.failures()
+    refused = server.refused_full / (len(server.requests) + server.refused_full)
+    print(f"\nserver admitting 10 in flight, 60 workers: {refused:.1%} of requests refused as full")
+    assert refused < 0.35  # without the limit: each refusal sends everyone back at once, most are refused
+    assert "server-full answers" in result.stderr.splitlines()[-2]
+
+
+def test_a_per_minute_quota_429_is_not_a_full_server() -> None:
+    assert pipeline.classify(api_error(rate_limited(1))) == "rate limit"
+    assert pipeline.classify(api_error(error(429, "Resource exhausted. Please try again later."))) == "capacity"
+    assert pipeline.classify(api_error(error(503, "The model is overloaded. Please try again later."))) == "capacity"
+    assert pipeline.classify(api_error(error(503, "Service unavailable"))) == "transient"
+
+
+def api_error(reply: Reply) -> errors.APIError:
+    return errors.APIError(reply.status, reply.body)
+
+
+def reset_in_a_handshake() -> aiohttp.ClientConnectorError:
+    try:
+        try:
+            raise ConnectionResetError()  # as asyncio's TLS transport raises it: no errno
+        except ConnectionResetError as cause:
+            raise aiohttp.ClientConnectorError(Key(), OSError(None, "")) from cause
+    except aiohttp.ClientConnectorError as exc:
+        return exc
+
+
+class Key:  # what aiohttp's connector errors carry about the connection
+    host, port, ssl = "example.test", 443, True
+
+
+@pytest.mark.parametrize(
+    ("raised", "words"),
+    [
+        (aiohttp.ClientConnectorError(Key(), ConnectionRefusedError(111, "Connect call failed")), "connection refused"),
+        (aiohttp.ClientConnectorDNSError(Key(), socket.gaierror(-2, "Name or service not known")), "name not resolved"),
+        (aiohttp.ClientConnectorSSLError(Key(), OSError(1, "wrong version number")), "TLS handshake failed"),
+        (aiohttp.ServerDisconnectedError(), "the connection was closed before an answer"),
+        (aiohttp.ConnectionTimeoutError("Connection timeout to host"), "connection timed out"),
+        (aiohttp.ClientOSError(104, "Connection reset by peer"), "connection reset"),
+        (reset_in_a_handshake(), "connection reset"),  # https:// to a plain HTTP server: it hangs up
+        (aiohttp.ClientConnectorError(Key(), OSError(113, "No route to host")), "no route to host"),
+        (aiohttp.SocketTimeoutError("Timeout on reading data from socket"), None),  # slow, not away
+        (TimeoutError(), None),
+        (api_error(error(503, "connection refused by upstream")), None),  # the host answered
+        (ValueError("bad"), None),
+    ],
+)
+def test_a_connection_error_is_named_in_words(raised, words) -> None:
+    assert pipeline.unreachable(raised) == words
+
+
+def test_the_concurrency_limit_decreases_to_what_was_in_flight_and_grows_back() -> None:
+    async def scenario() -> None:
+        limit = pipeline.Concurrency(4)
+        held = [limit.place() for _ in range(4)]
+        for place in held:
+            await place.__aenter__()
+        fifth = asyncio.create_task(enter_and_hold(limit))
+        await asyncio.sleep(0)
+        assert limit.in_flight == 4 and not fifth.done()
+        limit.refused()  # the server was full: said while the refused request still holds its place...
+        await held.pop().__aexit__(None, None, None)  # ...which none of the waiting takes now
+        assert limit.limit == pytest.approx(0.9 * 3) and limit.in_flight == 3 and not fifth.done()
+        for place in held:
+            await place.__aexit__(None, None, None)
+        await fifth  # a place freed under the new limit
+        assert limit.in_flight == 0 and limit.refusals == 1
+        for _ in range(20):
+            limit.answered()
+        assert limit.limit == 4  # additive increase, never past --workers
+
+    asyncio.run(scenario())
+
+
+async def enter_and_hold(limit: pipeline.Concurrency) -> None:
+    async with limit.place():
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("cancelled_first", [False, True], ids=["handed-then-cancelled", "cancelled-then-freed"])
+def test_a_place_never_goes_to_a_cancelled_waiter(cancelled_first: bool) -> None:
+    """Two generators wait for the one place; the first is cancelled (as shut_down does) in the
+    same turn as the place frees, before or after it was handed over: the second gets it."""
+
+    async def scenario() -> None:
+        limit = pipeline.Concurrency(1)
+        first = limit.place()
+        await first.__aenter__()
+        waiting = [asyncio.create_task(enter_and_hold(limit)) for _ in range(2)]
+        await asyncio.sleep(0)
+        if cancelled_first:
+            waiting[0].cancel()
+        await first.__aexit__(None, None, None)
+        if not cancelled_first:
+            waiting[0].cancel()
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+        assert isinstance(results[0], asyncio.CancelledError) and results[1] is None and limit.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_progress_line_says_what_the_run_waits_for(tmp_path) -> None:
+    tally = pipeline.Tally(total=10)
+    closed = asyncio.Event()
+    tally.outage = pipeline.Outage(lambda: None, "example.test", 60, closed, tally)
+    tally.outage.episode = pipeline.Episode(time.monotonic() - 80, "connection refused", confirmed=True)
+    tally.concurrency = pipeline.Concurrency(400)
+    tally.concurrency.refusals, tally.concurrency.limit = 1, 96.5
+    line = tally.progress_line()
+    assert "waiting for example.test: connection refused, unreachable for 1m20s" in line
+    assert "in flight: 96 of 400 allowed by the server" in line
+    assert json.dumps(line)  # one line, printable
+
+
+def test_vertex_credentials_not_refreshed_for_want_of_network_are_an_outage_not_a_refusal() -> None:
+    import google.auth.exceptions
+
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError as cause:
+            raise google.auth.exceptions.TransportError("token refresh failed") from cause
+    except google.auth.exceptions.TransportError as exc:
+        assert pipeline.unreachable(exc) == "connection refused"
+    assert pipeline.classify(google.auth.exceptions.TransportError("read timed out")) == "transient"
+    assert pipeline.classify(google.auth.exceptions.RefreshError("invalid_grant")) == "auth"

@@ -228,6 +228,7 @@ def readme_blocks(section: str) -> list[str]:
 def answered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("loading")
     shutil.copytree(ROOT / "inputs", folder / "inputs")
+    (folder / "inputs" / "ids.jsonl").write_text('{"id": "007", "prompt": "a"}\n{"id": "1e3", "prompt": "b"}\n')  # ids that look like numbers
     assert run_subprocess(["--offline", "--offline-latency-ms", "0"], folder).exit_code == 0
     (folder / "outputs" / "failed.jsonl").write_text('{"id": "x", "prompt": "p", "error": "e", "attempts": 1}\n')
     return folder
@@ -237,10 +238,10 @@ def test_the_readmes_shell_one_liners_load_every_answer(answered: Path) -> None:
     jq_line, python_line = readme_blocks("Loading the answers")[0].strip().splitlines()
     if shutil.which("jq"):
         done = subprocess.run(["bash", "-c", jq_line], cwd=answered, capture_output=True, text=True, check=True)
-        assert len(done.stdout.splitlines()) == 30
+        assert len(done.stdout.splitlines()) == 32
     python_line = python_line.replace("python ", f"{sys.executable} ", 1)
     done = subprocess.run(["bash", "-c", python_line], cwd=answered, capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "30"
+    assert done.stdout.strip() == "32"
 
 
 @pytest.mark.parametrize("block, module", [(1, "pandas"), (2, "datasets")])
@@ -249,7 +250,9 @@ def test_the_readmes_python_snippets_load_every_answer(answered: Path, block: in
     monkeypatch.chdir(answered)
     scope: dict = {}
     exec(readme_blocks("Loading the answers")[block], scope)  # noqa: S102 (the README's own snippet, run as a reader would)
-    assert len(scope["answers"]) == 30
+    answers = scope["answers"]
+    assert len(answers) == 32
+    assert {"007", "1e3"} <= set(answers["id"])  # ids stay text: "007" read as a number would be 7, "1e3" 1000.0
 
 
 def test_without_a_terminal_a_progress_line_comes_every_progress_every_s(tmp_path: Path) -> None:
@@ -265,10 +268,11 @@ def test_without_a_terminal_a_progress_line_comes_every_progress_every_s(tmp_pat
 
 
 def on_a_terminal(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None, interrupt_after: Callable[[], object] | None = None
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, interrupt_after: Callable[[], object] | None = None,
+    rows: int = 24,
 ) -> tuple[int, str]:
-    """Run pipeline.py with stderr on a 120-column pseudo-terminal, as a person sees it;
-    Ctrl-C once `interrupt_after()` returns. Its exit status and everything it showed."""
+    """Run pipeline.py with stderr on a 120-column pseudo-terminal of `rows` rows, as a person
+    sees it; Ctrl-C once `interrupt_after()` returns. Its exit status and everything it showed."""
     import fcntl
     import pty
     import select
@@ -276,7 +280,7 @@ def on_a_terminal(
     import termios
 
     leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, 120, 0, 0))
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "pipeline.py"), *args], cwd=cwd, env=env, stdout=follower, stderr=follower
     )
@@ -307,6 +311,31 @@ def test_on_a_terminal_the_bar_shows_the_total_and_eta_from_the_resumed_count(tm
     frames = re.findall(r"(\d+)/30 \[[\d:]+<([\d:?]+),", screen)
     assert frames[-1][0] == "30" and any(eta not in ("?", "00:00") for _, eta in frames), screen  # and counts down an ETA
 
+
+
+def test_a_terminal_of_0_rows_gets_progress_lines(tmp_path: Path) -> None:
+    """script, docker -t and ssh -tt from a script give a terminal that reports 0 rows: no bar can show there."""
+    write_prompts(tmp_path / "inputs", sample_prompts(30))
+    flags = ["--offline", "--workers", "1", "--offline-latency-ms", "50", "--progress-every-s", "0.3"]
+    status, screen = on_a_terminal(flags, tmp_path, rows=0)
+    assert status == 0, screen
+    assert re.search(r"^\d+/30 prompts \(\d+%\), 0 failed, [\d.]+/s, ETA \S+", screen, re.MULTILINE), screen
+
+
+def test_on_a_terminal_a_clean_run_shows_its_spend(tmp_path: Path) -> None:
+    write_prompts(tmp_path / "inputs", sample_prompts(30))
+    with FakeGemini(latency_s=0.05) as server:
+        env = {**os.environ, "GEMINI_API_KEY": API_KEY, "GOOGLE_GEMINI_BASE_URL": server.base_url}
+        status, screen = on_a_terminal(["--workers", "2"], tmp_path, env)
+    assert status == 0, screen
+    bar_frames = [frame for frame in re.split(r"[\r\n]+", screen) if "prompts/s" in frame and "/30" in frame]
+    assert any(re.search(r", \$0\.\d+\]", frame) for frame in bar_frames), screen  # nothing failed, the spend shows
+
+
+def test_a_small_spend_is_written_without_an_exponent() -> None:
+    assert [pipeline.dollars(usd) for usd in (5.25e-05, 0.0199, 0.42, 0.0, 1234.567)] == [
+        "$0.0000525", "$0.0199", "$0.42", "$0", "$1,234.57",
+    ]
 
 
 def test_on_a_terminal_the_stopping_line_prints_above_the_bar(tmp_path: Path) -> None:

@@ -426,7 +426,7 @@ class FakeGemini:
                 return reply
             finally:
                 self.in_flight -= 1
-        if method == "GET" and (match := re.fullmatch(r"/v1\w*/(?:projects/[^/]+/locations/[^/]+/publishers/google/)?models/([^/:]+)", route)):
+        if method == "GET" and (match := re.fullmatch(r"/v1\w*/(?:projects/[^/]+/locations/[^/]+/)?(?:publishers/google/)?models/([^/:]+)", route)):
             self.model_gets += 1
             return Reply(200, {"name": f"models/{match[1]}", "displayName": match[1], "inputTokenLimit": 1048576, "outputTokenLimit": 65536})
         if method == "POST" and route.endswith(":batchGenerateContent"):

@@ -5,11 +5,12 @@ GOOGLE_VERTEX_BASE_URL, and no API key anywhere."""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
 from conftest import sample_prompts, write_prompts
-from fake_gemini import FakeGemini
+from fake_gemini import FakeGemini, echo, hang_up
 
 TOKEN = "ya29.fake-adc-token"
 
@@ -72,3 +73,22 @@ def test_what_vertex_ai_lacks_is_one_line_before_any_request(tmp_path, vertex, r
     assert result.exit_code == 2 and not vertex.requests
     [line] = result.stderr.strip().splitlines()
     assert named in line and not (tmp_path / "outputs").exists()
+
+
+def test_vertex_ai_at_an_address_where_nothing_listens_is_one_line_naming_it(tmp_path, vertex, run, monkeypatch) -> None:
+    with socket.socket() as probe:  # a loopback port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("GOOGLE_VERTEX_BASE_URL", f"http://127.0.0.1:{port}")
+    result = run(write_prompts(tmp_path / "inputs", sample_prompts(6)), "--outage-limit-s", "1")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"error: cannot reach 127.0.0.1:{port}: connection refused"]
+    assert not vertex.requests and not (result.output_dir / "failed.jsonl").exists()
+
+
+def test_vertex_ai_probes_a_host_that_went_away_with_the_models_own_path(tmp_path, vertex, run) -> None:
+    prompts = sample_prompts(6)
+    vertex.behaviour = lambda request: hang_up() if request.attempt == 1 else echo(request)  # each first try: dropped
+    result = run(write_prompts(tmp_path / "inputs", prompts), "--workers", "2")
+    assert result.exit_code == 0, result.stderr
+    assert vertex.model_gets >= 1  # the probe's models.get reached the fake server on Vertex AI's path

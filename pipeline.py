@@ -15,13 +15,15 @@ key, 130 interrupted (143 by SIGTERM).
 
 How it is built, in the order data flows through this file:
   settings   the constants below: each declared once (value, kind, comment), and each also
-             a flag (SETTINGS, read into Settings); PRICES; and postprocess(), yours to edit
+             a flag (SETTINGS, read into Settings); GENERATION_FIELDS, the ones every request
+             carries; PRICES; and postprocess(), yours to edit
   records    Prompt in; Response or Failure out; AnswerFormat, the JSON an answer must be;
              Tally, what happened; Run, what the stages of one run share
   requests   Requests: how rows become requests, the run's settings (validated through
              google-genai's types) with a row's own over them
-  reader     read_inputs(run) (x READERS): streams prompts from the input files (lines,
-             JSONL or CSV rows) into the bounded prompts queue
+  reader     read_inputs(run) (x READERS): streams prompts from the input files into the
+             bounded prompts queue, each file as its InputFormat says (INPUT_FORMATS: lines,
+             JSONL rows, CSV and TSV rows)
   generator  generate_content(run) (x WORKERS): ask the model, retrying in place with
              back-off (answer, failed_for_good, classify, backoff_s); never re-queue, so
              never deadlock. Every request (ask) waits out an Outage (the host unreachable:
@@ -126,6 +128,17 @@ BATCH: Switch = False  # send the prompts as jobs of Gemini's Batch API: half th
 BATCH_SIZE: AtLeastOne = 10_000  # prompts per batch job, at most
 BATCH_POLL_S: Positive = 30.0  # seconds between two looks at a running batch job (up to 600 while pending)
 PROGRESS_EVERY_S: Positive = 30.0  # when stderr is not a terminal (a log file, CI, a scheduler), seconds between two progress lines
+
+# The settings above that every request carries, by the GenerateContentConfig field each fills
+# (GENERATION_CONFIG's fields go under them). A new one, say TOP_P: NonNegative | None = None,
+# is its constant above and its line here; the request, the job's identity (job.json) and the
+# message naming a changed setting all follow from this table.
+GENERATION_FIELDS = {
+    "system_instruction": "systemInstruction",
+    "temperature": "temperature",
+    "max_output_tokens": "maxOutputTokens",
+    "response_schema": "responseJsonSchema",
+}
 
 # What a model costs, in US dollars per million tokens: input, output (thinking included),
 # cached input. The standard tier, prompts up to 200k tokens; the Batch API costs half.
@@ -944,17 +957,18 @@ def generation_config(generation: dict[str, Any]) -> tuple[Any, AnswerFormat | N
 
 
 def job_generation(settings: Settings) -> dict[str, Any]:
-    """The run's generation settings, camelCase: GENERATION_CONFIG's fields, the others over them."""
+    """The run's generation settings, camelCase: GENERATION_CONFIG's fields, GENERATION_FIELDS over them."""
     generation = camel_keys(load_json_object(settings.generation_config, "--generation-config")) if settings.generation_config else {}
-    if settings.response_schema:
-        generation["responseJsonSchema"] = load_json_object(settings.response_schema, "--response-schema")
-    if settings.temperature is not None:
-        generation["temperature"] = settings.temperature
-    if settings.max_output_tokens is not None:
-        generation["maxOutputTokens"] = settings.max_output_tokens
-    if settings.system_instruction is not None:
-        generation["systemInstruction"] = instruction_content(settings.system_instruction)
+    for attribute, api_field in GENERATION_FIELDS.items():
+        if (value := getattr(settings, attribute)) is not None:
+            generation[api_field] = AS_SENT.get(api_field, lambda value: value)(value)
     return generation
+
+
+AS_SENT: dict[str, Callable[[Any], Any]] = {  # the GENERATION_FIELDS whose setting is not sent as it is
+    "systemInstruction": lambda text: instruction_content(text),
+    "responseJsonSchema": lambda path: load_json_object(path, "--response-schema"),
+}
 
 
 def load_json_object(path: Path, flag: str) -> dict[str, Any]:
@@ -1035,29 +1049,63 @@ def natural_key(name: str) -> list[Any]:
 
 
 async def read_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
-    """The prompts of one file, read by its kind: rows of *.jsonl, *.csv and *.tsv, else lines."""
-    rows = csv_prompts if path.suffix.lower() in DELIMITERS else line_prompts
+    """The prompts of one file, read as its InputFormat says."""
     with stop_on_os_error(f"cannot read input file {path}"):
-        async for prompt in rows(path, requests):
+        async for prompt in input_format(path).prompts(path, requests):
             yield prompt
 
 
-DELIMITERS = {".csv": ",", ".tsv": "\t"}  # the files read as tables, and what separates their cells
+@dataclass(frozen=True)
+class InputFormat:
+    """How one kind of input file becomes prompts. A new format is a reader, a counter and
+    its line in INPUT_FORMATS; reading, the progress total and the start-up checks follow."""
+
+    prompts: Callable[[Path, Requests], AsyncIterator[Prompt]]  # the file's prompts, in order, each with its id
+    count: Callable[[Path], Awaitable[int]]  # how many it holds, without making them (the progress total)
+    delimiter: str = ""  # a table's cell separator (its header is checked at start-up); "": not a table
 
 
-async def line_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
-    """A prompt per non-blank line, or in *.jsonl a request per line (see Requests.from_json);
-    blank lines are skipped but still counted in the ids."""
-    name, rows = path.name, path.suffix.lower() == ".jsonl"
+def input_format(path: Path) -> InputFormat:
+    return INPUT_FORMATS.get(path.suffix.lower(), INPUT_FORMATS[""])
+
+
+async def text_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
+    """A prompt per non-blank line; blank lines are skipped but still counted in the ids."""
     async for first, lines in read_lines(path):
-        for number, line in enumerate(lines, first):
-            text, error = decode(line, first=number == 1)
+        for where, text, error in numbered(path.name, first, lines):
             if error:
-                yield Prompt(f"{name}:{number}", text, error=error)
-            elif rows and text.strip():
-                yield requests.from_json(text, f"{name}:{number}")
-            elif not rows and (text := text.strip()):
-                yield requests.prompt(f"{name}:{number}", text)
+                yield Prompt(where, text, error=error)
+            elif text := text.strip():
+                yield requests.prompt(where, text)
+
+
+async def jsonl_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
+    """A request per non-blank line (see Requests.from_json)."""
+    async for first, lines in read_lines(path):
+        for where, text, error in numbered(path.name, first, lines):
+            if error:
+                yield Prompt(where, text, error=error)
+            elif text.strip():
+                yield requests.from_json(text, where)
+
+
+def numbered(name: str, first: int, lines: list[bytes]) -> Iterator[tuple[str, str, str | None]]:
+    """Lines of file `name` from line number `first` on: each one's place (<name>:<number>),
+    its text, and why it cannot be read, if it cannot (not UTF-8, a NUL byte). Not an async
+    generator: one more await per line costs the reader about a tenth of its speed."""
+    for number, line in enumerate(lines, first):
+        text, error = decode(line, first=number == 1)
+        yield f"{name}:{number}", text, error
+
+
+async def count_lines(path: Path) -> int:
+    """The non-blank lines of a file."""
+    return sum([sum(1 for line in lines if line.strip()) async for _, lines in read_lines(path)])
+
+
+async def count_table_rows(path: Path) -> int:
+    """A table's rows after its header, as the reader reads them."""
+    return max(sum([1 async for _ in table_rows(path)]) - 1, 0)
 
 
 async def csv_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
@@ -1072,7 +1120,7 @@ async def csv_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
         elif header is None:
             header = table_header(path, number, cells)
         elif len(cells) != len(header):
-            yield Prompt(where, DELIMITERS[path.suffix.lower()].join(cells).strip(), error=f"row has {len(cells)} cells, the header {len(header)}")
+            yield Prompt(where, input_format(path).delimiter.join(cells).strip(), error=f"row has {len(cells)} cells, the header {len(header)}")
         else:
             row = {name: cell for name, cell in zip(header, cells) if cell or name not in ("id", "system_instruction")}
             yield requests.from_row(row, where)
@@ -1082,7 +1130,7 @@ async def table_headers_checked(files: list[Path]) -> list[Path]:
     """`files`, once every CSV and TSV among them has a header naming a prompt column: a
     table without one stops the run before any request, not once the reader reaches it."""
     for path in files:
-        if path.suffix.lower() in DELIMITERS:
+        if input_format(path).delimiter:
             with stop_on_os_error(f"cannot read input file {path}"):
                 async for number, cells, error in table_rows(path):
                     if not error:
@@ -1096,7 +1144,7 @@ def table_header(path: Path, number: int, cells: list[str]) -> list[str]:
     header = [cell.strip() for cell in cells]
     if "prompt" in header:
         return header
-    delimiter = DELIMITERS[path.suffix.lower()]
+    delimiter = input_format(path).delimiter
     seen = "tab" if delimiter == "\t" else "comma"
     other = next((name for mark, name in ((";", "semicolon"), ("\t", "tab"), (",", "comma")) if mark != delimiter and mark in "".join(cells)), None)
     hint = f"; it looks {other}-separated: save it comma-separated as .csv, or tab-separated as .tsv" if other else ""
@@ -1107,7 +1155,7 @@ async def table_rows(path: Path) -> AsyncIterator[tuple[int, list[str], str | No
     """The non-blank rows of a CSV or TSV file, each with the line it starts on and why it
     cannot be a row, if it cannot. Parsed by the csv module in a worker thread, TABLE_ROWS
     at a time: linear in the file's size, a cell of any size, streaming."""
-    rows = read_table(path, DELIMITERS[path.suffix.lower()])
+    rows = read_table(path, input_format(path).delimiter)
     try:
         while batch := await asyncio.to_thread(list, itertools.islice(rows, TABLE_ROWS)):
             for row in batch:
@@ -1183,6 +1231,14 @@ def decode(line: bytes, first: bool) -> tuple[str, str | None]:
     if "\x00" in text:  # a binary file among the inputs: no prompt holds NUL, and sending it would be paid for
         return text.replace("\x00", "\ufffd").strip(), f"line holds a NUL byte (byte {line.index(0) + 1}): not text"
     return text, None
+
+
+INPUT_FORMATS = {  # by file extension; "" for any other file
+    ".jsonl": InputFormat(jsonl_prompts, count_lines),
+    ".csv": InputFormat(csv_prompts, count_table_rows, delimiter=","),
+    ".tsv": InputFormat(csv_prompts, count_table_rows, delimiter="\t"),
+    "": InputFormat(text_prompts, count_lines),
+}
 
 
 # --------------------------------------------------------------- generator --
@@ -2778,10 +2834,7 @@ def check_job(settings: Settings, generation: dict[str, Any], answered: bool) ->
     )
 
 
-SETTING_FLAGS = {  # how check_job names a changed setting
-    "systemInstruction": "--system-instruction", "temperature": "--temperature", "maxOutputTokens": "--max-output-tokens",
-    "responseJsonSchema": "--response-schema",
-}  # fmt: skip
+SETTING_FLAGS = {api_field: f"--{attribute.replace('_', '-')}" for attribute, api_field in GENERATION_FIELDS.items()}  # for check_job
 
 
 def shard_files(output_dir: Path) -> list[tuple[int, Path]]:
@@ -2983,14 +3036,8 @@ async def count_total(input_dir: Path, tally: Tally) -> None:
 
 
 async def count_rows(path: Path) -> int:
-    """How many prompts a file holds, for the progress display, without making them: its
-    non-blank lines; for CSV and TSV, its rows after the header, as the reader reads them."""
-    if path.suffix.lower() in DELIMITERS:
-        return max(sum([1 async for _ in table_rows(path)]) - 1, 0)
-    rows = 0
-    async for _, lines in read_lines(path):
-        rows += sum(1 for line in lines if line.strip())
-    return rows
+    """How many prompts a file holds, for the progress display, without making them."""
+    return await input_format(path).count(path)
 
 
 @contextlib.contextmanager

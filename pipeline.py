@@ -13,38 +13,39 @@ a crash or Ctrl-C and it continues: answered prompts are skipped, failed ones
 retried. Exit status: 0 all answered, 1 some failed, 2 bad settings, input or
 key, 130 interrupted (143 by SIGTERM).
 
-How it is built, in the order data flows through this file:
+How it is built: what you edit, the shape of a run, then the machinery each stage leans on.
   settings   the constants below: each declared once (value, kind, comment), and each also
              a flag (SETTINGS, read into Settings); GENERATION_FIELDS, the ones every request
              carries; PRICES; and postprocess(), yours to edit
   records    Prompt in; Response or Failure out; AnswerFormat, the JSON an answer must be;
              Tally, what happened; Run, what the stages of one run share
+  main       main(): open_run, start one reader, WORKERS generators and one writer (READERS
+             and WRITERS more), wait until every prompt is answered (all_answered), shut
+             down (shut_down) on success, error and Ctrl-C alike; stops at once if a stage
+             dies (supervised); start_progress: the bar, or a line every PROGRESS_EVERY_S
+  stages     the three coroutines, linked by two bounded queues: read_inputs streams prompts
+             from the input files; generate_content asks the model for each; write_outputs
+             journals each answer as it takes it, post-processes, and fills numbered shards
   requests   Requests: how rows become requests, the run's settings (validated through
-             google-genai's types) with a row's own over them
-  reader     read_inputs(run) (x READERS): streams prompts from the input files into the
-             bounded prompts queue, each file as its InputFormat says (INPUT_FORMATS: lines,
-             JSONL rows, CSV and TSV rows)
-  generator  generate_content(run) (x WORKERS): ask the model, retrying in place with
-             back-off (answer, failed_for_good, classify, backoff_s); never re-queue, so
-             never deadlock. Every request (ask) waits out an Outage (the host unreachable:
-             one probe asks, nobody's attempts are used), takes a place of Concurrency
-             (fewer in flight while the server says it is full), and passes a Gate (--rpm,
-             --tpm, a per-minute 429's shared back-off, and Spend: the estimated cost
-             from PRICES, --max-cost-usd)
+             google-genai's types) with a row's own over them; Ids, one namespace for all
+  reader     each input file as its InputFormat says (INPUT_FORMATS: lines, JSONL rows, CSV
+             and TSV rows), streaming
+  asking     answer(): one prompt's attempts, retried in place with back-off (failed_for_good,
+             classify, backoff_s), never re-queued, so never deadlocked. Every request (ask)
+             waits out an Outage, takes a place of Concurrency, and passes the Gate
+  limits     Gate (--rpm, --tpm, a per-minute 429's shared back-off, --max-cost-usd); Spend,
+             the estimated cost from PRICES; Concurrency, fewer requests in flight while the
+             server says it is full; Outage, the host unreachable: one probe asks
   batch      generate_in_batches(run): with --batch, the generator stage instead, with the
              same contract: prompts go in jobs of Gemini's Batch API, recorded in a
              BatchJournal so that a rerun collects them (collect_earlier_jobs)
   pool       PostProcessor: runs postprocess() over answers in a process pool, in batches,
              for the writers, so that CPU work never stalls the event loop
-  writer     write_outputs(run, n) (x WRITERS): each the only task writing its files;
-             journals each answer as it takes it (ArrivalJournal), then fills numbered shards
+  writer     ShardWriter, ArrivalJournal (each answer as it is taken: a kill loses none),
+             FailureLog: the files one writer owns
   resume     load_past_runs: what the output dir already holds (PastRuns: answered prompts
              as Fingerprints, 16 bytes each; failures, those refused for good left alone);
              repairs torn lines; check_job: one folder, one model and one set of settings
-  main       main(): open_run, start the stages, wait until every prompt is answered
-             (all_answered), shut down (shut_down) on success, error and Ctrl-C alike;
-             stops at once if a stage dies (supervised); start_progress: the bar, or a line
-             every PROGRESS_EVERY_S
   offline    OfflineClient, a stand-in for genai.Client with the same call shape
   CLI        parse_args (the flags, from SETTINGS), start-up checks (check_credentials:
              Gemini API or Vertex AI), the lock on the output dir, the summary and exit status
@@ -714,6 +715,362 @@ class Run:
     leftovers: list[asyncio.Task[None]] = field(default_factory=list)
 
 
+# -------------------------------------------------------------------- main --
+async def main(settings: Settings, tally: Tally) -> None:
+    """Start READERS readers, WORKERS generators (or the batch stage) and WRITERS writers,
+    linked by two bounded queues; wait until every prompt is answered, then shut them down."""
+    async with open_run(settings, tally) as run:
+        generate, copies = generator_stage(settings)
+        readers = [asyncio.create_task(read_inputs(run)) for _ in range(settings.readers)]
+        generators = [asyncio.create_task(generate(run)) for _ in range(copies)]
+        writers = [asyncio.create_task(write_outputs(run, number)) for number in range(settings.writers)]
+        try:
+            await supervised(all_answered(run, readers), [*generators, *writers])
+        except asyncio.CancelledError:
+            log.warning("stopping: writing the answers received (Ctrl-C again quits at once)")
+            raise
+        finally:  # on success, error and Ctrl-C alike
+            await shut_down(run, readers, generators, writers)
+
+
+def generator_stage(settings: Settings) -> tuple[Callable[[Run], Awaitable[None]], int]:
+    """The stage that turns prompts into outcomes, and how many of it run: WORKERS
+    generate_content, or with --batch one generate_in_batches (which runs jobs in parallel)."""
+    return (generate_in_batches, 1) if settings.batch else (generate_content, settings.workers)
+
+
+@contextlib.asynccontextmanager
+async def open_run(settings: Settings, tally: Tally) -> AsyncIterator[Run]:
+    """Everything the stages share, from what earlier runs left in the output dir; closed
+    in reverse order however the run ends (the pool, the client, the progress display)."""
+    async with contextlib.AsyncExitStack() as cleanup:
+        postprocessor = PostProcessor(settings.postprocess, settings.postprocess_workers)
+        cleanup.push_async_callback(postprocessor.aclose)
+        postprocessor.start()  # first, before anything starts a thread
+        cleanup.enter_context(stopped_by_signals(asyncio.current_task()))  # a long start-up scan too
+        generation = job_generation(settings)
+        with stop_on_os_error(f"cannot read {settings.output_dir}"):
+            past = await load_past_runs(settings.output_dir)
+        if check_job(settings, generation, answered=bool(past.answered or past.journaled)) or settings.retry_failed:
+            past.refused.clear()
+        tally.skipped = len(past.answered)
+        cleanup.push_async_callback(stop, *start_progress(settings, tally))
+        client = connect(settings)
+        cleanup.push_async_callback(client.aio.aclose)
+        depth, requests = queue_depth(settings), Requests.of(generation)
+        files = await table_headers_checked(await list_input_files(settings.input_dir))
+        gate = open_gate(settings, tally)
+        tally.outage, tally.concurrency = watch_host(settings, client, gate, tally), Concurrency(settings.workers)
+        run = Run(
+            settings, tally, client, gate, tally.outage, tally.concurrency, requests, past, postprocessor,
+            prompts=asyncio.Queue(maxsize=depth), outcomes=asyncio.Queue(maxsize=depth), files=iter(files),
+            shard_numbers=itertools.count(past.next_shard), ids=Ids({path.name: path for path in files}, requests),
+        )  # fmt: skip
+        if past.journaled:
+            log.info("%s that an earlier run received but never wrote: written as their prompts are read, with no request", plural(len(past.journaled), "answer"))
+        try:
+            yield run
+        finally:
+            await finish_failures(settings.output_dir, past.failures)
+            tally.left_alone = past.left_alone
+        for path in past.arrival_files:  # the run is complete: what they held is in synced shards now
+            path.unlink()
+
+
+def open_gate(settings: Settings, tally: Tally) -> Gate:
+    """The Gate for --rpm, --tpm and --max-cost-usd; the spend is shown when the model has a price."""
+    spend = Spend.of(settings)
+    if spend.price is None and not settings.offline:
+        log.warning("no price for %s in PRICES (near the top of pipeline.py): the spend is not shown", settings.model)
+    tally.spend = spend if spend.price is not None else None
+    return Gate(settings.rpm, tally, settings.tpm, spend)
+
+
+def watch_host(settings: Settings, client: Any, gate: Gate, tally: Tally) -> Outage:
+    """The Outage watch of the host the client talks to; its probe asks for the model's card."""
+    options = getattr(getattr(client, "_api_client", None), "_http_options", None)  # the SDK's resolved base URL
+    url = urllib.parse.urlsplit(str(getattr(options, "base_url", None) or ""))
+    host = f"{url.hostname}{f':{url.port}' if url.port else ''}" if url.hostname else "the API"
+    return Outage(lambda: client.aio.models.get(model=settings.model), host, settings.outage_limit_s, gate.closed_event, tally)
+
+
+def start_progress(settings: Settings, tally: Tally) -> list[asyncio.Task[None]]:
+    """The progress display: a bar on a terminal (log lines go above it), else a line every
+    PROGRESS_EVERY_S; and the total, counted meanwhile, streaming."""
+    tally.bar = progress_bar(settings, tally)
+    if tally.bar is not None:
+        log.handlers[:] = [BarHandler(tally.bar, log.handlers[0].formatter if log.handlers else None)]
+    tasks = [] if tally.bar is not None else [asyncio.create_task(report_progress(tally, settings.progress_every_s))]
+    return [*tasks, asyncio.create_task(count_total(settings.input_dir, tally))]
+
+
+async def report_progress(tally: Tally, every_s: float) -> None:
+    """Where nobody watches a terminal (nohup, CI, a scheduler's log): a line every `every_s`."""
+    while True:
+        await asyncio.sleep(every_s)
+        if not (tally.outage and tally.outage.never_reached()):  # then the run's one line is the error at the end
+            log.info("%s", tally.progress_line())
+
+
+async def count_total(input_dir: Path, tally: Tally) -> None:
+    with contextlib.suppress(PipelineError, OSError):  # an input that cannot be read: the reader says so
+        tally.set_total(sum([await count_rows(path) for path in await list_input_files(input_dir)]))
+
+
+async def count_rows(path: Path) -> int:
+    """How many prompts a file holds, for the progress display, without making them."""
+    return await input_format(path).count(path)
+
+
+@contextlib.contextmanager
+def stopped_by_signals(main_task: asyncio.Task[None]) -> Iterator[None]:
+    """Ctrl-C and SIGTERM stop the run (on_stop_signal), however busy the loop is.
+
+    Not loop.add_signal_handler: asyncio passes the signal's number through its own
+    wake-up pipe, which thousands of requests finishing in threads (DNS, file I/O) can
+    fill, and a signal written to a full pipe is dropped. A Python-level handler runs
+    from a flag that the C handler sets, whatever happens to the pipe, and hands the
+    stop to the loop with call_soon_threadsafe (which wakes it: if that pipe is full,
+    the loop is awake already). The socket here wakes the main thread when the signal
+    lands on another thread, so that the handler runs at all."""
+    loop = asyncio.get_running_loop()
+    wake_reader, wake_writer = socket.socketpair()
+    wake_reader.setblocking(False)
+    wake_writer.setblocking(False)
+    loop.add_reader(wake_reader.fileno(), drain, wake_reader)
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    previous_wakeup = signal.set_wakeup_fd(wake_writer.fileno(), warn_on_full_buffer=False)
+    def handler(number: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(on_stop_signal, main_task, number)
+
+    previous = {number: signal.signal(number, handler) for number in stop_signals}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        signal.set_wakeup_fd(previous_wakeup)
+        loop.remove_reader(wake_reader.fileno())
+        wake_reader.close()
+        wake_writer.close()
+
+
+def drain(wake_reader: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already drained: a readiness seen before a second Ctrl-C stopped the loop
+        wake_reader.recv(4096)
+
+
+def on_stop_signal(main_task: asyncio.Task[None], number: int) -> None:
+    """Ctrl-C or SIGTERM: the first stops the run gently (see shut_down), a second at once.
+    The signal's name travels with the cancellation, for the exit status (130 or 143)."""
+    if main_task.cancelling():
+        raise KeyboardInterrupt
+    main_task.cancel(signal.Signals(number).name)
+
+
+def queue_depth(settings: Settings) -> int:
+    """QUEUE_SIZE, but at least one place per worker: on a busy event loop a queue hands
+    over about its size per turn of the loop, so a shorter one leaves workers idle."""
+    return max(settings.queue_size, settings.workers)
+
+
+async def all_answered(run: Run, readers: list[asyncio.Task[None]]) -> None:
+    """Return once every prompt is answered. A reader's error is raised at once: shut_down
+    then stops the run as Ctrl-C would (the requests in flight may still land)."""
+    await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)  # every prompt is queued, or a reader failed
+    for reader in readers:
+        if reader.done():
+            reader.result()
+    await run.prompts.join()  # every queued prompt has its outcome queued
+    run.past.drop_journaled()  # every input is read: what is left answers none of them
+    await asyncio.gather(*run.leftovers)  # and what an earlier run left (see Run.leftovers for when they are known)
+
+
+async def shut_down(run: Run, readers: list[asyncio.Task[None]], generators: list[asyncio.Task[None]], writers: list[asyncio.Task[None]]) -> None:
+    """Stop asking, let requests in flight land for a moment, write every answer
+    received, then stop every task. A writer's error is raised: the run is not complete."""
+    run.gate.close()  # no request starts from now on
+    for reader in readers:
+        reader.cancel()
+    while not run.prompts.empty():  # never tried: the next run asks them
+        run.prompts.get_nowait()
+        run.prompts.task_done()
+    await until(run.prompts.join(), writers, timeout=STOP_GRACE_S)  # answers in flight are queued,
+    await stop(*readers, *generators, *run.leftovers, *run.outage.probing)
+    await until(run.outcomes.join(), writers)  # and written.
+    await stop(*writers)
+    for writer in writers:
+        if not writer.cancelled() and writer.exception():
+            raise writer.exception()  # type: ignore[misc]
+
+
+async def until(work: Awaitable[None], writers: list[asyncio.Task[None]], timeout: float | None = None) -> None:
+    """Wait for `work`, but not past `timeout`, and not once a writer is dead."""
+    waiting = asyncio.ensure_future(work)
+    await asyncio.wait([waiting, *writers], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+
+
+async def supervised(work: Awaitable[None], stages: list[asyncio.Task[None]]) -> None:
+    """Await `work`, but raise at once if any stage dies first: a dead writer or
+    generator must end the run, never leave a queue's join() waiting forever."""
+    done_when = asyncio.ensure_future(work)
+    watching: set[asyncio.Future[None]] = {done_when, *stages}
+    try:
+        while not done_when.done():
+            finished, watching = await asyncio.wait(watching, return_when=asyncio.FIRST_COMPLETED)
+            for task in finished:
+                if task is not done_when and not task.cancelled() and task.exception():
+                    raise task.exception()  # type: ignore[misc]
+        done_when.result()
+    finally:
+        done_when.cancel()
+
+
+async def stop(*tasks: asyncio.Task[None]) -> None:
+    """Cancel `tasks` and wait until they end. One that caught the cancel and went on (a
+    library can swallow one) is cancelled again, rather than waited for forever."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=STOP_GRACE_S)
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def connect(settings: Settings) -> Any:
+    """The model client: google-genai's, or the offline stand-in."""
+    if settings.offline:
+        return OfflineClient(settings.offline_latency_ms / 1000, settings.model, settings.timeout_s)
+    from google import genai  # imported here so that --offline never pays for it
+    from google.genai import types
+
+    # attempts=1: answer() owns retries, so the SDK must not retry behind its back. No
+    # redirects: httpx and aiohttp would carry the x-goog-api-key header to another host.
+    # The request timeout is the transport's (aiohttp's total timeout, which the SDK also
+    # sends as X-Server-Timeout, so the server knows when an answer is no longer awaited),
+    # not a second timer around each call; batch mode's uploads and downloads have none.
+    options = types.HttpOptions(
+        timeout=None if settings.batch else max(1, round(settings.timeout_s * 1000)),  # in ms
+        retry_options=types.HttpRetryOptions(attempts=1),
+        async_client_args={"follow_redirects": False, "allow_redirects": False},  # httpx's name, aiohttp's name
+    )
+    if not on_vertex():
+        return genai.Client(api_key=api_key_from_env(), http_options=options)
+    if key := api_key_from_env():  # Vertex AI express mode
+        return genai.Client(vertexai=True, api_key=key, http_options=options)
+    project, location = os.environ["GOOGLE_CLOUD_PROJECT"], os.environ["GOOGLE_CLOUD_LOCATION"]  # see check_credentials
+    return genai.Client(vertexai=True, project=project, location=location, http_options=options)
+
+
+def api_key_from_env() -> str | None:
+    """The key as it is sent: stripped (a key pasted with a trailing space or newline is common)."""
+    key = (os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY") or "").strip()
+    return key or None
+
+
+def on_vertex() -> bool:
+    """Whether google-genai is told to use Vertex AI rather than the Gemini API."""
+    return os.environ.get("GOOGLE_GENAI_USE_VERTEXAI", "").strip().lower() in ("true", "1")
+
+
+def check_credentials(settings: Settings) -> None:
+    """What the chosen backend needs: the Gemini API a key; Vertex AI a project, a
+    location and Application Default Credentials (or, in express mode, a key)."""
+    if not on_vertex():
+        if not api_key_from_env():
+            raise PipelineError("no API key: set GEMINI_API_KEY (or GOOGLE_GENAI_USE_VERTEXAI=true for Vertex AI), or try the pipeline with --offline")
+        return
+    if settings.batch:
+        raise PipelineError("--batch on Vertex AI reads and writes Cloud Storage or BigQuery, which this tool does not handle: run without --batch")
+    if api_key_from_env():
+        return
+    if missing := [name for name in ("GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION") if not os.environ.get(name)]:
+        raise PipelineError(f"Vertex AI needs {' and '.join(missing)} set (or an API key, for express mode)")
+    import google.auth
+    import google.auth.exceptions
+
+    try:  # loaded here once, so that a missing ADC is one line now, not a failure per prompt later
+        google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    except google.auth.exceptions.DefaultCredentialsError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"no Application Default Credentials for Vertex AI ({reason}): run 'gcloud auth application-default login'") from None
+
+
+def redact(text: str) -> str:
+    """`text` with the API key replaced by ***: a server or proxy may quote the key back in
+    an error, and nothing the pipeline prints or writes may carry it. Any piece of it of
+    KEY_PIECE characters or more goes too (a message cut short, a key quoted in part)."""
+    key = api_key_from_env()
+    if not key or len(key) < 4:
+        return text
+    text = text.replace(key, "***")
+    piece = min(KEY_PIECE, len(key))
+    found = [start for start in range(len(key) - piece + 1) if key[start : start + piece] in text]
+    if not found:
+        return text
+    pattern = "|".join(re.escape(key[a:b]) for a in found for b in range(len(key), a + piece - 1, -1))
+    return re.sub(pattern, "***", text)
+
+
+class RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+# ------------------------------------------------------------------ stages --
+async def read_inputs(run: Run) -> None:
+    """Queue every prompt of each input file the reader takes, in order, except those the
+    output dir already has (see PastRuns.skips; an answer journaled for exactly that
+    request goes to the writers instead); waits while the queue is full. With
+    READERS > 1 the readers share run.files, each taking the next file when it finishes one."""
+    for path in run.files:
+        async with contextlib.aclosing(read_prompts(path, run.requests)) as file_prompts:
+            async for prompt in file_prompts:
+                if prompt.origin:  # a named id (a default one is its own place: see Ids)
+                    await run.ids.claim(prompt)
+                if journaled := run.past.journaled_answer(prompt):
+                    await run.outcomes.put(journaled)  # answered before, never written: no request
+                elif not run.past.skips(prompt):
+                    await run.prompts.put(prompt)
+                    log.debug("enqueued %s", prompt.id)
+
+
+async def generate_content(run: Run) -> None:
+    """Turn queued prompts into outcomes until cancelled. Retries happen in place,
+    never through the input queue, so a full queue can never deadlock a retry."""
+    while True:
+        prompt = await run.prompts.get()
+        try:
+            if outcome := await answer(run, prompt):
+                await run.outcomes.put(outcome)
+        finally:  # however it ended, so that prompts.join() counts this prompt as handled
+            run.prompts.task_done()
+
+
+async def write_outputs(run: Run, writer: int) -> None:
+    """Writer number `writer`: the only task writing its shards, its arrivals journal and
+    its failure journal. Takes the outcomes that are waiting, post-processes them, and
+    hands them to the operating system at once (see ShardWriter for why that matters)."""
+    shards, failures = open_writer_files(run, writer)
+    with stop_on_os_error(f"cannot write to {shards.output_dir}"):
+        async with contextlib.aclosing(shards), contextlib.aclosing(failures):
+            while True:
+                batch = await next_batch(run.outcomes, run.postprocessor, shards.journal)
+                done = await run.postprocessor.run(batch)
+                answered = [o for o in done if isinstance(o, Response)]
+                for written in shards.write(answered):  # counted as written: a full disk may stop it midway
+                    run.tally.count(written)
+                failed = [o for o in done if isinstance(o, Failure)]
+                failures.write(failed, answered)
+                run.tally.count(failed)
+                for _ in done:
+                    run.outcomes.task_done()
+                await shards.settle()
+                shards.journal.rotate(shards.number)
+                shards.journal.forget(shards.durable_below)
+
+
 # ---------------------------------------------------------------- requests --
 REQUEST_LEVEL = ("systemInstruction", "safetySettings", "tools", "toolConfig", "cachedContent", "labels")  # not generationConfig's
 SDK_OPTIONS = ("httpOptions", "shouldReturnHttpResponse", "automaticFunctionCalling")  # the SDK's, not the API's
@@ -1006,23 +1363,6 @@ def last_user_text(contents: list[Any]) -> str:
 
 
 # ------------------------------------------------------------------ reader --
-async def read_inputs(run: Run) -> None:
-    """Queue every prompt of each input file the reader takes, in order, except those the
-    output dir already has (see PastRuns.skips; an answer journaled for exactly that
-    request goes to the writers instead); waits while the queue is full. With
-    READERS > 1 the readers share run.files, each taking the next file when it finishes one."""
-    for path in run.files:
-        async with contextlib.aclosing(read_prompts(path, run.requests)) as file_prompts:
-            async for prompt in file_prompts:
-                if prompt.origin:  # a named id (a default one is its own place: see Ids)
-                    await run.ids.claim(prompt)
-                if journaled := run.past.journaled_answer(prompt):
-                    await run.outcomes.put(journaled)  # answered before, never written: no request
-                elif not run.past.skips(prompt):
-                    await run.prompts.put(prompt)
-                    log.debug("enqueued %s", prompt.id)
-
-
 async def list_input_files(input_dir: Path) -> list[Path]:
     """The regular, non-hidden files of the input dir, in natural order (2 before 10)."""
     with stop_on_os_error(f"cannot read input dir {input_dir}"):
@@ -1241,19 +1581,289 @@ INPUT_FORMATS = {  # by file extension; "" for any other file
 }
 
 
-# --------------------------------------------------------------- generator --
-async def generate_content(run: Run) -> None:
-    """Turn queued prompts into outcomes until cancelled. Retries happen in place,
-    never through the input queue, so a full queue can never deadlock a retry."""
+# ------------------------------------------------------------------ asking --
+async def answer(run: Run, prompt: Prompt) -> Outcome | None:
+    """Ask the model once per attempt until it answers, fails for good, or attempts run
+    out. None if the run stops first: the prompt stays unanswered, for the next run."""
+    settings, tally = run.settings, run.tally
+    if prompt.error:
+        return Failure(prompt, prompt.error, attempts=0, permanent=True)
+    tokens = estimated_tokens(prompt) if run.gate.counts_tokens else 0
+    if tokens and (too_large := run.gate.never_admits(tokens)):
+        return Failure(prompt, too_large, attempts=0)
+    attempt = 1
     while True:
-        prompt = await run.prompts.get()
         try:
-            if outcome := await answer(run, prompt):
-                await run.outcomes.put(outcome)
-        finally:  # however it ended, so that prompts.join() counts this prompt as handled
-            run.prompts.task_done()
+            reply = await ask(run, prompt, tokens)
+        except Exception as exc:  # noqa: BLE001 (the SDK's and the network's errors: classify() sorts them)
+            if (cause := unreachable(exc)) and await run.outage.wait_out(cause):
+                continue  # the host was down: not this prompt's attempt
+            if failure := await failed_for_good(exc, prompt, attempt, run):
+                return tally.watch(failure)
+            attempt += 1
+            continue
+        if reply is None:
+            return None
+        outcome = to_outcome(prompt, reply, attempt, settings.model)
+        if (unfit := not_as_asked(outcome)) and attempt < settings.max_attempts:  # e.g. JSON cut short at MAX_TOKENS
+            tally.retries += 1
+            log.debug("retry %s after attempt %d: %s", prompt.id, attempt, unfit.error)
+            attempt += 1
+            continue
+        log.debug("generated %s (attempt %d)", prompt.id, attempt)
+        return tally.watch(unfit or outcome)
 
 
+async def ask(run: Run, prompt: Prompt, tokens: int) -> Any:
+    """One request: once the host is reachable, a place among those in flight, then the
+    Gate's turn. The reply, or None once the run stops asking."""
+    await run.outage.passed()
+    async with run.concurrency.place():
+        if not await run.gate.admit(tokens):
+            return None
+        try:
+            reply = await run.client.aio.models.generate_content(  # --timeout-s is the client's own (see connect)
+                model=run.settings.model, contents=prompt.contents or prompt.text, config=prompt.config
+            )
+        except Exception as exc:
+            run.gate.landed(tokens)
+            run.outage.reached = run.outage.reached or api_error_code(exc) is not None
+            if classify(exc) == "capacity":
+                run.concurrency.refused()  # before this request leaves its place, so none takes it meanwhile
+            raise
+    run.gate.landed(tokens, reply.usage_metadata)
+    run.outage.reached = True
+    run.concurrency.answered()
+    return reply
+
+
+async def failed_for_good(exc: Exception, prompt: Prompt, attempt: int, run: Run) -> Failure | None:
+    """After a failed request: the prompt's Failure if no retry can help (or none is left),
+    else None once its back-off is waited out: a 429 naming a per-minute quota holds every
+    generator (see Gate.pause); a server full (see Concurrency) only this request."""
+    gate, settings = run.gate, run.settings
+    kind = classify(exc)
+    stop_if_fatal(kind, exc, settings)
+    if kind == "permanent" and api_error_code(exc) == 404:  # generateContent's only 404: no such model
+        raise PipelineError(f"the API does not know the model: {describe(exc, settings)} (check --model {settings.model})")
+    if kind == "permanent" and not prompt.own_settings and (setting := refused_setting(exc)):  # every request has it
+        raise PipelineError(f"the API refuses the setting {setting}: {describe(exc, settings)}")
+    if api_error_code(exc) == 429:
+        run.tally.rate_limited += 1
+    if kind == "permanent" or attempt == settings.max_attempts:
+        return Failure(prompt, describe(exc, settings), attempt, permanent=kind == "permanent")
+    delay = backoff_s(attempt, exc, settings)
+    run.tally.retries += 1
+    log.debug("retry %s in %.2f s after attempt %d: %s", prompt.id, delay, attempt, describe(exc, settings))
+    if kind == "rate limit":
+        gate.pause(delay)  # everyone waits it out in admit(), this prompt included
+    else:
+        await gate.sleep(delay)
+    return None
+
+
+def stop_if_fatal(kind: str, exc: BaseException, settings: Settings) -> None:
+    """A refused key or a spent daily quota ends the run: no other request would fare better."""
+    if kind == "auth" and on_vertex() and not api_key_from_env():
+        raise PipelineError(f"the credentials were refused ({describe(exc, settings)}); check your Application Default Credentials") from None
+    if kind == "auth":
+        raise PipelineError(f"the API key was refused ({describe(exc, settings)}); check GEMINI_API_KEY") from None
+    if kind == "daily quota":
+        raise StopForNow(f"the daily quota is exhausted ({', '.join(quota_ids(exc))})")
+    if (asked := server_retry_delay_s(exc)) is not None and asked > LONGEST_SERVER_DELAY_S:
+        raise StopForNow(f"the server asks to wait {asked / 3600:.1f} h before the next request")
+
+
+def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome:
+    """A Response, or a Failure when the reply has no text (e.g. blocked for safety)."""
+    candidate = reply.candidates[0] if reply.candidates else None
+    finish_reason = enum_name(candidate.finish_reason) if candidate else None
+    text = writable(reply.text or "")
+    if not text:
+        block = reply.prompt_feedback.block_reason if reply.prompt_feedback else None
+        reason = f"blocked: {enum_name(block)}" if block else f"finish_reason {finish_reason}"
+        return Failure(prompt, f"response has no text ({reason})", attempts, permanent=True)
+    usage = reply.usage_metadata or NO_USAGE  # the API leaves out counts of 0
+    return Response(
+        prompt=prompt,
+        text=text,
+        model=writable(reply.model_version or model),
+        finish_reason=finish_reason,
+        attempts=attempts,
+        prompt_tokens=usage.prompt_token_count or 0,
+        response_tokens=usage.candidates_token_count or 0,
+        thinking_tokens=usage.thoughts_token_count or 0,
+        cached_tokens=usage.cached_content_token_count or 0,
+    )
+
+
+NO_USAGE = SimpleNamespace(prompt_token_count=0, candidates_token_count=0, thoughts_token_count=0, cached_content_token_count=0)
+
+
+def not_as_asked(outcome: Outcome) -> Failure | None:
+    """An answer that is not the JSON asked for, as a Failure that keeps it (it was paid for)."""
+    if isinstance(outcome, Response) and (problem := outcome.parse()):
+        return Failure(outcome.prompt, problem, outcome.attempts, response=outcome.text, permanent=True)
+    return None
+
+
+def enum_name(value: Any) -> str | None:
+    return None if value is None else writable(str(getattr(value, "value", value)))
+
+
+def classify(exc: BaseException) -> str:
+    """What a failed request means: 'auth' and 'daily quota' stop the run; 'rate limit'
+    (a 429 naming a per-minute quota) pauses every generator; 'capacity' (a 429 naming
+    none, a 503 "overloaded": the server is full) lowers the requests in flight (see
+    Concurrency); 'transient' is retried; 'permanent' fails the prompt.
+
+    google-genai raises APIError carrying the HTTP status as `.code`; it is read
+    here without importing the SDK, so that --offline starts fast."""
+    if type(exc).__module__.startswith("google.auth"):  # Vertex AI: credentials that cannot be refreshed...
+        return "transient" if type(exc).__name__ == "TransportError" else "auth"  # ...or not now: the network
+    if (code := api_error_code(exc)) is not None:
+        if code in (401, 403) or any(d.get("reason") == "API_KEY_INVALID" for d in error_details(exc)):
+            return "auth"
+        if code == 429:
+            quotas = quota_ids(exc)  # per-day only: it will not clear for hours; any per-minute: wait
+            return "capacity" if not quotas else "daily quota" if all("PerDay" in q for q in quotas) else "rate limit"
+        if code == 503 and "overloaded" in str(getattr(exc, "message", "") or getattr(exc, "details", "")).lower():
+            return "capacity"
+        return "transient" if code == 408 or code >= 500 else "permanent"
+    if isinstance(exc, json.JSONDecodeError):  # a garbled reply (a proxy's error page sent as JSON): try again
+        return "transient"
+    return "transient" if isinstance(exc, network_errors()) else "permanent"
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """Why the host could not be reached, in words, if `exc` says so (not that it answered
+    badly or slowly): 'connection refused', 'name not resolved', 'TLS handshake failed'..."""
+    connection_errors = tuple(
+        getattr(loaded, name)
+        for module, names in (("aiohttp", ("ClientConnectionError",)), ("httpx", HTTPX_CONNECTION_ERRORS), ("httpx2", HTTPX_CONNECTION_ERRORS))
+        if (loaded := sys.modules.get(module)) is not None
+        for name in names
+    )
+    if api_error_code(exc) is not None:
+        return None  # the host answered
+    tls_errors = getattr(sys.modules.get("ssl"), "SSLError", ())  # not imported for --offline
+    first_connection_error, seen = None, exc
+    while seen is not None:
+        name = type(seen).__name__
+        if isinstance(seen, tls_errors) or "SSL" in name or "Certificate" in name:
+            return "TLS handshake failed"
+        if isinstance(seen, socket.gaierror) or "DNS" in name:
+            return "name not resolved"
+        if name in ("ConnectionTimeoutError", "ConnectTimeout"):
+            return "connection timed out"
+        if name in ("ServerDisconnectedError", "RemoteProtocolError"):
+            return "the connection was closed before an answer"
+        if isinstance(seen, TimeoutError):
+            return None  # an answer too slow: the prompt's own attempt
+        if isinstance(seen, OSError) and seen.errno in CONNECTION_ERRNOS:
+            return CONNECTION_ERRNOS[seen.errno]
+        if type(seen) in CONNECTION_ERROR_WORDS:  # raised without an errno (a peer hanging up mid-handshake)
+            return CONNECTION_ERROR_WORDS[type(seen)]
+        if first_connection_error is None and isinstance(seen, (ConnectionError, *connection_errors)):
+            first_connection_error = seen
+        seen = seen.__cause__ or seen.__context__
+    if first_connection_error is None:
+        return None
+    return " ".join(str(getattr(first_connection_error, "strerror", None) or "connection failed").lower().split())
+
+
+CONNECTION_ERROR_WORDS: dict[type[BaseException], str] = {
+    ConnectionRefusedError: "connection refused", ConnectionResetError: "connection reset",
+    ConnectionAbortedError: "connection aborted", BrokenPipeError: "the connection was closed before an answer",
+}  # fmt: skip
+HTTPX_CONNECTION_ERRORS = ("ConnectError", "ConnectTimeout", "ReadError", "WriteError", "RemoteProtocolError")
+CONNECTION_ERRNOS = {
+    errno.ECONNREFUSED: "connection refused", errno.ECONNRESET: "connection reset", errno.ECONNABORTED: "connection aborted",
+    errno.EHOSTUNREACH: "no route to host", errno.ENETUNREACH: "network unreachable", errno.ENETDOWN: "network down",
+    errno.ETIMEDOUT: "connection timed out", errno.EPIPE: "the connection was closed before an answer",
+}  # fmt: skip
+
+
+def quota_ids(exc: BaseException) -> list[str]:
+    """The quotas a google.rpc.QuotaFailure says were exceeded, e.g. 'GenerateRequestsPerDayPerProjectPerModel'."""
+    return [
+        str(violation.get("quotaId", ""))
+        for detail in error_details(exc)
+        if detail.get("@type", "").endswith("google.rpc.QuotaFailure")
+        for violation in detail.get("violations", [])
+        if isinstance(violation, dict)
+    ]
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """Timeouts and connection errors of whichever HTTP library the SDK has loaded."""
+    found: list[type[BaseException]] = [TimeoutError, OSError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("aiohttp", "ClientError")):
+        if (loaded := sys.modules.get(module)) is not None:
+            found.append(getattr(loaded, name))
+    return tuple(found)
+
+
+def error_details(exc: BaseException) -> list[dict[str, Any]]:
+    """The `error.details` list of a Google API error body (google.rpc.* messages)."""
+    body = getattr(exc, "details", None)  # any JSON, or what the SDK made of a body that was not (HTML, text)
+    error = body.get("error") if isinstance(body, dict) else None  # proxies send {"error": "some text"} too
+    details = error.get("details") if isinstance(error, dict) else None
+    return [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
+
+
+def refused_setting(exc: BaseException) -> str | None:
+    """The run-wide request field a 400's google.rpc.BadRequest names as invalid, if any."""
+    for detail in error_details(exc):
+        for violation in detail.get("fieldViolations") or []:
+            field_name = str(violation.get("field", "")) if isinstance(violation, dict) else ""
+            if field_name.split(".")[0] in RUN_WIDE_FIELDS:
+                return field_name
+    return None
+
+
+RUN_WIDE_FIELDS = {"generation_config", "generationConfig", "system_instruction", "systemInstruction", "model", "safety_settings", "safetySettings"}
+
+
+def server_retry_delay_s(exc: BaseException) -> float | None:
+    """The delay a google.rpc.RetryInfo asks for (a Duration such as "38s"), if any."""
+    for detail in error_details(exc):
+        if detail.get("@type", "").endswith("google.rpc.RetryInfo"):
+            with contextlib.suppress(KeyError, ValueError, AttributeError):
+                return max(0.0, float(detail["retryDelay"].removesuffix("s")))
+    return None
+
+
+def backoff_s(attempt: int, exc: BaseException, settings: Settings) -> float:
+    """How long to wait before the next attempt: what the server asked, else
+    exponential from RETRY_BASE_S with jitter (so workers do not retry in step), capped."""
+    asked = server_retry_delay_s(exc)
+    if asked is not None:
+        return asked
+    return min(settings.retry_max_s, settings.retry_base_s * 2 ** (attempt - 1) * random.uniform(1, 2))
+
+
+def api_error_code(exc: BaseException) -> int | None:
+    """The HTTP status of an error the API answered with (google-genai's APIError), else None."""
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, int) and hasattr(exc, "details") else None
+
+
+def describe(exc: BaseException, settings: Settings) -> str:
+    """A one-line reason for failed.jsonl and messages."""
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {settings.timeout_s:g} s"
+    if (code := api_error_code(exc)) is not None:
+        body = getattr(exc, "details", None)
+        message = getattr(exc, "message", None) or (body.get("error") if isinstance(body, dict) else body) or ""
+        text = f"{' '.join(str(part) for part in (code, getattr(exc, 'status', None)) if part)}: {message}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    text = redact(" ".join(writable(text).split()))  # an HTML error page would otherwise fill the screen; before the cut,
+    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"  # which could leave part of a key
+
+
+# ------------------------------------------------------------------ limits --
 class Gate:
     """Every request passes here first, so one place decides when requests may start:
     no faster than --rpm and --tpm, evenly spaced; none while a 429's back-off runs, for
@@ -1655,287 +2265,6 @@ def estimated_tokens(prompt: Prompt) -> int:
     elif instruction is not None:
         texts += [part.text or "" for part in instruction.parts or []]
     return sum(map(len, texts)) // CHARS_PER_TOKEN + 1 + NON_TEXT_PART_TOKENS * others
-
-
-async def answer(run: Run, prompt: Prompt) -> Outcome | None:
-    """Ask the model once per attempt until it answers, fails for good, or attempts run
-    out. None if the run stops first: the prompt stays unanswered, for the next run."""
-    settings, tally = run.settings, run.tally
-    if prompt.error:
-        return Failure(prompt, prompt.error, attempts=0, permanent=True)
-    tokens = estimated_tokens(prompt) if run.gate.counts_tokens else 0
-    if tokens and (too_large := run.gate.never_admits(tokens)):
-        return Failure(prompt, too_large, attempts=0)
-    attempt = 1
-    while True:
-        try:
-            reply = await ask(run, prompt, tokens)
-        except Exception as exc:  # noqa: BLE001 (the SDK's and the network's errors: classify() sorts them)
-            if (cause := unreachable(exc)) and await run.outage.wait_out(cause):
-                continue  # the host was down: not this prompt's attempt
-            if failure := await failed_for_good(exc, prompt, attempt, run):
-                return tally.watch(failure)
-            attempt += 1
-            continue
-        if reply is None:
-            return None
-        outcome = to_outcome(prompt, reply, attempt, settings.model)
-        if (unfit := not_as_asked(outcome)) and attempt < settings.max_attempts:  # e.g. JSON cut short at MAX_TOKENS
-            tally.retries += 1
-            log.debug("retry %s after attempt %d: %s", prompt.id, attempt, unfit.error)
-            attempt += 1
-            continue
-        log.debug("generated %s (attempt %d)", prompt.id, attempt)
-        return tally.watch(unfit or outcome)
-
-
-async def ask(run: Run, prompt: Prompt, tokens: int) -> Any:
-    """One request: once the host is reachable, a place among those in flight, then the
-    Gate's turn. The reply, or None once the run stops asking."""
-    await run.outage.passed()
-    async with run.concurrency.place():
-        if not await run.gate.admit(tokens):
-            return None
-        try:
-            reply = await run.client.aio.models.generate_content(  # --timeout-s is the client's own (see connect)
-                model=run.settings.model, contents=prompt.contents or prompt.text, config=prompt.config
-            )
-        except Exception as exc:
-            run.gate.landed(tokens)
-            run.outage.reached = run.outage.reached or api_error_code(exc) is not None
-            if classify(exc) == "capacity":
-                run.concurrency.refused()  # before this request leaves its place, so none takes it meanwhile
-            raise
-    run.gate.landed(tokens, reply.usage_metadata)
-    run.outage.reached = True
-    run.concurrency.answered()
-    return reply
-
-
-async def failed_for_good(exc: Exception, prompt: Prompt, attempt: int, run: Run) -> Failure | None:
-    """After a failed request: the prompt's Failure if no retry can help (or none is left),
-    else None once its back-off is waited out: a 429 naming a per-minute quota holds every
-    generator (see Gate.pause); a server full (see Concurrency) only this request."""
-    gate, settings = run.gate, run.settings
-    kind = classify(exc)
-    stop_if_fatal(kind, exc, settings)
-    if kind == "permanent" and api_error_code(exc) == 404:  # generateContent's only 404: no such model
-        raise PipelineError(f"the API does not know the model: {describe(exc, settings)} (check --model {settings.model})")
-    if kind == "permanent" and not prompt.own_settings and (setting := refused_setting(exc)):  # every request has it
-        raise PipelineError(f"the API refuses the setting {setting}: {describe(exc, settings)}")
-    if api_error_code(exc) == 429:
-        run.tally.rate_limited += 1
-    if kind == "permanent" or attempt == settings.max_attempts:
-        return Failure(prompt, describe(exc, settings), attempt, permanent=kind == "permanent")
-    delay = backoff_s(attempt, exc, settings)
-    run.tally.retries += 1
-    log.debug("retry %s in %.2f s after attempt %d: %s", prompt.id, delay, attempt, describe(exc, settings))
-    if kind == "rate limit":
-        gate.pause(delay)  # everyone waits it out in admit(), this prompt included
-    else:
-        await gate.sleep(delay)
-    return None
-
-
-def stop_if_fatal(kind: str, exc: BaseException, settings: Settings) -> None:
-    """A refused key or a spent daily quota ends the run: no other request would fare better."""
-    if kind == "auth" and on_vertex() and not api_key_from_env():
-        raise PipelineError(f"the credentials were refused ({describe(exc, settings)}); check your Application Default Credentials") from None
-    if kind == "auth":
-        raise PipelineError(f"the API key was refused ({describe(exc, settings)}); check GEMINI_API_KEY") from None
-    if kind == "daily quota":
-        raise StopForNow(f"the daily quota is exhausted ({', '.join(quota_ids(exc))})")
-    if (asked := server_retry_delay_s(exc)) is not None and asked > LONGEST_SERVER_DELAY_S:
-        raise StopForNow(f"the server asks to wait {asked / 3600:.1f} h before the next request")
-
-
-def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome:
-    """A Response, or a Failure when the reply has no text (e.g. blocked for safety)."""
-    candidate = reply.candidates[0] if reply.candidates else None
-    finish_reason = enum_name(candidate.finish_reason) if candidate else None
-    text = writable(reply.text or "")
-    if not text:
-        block = reply.prompt_feedback.block_reason if reply.prompt_feedback else None
-        reason = f"blocked: {enum_name(block)}" if block else f"finish_reason {finish_reason}"
-        return Failure(prompt, f"response has no text ({reason})", attempts, permanent=True)
-    usage = reply.usage_metadata or NO_USAGE  # the API leaves out counts of 0
-    return Response(
-        prompt=prompt,
-        text=text,
-        model=writable(reply.model_version or model),
-        finish_reason=finish_reason,
-        attempts=attempts,
-        prompt_tokens=usage.prompt_token_count or 0,
-        response_tokens=usage.candidates_token_count or 0,
-        thinking_tokens=usage.thoughts_token_count or 0,
-        cached_tokens=usage.cached_content_token_count or 0,
-    )
-
-
-NO_USAGE = SimpleNamespace(prompt_token_count=0, candidates_token_count=0, thoughts_token_count=0, cached_content_token_count=0)
-
-
-def not_as_asked(outcome: Outcome) -> Failure | None:
-    """An answer that is not the JSON asked for, as a Failure that keeps it (it was paid for)."""
-    if isinstance(outcome, Response) and (problem := outcome.parse()):
-        return Failure(outcome.prompt, problem, outcome.attempts, response=outcome.text, permanent=True)
-    return None
-
-
-def enum_name(value: Any) -> str | None:
-    return None if value is None else writable(str(getattr(value, "value", value)))
-
-
-def classify(exc: BaseException) -> str:
-    """What a failed request means: 'auth' and 'daily quota' stop the run; 'rate limit'
-    (a 429 naming a per-minute quota) pauses every generator; 'capacity' (a 429 naming
-    none, a 503 "overloaded": the server is full) lowers the requests in flight (see
-    Concurrency); 'transient' is retried; 'permanent' fails the prompt.
-
-    google-genai raises APIError carrying the HTTP status as `.code`; it is read
-    here without importing the SDK, so that --offline starts fast."""
-    if type(exc).__module__.startswith("google.auth"):  # Vertex AI: credentials that cannot be refreshed...
-        return "transient" if type(exc).__name__ == "TransportError" else "auth"  # ...or not now: the network
-    if (code := api_error_code(exc)) is not None:
-        if code in (401, 403) or any(d.get("reason") == "API_KEY_INVALID" for d in error_details(exc)):
-            return "auth"
-        if code == 429:
-            quotas = quota_ids(exc)  # per-day only: it will not clear for hours; any per-minute: wait
-            return "capacity" if not quotas else "daily quota" if all("PerDay" in q for q in quotas) else "rate limit"
-        if code == 503 and "overloaded" in str(getattr(exc, "message", "") or getattr(exc, "details", "")).lower():
-            return "capacity"
-        return "transient" if code == 408 or code >= 500 else "permanent"
-    if isinstance(exc, json.JSONDecodeError):  # a garbled reply (a proxy's error page sent as JSON): try again
-        return "transient"
-    return "transient" if isinstance(exc, network_errors()) else "permanent"
-
-
-def unreachable(exc: BaseException) -> str | None:
-    """Why the host could not be reached, in words, if `exc` says so (not that it answered
-    badly or slowly): 'connection refused', 'name not resolved', 'TLS handshake failed'..."""
-    connection_errors = tuple(
-        getattr(loaded, name)
-        for module, names in (("aiohttp", ("ClientConnectionError",)), ("httpx", HTTPX_CONNECTION_ERRORS), ("httpx2", HTTPX_CONNECTION_ERRORS))
-        if (loaded := sys.modules.get(module)) is not None
-        for name in names
-    )
-    if api_error_code(exc) is not None:
-        return None  # the host answered
-    tls_errors = getattr(sys.modules.get("ssl"), "SSLError", ())  # not imported for --offline
-    first_connection_error, seen = None, exc
-    while seen is not None:
-        name = type(seen).__name__
-        if isinstance(seen, tls_errors) or "SSL" in name or "Certificate" in name:
-            return "TLS handshake failed"
-        if isinstance(seen, socket.gaierror) or "DNS" in name:
-            return "name not resolved"
-        if name in ("ConnectionTimeoutError", "ConnectTimeout"):
-            return "connection timed out"
-        if name in ("ServerDisconnectedError", "RemoteProtocolError"):
-            return "the connection was closed before an answer"
-        if isinstance(seen, TimeoutError):
-            return None  # an answer too slow: the prompt's own attempt
-        if isinstance(seen, OSError) and seen.errno in CONNECTION_ERRNOS:
-            return CONNECTION_ERRNOS[seen.errno]
-        if type(seen) in CONNECTION_ERROR_WORDS:  # raised without an errno (a peer hanging up mid-handshake)
-            return CONNECTION_ERROR_WORDS[type(seen)]
-        if first_connection_error is None and isinstance(seen, (ConnectionError, *connection_errors)):
-            first_connection_error = seen
-        seen = seen.__cause__ or seen.__context__
-    if first_connection_error is None:
-        return None
-    return " ".join(str(getattr(first_connection_error, "strerror", None) or "connection failed").lower().split())
-
-
-CONNECTION_ERROR_WORDS: dict[type[BaseException], str] = {
-    ConnectionRefusedError: "connection refused", ConnectionResetError: "connection reset",
-    ConnectionAbortedError: "connection aborted", BrokenPipeError: "the connection was closed before an answer",
-}  # fmt: skip
-HTTPX_CONNECTION_ERRORS = ("ConnectError", "ConnectTimeout", "ReadError", "WriteError", "RemoteProtocolError")
-CONNECTION_ERRNOS = {
-    errno.ECONNREFUSED: "connection refused", errno.ECONNRESET: "connection reset", errno.ECONNABORTED: "connection aborted",
-    errno.EHOSTUNREACH: "no route to host", errno.ENETUNREACH: "network unreachable", errno.ENETDOWN: "network down",
-    errno.ETIMEDOUT: "connection timed out", errno.EPIPE: "the connection was closed before an answer",
-}  # fmt: skip
-
-
-def quota_ids(exc: BaseException) -> list[str]:
-    """The quotas a google.rpc.QuotaFailure says were exceeded, e.g. 'GenerateRequestsPerDayPerProjectPerModel'."""
-    return [
-        str(violation.get("quotaId", ""))
-        for detail in error_details(exc)
-        if detail.get("@type", "").endswith("google.rpc.QuotaFailure")
-        for violation in detail.get("violations", [])
-        if isinstance(violation, dict)
-    ]
-
-
-def network_errors() -> tuple[type[BaseException], ...]:
-    """Timeouts and connection errors of whichever HTTP library the SDK has loaded."""
-    found: list[type[BaseException]] = [TimeoutError, OSError]
-    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("aiohttp", "ClientError")):
-        if (loaded := sys.modules.get(module)) is not None:
-            found.append(getattr(loaded, name))
-    return tuple(found)
-
-
-def error_details(exc: BaseException) -> list[dict[str, Any]]:
-    """The `error.details` list of a Google API error body (google.rpc.* messages)."""
-    body = getattr(exc, "details", None)  # any JSON, or what the SDK made of a body that was not (HTML, text)
-    error = body.get("error") if isinstance(body, dict) else None  # proxies send {"error": "some text"} too
-    details = error.get("details") if isinstance(error, dict) else None
-    return [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
-
-
-def refused_setting(exc: BaseException) -> str | None:
-    """The run-wide request field a 400's google.rpc.BadRequest names as invalid, if any."""
-    for detail in error_details(exc):
-        for violation in detail.get("fieldViolations") or []:
-            field_name = str(violation.get("field", "")) if isinstance(violation, dict) else ""
-            if field_name.split(".")[0] in RUN_WIDE_FIELDS:
-                return field_name
-    return None
-
-
-RUN_WIDE_FIELDS = {"generation_config", "generationConfig", "system_instruction", "systemInstruction", "model", "safety_settings", "safetySettings"}
-
-
-def server_retry_delay_s(exc: BaseException) -> float | None:
-    """The delay a google.rpc.RetryInfo asks for (a Duration such as "38s"), if any."""
-    for detail in error_details(exc):
-        if detail.get("@type", "").endswith("google.rpc.RetryInfo"):
-            with contextlib.suppress(KeyError, ValueError, AttributeError):
-                return max(0.0, float(detail["retryDelay"].removesuffix("s")))
-    return None
-
-
-def backoff_s(attempt: int, exc: BaseException, settings: Settings) -> float:
-    """How long to wait before the next attempt: what the server asked, else
-    exponential from RETRY_BASE_S with jitter (so workers do not retry in step), capped."""
-    asked = server_retry_delay_s(exc)
-    if asked is not None:
-        return asked
-    return min(settings.retry_max_s, settings.retry_base_s * 2 ** (attempt - 1) * random.uniform(1, 2))
-
-
-def api_error_code(exc: BaseException) -> int | None:
-    """The HTTP status of an error the API answered with (google-genai's APIError), else None."""
-    code = getattr(exc, "code", None)
-    return code if isinstance(code, int) and hasattr(exc, "details") else None
-
-
-def describe(exc: BaseException, settings: Settings) -> str:
-    """A one-line reason for failed.jsonl and messages."""
-    if isinstance(exc, TimeoutError):
-        return f"timed out after {settings.timeout_s:g} s"
-    if (code := api_error_code(exc)) is not None:
-        body = getattr(exc, "details", None)
-        message = getattr(exc, "message", None) or (body.get("error") if isinstance(body, dict) else body) or ""
-        text = f"{' '.join(str(part) for part in (code, getattr(exc, 'status', None)) if part)}: {message}"
-    else:
-        text = f"{type(exc).__name__}: {exc}"
-    text = redact(" ".join(writable(text).split()))  # an HTML error page would otherwise fill the screen; before the cut,
-    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"  # which could leave part of a key
 
 
 # ------------------------------------------------------------------- batch --
@@ -2354,29 +2683,6 @@ def with_extra(response: Response, extra: str) -> Outcome:
 
 
 # ------------------------------------------------------------------ writer --
-async def write_outputs(run: Run, writer: int) -> None:
-    """Writer number `writer`: the only task writing its shards, its arrivals journal and
-    its failure journal. Takes the outcomes that are waiting, post-processes them, and
-    hands them to the operating system at once (see ShardWriter for why that matters)."""
-    shards, failures = open_writer_files(run, writer)
-    with stop_on_os_error(f"cannot write to {shards.output_dir}"):
-        async with contextlib.aclosing(shards), contextlib.aclosing(failures):
-            while True:
-                batch = await next_batch(run.outcomes, run.postprocessor, shards.journal)
-                done = await run.postprocessor.run(batch)
-                answered = [o for o in done if isinstance(o, Response)]
-                for written in shards.write(answered):  # counted as written: a full disk may stop it midway
-                    run.tally.count(written)
-                failed = [o for o in done if isinstance(o, Failure)]
-                failures.write(failed, answered)
-                run.tally.count(failed)
-                for _ in done:
-                    run.outcomes.task_done()
-                await shards.settle()
-                shards.journal.rotate(shards.number)
-                shards.journal.forget(shards.durable_below)
-
-
 def open_writer_files(run: Run, writer: int) -> tuple[ShardWriter, FailureLog]:
     """A writer's own shards (numbered from the shared run.shard_numbers), arrivals journal
     (none when post-processing runs inline: answers then reach the shards with no wait)
@@ -2931,309 +3237,6 @@ def id_and_prompt(line: str) -> tuple[str, str, str]:
             return prompt_id, text, digest
     record = json.loads(line)
     return str(record["id"]), str(record["prompt"]), str(record.get("row_sha256", ""))
-
-
-# -------------------------------------------------------------------- main --
-async def main(settings: Settings, tally: Tally) -> None:
-    """Start READERS readers, WORKERS generators (or the batch stage) and WRITERS writers,
-    linked by two bounded queues; wait until every prompt is answered, then shut them down."""
-    async with open_run(settings, tally) as run:
-        generate, copies = generator_stage(settings)
-        readers = [asyncio.create_task(read_inputs(run)) for _ in range(settings.readers)]
-        generators = [asyncio.create_task(generate(run)) for _ in range(copies)]
-        writers = [asyncio.create_task(write_outputs(run, number)) for number in range(settings.writers)]
-        try:
-            await supervised(all_answered(run, readers), [*generators, *writers])
-        except asyncio.CancelledError:
-            log.warning("stopping: writing the answers received (Ctrl-C again quits at once)")
-            raise
-        finally:  # on success, error and Ctrl-C alike
-            await shut_down(run, readers, generators, writers)
-
-
-def generator_stage(settings: Settings) -> tuple[Callable[[Run], Awaitable[None]], int]:
-    """The stage that turns prompts into outcomes, and how many of it run: WORKERS
-    generate_content, or with --batch one generate_in_batches (which runs jobs in parallel)."""
-    return (generate_in_batches, 1) if settings.batch else (generate_content, settings.workers)
-
-
-@contextlib.asynccontextmanager
-async def open_run(settings: Settings, tally: Tally) -> AsyncIterator[Run]:
-    """Everything the stages share, from what earlier runs left in the output dir; closed
-    in reverse order however the run ends (the pool, the client, the progress display)."""
-    async with contextlib.AsyncExitStack() as cleanup:
-        postprocessor = PostProcessor(settings.postprocess, settings.postprocess_workers)
-        cleanup.push_async_callback(postprocessor.aclose)
-        postprocessor.start()  # first, before anything starts a thread
-        cleanup.enter_context(stopped_by_signals(asyncio.current_task()))  # a long start-up scan too
-        generation = job_generation(settings)
-        with stop_on_os_error(f"cannot read {settings.output_dir}"):
-            past = await load_past_runs(settings.output_dir)
-        if check_job(settings, generation, answered=bool(past.answered or past.journaled)) or settings.retry_failed:
-            past.refused.clear()
-        tally.skipped = len(past.answered)
-        cleanup.push_async_callback(stop, *start_progress(settings, tally))
-        client = connect(settings)
-        cleanup.push_async_callback(client.aio.aclose)
-        depth, requests = queue_depth(settings), Requests.of(generation)
-        files = await table_headers_checked(await list_input_files(settings.input_dir))
-        gate = open_gate(settings, tally)
-        tally.outage, tally.concurrency = watch_host(settings, client, gate, tally), Concurrency(settings.workers)
-        run = Run(
-            settings, tally, client, gate, tally.outage, tally.concurrency, requests, past, postprocessor,
-            prompts=asyncio.Queue(maxsize=depth), outcomes=asyncio.Queue(maxsize=depth), files=iter(files),
-            shard_numbers=itertools.count(past.next_shard), ids=Ids({path.name: path for path in files}, requests),
-        )  # fmt: skip
-        if past.journaled:
-            log.info("%s that an earlier run received but never wrote: written as their prompts are read, with no request", plural(len(past.journaled), "answer"))
-        try:
-            yield run
-        finally:
-            await finish_failures(settings.output_dir, past.failures)
-            tally.left_alone = past.left_alone
-        for path in past.arrival_files:  # the run is complete: what they held is in synced shards now
-            path.unlink()
-
-
-def open_gate(settings: Settings, tally: Tally) -> Gate:
-    """The Gate for --rpm, --tpm and --max-cost-usd; the spend is shown when the model has a price."""
-    spend = Spend.of(settings)
-    if spend.price is None and not settings.offline:
-        log.warning("no price for %s in PRICES (near the top of pipeline.py): the spend is not shown", settings.model)
-    tally.spend = spend if spend.price is not None else None
-    return Gate(settings.rpm, tally, settings.tpm, spend)
-
-
-def watch_host(settings: Settings, client: Any, gate: Gate, tally: Tally) -> Outage:
-    """The Outage watch of the host the client talks to; its probe asks for the model's card."""
-    options = getattr(getattr(client, "_api_client", None), "_http_options", None)  # the SDK's resolved base URL
-    url = urllib.parse.urlsplit(str(getattr(options, "base_url", None) or ""))
-    host = f"{url.hostname}{f':{url.port}' if url.port else ''}" if url.hostname else "the API"
-    return Outage(lambda: client.aio.models.get(model=settings.model), host, settings.outage_limit_s, gate.closed_event, tally)
-
-
-def start_progress(settings: Settings, tally: Tally) -> list[asyncio.Task[None]]:
-    """The progress display: a bar on a terminal (log lines go above it), else a line every
-    PROGRESS_EVERY_S; and the total, counted meanwhile, streaming."""
-    tally.bar = progress_bar(settings, tally)
-    if tally.bar is not None:
-        log.handlers[:] = [BarHandler(tally.bar, log.handlers[0].formatter if log.handlers else None)]
-    tasks = [] if tally.bar is not None else [asyncio.create_task(report_progress(tally, settings.progress_every_s))]
-    return [*tasks, asyncio.create_task(count_total(settings.input_dir, tally))]
-
-
-async def report_progress(tally: Tally, every_s: float) -> None:
-    """Where nobody watches a terminal (nohup, CI, a scheduler's log): a line every `every_s`."""
-    while True:
-        await asyncio.sleep(every_s)
-        if not (tally.outage and tally.outage.never_reached()):  # then the run's one line is the error at the end
-            log.info("%s", tally.progress_line())
-
-
-async def count_total(input_dir: Path, tally: Tally) -> None:
-    with contextlib.suppress(PipelineError, OSError):  # an input that cannot be read: the reader says so
-        tally.set_total(sum([await count_rows(path) for path in await list_input_files(input_dir)]))
-
-
-async def count_rows(path: Path) -> int:
-    """How many prompts a file holds, for the progress display, without making them."""
-    return await input_format(path).count(path)
-
-
-@contextlib.contextmanager
-def stopped_by_signals(main_task: asyncio.Task[None]) -> Iterator[None]:
-    """Ctrl-C and SIGTERM stop the run (on_stop_signal), however busy the loop is.
-
-    Not loop.add_signal_handler: asyncio passes the signal's number through its own
-    wake-up pipe, which thousands of requests finishing in threads (DNS, file I/O) can
-    fill, and a signal written to a full pipe is dropped. A Python-level handler runs
-    from a flag that the C handler sets, whatever happens to the pipe, and hands the
-    stop to the loop with call_soon_threadsafe (which wakes it: if that pipe is full,
-    the loop is awake already). The socket here wakes the main thread when the signal
-    lands on another thread, so that the handler runs at all."""
-    loop = asyncio.get_running_loop()
-    wake_reader, wake_writer = socket.socketpair()
-    wake_reader.setblocking(False)
-    wake_writer.setblocking(False)
-    loop.add_reader(wake_reader.fileno(), drain, wake_reader)
-    stop_signals = (signal.SIGINT, signal.SIGTERM)
-    previous_wakeup = signal.set_wakeup_fd(wake_writer.fileno(), warn_on_full_buffer=False)
-    def handler(number: int, frame: Any) -> None:
-        loop.call_soon_threadsafe(on_stop_signal, main_task, number)
-
-    previous = {number: signal.signal(number, handler) for number in stop_signals}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        signal.set_wakeup_fd(previous_wakeup)
-        loop.remove_reader(wake_reader.fileno())
-        wake_reader.close()
-        wake_writer.close()
-
-
-def drain(wake_reader: socket.socket) -> None:
-    with contextlib.suppress(OSError):  # already drained: a readiness seen before a second Ctrl-C stopped the loop
-        wake_reader.recv(4096)
-
-
-def on_stop_signal(main_task: asyncio.Task[None], number: int) -> None:
-    """Ctrl-C or SIGTERM: the first stops the run gently (see shut_down), a second at once.
-    The signal's name travels with the cancellation, for the exit status (130 or 143)."""
-    if main_task.cancelling():
-        raise KeyboardInterrupt
-    main_task.cancel(signal.Signals(number).name)
-
-
-def queue_depth(settings: Settings) -> int:
-    """QUEUE_SIZE, but at least one place per worker: on a busy event loop a queue hands
-    over about its size per turn of the loop, so a shorter one leaves workers idle."""
-    return max(settings.queue_size, settings.workers)
-
-
-async def all_answered(run: Run, readers: list[asyncio.Task[None]]) -> None:
-    """Return once every prompt is answered. A reader's error is raised at once: shut_down
-    then stops the run as Ctrl-C would (the requests in flight may still land)."""
-    await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)  # every prompt is queued, or a reader failed
-    for reader in readers:
-        if reader.done():
-            reader.result()
-    await run.prompts.join()  # every queued prompt has its outcome queued
-    run.past.drop_journaled()  # every input is read: what is left answers none of them
-    await asyncio.gather(*run.leftovers)  # and what an earlier run left (see Run.leftovers for when they are known)
-
-
-async def shut_down(run: Run, readers: list[asyncio.Task[None]], generators: list[asyncio.Task[None]], writers: list[asyncio.Task[None]]) -> None:
-    """Stop asking, let requests in flight land for a moment, write every answer
-    received, then stop every task. A writer's error is raised: the run is not complete."""
-    run.gate.close()  # no request starts from now on
-    for reader in readers:
-        reader.cancel()
-    while not run.prompts.empty():  # never tried: the next run asks them
-        run.prompts.get_nowait()
-        run.prompts.task_done()
-    await until(run.prompts.join(), writers, timeout=STOP_GRACE_S)  # answers in flight are queued,
-    await stop(*readers, *generators, *run.leftovers, *run.outage.probing)
-    await until(run.outcomes.join(), writers)  # and written.
-    await stop(*writers)
-    for writer in writers:
-        if not writer.cancelled() and writer.exception():
-            raise writer.exception()  # type: ignore[misc]
-
-
-async def until(work: Awaitable[None], writers: list[asyncio.Task[None]], timeout: float | None = None) -> None:
-    """Wait for `work`, but not past `timeout`, and not once a writer is dead."""
-    waiting = asyncio.ensure_future(work)
-    await asyncio.wait([waiting, *writers], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    waiting.cancel()
-
-
-async def supervised(work: Awaitable[None], stages: list[asyncio.Task[None]]) -> None:
-    """Await `work`, but raise at once if any stage dies first: a dead writer or
-    generator must end the run, never leave a queue's join() waiting forever."""
-    done_when = asyncio.ensure_future(work)
-    watching: set[asyncio.Future[None]] = {done_when, *stages}
-    try:
-        while not done_when.done():
-            finished, watching = await asyncio.wait(watching, return_when=asyncio.FIRST_COMPLETED)
-            for task in finished:
-                if task is not done_when and not task.cancelled() and task.exception():
-                    raise task.exception()  # type: ignore[misc]
-        done_when.result()
-    finally:
-        done_when.cancel()
-
-
-async def stop(*tasks: asyncio.Task[None]) -> None:
-    """Cancel `tasks` and wait until they end. One that caught the cancel and went on (a
-    library can swallow one) is cancelled again, rather than waited for forever."""
-    pending = {task for task in tasks if not task.done()}
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=STOP_GRACE_S)
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def connect(settings: Settings) -> Any:
-    """The model client: google-genai's, or the offline stand-in."""
-    if settings.offline:
-        return OfflineClient(settings.offline_latency_ms / 1000, settings.model, settings.timeout_s)
-    from google import genai  # imported here so that --offline never pays for it
-    from google.genai import types
-
-    # attempts=1: answer() owns retries, so the SDK must not retry behind its back. No
-    # redirects: httpx and aiohttp would carry the x-goog-api-key header to another host.
-    # The request timeout is the transport's (aiohttp's total timeout, which the SDK also
-    # sends as X-Server-Timeout, so the server knows when an answer is no longer awaited),
-    # not a second timer around each call; batch mode's uploads and downloads have none.
-    options = types.HttpOptions(
-        timeout=None if settings.batch else max(1, round(settings.timeout_s * 1000)),  # in ms
-        retry_options=types.HttpRetryOptions(attempts=1),
-        async_client_args={"follow_redirects": False, "allow_redirects": False},  # httpx's name, aiohttp's name
-    )
-    if not on_vertex():
-        return genai.Client(api_key=api_key_from_env(), http_options=options)
-    if key := api_key_from_env():  # Vertex AI express mode
-        return genai.Client(vertexai=True, api_key=key, http_options=options)
-    project, location = os.environ["GOOGLE_CLOUD_PROJECT"], os.environ["GOOGLE_CLOUD_LOCATION"]  # see check_credentials
-    return genai.Client(vertexai=True, project=project, location=location, http_options=options)
-
-
-def api_key_from_env() -> str | None:
-    """The key as it is sent: stripped (a key pasted with a trailing space or newline is common)."""
-    key = (os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY") or "").strip()
-    return key or None
-
-
-def on_vertex() -> bool:
-    """Whether google-genai is told to use Vertex AI rather than the Gemini API."""
-    return os.environ.get("GOOGLE_GENAI_USE_VERTEXAI", "").strip().lower() in ("true", "1")
-
-
-def check_credentials(settings: Settings) -> None:
-    """What the chosen backend needs: the Gemini API a key; Vertex AI a project, a
-    location and Application Default Credentials (or, in express mode, a key)."""
-    if not on_vertex():
-        if not api_key_from_env():
-            raise PipelineError("no API key: set GEMINI_API_KEY (or GOOGLE_GENAI_USE_VERTEXAI=true for Vertex AI), or try the pipeline with --offline")
-        return
-    if settings.batch:
-        raise PipelineError("--batch on Vertex AI reads and writes Cloud Storage or BigQuery, which this tool does not handle: run without --batch")
-    if api_key_from_env():
-        return
-    if missing := [name for name in ("GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION") if not os.environ.get(name)]:
-        raise PipelineError(f"Vertex AI needs {' and '.join(missing)} set (or an API key, for express mode)")
-    import google.auth
-    import google.auth.exceptions
-
-    try:  # loaded here once, so that a missing ADC is one line now, not a failure per prompt later
-        google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
-    except google.auth.exceptions.DefaultCredentialsError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PipelineError(f"no Application Default Credentials for Vertex AI ({reason}): run 'gcloud auth application-default login'") from None
-
-
-def redact(text: str) -> str:
-    """`text` with the API key replaced by ***: a server or proxy may quote the key back in
-    an error, and nothing the pipeline prints or writes may carry it. Any piece of it of
-    KEY_PIECE characters or more goes too (a message cut short, a key quoted in part)."""
-    key = api_key_from_env()
-    if not key or len(key) < 4:
-        return text
-    text = text.replace(key, "***")
-    piece = min(KEY_PIECE, len(key))
-    found = [start for start in range(len(key) - piece + 1) if key[start : start + piece] in text]
-    if not found:
-        return text
-    pattern = "|".join(re.escape(key[a:b]) for a in found for b in range(len(key), a + piece - 1, -1))
-    return re.sub(pattern, "***", text)
-
-
-class RedactingFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
 
 
 # ----------------------------------------------------------------- offline --

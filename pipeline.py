@@ -26,7 +26,7 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
   stages     the three coroutines, linked by two bounded queues: read_inputs streams prompts
              from the input files; generate_content asks the model for each; write_outputs
              journals each answer as it takes it, post-processes, and fills numbered shards
-  requests   Requests: how rows become requests, the run's settings (validated through
+  requests   PromptMaker: how rows become requests, the run's settings (validated through
              google-genai's types) with a row's own over them; Ids, one namespace for all
   reader     each input file as its InputFormat says (INPUT_FORMATS: lines, JSONL rows, CSV
              and TSV rows), streaming
@@ -45,7 +45,7 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
              FailureLog: the files one writer owns
   resume     load_past_runs: what the output dir already holds (PastRuns: answered prompts
              as Fingerprints, 16 bytes each; failures, those refused for good left alone);
-             repairs torn lines; check_job: one folder, one model and one set of settings
+             repairs torn lines; record_job: one folder, one model and one set of settings
   offline    OfflineClient, a stand-in for genai.Client with the same call shape
   CLI        parse_args (the flags, from SETTINGS), start-up checks (check_credentials:
              Gemini API or Vertex AI), the lock on the output dir, the summary and exit status
@@ -160,10 +160,10 @@ READ_CHUNK_BYTES = 1 << 20  # input is read this much at a time, so memory stays
 STOP_GRACE_S = 1.5  # on Ctrl-C, how long requests in flight may still land (exit within 2 s)
 SHARDS_PER_SYNC = 16  # full shards fsynced and closed together in one worker-thread job
 SYNCS_PENDING = 4  # such jobs that may run behind the writer at once
-RPM_HEADROOM = 0.98  # pace at 98% of the RPM: spaced at exactly the limit, jitter puts R+1 in some windows
+RATE_HEADROOM = 0.98  # pace at 98% of --rpm and --tpm: spaced at exactly the limit, jitter puts R+1 in some windows
 FAILED_FILE = "failed.jsonl"
 LOCK_FILE = ".lock"  # in OUTPUT_DIR: held by the run using the folder (see output_dir_locked)
-JOB_FILE = "job.json"  # in OUTPUT_DIR: the model and settings its answers were asked with (see check_job)
+JOB_FILE = "job.json"  # in OUTPUT_DIR: the model and settings its answers were asked with (see record_job)
 FAILED_JOURNAL = re.compile(r"failed(\.\d+)?\.jsonl")  # failed.jsonl, and failed.K.jsonl of writer K while running
 SHARD_NAME = re.compile(r"shard_(\d+)\.jsonl")
 ARRIVALS = re.compile(r"arrivals\.[0-9a-f]+\.\d+\.\d+\.jsonl")  # see ArrivalJournal
@@ -700,7 +700,7 @@ class Run:
     gate: Gate  # every request passes it first (--rpm, --tpm, 429s, --max-cost-usd)
     outage: Outage  # holds every request while the API's host cannot be reached
     concurrency: Concurrency  # how many requests may be in flight (--workers, or fewer if the server is full)
-    requests: Requests  # how rows become requests
+    maker: PromptMaker  # how rows become prompts (the run's settings, a row's own over them)
     past: PastRuns  # what earlier runs left in the output dir
     postprocessor: PostProcessor  # runs postprocess() for the writers, in its pool
     prompts: asyncio.Queue[Prompt]  # reader -> generators
@@ -751,20 +751,20 @@ async def open_run(settings: Settings, tally: Tally) -> AsyncIterator[Run]:
         generation = job_generation(settings)
         with stop_on_os_error(f"cannot read {settings.output_dir}"):
             past = await load_past_runs(settings.output_dir)
-        if check_job(settings, generation, answered=bool(past.answered or past.journaled)) or settings.retry_failed:
+        if record_job(settings, generation, answered=bool(past.answered or past.journaled)) or settings.retry_failed:
             past.refused.clear()
         tally.skipped = len(past.answered)
         cleanup.push_async_callback(stop, *start_progress(settings, tally))
         client = connect(settings)
         cleanup.push_async_callback(client.aio.aclose)
-        depth, requests = queue_depth(settings), Requests.of(generation)
+        depth, maker = queue_depth(settings), PromptMaker.of(generation)
         files = await table_headers_checked(await list_input_files(settings.input_dir))
         gate = open_gate(settings, tally)
         tally.outage, tally.concurrency = watch_host(settings, client, gate, tally), Concurrency(settings.workers)
         run = Run(
-            settings, tally, client, gate, tally.outage, tally.concurrency, requests, past, postprocessor,
+            settings, tally, client, gate, tally.outage, tally.concurrency, maker, past, postprocessor,
             prompts=asyncio.Queue(maxsize=depth), outcomes=asyncio.Queue(maxsize=depth), files=iter(files),
-            shard_numbers=itertools.count(past.next_shard), ids=Ids({path.name: path for path in files}, requests),
+            shard_numbers=itertools.count(past.next_shard), ids=Ids({path.name: path for path in files}, maker),
         )  # fmt: skip
         if past.journaled:
             log.info("%s that an earlier run received but never wrote: written as their prompts are read, with no request", plural(len(past.journaled), "answer"))
@@ -1025,7 +1025,7 @@ async def read_inputs(run: Run) -> None:
     request goes to the writers instead); waits while the queue is full. With
     READERS > 1 the readers share run.files, each taking the next file when it finishes one."""
     for path in run.files:
-        async with contextlib.aclosing(read_prompts(path, run.requests)) as file_prompts:
+        async with contextlib.aclosing(read_prompts(path, run.maker)) as file_prompts:
             async for prompt in file_prompts:
                 if prompt.origin:  # a named id (a default one is its own place: see Ids)
                     await run.ids.claim(prompt)
@@ -1078,7 +1078,7 @@ CAMEL = re.compile(r"_([a-z0-9])")
 
 
 @dataclass(frozen=True)
-class Requests:
+class PromptMaker:
     """How rows become requests: the run's generation settings (SYSTEM_INSTRUCTION ...
     GENERATION_CONFIG), validated through google-genai's own types before any request,
     with a row's own settings over them. Keeps the ids rows name, which must be unique."""
@@ -1088,7 +1088,7 @@ class Requests:
     answer_format: AnswerFormat | None = None  # JSON asked for by the run's settings
 
     @classmethod
-    def of(cls, generation: dict[str, Any]) -> Requests:
+    def of(cls, generation: dict[str, Any]) -> PromptMaker:
         if not generation:
             return cls({})
         try:
@@ -1172,7 +1172,7 @@ class Ids:
     and only then are that file's default ids listed (read once, a bit per line)."""
 
     files: dict[str, Path] = field(default_factory=dict)  # the input files, by name
-    requests: Requests | None = None  # how their rows are read (see places_of)
+    maker: PromptMaker | None = None  # how their rows are read (see places_of)
     named: dict[str, str] = field(default_factory=dict)  # id -> "file:line" of the row that named it
     places: dict[str, bytearray] = field(default_factory=dict)  # file name -> bit n set: line n is known by its place
 
@@ -1200,8 +1200,8 @@ class Ids:
     async def places_of(self, path: Path) -> bytearray:
         """The lines of an input file whose prompts are known by their place, as bits."""
         bits = bytearray()
-        assert self.requests is not None
-        async for prompt in read_prompts(path, self.requests):
+        assert self.maker is not None
+        async for prompt in read_prompts(path, self.maker):
             if not prompt.origin:
                 line = int(prompt.id.rpartition(":")[2])
                 bits.extend(bytes(max(0, (line >> 3) + 1 - len(bits))))
@@ -1388,10 +1388,10 @@ def natural_key(name: str) -> list[Any]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
 
 
-async def read_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
+async def read_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[Prompt]:
     """The prompts of one file, read as its InputFormat says."""
     with stop_on_os_error(f"cannot read input file {path}"):
-        async for prompt in input_format(path).prompts(path, requests):
+        async for prompt in input_format(path).prompts(path, maker):
             yield prompt
 
 
@@ -1400,7 +1400,7 @@ class InputFormat:
     """How one kind of input file becomes prompts. A new format is a reader, a counter and
     its line in INPUT_FORMATS; reading, the progress total and the start-up checks follow."""
 
-    prompts: Callable[[Path, Requests], AsyncIterator[Prompt]]  # the file's prompts, in order, each with its id
+    prompts: Callable[[Path, PromptMaker], AsyncIterator[Prompt]]  # the file's prompts, in order, each with its id
     count: Callable[[Path], Awaitable[int]]  # how many it holds, without making them (the progress total)
     delimiter: str = ""  # a table's cell separator (its header is checked at start-up); "": not a table
 
@@ -1409,24 +1409,24 @@ def input_format(path: Path) -> InputFormat:
     return INPUT_FORMATS.get(path.suffix.lower(), INPUT_FORMATS[""])
 
 
-async def text_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
+async def text_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[Prompt]:
     """A prompt per non-blank line; blank lines are skipped but still counted in the ids."""
     async for first, lines in read_lines(path):
         for where, text, error in numbered(path.name, first, lines):
             if error:
                 yield Prompt(where, text, error=error)
             elif text := text.strip():
-                yield requests.prompt(where, text)
+                yield maker.prompt(where, text)
 
 
-async def jsonl_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
-    """A request per non-blank line (see Requests.from_json)."""
+async def jsonl_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[Prompt]:
+    """A request per non-blank line (see PromptMaker.from_json)."""
     async for first, lines in read_lines(path):
         for where, text, error in numbered(path.name, first, lines):
             if error:
                 yield Prompt(where, text, error=error)
             elif text.strip():
-                yield requests.from_json(text, where)
+                yield maker.from_json(text, where)
 
 
 def numbered(name: str, first: int, lines: list[bytes]) -> Iterator[tuple[str, str, str | None]]:
@@ -1448,7 +1448,7 @@ async def count_table_rows(path: Path) -> int:
     return max(sum([1 async for _ in table_rows(path)]) - 1, 0)
 
 
-async def csv_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
+async def csv_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[Prompt]:
     """A request per row after a header naming a prompt column (and optionally id and
     system_instruction; other columns are carried into the records). Read by the csv
     module, as Excel writes (see table_rows); a row's place is the line where it starts."""
@@ -1463,7 +1463,7 @@ async def csv_prompts(path: Path, requests: Requests) -> AsyncIterator[Prompt]:
             yield Prompt(where, input_format(path).delimiter.join(cells).strip(), error=f"row has {len(cells)} cells, the header {len(header)}")
         else:
             row = {name: cell for name, cell in zip(header, cells) if cell or name not in ("id", "system_instruction")}
-            yield requests.from_row(row, where)
+            yield maker.from_row(row, where)
 
 
 async def table_headers_checked(files: list[Path]) -> list[Path]:
@@ -1677,27 +1677,24 @@ def stop_if_fatal(kind: str, exc: BaseException, settings: Settings) -> None:
 def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome:
     """A Response, or a Failure when the reply has no text (e.g. blocked for safety)."""
     candidate = reply.candidates[0] if reply.candidates else None
-    finish_reason = enum_name(candidate.finish_reason) if candidate else None
+    finish_reason = enum_text(candidate.finish_reason) if candidate else None
     text = writable(reply.text or "")
     if not text:
         block = reply.prompt_feedback.block_reason if reply.prompt_feedback else None
-        reason = f"blocked: {enum_name(block)}" if block else f"finish_reason {finish_reason}"
+        reason = f"blocked: {enum_text(block)}" if block else f"finish_reason {finish_reason}"
         return Failure(prompt, f"response has no text ({reason})", attempts, permanent=True)
-    usage = reply.usage_metadata or NO_USAGE  # the API leaves out counts of 0
+    usage = reply.usage_metadata  # None, or with the counts of 0 left out: token_count reads either as 0
     return Response(
         prompt=prompt,
         text=text,
         model=writable(reply.model_version or model),
         finish_reason=finish_reason,
         attempts=attempts,
-        prompt_tokens=usage.prompt_token_count or 0,
-        response_tokens=usage.candidates_token_count or 0,
-        thinking_tokens=usage.thoughts_token_count or 0,
-        cached_tokens=usage.cached_content_token_count or 0,
+        prompt_tokens=token_count(usage, "prompt_token_count"),
+        response_tokens=token_count(usage, "candidates_token_count"),
+        thinking_tokens=token_count(usage, "thoughts_token_count"),
+        cached_tokens=token_count(usage, "cached_content_token_count"),
     )
-
-
-NO_USAGE = SimpleNamespace(prompt_token_count=0, candidates_token_count=0, thoughts_token_count=0, cached_content_token_count=0)
 
 
 def not_as_asked(outcome: Outcome) -> Failure | None:
@@ -1707,7 +1704,8 @@ def not_as_asked(outcome: Outcome) -> Failure | None:
     return None
 
 
-def enum_name(value: Any) -> str | None:
+def enum_text(value: Any) -> str | None:
+    """The text of an enum the SDK returns ("STOP"), or of a string it left as one."""
     return None if value is None else writable(str(getattr(value, "value", value)))
 
 
@@ -1882,9 +1880,9 @@ class Gate:
     def __init__(
         self, requests_per_minute: float | None, tally: Tally, tokens_per_minute: float | None = None, spend: Spend | None = None
     ) -> None:
-        self.interval_s = 60 / (requests_per_minute * RPM_HEADROOM) if requests_per_minute else 0.0
+        self.interval_s = 60 / (requests_per_minute * RATE_HEADROOM) if requests_per_minute else 0.0
         self.tokens_per_minute = tokens_per_minute  # --tpm
-        self.token_s = 60 / (tokens_per_minute * RPM_HEADROOM) if tokens_per_minute else 0.0  # of the schedule per input token
+        self.token_s = 60 / (tokens_per_minute * RATE_HEADROOM) if tokens_per_minute else 0.0  # of the schedule per input token
         self.next_slot = 0.0  # time.monotonic() of the next free start under --rpm...
         self.next_tokens = 0.0  # ...and under --tpm: when the input tokens started so far fit in it
         self.estimated = 0  # input tokens of the requests answered so far, as estimated...
@@ -1932,7 +1930,7 @@ class Gate:
         """Why a request of about `tokens` input tokens could never start, if it could not:
         more than --tpm allows in a minute, or alone more than --max-cost-usd."""
         expected = round(tokens * self.token_ratio)
-        if self.tokens_per_minute and expected > self.tokens_per_minute * RPM_HEADROOM:
+        if self.tokens_per_minute and expected > self.tokens_per_minute * RATE_HEADROOM:
             return f"needs about {expected:,} input tokens, more than --tpm {self.tokens_per_minute:g} lets start in a minute"
         limit = self.spend.limit_usd
         if limit is not None and (cost := self.spend.expected_usd(expected)) > limit:
@@ -2320,7 +2318,7 @@ async def run_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal) ->
     except PipelineError:
         raise
     except Exception as exc:  # noqa: BLE001 (the API refused the job: its prompts fail, with the reason)
-        results: list[Outcome] = [Failure(p, f"batch job not created: {describe(exc, run.settings)}", 1) for p in job_prompts]
+        results: list[Outcome] = all_failed(job_prompts, f"batch job not created: {describe(exc, run.settings)}")
     else:
         results = await collect_job(run, job)
     for outcome in results:
@@ -2385,7 +2383,7 @@ async def collect_job(run: Run, job: BatchJob, first_look_s: float | None = None
         raise
     except Exception as exc:  # noqa: BLE001 (sorted below: the API's refusal, or results we cannot read)
         if api_error_code(exc) is not None:
-            return [Failure(p, f"batch job {job.name}: {describe(exc, run.settings)}", attempts=1) for p in job.prompts]
+            return all_failed(job.prompts, f"batch job {job.name}: {describe(exc, run.settings)}")
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise PipelineError(
             f"cannot read batch job {job.name} ({reason}); its answers stay on Google's side: run the same command "
@@ -2403,7 +2401,7 @@ async def wait_for_job(run: Run, job: BatchJob, first_look_s: float | None) -> A
     while True:
         await asyncio.sleep(delay)
         current = await api_call(run, lambda: run.client.aio.batches.get(name=job.name), retry_forever=True)
-        state = enum_name(current.state)
+        state = enum_text(current.state)
         log.debug("polled %s: %s", job.name, state)
         if state in JOB_ENDED:
             run.tally.count_job("done", ends="running" if running else None)
@@ -2420,11 +2418,11 @@ JOB_ENDED = {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_
 async def job_outcomes(run: Run, job: BatchJob, ended: Any) -> list[Outcome]:
     """An outcome per prompt of an ended job: its answer or its own error if the job
     succeeded, else the job's state as the reason."""
-    state = enum_name(ended.state)
+    state = enum_text(ended.state)
     if state not in ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED"):
-        return [Failure(p, f"batch job {job.name} ended {state}", attempts=1) for p in job.prompts]
+        return all_failed(job.prompts, f"batch job {job.name} ended {state}")
     if not (ended.dest and ended.dest.file_name):  # jobs are sent as files, so their results come as one
-        return [Failure(p, f"batch job {job.name} returned no responses file", attempts=1) for p in job.prompts]
+        return all_failed(job.prompts, f"batch job {job.name} returned no responses file")
     data = await api_call(run, lambda: run.client.aio.files.download(file=ended.dest.file_name), timed=False)
     results = results_by_key(data)
     if run.tally.spend is not None:
@@ -2467,6 +2465,11 @@ def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, model:
         return Failure(prompt, f"batch job {job.name} returned nothing for this prompt", attempts=1)
     outcome = to_outcome(prompt, response, 1, model)
     return not_as_asked(outcome) or outcome  # one attempt in a job: no retry
+
+
+def all_failed(prompts: list[Prompt], error: str) -> list[Outcome]:
+    """The outcome of each prompt of a job that failed as a whole: the job was their one attempt."""
+    return [Failure(prompt, error, attempts=1) for prompt in prompts]
 
 
 async def api_call(run: Run, call: Callable[[], Awaitable[Any]], retry_forever: bool = False, timed: bool = True) -> Any:
@@ -3110,7 +3113,7 @@ DIGEST_OPENING = ', "row_sha256": "'  # ...and the third, in the records of rows
 MOVE_IT_AWAY = "move the file away or choose a fresh --output-dir"
 
 
-def check_job(settings: Settings, generation: dict[str, Any], answered: bool) -> bool:
+def record_job(settings: Settings, generation: dict[str, Any], answered: bool) -> bool:
     """One folder, one job: its answers were all asked with one model and one set of settings.
     The first run records them in JOB_FILE; a rerun with others stops before any request,
     unless the folder holds no answer yet (a mistyped --model, say, is simply corrected).
@@ -3140,7 +3143,7 @@ def check_job(settings: Settings, generation: dict[str, Any], answered: bool) ->
     )
 
 
-SETTING_FLAGS = {api_field: f"--{attribute.replace('_', '-')}" for attribute, api_field in GENERATION_FIELDS.items()}  # for check_job
+SETTING_FLAGS = {api_field: f"--{attribute.replace('_', '-')}" for attribute, api_field in GENERATION_FIELDS.items()}  # for record_job
 
 
 def shard_files(output_dir: Path) -> list[tuple[int, Path]]:
@@ -3414,7 +3417,7 @@ def check_setup(settings: Settings) -> None:
         raise PipelineError(f"--output-dir {settings.output_dir} is the input dir: choose another folder")
     if not settings.offline:
         check_credentials(settings)
-    Requests.of(job_generation(settings))  # a misspelt setting stops the run here, before any request
+    PromptMaker.of(job_generation(settings))  # a misspelt setting stops the run here, before any request
     try:  # last: a refused start leaves no folder behind
         settings.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -592,7 +592,7 @@ def child_csv(path: str) -> None:
     import pipeline
 
     async def read() -> int:
-        return sum([1 async for _ in pipeline.read_prompts(Path(path), pipeline.Requests({}))])
+        return sum([1 async for _ in pipeline.read_prompts(Path(path), pipeline.PromptMaker({}))])
 
     started = time.process_time()  # the worker thread's CPU included
     count = asyncio.run(read())

@@ -30,8 +30,8 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
              google-genai's types) with a row's own over them; Ids, one namespace for all
   reader     each input file as its InputFormat says (INPUT_FORMATS: lines, JSONL rows, CSV
              and TSV rows), streaming
-  asking     answer(): one prompt's attempts, retried in place with back-off (failed_for_good,
-             classify, backoff_s), never re-queued, so never deadlocked. Every request (ask)
+  asking     answer(): one prompt's attempts, retried in place with back-off (final_failure,
+             wait_to_retry, classify, backoff_s), never re-queued, so never deadlocked. Every request (ask)
              waits out an Outage, takes a place of Concurrency, and passes the Gate
   limits     Gate (--rpm, --tpm, a per-minute 429's shared back-off, --max-cost-usd); Spend,
              the estimated cost from PRICES; Concurrency, fewer requests in flight while the
@@ -1598,8 +1598,10 @@ async def answer(run: Run, prompt: Prompt) -> Outcome | None:
         except Exception as exc:  # noqa: BLE001 (the SDK's and the network's errors: classify() sorts them)
             if (cause := unreachable(exc)) and await run.outage.wait_out(cause):
                 continue  # the host was down: not this prompt's attempt
-            if failure := await failed_for_good(exc, prompt, attempt, run):
+            kind = classify(exc)
+            if failure := final_failure(exc, kind, prompt, attempt, run):
                 return tally.watch(failure)
+            await wait_to_retry(run, exc, kind, attempt, prompt.id)
             attempt += 1
             continue
         if reply is None:
@@ -1637,12 +1639,11 @@ async def ask(run: Run, prompt: Prompt, tokens: int) -> Any:
     return reply
 
 
-async def failed_for_good(exc: Exception, prompt: Prompt, attempt: int, run: Run) -> Failure | None:
-    """After a failed request: the prompt's Failure if no retry can help (or none is left),
-    else None once its back-off is waited out: a 429 naming a per-minute quota holds every
-    generator (see Gate.pause); a server full (see Concurrency) only this request."""
-    gate, settings = run.gate, run.settings
-    kind = classify(exc)
+def final_failure(exc: Exception, kind: str, prompt: Prompt, attempt: int, run: Run) -> Failure | None:
+    """After a failed request (`kind`, as classify() says): the prompt's Failure if no retry
+    can help, or none is left; None if it is worth another attempt. Raises what stops the
+    whole run instead: a refused key, a spent daily quota, a model or setting refused for all."""
+    settings = run.settings
     stop_if_fatal(kind, exc, settings)
     if kind == "permanent" and api_error_code(exc) == 404:  # generateContent's only 404: no such model
         raise PipelineError(f"the API does not know the model: {describe(exc, settings)} (check --model {settings.model})")
@@ -1652,14 +1653,22 @@ async def failed_for_good(exc: Exception, prompt: Prompt, attempt: int, run: Run
         run.tally.rate_limited += 1
     if kind == "permanent" or attempt == settings.max_attempts:
         return Failure(prompt, describe(exc, settings), attempt, permanent=kind == "permanent")
-    delay = backoff_s(attempt, exc, settings)
-    run.tally.retries += 1
-    log.debug("retry %s in %.2f s after attempt %d: %s", prompt.id, delay, attempt, describe(exc, settings))
-    if kind == "rate limit":
-        gate.pause(delay)  # everyone waits it out in admit(), this prompt included
-    else:
-        await gate.sleep(delay)
     return None
+
+
+async def wait_to_retry(run: Run, exc: BaseException, kind: str, attempt: int, what: str) -> None:
+    """The wait before another attempt at `what` (a prompt, or a Batch API call): the same for
+    both. As long as the server asked (RetryInfo), else exponential from --retry-base-s with
+    jitter (backoff_s). A 429 naming a per-minute quota holds every request (Gate.pause: each
+    waits it out before its next attempt, in Gate.admit or Gate.unpaused); a server full (see
+    Concurrency) and other errors hold only this one. Ends early once the run stops asking."""
+    delay = backoff_s(attempt, exc, run.settings)
+    run.tally.retries += 1
+    log.debug("retry %s in %.2f s after attempt %d: %s", what, delay, attempt, describe(exc, run.settings))
+    if kind == "rate limit":
+        run.gate.pause(delay)
+    else:
+        await run.gate.sleep(delay)
 
 
 def stop_if_fatal(kind: str, exc: BaseException, settings: Settings) -> None:
@@ -1962,6 +1971,12 @@ class Gate:
             if now >= self.paused_until:  # a new back-off, not one more worker hitting the same one
                 log.debug("rate limited: holding all requests for %.2f s", seconds)
             self.paused_until = now + seconds
+
+    async def unpaused(self) -> None:
+        """Wait out the shared back-off of a 429, if one runs (less once the gate closes):
+        for calls that start without admit(), such as the Batch API's."""
+        while not self.closed and (left := self.paused_until - time.monotonic()) > 0:
+            await self.hold(left)
 
     async def hold(self, seconds: float) -> None:
         if self._waiting == 0:
@@ -2473,24 +2488,25 @@ def all_failed(prompts: list[Prompt], error: str) -> list[Outcome]:
 
 
 async def api_call(run: Run, call: Callable[[], Awaitable[Any]], retry_forever: bool = False, timed: bool = True) -> Any:
-    """One Batch or Files API call, retried as a prompt's request is: transient errors and
-    429s back off and try again, MAX_ATTEMPTS times or `retry_forever` (a poll); a refused
-    key or a spent daily quota stop the run; other errors are raised. `timed`: give up
-    after TIMEOUT_S (not for uploads and downloads, which take what they take)."""
+    """One Batch or Files API call, retried as a prompt's request is (wait_to_retry): transient
+    errors and 429s back off and try again, MAX_ATTEMPTS times or `retry_forever` (a poll); a
+    refused key or a spent daily quota stop the run; other errors are raised, and so is any
+    once the run stops asking. `timed`: give up after TIMEOUT_S (not for uploads and
+    downloads, which take what they take)."""
     settings = run.settings
     for attempt in itertools.count(1):
+        await run.gate.unpaused()
         try:
             async with asyncio.timeout(settings.timeout_s if timed else None):
                 return await call()
         except Exception as exc:
             kind = classify(exc)
             stop_if_fatal(kind, exc, settings)
-            if kind == "permanent" or (attempt == settings.max_attempts and not retry_forever):
+            if kind == "permanent" or (attempt == settings.max_attempts and not retry_forever) or run.gate.closed:
                 raise
-            run.tally.retries += 1
-            delay = backoff_s(min(attempt, settings.max_attempts), exc, settings)
-            log.debug("retry a Batch API call in %.2f s after attempt %d: %s", delay, attempt, describe(exc, settings))
-            await asyncio.sleep(delay)
+            await wait_to_retry(run, exc, kind, min(attempt, settings.max_attempts), "a Batch API call")
+            if run.gate.closed:  # the run stopped asking during the wait
+                raise
     raise AssertionError("unreachable: itertools.count() never ends")  # pragma: no cover
 
 

@@ -12,6 +12,8 @@ from collections import Counter
 from conftest import sample_prompts, write_prompts
 from fake_gemini import DailyQuota, PerWindowQuota, echo, error, rate_limited
 
+import pytest
+
 import pipeline
 
 
@@ -119,3 +121,28 @@ def test_classify_reads_the_quota_failure() -> None:
     assert pipeline.classify(api_error(error(429, "no details"))) == "capacity"  # a server full: see test_network
     assert pipeline.classify(api_error(error(503, "overloaded"))) == "capacity"
     assert pipeline.classify(api_error(error(503, "Service unavailable"))) == "transient"
+
+
+async def test_a_batch_api_call_waits_out_the_shared_back_off_and_stops_retrying_once_the_run_stops(tmp_path) -> None:
+    """The Batch API's calls retry through the same wait as a prompt's request: a 429's shared
+    back-off holds them too, and a back-off ends when the run stops asking (the gate closes)."""
+    from conftest import stage_run
+
+    tally = pipeline.Tally()
+    gate = pipeline.Gate(None, tally)
+    run = stage_run(tmp_path, pipeline.Settings(output_dir=tmp_path, retry_base_s=30), gate=gate, tally=tally)
+    gate.pause(0.2)  # another request's 429
+    paused_until, calls, called = gate.paused_until, [], asyncio.Event()
+
+    async def poll() -> None:
+        calls.append(time.monotonic())
+        called.set()
+        raise TimeoutError  # transient: retried, after 30 to 60 s
+
+    polling = asyncio.create_task(pipeline.api_call(run, poll, retry_forever=True))
+    await called.wait()
+    assert calls[0] >= paused_until  # not before the shared back-off ended
+    gate.close()  # Ctrl-C, the budget, the daily quota: the 30 s back-off ends now, and nothing is retried
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(polling, timeout=5)
+    assert len(calls) == 1

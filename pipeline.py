@@ -1619,8 +1619,12 @@ async def answer(run: Run, prompt: Prompt) -> Outcome | None:
 async def ask(run: Run, prompt: Prompt, tokens: int) -> Any:
     """One request: once the host is reachable, a place among those in flight, then the
     Gate's turn. The reply, or None once the run stops asking."""
-    await run.outage.passed()
-    async with run.concurrency.place():
+    outage, places = run.outage, run.concurrency
+    if outage.episode is not None or outage.given_up is not None:  # no coroutine per request otherwise
+        await outage.passed()
+    if not places.take():
+        await places.wait_for_place()
+    try:
         if not await run.gate.admit(tokens):
             return None
         try:
@@ -1629,13 +1633,15 @@ async def ask(run: Run, prompt: Prompt, tokens: int) -> Any:
             )
         except Exception as exc:
             run.gate.landed(tokens)
-            run.outage.reached = run.outage.reached or api_error_code(exc) is not None
+            outage.reached = outage.reached or api_error_code(exc) is not None
             if classify(exc) == "capacity":
-                run.concurrency.refused()  # before this request leaves its place, so none takes it meanwhile
+                places.refused()  # before this request leaves its place, so none takes it meanwhile
             raise
+    finally:
+        places.leave()
     run.gate.landed(tokens, reply.usage_metadata)
-    run.outage.reached = True
-    run.concurrency.answered()
+    outage.reached = True
+    places.answered()
     return reply
 
 
@@ -2087,20 +2093,19 @@ class Concurrency:
         self.refusals = 0  # "server full" answers so far: the summary shows the limit only after one
         self._waiting: deque[asyncio.Future[None]] = deque()  # generators waiting for a place, first come first served
 
-    @contextlib.asynccontextmanager
-    async def place(self) -> AsyncIterator[None]:
-        """Hold one of the places in flight for a request."""
+    def take(self) -> bool:
+        """Take a place in flight if one is free and nobody waits for it; else False: then
+        wait_for_place(). Each place taken is given back with leave()."""
         if self._waiting or self.in_flight + 1 > self.limit:
-            await self._wait_for_place()
-        else:
-            self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            self._hand_over()
+            return False
+        self.in_flight += 1
+        return True
 
-    async def _wait_for_place(self) -> None:
+    def leave(self) -> None:
+        self.in_flight -= 1
+        self._hand_over()
+
+    async def wait_for_place(self) -> None:
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
         try:

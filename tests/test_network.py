@@ -162,17 +162,16 @@ def test_a_connection_error_is_named_in_words(raised, words) -> None:
 def test_the_concurrency_limit_decreases_to_what_was_in_flight_and_grows_back() -> None:
     async def scenario() -> None:
         limit = pipeline.Concurrency(4)
-        held = [limit.place() for _ in range(4)]
-        for place in held:
-            await place.__aenter__()
+        for _ in range(4):
+            await take(limit)
         fifth = asyncio.create_task(enter_and_hold(limit))
         await asyncio.sleep(0)
         assert limit.in_flight == 4 and not fifth.done()
         limit.refused()  # the server was full: said while the refused request still holds its place...
-        await held.pop().__aexit__(None, None, None)  # ...which none of the waiting takes now
+        limit.leave()  # ...which none of the waiting takes now
         assert limit.limit == pytest.approx(0.9 * 3) and limit.in_flight == 3 and not fifth.done()
-        for place in held:
-            await place.__aexit__(None, None, None)
+        for _ in range(3):
+            limit.leave()
         await fifth  # a place freed under the new limit
         assert limit.in_flight == 0 and limit.refusals == 1
         for _ in range(20):
@@ -182,9 +181,18 @@ def test_the_concurrency_limit_decreases_to_what_was_in_flight_and_grows_back() 
     asyncio.run(scenario())
 
 
+async def take(limit: pipeline.Concurrency) -> None:
+    """A place in flight, as ask() takes one."""
+    if not limit.take():
+        await limit.wait_for_place()
+
+
 async def enter_and_hold(limit: pipeline.Concurrency) -> None:
-    async with limit.place():
+    await take(limit)
+    try:
         await asyncio.sleep(0)
+    finally:
+        limit.leave()
 
 
 @pytest.mark.parametrize("cancelled_first", [False, True], ids=["handed-then-cancelled", "cancelled-then-freed"])
@@ -194,13 +202,12 @@ def test_a_place_never_goes_to_a_cancelled_waiter(cancelled_first: bool) -> None
 
     async def scenario() -> None:
         limit = pipeline.Concurrency(1)
-        first = limit.place()
-        await first.__aenter__()
+        await take(limit)
         waiting = [asyncio.create_task(enter_and_hold(limit)) for _ in range(2)]
         await asyncio.sleep(0)
         if cancelled_first:
             waiting[0].cancel()
-        await first.__aexit__(None, None, None)
+        limit.leave()
         if not cancelled_first:
             waiting[0].cancel()
         results = await asyncio.gather(*waiting, return_exceptions=True)

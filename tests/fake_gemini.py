@@ -300,7 +300,8 @@ class FakeGemini:
     most_in_flight: int = 0  # the most generateContent requests it held at once
     refused_full: int = 0  # the 429s it answered for being full
     model_gets: int = 0  # GET models/{model}: what the pipeline probes a host with
-    back_at: float | None = None  # time.time() when it listened again after outage()
+    gone_at: float | None = None  # time.time() when outage() closed it...
+    back_at: float | None = None  # ...and when it listened again
     _tasks: set[Any] = field(default_factory=set)
     batch_gets: int = 0
     batch_lists: int = 0
@@ -340,12 +341,15 @@ class FakeGemini:
         """Listen again on the same port."""
         asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
 
-    async def outage(self, seconds: float) -> None:
-        """Go away for `seconds`, from the server's own loop; `back_at` says when it returned (time.time())."""
+    async def outage(self, seconds: float | None) -> None:
+        """Go away (see go_away) for `seconds` (None: until come_back()), from the server's own
+        loop; `gone_at` and `back_at` say when it went and returned (time.time())."""
         await self._close()
-        await asyncio.sleep(seconds)
-        await self._listen()
-        self.back_at = time.time()
+        self.gone_at = time.time()
+        if seconds is not None:
+            await asyncio.sleep(seconds)
+            await self._listen()
+            self.back_at = time.time()
 
     def loop_task(self, work: Any) -> None:
         """Run a coroutine on the server's loop, from its thread (a behaviour) or any other."""
@@ -600,8 +604,8 @@ def cli() -> None:
     print(json.dumps(server.counts()), flush=True)
 
 
-def away_once(server: FakeGemini, after: int, seconds: float) -> Callable[[Request], Reply]:
-    """echo, but once `after` requests have arrived the server goes away for `seconds`."""
+def away_once(server: FakeGemini, after: int, seconds: float | None) -> Callable[[Request], Reply]:
+    """echo, but once `after` requests have arrived the server goes away for `seconds` (None: for good)."""
 
     def behaviour(request: Request) -> Reply:
         if len(server.requests) == after:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import time
 
 import aiohttp
 import pytest
 from conftest import sample_prompts, write_prompts
-from fake_gemini import FakeGemini, Request, Reply, echo, error, rate_limited
+from fake_gemini import Reply, away_once, echo, error, rate_limited
 from google.genai import errors
 
 import pipeline
@@ -31,28 +30,6 @@ def closed_port() -> int:
 NO_POOL = ("--postprocess-workers", "0")
 
 
-def away_for(server: FakeGemini, after: int, seconds: float | None) -> tuple:
-    """A behaviour that answers as echo, but once `after` requests have arrived the server
-    goes away (listening socket and open connections closed) for `seconds` (None: for good).
-    Returns the behaviour and an event set once the server is back."""
-    back, gone = threading.Event(), threading.Event()
-
-    def outage() -> None:
-        server.go_away()
-        gone.set()
-        if seconds is not None:
-            time.sleep(seconds)  # the length of the outage: the scenario, not a synchronisation
-            server.come_back()
-            back.set()
-
-    def behaviour(request: Request) -> Reply:
-        if len(server.requests) == after:
-            threading.Thread(target=outage, daemon=True).start()
-        return echo(request)
-
-    return behaviour, back, gone
-
-
 def test_a_host_that_never_answers_stops_the_run_at_start_in_one_line(tmp_path, monkeypatch, run) -> None:
     port = closed_port()
     monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", f"http://127.0.0.1:{port}")
@@ -67,11 +44,10 @@ def test_a_host_that_never_answers_stops_the_run_at_start_in_one_line(tmp_path, 
 
 def test_an_outage_in_the_middle_is_waited_out_and_costs_no_attempt(tmp_path, fake_gemini, run) -> None:
     server = fake_gemini(latency_s=0.02)
-    behaviour, back, _ = away_for(server, after=60, seconds=1.5)
-    server.behaviour = behaviour
+    server.behaviour = away_once(server, after=60, seconds=1.5)
     prompts = sample_prompts(200)
     result = run(write_prompts(tmp_path / "inputs", prompts, per_file=50), "--workers", "10", "--max-attempts", "1", *NO_POOL)
-    assert back.is_set()
+    assert server.back_at is not None
     assert result.exit_code == 0, result.stderr[-2000:]
     assert sorted(result.ids()) == sorted(f"shard_{i // 50}.txt:{i % 50 + 1}" for i in range(200))
     assert not result.failures()
@@ -84,11 +60,10 @@ def test_an_outage_in_the_middle_is_waited_out_and_costs_no_attempt(tmp_path, fa
 
 def test_an_outage_longer_than_the_limit_stops_and_a_rerun_finishes(tmp_path, fake_gemini, run) -> None:
     server = fake_gemini(latency_s=0.01)
-    behaviour, _, gone = away_for(server, after=40, seconds=None)
-    server.behaviour = behaviour
+    server.behaviour = away_once(server, after=40, seconds=None)
     inputs = write_prompts(tmp_path / "inputs", sample_prompts(120), per_file=40)
     first = run(inputs, "--workers", "5", "--outage-limit-s", "1", *NO_POOL)
-    assert gone.is_set()
+    assert server.gone_at is not None
     assert first.exit_code == 1, first.stderr[-2000:]
     assert first.stderr.strip().splitlines()[-1].endswith(
         f"127.0.0.1:{server.port} has been unreachable for 1s (connection refused): run the same command again later to continue"

@@ -383,24 +383,8 @@ class Response:
         return problem
 
     def record(self) -> dict[str, Any]:
-        """Its record without what postprocess() adds: what the arrivals journal keeps."""
-        record = {
-            "id": self.prompt.id,
-            "prompt": self.prompt.text,
-            **({"row_sha256": self.prompt.digest} if self.prompt.digest else {}),  # third: see id_and_prompt
-            "response": self.text,
-            "model": self.model,
-            "finish_reason": self.finish_reason,
-            "attempts": self.attempts,
-            "usage": {
-                "prompt_tokens": self.prompt_tokens,
-                "response_tokens": self.response_tokens,
-                "thinking_tokens": self.thinking_tokens,
-                "cached_tokens": self.cached_tokens,
-            },
-        }
-        if self.prompt.answer_format is not None:
-            record["parsed"] = self.parsed
+        """Its record without what postprocess() adds: what the arrivals journal keeps (see RECORD)."""
+        record = {field.name: value for field in ANSWER_FIELDS if (value := field.answer(self)) is not OMITTED}  # type: ignore[misc]
         return {**record, **carried(self.prompt.fields)}
 
     def record_line(self) -> str:
@@ -420,19 +404,15 @@ class Response:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Response:
-        """An answer an earlier run journaled (see ArrivalJournal)."""
+        """An answer an earlier run journaled (see ArrivalJournal): record() read back."""
         fields = {name: value for name, value in record.items() if name not in RECORD_FIELDS}
         answer_format = AnswerFormat.of({}) if "parsed" in record else None  # parsed already: any JSON passes
         prompt = Prompt(
             str(record["id"]), str(record["prompt"]), answer_format=answer_format, fields=fields or None,
             digest=str(record.get("row_sha256", "")),
         )  # fmt: skip
-        usage = record["usage"]
-        return cls(
-            prompt, str(record["response"]), str(record["model"]), record["finish_reason"], int(record["attempts"]),
-            int(usage["prompt_tokens"]), int(usage["response_tokens"]), int(usage.get("thinking_tokens", 0)),
-            int(usage.get("cached_tokens", 0)), parsed=record.get("parsed"),
-        )  # fmt: skip
+        loaded = [field.load(record[field.name]) for field in ANSWER_FIELDS if field.load and field.name in record]
+        return cls(prompt, **{name: value for values in loaded for name, value in values.items()})
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,16 +426,65 @@ class Failure:
     permanent: bool = False  # refused for good (a 400, a safety block): a rerun leaves it, unless --retry-failed
 
     def to_json(self) -> str:
-        record = {
-            "id": self.prompt.id, "prompt": self.prompt.text, **({"row_sha256": self.prompt.digest} if self.prompt.digest else {}),
-            "error": redact(self.error), "attempts": self.attempts, "permanent": self.permanent,
-        }  # fmt: skip
-        if self.response is not None:
-            record["response"] = self.response
+        """Its line in failed.jsonl (see RECORD)."""
+        record = {field.name: value for field in FAILURE_FIELDS if (value := field.failure(self)) is not OMITTED}  # type: ignore[misc]
         return json_line({**record, **carried(self.prompt.fields)})
 
 
-RECORD_FIELDS = {"id", "prompt", "row_sha256", "response", "model", "finish_reason", "attempts", "usage", "parsed", "error", "permanent"}
+OMITTED = object()  # a field's value when the record leaves the field out
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """A field of the output records: a shard's (an answer's) and failed.jsonl's (a failure's)."""
+
+    name: str  # its key
+    meaning: str  # what it holds, for --help
+    answer: Callable[[Response], Any] | None  # its value in an answer's record (OMITTED: left out); None: not there
+    failure: Callable[[Failure], Any] | None  # the same in a failure's record
+    load: Callable[[Any], dict[str, Any]] | None = None  # an answer's journaled value back to Response's fields
+
+
+def prompt_field(name: str, meaning: str, value: Callable[[Prompt], Any]) -> Field:
+    """A field of the prompt's, the same in both records (resuming matches records to rows by them)."""
+    return Field(name, meaning, lambda outcome: value(outcome.prompt), lambda outcome: value(outcome.prompt))
+
+
+def usage_of(response: Response) -> dict[str, int]:
+    return {"prompt_tokens": response.prompt_tokens, "response_tokens": response.response_tokens,
+            "thinking_tokens": response.thinking_tokens, "cached_tokens": response.cached_tokens}  # fmt: skip
+
+
+def usage_from(usage: dict[str, Any]) -> dict[str, int]:
+    return {name: int(usage.get(name, 0)) for name in ("prompt_tokens", "response_tokens", "thinking_tokens", "cached_tokens")}
+
+
+# The output records, declared once: their fields in order, what each holds and where it
+# comes from. A row's own fields follow them (see carried); postprocess()'s come last.
+RECORD = (
+    prompt_field("id", "the row's id, or <file name>:<line number>", lambda prompt: prompt.id),
+    prompt_field("prompt", "the prompt's text (a multi-turn row: its last user turn)", lambda prompt: prompt.text),
+    prompt_field("row_sha256", "a row with settings or parts of its own: their digest", lambda prompt: prompt.digest or OMITTED),
+    Field("response", "the answer's text (in failed.jsonl: an answer postprocess() failed on)", lambda r: r.text,
+          lambda f: OMITTED if f.response is None else f.response, lambda text: {"text": str(text)}),
+    Field("model", "the model that answered", lambda r: r.model, None, lambda model: {"model": str(model)}),
+    Field("finish_reason", "why the answer ended: STOP, MAX_TOKENS, ...", lambda r: r.finish_reason, None,
+          lambda reason: {"finish_reason": reason}),
+    Field("error", "why the prompt failed for good", None, lambda f: redact(f.error)),
+    Field("attempts", "requests made for it", lambda r: r.attempts, lambda f: f.attempts, lambda n: {"attempts": int(n)}),
+    Field("permanent", "true: refused for good (a rerun asks it again only with --retry-failed)", None, lambda f: f.permanent),
+    Field("usage", "prompt_tokens, response_tokens, thinking_tokens, cached_tokens", usage_of, None, usage_from),
+    Field("parsed", "the answer decoded, when a JSON schema was asked for", lambda r: r.parsed if r.prompt.answer_format else OMITTED,
+          None, lambda parsed: {"parsed": parsed}),
+)  # fmt: skip
+ANSWER_FIELDS = tuple(field for field in RECORD if field.answer is not None)
+FAILURE_FIELDS = tuple(field for field in RECORD if field.failure is not None)
+RECORD_FIELDS = frozenset(field.name for field in RECORD)
+
+
+def record_help(fields: tuple[Field, ...]) -> str:
+    """The list of a record's fields, for --help."""
+    return ", ".join(field.name for field in fields)
 
 
 def carried(fields: dict[str, Any] | None) -> dict[str, Any]:
@@ -3356,14 +3385,14 @@ inputs:
   *.tsv    comma- or tab-separated, as Excel writes them
   others   a prompt per non-blank line, known as "<file name>:<line number>"
 output:
-  OUTPUT_DIR/shard_NNNNN.jsonl  one answer per line: id, prompt, row_sha256 (a row
-                                with settings of its own), response, model,
-                                finish_reason, attempts, usage, parsed (with a
-                                schema), the row's other fields, and the fields
-                                postprocess() adds (word_count unless edited)
-  OUTPUT_DIR/failed.jsonl       prompts that failed for good: id, prompt, error, attempts
+  OUTPUT_DIR/shard_NNNNN.jsonl  one answer per line
+  OUTPUT_DIR/failed.jsonl       prompts that failed for good
   OUTPUT_DIR/batch_jobs.jsonl   --batch: the jobs submitted, and their prompts
   OUTPUT_DIR/job.json           the model and settings the folder's answers were asked with
+records: these fields in order, then the row's other fields (and postprocess()'s)
+  a shard's:        {answer_fields}
+  failed.jsonl's:   {failure_fields}
+{field_meanings}
 exit status:
   0 every prompt answered (or nothing to do)
   1 some prompts failed, the daily quota or --max-cost-usd is spent, the API's
@@ -3377,10 +3406,20 @@ exit status:
   130 interrupted by Ctrl-C   143 stopped by SIGTERM (both: run again to continue)"""
 
 
+def help_epilog() -> str:
+    """HELP_EPILOG with the output records' fields (see RECORD) filled in."""
+    meanings = "\n".join(f"    {field.name:<14} {field.meaning}" for field in RECORD)
+    filled = {"{answer_fields}": record_help(ANSWER_FIELDS), "{failure_fields}": record_help(FAILURE_FIELDS), "{field_meanings}": meanings}
+    text = HELP_EPILOG
+    for slot, value in filled.items():
+        text = text.replace(slot, value)
+    return text
+
+
 def parse_args(argv: list[str] | None) -> Settings:
     """The settings block's constants (each as its flag's default, checked like a value given
     there), as overridden by `argv`; and the flags that are no setting: --offline, -v."""
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=HELP_EPILOG, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=help_epilog(), formatter_class=HelpFormatter)
     helps = setting_comments()
     for setting in SETTINGS:
         p.add_argument(setting.flag, help=helps.get(setting.constant, "").replace("%", "%%"), **flag_reading(setting, p))

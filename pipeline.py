@@ -176,6 +176,7 @@ BATCH_POLL_MAX_S = 600.0  # longest wait between two looks at a job still pendin
 ARRIVALS_PER_FILE = 1024  # answers per arrivals journal file (see ArrivalJournal)...
 ARRIVALS_FILE_BYTES = 1 << 20  # ...and the space reserved for it at first (it doubles as needed)
 ROUND_TRIP_S = 0.001  # work worth one more trip to the pool: a trip costs a few hundred µs of CPU here
+INLINE_WHILE_STARTING_S = 0.02  # while the pool starts, postprocess() runs here for this long per batch at most
 LONGEST_SERVER_DELAY_S = 3600.0  # a RetryInfo asking for a longer wait is a spent quota: stop, do not sleep for days
 KEY_PIECE = 16  # redact() masks any run of this many characters of the API key, not only all of it
 MESSAGE_CHARS = 500  # an error message from the server is cut to this length (an HTML page would fill the screen)
@@ -591,28 +592,21 @@ def duration(seconds: float) -> str:
 
 @dataclass
 class Tally:
-    """Running counts, for the progress display and the summary line."""
+    """What the run has done so far, counted: the progress display and the summary read it."""
 
     answered: int = 0
     failed: int = 0
     skipped: int = 0  # answered by an earlier run
+    left_alone: int = 0  # failed for good in an earlier run, not asked again (see --retry-failed)
     retries: int = 0
     rate_limited: int = 0  # 429 answers
     prompt_tokens: int = 0
     response_tokens: int = 0
-    thinking_tokens: int = 0
+    thinking_tokens: int = 0  # billed as output
     cached_tokens: int = 0
-    left_alone: int = 0  # failed for good in an earlier run, not asked again (see --retry-failed)
-    spend: Spend | None = None  # the estimated spend, when the model has a price
-    outage: Outage | None = None  # whether the API's host can be reached...
-    concurrency: Concurrency | None = None  # ...and how many requests it lets be in flight
-    unreachable_s: float = 0.0  # time during which the host could not be reached (outages that ended)
-    opening: list[str] = field(default_factory=list)  # the first outcomes: "" or a permanent error (see watch)
-    held_s: float = 0.0  # time during which requests waited on the rate limit or a 429's back-off
-    jobs: Counter[str] = field(default_factory=Counter)  # batch jobs: submitted, running, done
+    jobs: Counter[str] = field(default_factory=Counter)  # batch jobs: submitted, resumed, running, done
     total: int | None = None  # prompts in the inputs, once counted
     started: float = field(default_factory=time.monotonic)
-    bar: Any = None  # a tqdm bar when stderr is a terminal
 
     def count(self, written: list[Response] | list[Failure]) -> None:
         """Outcomes now on disk."""
@@ -625,93 +619,12 @@ class Tally:
                 self.cached_tokens += outcome.cached_tokens
             else:
                 self.failed += 1
-        if self.bar is not None and written:
-            if self.spend is not None or isinstance(written[0], Failure):  # the spend moves with every answer
-                self.bar.set_postfix_str(self.postfix(), refresh=False)
-            self.bar.update(len(written))
-
-    def watch(self, outcome: Outcome) -> Outcome:
-        """`outcome`, one of the run's first; but if the first FAIL_FAST_OUTCOMES are all one
-        error that no retry fixes (a setting the API refuses), the run stops: the rest would
-        fail the same way, each paid for."""
-        if len(self.opening) < FAIL_FAST_OUTCOMES:
-            self.opening.append(outcome.error if isinstance(outcome, Failure) and outcome.permanent else "")
-            if len(self.opening) == FAIL_FAST_OUTCOMES and self.opening[0] and len(set(self.opening)) == 1:
-                blocked = self.opening[0].startswith("response has no text")  # the model declined: the prompts' doing
-                raise PipelineError(
-                    f"the first {FAIL_FAST_OUTCOMES} prompts all failed the same way, which no retry fixes: {self.opening[0]}; "
-                    + ("check the prompts, or safety_settings in --generation-config" if blocked else "check --model and the settings")
-                )
-        return outcome
-
-    def set_total(self, total: int) -> None:
-        self.total = total
-        if self.bar is not None:
-            self.bar.total = total
-            self.bar.refresh()
-
-    def postfix(self) -> str:
-        """What the bar shows after its count: the spend, failures, batch jobs, the server's state."""
-        parts = (self.cost(), f"{self.failed} failed" if self.failed else "", self.jobs_summary()[2:], *self.server_state())
-        return "; ".join(part for part in parts if part)
-
-    def server_state(self) -> tuple[str, str]:
-        """An outage going on, and the requests in flight once the server has said it was full."""
-        return (self.outage.waiting() if self.outage else "", self.concurrency.shown() if self.concurrency else "")
-
-    def show_waiting(self) -> None:
-        """An outage began, goes on or ended: the bar says so now (log lines say so every PROGRESS_EVERY_S)."""
-        if self.bar is not None:
-            self.bar.set_postfix_str(self.postfix())
-
-    def cost(self) -> str:
-        """The estimated spend so far, e.g. $0.42; nothing when the model has no price."""
-        return dollars(self.spend.spent_usd) if self.spend is not None and self.spend.price else ""
-
-    def progress_line(self) -> str:
-        """E.g. 1200/5000 prompts (24%), 3 failed, 41.2/s, ETA 1m32s."""
-        done = self.answered + self.failed + self.skipped
-        rate = (self.answered + self.failed) / max(time.monotonic() - self.started, 1e-9)
-        spent = "".join(f", {part}" for part in (self.cost(), *self.server_state()) if part)
-        if self.total is None:
-            return f"{done}/? prompts, {self.failed} failed, {rate:.1f}/s{spent}"
-        eta = duration(max(self.total - done, 0) / rate) if rate else "?"
-        return f"{done}/{self.total} prompts ({100 * done // max(self.total, 1)}%), {self.failed} failed, {rate:.1f}/s, ETA {eta}{spent}"
-
-    def summary(self) -> str:
-        seconds = time.monotonic() - self.started
-        rate = (self.answered + self.failed) / seconds if seconds > 0 else 0.0
-        return (
-            f"{self.answered} answered, {self.failed} failed, {self.skipped} already done, {self.retries} retries, "
-            f"{self.rate_limited} rate-limited, {self.held_s:.1f} s held by limits, "
-            f"tokens {self.prompt_tokens} in ({self.cached_tokens} cached) / {self.response_tokens} out "
-            f"+ {self.thinking_tokens} thinking{f', {self.cost()} estimated' if self.cost() else ''}, "
-            f"{seconds:.2f} s, {rate:.1f} prompts/s{self.jobs_summary()}{self.network_summary()}"
-        )
-
-    def network_summary(self) -> str:
-        """Outages waited out, and the limit on requests in flight, if the server set one."""
-        parts = [f"{self.outage.host} unreachable for {duration(self.unreachable_s)}" if self.outage and self.unreachable_s else ""]
-        if self.concurrency and self.concurrency.refusals:
-            parts.append(f"{self.concurrency.refusals} server-full answers, {self.concurrency.shown()} at the end")
-        return "".join(f", {part}" for part in parts if part)
-
-    def jobs_summary(self) -> str:
-        if not self.jobs:
-            return ""
-        resumed = f"{self.jobs['resumed']} resumed, " if self.jobs["resumed"] else ""
-        return f", batch jobs: {resumed}{self.jobs['submitted']} submitted, {self.jobs['running']} running, {self.jobs['done']} done"
 
     def count_job(self, event: str, ends: str | None = None) -> None:
         """A batch job was submitted or resumed, is seen running, or is done (`ends` its running)."""
         self.jobs[event] += 1
         if ends:
             self.jobs[ends] -= 1
-        progress = f"batch jobs:{self.jobs_summary().partition(':')[2]}"
-        if self.bar is not None:
-            self.bar.set_postfix_str(self.postfix())
-        else:
-            log.info("%s; %d prompts written so far", progress, self.answered + self.failed)
 
     @property
     def jobs_unfinished(self) -> int:
@@ -724,7 +637,7 @@ class Run:
     and uses its parts, instead of six of them travelling together through every call."""
 
     settings: Settings
-    tally: Tally  # counts of what happened, for the progress display and the summary
+    progress: Progress  # what a person sees: the counts (its Tally), the bar or lines, the summary
     client: Any  # google-genai's Client, or the OfflineClient
     gate: Gate  # every request passes it first (--rpm, --tpm, 429s, --max-cost-usd)
     outage: Outage  # holds every request while the API's host cannot be reached
@@ -738,17 +651,20 @@ class Run:
     shard_numbers: Iterator[int]  # the next free shard numbers (WRITERS share it)
     ids: Ids = field(default_factory=lambda: Ids())  # every id the inputs name
     name: str = field(default_factory=lambda: os.urandom(3).hex())  # names this run's journal files
-    # An earlier run's work that this one finishes (its journaled answers, --batch jobs to
-    # collect). A stage adds its own before its first await: all_answered() looks at the list
-    # only once every stage has started (tasks take their first step in the order created).
-    leftovers: list[asyncio.Task[None]] = field(default_factory=list)
+    fail_fast: FailFast = field(default_factory=lambda: FailFast())  # stops a run whose every prompt fails alike
+    leftovers: list[asyncio.Task[None]] = field(default_factory=list)  # an earlier run's work this one finishes
+
+    @property
+    def tally(self) -> Tally:
+        return self.progress.tally
 
 
 # -------------------------------------------------------------------- main --
-async def main(settings: Settings, tally: Tally) -> None:
+async def main(settings: Settings, progress: Progress) -> None:
     """Start READERS readers, WORKERS generators (or the batch stage) and WRITERS writers,
     linked by two bounded queues; wait until every prompt is answered, then shut them down."""
-    async with open_run(settings, tally) as run:
+    async with open_run(settings, progress) as run:
+        run.leftovers = await start_leftovers(run)  # known before any stage starts: all_answered() awaits them
         generate, copies = generator_stage(settings)
         readers = [asyncio.create_task(read_inputs(run)) for _ in range(settings.readers)]
         generators = [asyncio.create_task(generate(run)) for _ in range(copies)]
@@ -768,87 +684,68 @@ def generator_stage(settings: Settings) -> tuple[Callable[[Run], Awaitable[None]
     return (generate_in_batches, 1) if settings.batch else (generate_content, settings.workers)
 
 
+async def start_leftovers(run: Run) -> list[asyncio.Task[None]]:
+    """Start what an earlier run left for this one to finish, besides the answers it
+    journaled (the reader writes those): with --batch, the jobs it submitted."""
+    if not run.settings.batch:
+        return []
+    await find_unknown_jobs(run, BatchJournal(run.settings.output_dir / BATCH_JOURNAL))  # before any prompt is taken
+    return [asyncio.create_task(collect_earlier_jobs(run))]
+
+
 @contextlib.asynccontextmanager
-async def open_run(settings: Settings, tally: Tally) -> AsyncIterator[Run]:
+async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]:
     """Everything the stages share, from what earlier runs left in the output dir; closed
     in reverse order however the run ends (the pool, the client, the progress display)."""
     async with contextlib.AsyncExitStack() as cleanup:
         postprocessor = PostProcessor(settings.postprocess, settings.postprocess_workers)
         cleanup.push_async_callback(postprocessor.aclose)
-        postprocessor.start()  # first, before anything starts a thread
         cleanup.enter_context(stopped_by_signals(asyncio.current_task()))  # a long start-up scan too
         generation = job_generation(settings)
         with stop_on_os_error(f"cannot read {settings.output_dir}"):
             past = await load_past_runs(settings.output_dir)
         if record_job(settings, generation, answered=bool(past.answered or past.journaled)) or settings.retry_failed:
             past.refused.clear()
-        tally.skipped = len(past.answered)
-        cleanup.push_async_callback(stop, *start_progress(settings, tally))
+        progress.tally.skipped = len(past.answered)
+        cleanup.push_async_callback(stop, *progress.start(settings))
         client = connect(settings)
         cleanup.push_async_callback(client.aio.aclose)
         depth, maker = queue_depth(settings), PromptMaker.of(generation)
         files = await table_headers_checked(await list_input_files(settings.input_dir))
-        gate = open_gate(settings, tally)
-        tally.outage, tally.concurrency = watch_host(settings, client, gate, tally), Concurrency(settings.workers)
+        gate = open_gate(settings)
         run = Run(
-            settings, tally, client, gate, tally.outage, tally.concurrency, maker, past, postprocessor,
-            prompts=asyncio.Queue(maxsize=depth), outcomes=asyncio.Queue(maxsize=depth), files=iter(files),
-            shard_numbers=itertools.count(past.next_shard), ids=Ids({path.name: path for path in files}, maker),
+            settings, progress, client, gate, watch_host(settings, client, gate, progress), Concurrency(settings.workers),
+            maker, past, postprocessor, prompts=asyncio.Queue(maxsize=depth), outcomes=asyncio.Queue(maxsize=depth),
+            files=iter(files), shard_numbers=itertools.count(past.next_shard), ids=Ids({path.name: path for path in files}, maker),
         )  # fmt: skip
+        progress.run = run
         if past.journaled:
             log.info("%s that an earlier run received but never wrote: written as their prompts are read, with no request", plural(len(past.journaled), "answer"))
         try:
             yield run
         finally:
             await finish_failures(settings.output_dir, past.failures)
-            tally.left_alone = past.left_alone
+            progress.tally.left_alone = past.left_alone
         for path in past.arrival_files:  # the run is complete: what they held is in synced shards now
             path.unlink()
 
 
-def open_gate(settings: Settings, tally: Tally) -> Gate:
+def open_gate(settings: Settings) -> Gate:
     """The Gate for --rpm, --tpm and --max-cost-usd; the spend is shown when the model has a price."""
     spend = Spend.of(settings)
     if spend.price is None and not settings.offline:
         log.warning("no price for %s in PRICES (near the top of pipeline.py): the spend is not shown", settings.model)
-    tally.spend = spend if spend.price is not None else None
-    return Gate(settings.rpm, tally, settings.tpm, spend)
+    return Gate(settings.rpm, settings.tpm, spend)
 
 
-def watch_host(settings: Settings, client: Any, gate: Gate, tally: Tally) -> Outage:
+def watch_host(settings: Settings, client: Any, gate: Gate, progress: Progress) -> Outage:
     """The Outage watch of the host the client talks to; its probe asks for the model's card."""
     options = getattr(getattr(client, "_api_client", None), "_http_options", None)  # the SDK's resolved base URL
     url = urllib.parse.urlsplit(str(getattr(options, "base_url", None) or ""))
     host = f"{url.hostname}{f':{url.port}' if url.port else ''}" if url.hostname else "the API"
-    return Outage(lambda: client.aio.models.get(model=settings.model), host, settings.outage_limit_s, gate.closed_event, tally)
-
-
-def start_progress(settings: Settings, tally: Tally) -> list[asyncio.Task[None]]:
-    """The progress display: a bar on a terminal (log lines go above it), else a line every
-    PROGRESS_EVERY_S; and the total, counted meanwhile, streaming."""
-    tally.bar = progress_bar(settings, tally)
-    if tally.bar is not None:
-        log.handlers[:] = [BarHandler(tally.bar, log.handlers[0].formatter if log.handlers else None)]
-    tasks = [] if tally.bar is not None else [asyncio.create_task(report_progress(tally, settings.progress_every_s))]
-    return [*tasks, asyncio.create_task(count_total(settings.input_dir, tally))]
-
-
-async def report_progress(tally: Tally, every_s: float) -> None:
-    """Where nobody watches a terminal (nohup, CI, a scheduler's log): a line every `every_s`."""
-    while True:
-        await asyncio.sleep(every_s)
-        if not (tally.outage and tally.outage.never_reached()):  # then the run's one line is the error at the end
-            log.info("%s", tally.progress_line())
-
-
-async def count_total(input_dir: Path, tally: Tally) -> None:
-    with contextlib.suppress(PipelineError, OSError):  # an input that cannot be read: the reader says so
-        tally.set_total(sum([await count_rows(path) for path in await list_input_files(input_dir)]))
-
-
-async def count_rows(path: Path) -> int:
-    """How many prompts a file holds, for the progress display, without making them."""
-    return await input_format(path).count(path)
+    outage = Outage(lambda: client.aio.models.get(model=settings.model), host, settings.outage_limit_s, gate.closed_event)
+    outage.changed = progress.refresh
+    return outage
 
 
 @contextlib.contextmanager
@@ -1085,19 +982,16 @@ async def write_outputs(run: Run, writer: int) -> None:
     with stop_on_os_error(f"cannot write to {shards.output_dir}"):
         async with contextlib.aclosing(shards), contextlib.aclosing(failures):
             while True:
-                batch = await next_batch(run.outcomes, run.postprocessor, shards.journal)
+                batch = await next_batch(run.outcomes, run.postprocessor, shards)
                 done = await run.postprocessor.run(batch)
                 answered = [o for o in done if isinstance(o, Response)]
-                for written in shards.write(answered):  # counted as written: a full disk may stop it midway
-                    run.tally.count(written)
+                shards.write(answered, then=run.progress.written)  # counted as written: a full disk may stop it midway
                 failed = [o for o in done if isinstance(o, Failure)]
                 failures.write(failed, answered)
-                run.tally.count(failed)
+                run.progress.written(failed)
                 for _ in done:
                     run.outcomes.task_done()
                 await shards.settle()
-                shards.journal.rotate(shards.number)
-                shards.journal.forget(shards.durable_below)
 
 
 # ---------------------------------------------------------------- requests --
@@ -1629,7 +1523,7 @@ async def answer(run: Run, prompt: Prompt) -> Outcome | None:
                 continue  # the host was down: not this prompt's attempt
             kind = classify(exc)
             if failure := final_failure(exc, kind, prompt, attempt, run):
-                return tally.watch(failure)
+                return run.fail_fast.watch(failure)
             await wait_to_retry(run, exc, kind, attempt, prompt.id)
             attempt += 1
             continue
@@ -1642,7 +1536,28 @@ async def answer(run: Run, prompt: Prompt) -> Outcome | None:
             attempt += 1
             continue
         log.debug("generated %s (attempt %d)", prompt.id, attempt)
-        return tally.watch(unfit or outcome)
+        return run.fail_fast.watch(unfit or outcome)
+
+
+@dataclass
+class FailFast:
+    """Stops a run that would fail every prompt alike: if its first FAIL_FAST_OUTCOMES
+    outcomes are all one error that no retry fixes (a setting the API refuses), the rest
+    would fail the same way, each paid for."""
+
+    opening: list[str] = field(default_factory=list)  # the first outcomes: "" or a permanent error
+
+    def watch(self, outcome: Outcome) -> Outcome:
+        """`outcome`, unless it completes such an opening: then the error that stops the run."""
+        if len(self.opening) < FAIL_FAST_OUTCOMES:
+            self.opening.append(outcome.error if isinstance(outcome, Failure) and outcome.permanent else "")
+            if len(self.opening) == FAIL_FAST_OUTCOMES and self.opening[0] and len(set(self.opening)) == 1:
+                blocked = self.opening[0].startswith("response has no text")  # the model declined: the prompts' doing
+                raise PipelineError(
+                    f"the first {FAIL_FAST_OUTCOMES} prompts all failed the same way, which no retry fixes: {self.opening[0]}; "
+                    + ("check the prompts, or safety_settings in --generation-config" if blocked else "check --model and the settings")
+                )
+        return outcome
 
 
 async def ask(run: Run, prompt: Prompt, tokens: int) -> Any:
@@ -1921,9 +1836,7 @@ class Gate:
     Hand-written rather than aiolimiter's AsyncLimiter: the rate limits and the shared
     back-off are one schedule here (the next moment a request may start)."""
 
-    def __init__(
-        self, requests_per_minute: float | None, tally: Tally, tokens_per_minute: float | None = None, spend: Spend | None = None
-    ) -> None:
+    def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None = None, spend: Spend | None = None) -> None:
         self.interval_s = 60 / (requests_per_minute * RATE_HEADROOM) if requests_per_minute else 0.0
         self.tokens_per_minute = tokens_per_minute  # --tpm
         self.token_s = 60 / (tokens_per_minute * RATE_HEADROOM) if tokens_per_minute else 0.0  # of the schedule per input token
@@ -1933,9 +1846,9 @@ class Gate:
         self.counted = 0  # ...and as the API counted them
         self.spend = spend or Spend(None)
         self.paused_until = 0.0  # no request starts before this: a 429's back-off
-        self.tally = tally
+        self.held_s = 0.0  # time during which requests waited here (the rate limits, a 429's back-off)
         self._closed = asyncio.Event()
-        self._waiting = 0  # requests held here now; tally.held_s counts time when any is
+        self._waiting = 0  # requests held here now; held_s counts time when any is
         self._held_since = 0.0
 
     @property
@@ -2022,7 +1935,7 @@ class Gate:
         finally:
             self._waiting -= 1
             if self._waiting == 0:
-                self.tally.held_s += time.monotonic() - self._held_since
+                self.held_s += time.monotonic() - self._held_since
 
     async def sleep(self, seconds: float) -> None:
         """Wait `seconds`, or less if the gate closes meanwhile. Not asyncio.wait_for: on
@@ -2192,7 +2105,7 @@ class Outage:
     is kept; a rerun continues); one of OUTAGE_AT_START_S before the host ever answered is
     a wrong address or no network, and a one-line error."""
 
-    def __init__(self, probe: Callable[[], Awaitable[Any]], host: str, limit_s: float, closed: asyncio.Event, tally: Tally) -> None:
+    def __init__(self, probe: Callable[[], Awaitable[Any]], host: str, limit_s: float, closed: asyncio.Event) -> None:
         self.probe = probe  # one small request to the host: any answer, an error included, means it is reachable
         self.host = host  # what cannot be reached, for messages
         self.limit_s = limit_s  # --outage-limit-s
@@ -2200,8 +2113,9 @@ class Outage:
         self.episode: Episode | None = None  # the outage going on, if one is
         self.given_up: PipelineError | None = None  # why the run stops: it lasted too long
         self.probing: list[asyncio.Task[None]] = []  # the probe, while it runs (shut_down stops it)
+        self.unreachable_s = 0.0  # time during which the host could not be reached (outages that ended)
+        self.changed: Callable[[], None] = lambda: None  # what shows the outage (Progress.refresh)
         self._closed = closed  # the Gate's: the run stops asking
-        self.tally = tally
 
     async def passed(self) -> None:
         """Return at once when the host is reachable; else once it answers again or the run
@@ -2257,14 +2171,14 @@ class Outage:
             episode.confirmed = True
             log.log(logging.WARNING if self.reached else logging.DEBUG,  # before any answer: one line at the end
                     "cannot reach %s: %s; every request waits until it answers again", self.host, cause)
-        self.tally.show_waiting()
+        self.changed()
 
     def _end(self, episode: Episode) -> None:
         self.reached, self.episode = True, None
         if episode.confirmed:
             log.warning("%s answers again after %s: going on", self.host, duration(time.monotonic() - episode.since))
-            self.tally.unreachable_s += time.monotonic() - episode.since
-            self.tally.show_waiting()
+            self.unreachable_s += time.monotonic() - episode.since
+            self.changed()
         episode.over.set()
 
     def _give_up(self, episode: Episode) -> None:
@@ -2327,13 +2241,10 @@ async def generate_in_batches(run: Run) -> None:
     """--batch: the generator stage, with the same contract as generate_content (prompts
     from run.prompts, outcomes to run.outcomes). Gathers queued prompts into jobs of up to
     BATCH_SIZE and runs each job (run_job) while gathering the next. The jobs earlier runs
-    submitted are collected meanwhile, as a leftover of this run (collect_earlier_jobs)."""
+    submitted are collected meanwhile, as a leftover of this run (see start_leftovers)."""
     journal = BatchJournal(run.settings.output_dir / BATCH_JOURNAL)
     try:
-        async with asyncio.TaskGroup() as jobs:  # entered without a wait: the leftover is known in time
-            finding = jobs.create_task(find_unknown_jobs(run, journal))
-            run.leftovers.append(jobs.create_task(collect_earlier_jobs(run, finding)))
-            await finding  # before any prompt is taken: one in a job found now must not be sent again
+        async with asyncio.TaskGroup() as jobs:
             while job_prompts := await gather_job(run):
                 jobs.create_task(run_job(run, job_prompts, journal))
     except BaseExceptionGroup as group:  # a job's error ends the run, as a generator's would
@@ -2375,17 +2286,16 @@ async def run_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal) ->
         run.prompts.task_done()
 
 
-async def collect_earlier_jobs(run: Run, finding: asyncio.Task[None]) -> None:
+async def collect_earlier_jobs(run: Run) -> None:
     """The jobs earlier runs submitted and did not finish collecting, all at once; with
-    those a stopped run never heard back from, once `finding` has found them."""
-    await finding
+    those a stopped run never heard back from (see find_unknown_jobs)."""
     await asyncio.gather(*(resume_job(run, job) for job in run.past.batch_jobs))
 
 
 async def resume_job(run: Run, job: BatchJob) -> None:
     """A job an earlier run submitted: look at it at once (it may have ended long ago) and
     queue the outcomes of its prompts not yet written."""
-    run.tally.count_job("resumed")
+    run.progress.job("resumed")
     for outcome in await collect_job(run, job, first_look_s=0.0):
         if outcome.prompt.id not in run.past.answered:
             await run.outcomes.put(outcome)
@@ -2408,7 +2318,7 @@ async def submit_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal)
     job = BatchJob(created.name, job_prompts)
     journal.created(display_name, job.name)
     log.debug("submitted %s: %d prompts, %s", job.name, len(job_prompts), source)
-    run.tally.count_job("submitted")
+    run.progress.job("submitted")
     return job
 
 
@@ -2453,10 +2363,10 @@ async def wait_for_job(run: Run, job: BatchJob, first_look_s: float | None) -> A
         state = enum_text(current.state)
         log.debug("polled %s: %s", job.name, state)
         if state in JOB_ENDED:
-            run.tally.count_job("done", ends="running" if running else None)
+            run.progress.job("done", ends="running" if running else None)
             return current
         if state == "JOB_STATE_RUNNING" and not running:
-            run.tally.count_job("running")
+            run.progress.job("running")
             running = True
         delay = every_s if running else min(max(delay * 1.5, every_s), longest)
 
@@ -2474,9 +2384,8 @@ async def job_outcomes(run: Run, job: BatchJob, ended: Any) -> list[Outcome]:
         return all_failed(job.prompts, f"batch job {job.name} returned no responses file")
     data = await api_call(run, lambda: run.client.aio.files.download(file=ended.dest.file_name), timed=False)
     results = results_by_key(data)
-    if run.tally.spend is not None:
-        for response, _ in results.values():
-            run.tally.spend.bill(getattr(response, "usage_metadata", None))
+    for response, _ in results.values():
+        run.gate.spend.bill(getattr(response, "usage_metadata", None))
     return [job_outcome(prompt, *results.get(prompt.id, (None, None)), job, run.settings.model) for prompt in job.prompts]
 
 
@@ -2628,19 +2537,39 @@ class PostProcessor:
     batches: the writer gathers up to POSTPROCESS_BATCH of them, waiting up to
     POSTPROCESS_WAIT_S for more while their work (measured in the pool) is not worth a
     trip; and a batch is split across processes only when its work is worth the extra
-    trips. With 0 processes it runs postprocess() right here, for tiny jobs."""
+    trips. With 0 processes it runs postprocess() right here, for tiny jobs.
+
+    The pool starts with the first answer, not before: a run with nothing to do starts no
+    process. It starts in a thread, and meanwhile the answers are post-processed here, so
+    that nothing waits for it."""
 
     def __init__(self, function: Callable[[str, str], dict[str, Any]], processes: int) -> None:
-        self.function = function
-        self.processes = processes
-        self.pool = ProcessPoolExecutor(processes, worker_context(), initializer=become_pool_worker) if processes else None
+        self.function = function  # postprocess(), or --postprocess's
+        self.processes = processes  # --postprocess-workers
+        self.pool: ProcessPoolExecutor | None = None  # once started
+        self.starting: asyncio.Future[ProcessPoolExecutor] | None = None  # the pool's start, in a thread
         self.cost_s = 0.0  # CPU time per answer, as last measured in the pool
+        self.slow_here = False  # postprocess() took longer than INLINE_WHILE_STARTING_S on the event loop
 
-    def start(self) -> None:
-        """Start the worker processes now, while this process has no other threads: forked
-        later, a child could inherit a lock some thread holds, and hang on it."""
-        if self.pool is not None:
-            self.pool.submit(int).result()
+    def start_pool(self) -> None:
+        """Start the worker processes, in a thread (that takes a quarter of a second, see worker_context)."""
+        if self.processes and self.starting is None:
+            self.starting = asyncio.ensure_future(asyncio.to_thread(started_pool, self.processes))
+
+    def pool_ready(self) -> ProcessPoolExecutor | None:
+        """The pool, once started; None until then."""
+        if self.pool is None and self.starting is not None and self.starting.done():
+            try:
+                self.pool = self.starting.result()
+            except Exception as exc:
+                raise PipelineError(f"cannot start the postprocess() processes ({exc}); try --postprocess-workers 0", 1) from None
+        return self.pool
+
+    async def ready_pool(self) -> None:
+        """Wait until the pool has started."""
+        assert self.starting is not None
+        await asyncio.wait([self.starting])
+        self.pool_ready()
 
     def worth_waiting(self, count: int) -> bool:
         """Whether a batch of `count` answers had better wait for more before its trip."""
@@ -2653,12 +2582,23 @@ class PostProcessor:
         pairs = [(r.prompt.text, r.text) for r in responses]
         if not pairs:
             return batch
-        if self.pool is None:
-            results, _ = postprocess_batch(self.function, pairs)
-        else:
-            results = await self.run_in_pool(pairs)
+        self.start_pool()
+        results = self.run_here(pairs) if self.pool_ready() is None else []
+        if len(results) < len(pairs):
+            await self.ready_pool()
+            results += await self.run_in_pool(pairs[len(results) :])
         extras = iter(results)  # in the order of the batch's responses
         return [with_extra(o, next(extras)) if isinstance(o, Response) else o for o in batch]
+
+    def run_here(self, pairs: list[tuple[str, str]]) -> list[str]:
+        """postprocess() on the event loop: over all `pairs` when there is no pool; while it
+        starts, over those that INLINE_WHILE_STARTING_S allows, none once that was too short."""
+        if self.starting is None:
+            return postprocess_batch(self.function, pairs)[0]
+        since = time.perf_counter()
+        results, _ = postprocess_batch(self.function, pairs, 0.0 if self.slow_here else INLINE_WHILE_STARTING_S)
+        self.slow_here = self.slow_here or time.perf_counter() - since > INLINE_WHILE_STARTING_S
+        return results
 
     async def run_in_pool(self, pairs: list[tuple[str, str]]) -> list[str]:
         loop = asyncio.get_running_loop()
@@ -2677,14 +2617,26 @@ class PostProcessor:
 
     async def aclose(self) -> None:
         """Stop the worker processes: no child outlives the run, whatever ended it."""
+        if self.starting is not None:
+            with contextlib.suppress(Exception):  # a pool that never started has nothing to stop
+                self.pool = await asyncio.shield(self.starting)
         if self.pool is not None:
             await asyncio.to_thread(self.pool.shutdown, wait=True, cancel_futures=True)
 
 
+def started_pool(processes: int) -> ProcessPoolExecutor:
+    """A process pool whose first worker is up (the others start as work comes)."""
+    pool = ProcessPoolExecutor(processes, worker_context(), initializer=become_pool_worker)
+    pool.submit(int).result()
+    return pool
+
+
 def worker_context() -> Any:
-    """fork where it is safe and cheap (Linux; started before any thread, see start());
-    elsewhere the platform's default, spawn."""
-    return multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+    """forkserver on Linux, elsewhere the platform's default (spawn): never fork, as this
+    process has threads by the time an answer comes, and a child forked from it could
+    inherit a lock that one of them holds, and hang on it. The fork server is a fresh
+    process that loads pipeline.py once (about 0.25 s) and forks the workers from itself."""
+    return multiprocessing.get_context("forkserver" if sys.platform == "linux" else None)
 
 
 def become_pool_worker() -> None:
@@ -2705,12 +2657,18 @@ def exit_with_parent(sentinel: int) -> None:
 
 
 def postprocess_batch(
-    function: Callable[[str, str], dict[str, Any]], pairs: list[tuple[str, str]]
+    function: Callable[[str, str], dict[str, Any]], pairs: list[tuple[str, str]], budget_s: float = math.inf
 ) -> tuple[list[str], float]:
     """In a worker process: `function` over (prompt, response) pairs, and the CPU time it took.
-    Each result is the extra fields as a JSON object, or, if `function` failed on that answer, the reason."""
-    started = time.process_time()
-    return [extra_fields(function, prompt, response) for prompt, response in pairs], time.process_time() - started
+    Each result is the extra fields as a JSON object, or, if `function` failed on that answer,
+    the reason. On the event loop, `budget_s` (seconds) may stop it early: the first pairs' results."""
+    started, since = time.process_time(), time.perf_counter()
+    results = []
+    for prompt, response in pairs:
+        if time.perf_counter() - since >= budget_s:
+            break
+        results.append(extra_fields(function, prompt, response))
+    return results, time.process_time() - started
 
 
 def extra_fields(function: Callable[[str, str], dict[str, Any]], prompt: str, response: str) -> str:
@@ -2746,25 +2704,25 @@ def open_writer_files(run: Run, writer: int) -> tuple[ShardWriter, FailureLog]:
     return shards, FailureLog(failure_journal(output_dir, writer), run.past.failures)
 
 
-async def next_batch(outcomes: asyncio.Queue[Outcome], postprocessor: PostProcessor, journal: ArrivalJournal) -> list[Outcome]:
+async def next_batch(outcomes: asyncio.Queue[Outcome], postprocessor: PostProcessor, shards: ShardWriter) -> list[Outcome]:
     """The next outcome and all that are waiting; and, while post-processing them in the
     pool would not yet be worth the trip, what arrives within POSTPROCESS_WAIT_S. Each
-    answer is journaled as it is taken, before any wait."""
-    batch = taken(outcomes, await outcomes.get(), journal)
+    answer is journaled as it is taken, before any wait (see ShardWriter.arrived)."""
+    batch = taken(outcomes, await outcomes.get(), shards)
     if postprocessor.worth_waiting(len(batch)):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(POSTPROCESS_WAIT_S):
                 while postprocessor.worth_waiting(len(batch)):
-                    batch += taken(outcomes, await outcomes.get(), journal)
+                    batch += taken(outcomes, await outcomes.get(), shards)
     return batch
 
 
-def taken(outcomes: asyncio.Queue[Outcome], first: Outcome, journal: ArrivalJournal) -> list[Outcome]:
+def taken(outcomes: asyncio.Queue[Outcome], first: Outcome, shards: ShardWriter) -> list[Outcome]:
     """`first` and every outcome waiting behind it, their answers journaled."""
     batch = [first]
     while not outcomes.empty():
         batch.append(outcomes.get_nowait())
-    journal.write([outcome for outcome in batch if isinstance(outcome, Response)])
+    shards.arrived([outcome for outcome in batch if isinstance(outcome, Response)])
     return batch
 
 
@@ -2778,13 +2736,16 @@ class ShardWriter:
     in a worker thread while writing goes on, several at a time (a thread round trip
     per shard would cost more than the writing). A shard is created only when its first
     record arrives, so none is empty, and never over an existing file. With WRITERS > 1
-    each writer has its own ShardWriter; they share `numbers`, so no two ever pick the same."""
+    each writer has its own ShardWriter; they share `numbers`, so no two ever pick the same.
+
+    It owns its arrivals journal: answers go in as they are taken (arrived), and a journal
+    file goes once the shards holding its answers are synced (settle)."""
 
     def __init__(self, output_dir: Path, size: int, numbers: Iterator[int], journal: ArrivalJournal) -> None:
         self.output_dir = output_dir
         self.size = size
         self.numbers = numbers
-        self.journal = journal  # the answers taken for these shards, as they arrived
+        self.journal = journal  # the answers taken for these shards, as they arrived; used by this writer alone
         self.number = -1
         self.fd: int | None = None  # the open shard
         self.count = 0  # records in it
@@ -2795,8 +2756,13 @@ class ShardWriter:
     def name(self) -> str:
         return f"shard_{self.number:05d}.jsonl"
 
-    def write(self, responses: list[Response]) -> Iterator[list[Response]]:
-        """Append `responses`, yielding each run of them once the OS has it (one per shard touched)."""
+    def arrived(self, responses: list[Response]) -> None:
+        """Answers just taken off the queue for these shards: journaled before any wait."""
+        self.journal.write(responses)
+
+    def write(self, responses: list[Response], then: Callable[[list[Response]], None]) -> None:
+        """Append `responses`, calling `then` with each run of them once the OS has it (one run
+        per shard touched), so that a full disk midway leaves the written ones counted."""
         while responses:
             if self.fd is None:
                 self.number = next(self.numbers)
@@ -2809,7 +2775,7 @@ class ShardWriter:
             if self.count == self.size:
                 self.full.append((self.fd, self.number))
                 self.fd, self.count = None, 0
-            yield taken
+            then(taken)
         if len(self.full) >= SHARDS_PER_SYNC:
             self.sync_full()
 
@@ -2821,10 +2787,13 @@ class ShardWriter:
             self.full = []
 
     async def settle(self, pending: int = SYNCS_PENDING) -> None:
-        """Wait until at most `pending` sync jobs are running; raise the first error."""
+        """After a batch: wait until at most `pending` sync jobs are running (raising the first
+        error), then close a full journal file, and remove those whose answers are durable."""
         while self.syncing and (len(self.syncing) > pending or self.syncing[0][0].done()):
             await self.syncing[0][0]  # a job that failed stays listed: its shards are not durable
             self.syncing.pop(0)
+        self.journal.rotate(self.number)
+        self.journal.forget(self.durable_below)
 
     @property
     def durable_below(self) -> int:
@@ -3292,6 +3261,161 @@ def id_and_prompt(line: str) -> tuple[str, str, str]:
     return str(record["id"]), str(record["prompt"]), str(record.get("row_sha256", ""))
 
 
+# ---------------------------------------------------------------- progress --
+class Progress:
+    """What a person sees of the run: a bar on a terminal (log lines go above it), else a
+    line every PROGRESS_EVERY_S; and the summary line at the end. It shows the Tally and,
+    once the run is open (see open_run), what its parts know: the spend (the Gate's), the
+    host's state (the Outage's) and the requests allowed in flight (the Concurrency's)."""
+
+    def __init__(self, tally: Tally | None = None) -> None:
+        self.tally = tally or Tally()  # what it shows
+        self.bar: Any = None  # a tqdm bar when stderr is a terminal
+        self.run: Run | None = None  # the run shown, once open
+
+    def start(self, settings: Settings) -> list[asyncio.Task[None]]:
+        """Show the run: a bar, or progress lines; and the total, counted meanwhile, streaming."""
+        self.bar = progress_bar(settings, self.tally)
+        if self.bar is not None:
+            log.handlers[:] = [BarHandler(self.bar, log.handlers[0].formatter if log.handlers else None)]
+        tasks = [] if self.bar is not None else [asyncio.create_task(self.report(settings.progress_every_s))]
+        return [*tasks, asyncio.create_task(self.count_total(settings.input_dir))]
+
+    async def report(self, every_s: float) -> None:
+        """Where nobody watches a terminal (nohup, CI, a scheduler's log): a line every `every_s`."""
+        while True:
+            await asyncio.sleep(every_s)
+            if not (self.run and self.run.outage.never_reached()):  # then the run's one line is the error at the end
+                log.info("%s", self.line())
+
+    async def count_total(self, input_dir: Path) -> None:
+        with contextlib.suppress(PipelineError, OSError):  # an input that cannot be read: the reader says so
+            self.tally.total = sum([await count_rows(path) for path in await list_input_files(input_dir)])
+            if self.bar is not None:
+                self.bar.total = self.tally.total
+                self.bar.refresh()
+
+    def written(self, outcomes: list[Response] | list[Failure]) -> None:
+        """Outcomes now on disk: counted, and the bar moves."""
+        self.tally.count(outcomes)
+        if self.bar is not None and outcomes:
+            if self.spend is not None or isinstance(outcomes[0], Failure):  # the spend moves with every answer
+                self.bar.set_postfix_str(self.postfix(), refresh=False)
+            self.bar.update(len(outcomes))
+
+    def job(self, event: str, ends: str | None = None) -> None:
+        """A batch job's event (see Tally.count_job), shown at once: jobs take minutes to hours."""
+        self.tally.count_job(event, ends)
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.postfix())
+        else:
+            log.info("batch jobs:%s; %d prompts written so far", self.jobs()[1:], self.tally.answered + self.tally.failed)
+
+    def refresh(self) -> None:
+        """Something the bar shows changed (an outage began, goes on or ended): shown now."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.postfix())
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    @property
+    def spend(self) -> Spend | None:
+        """The run's spend, when its model has a price."""
+        spend = self.run.gate.spend if self.run is not None else None
+        return spend if spend is not None and spend.price is not None else None
+
+    def postfix(self) -> str:
+        """What the bar shows after its count: the spend, failures, batch jobs, the server's state."""
+        parts = (self.cost(), f"{self.tally.failed} failed" if self.tally.failed else "", self.jobs()[2:], *self.server_state())
+        return "; ".join(part for part in parts if part)
+
+    def server_state(self) -> tuple[str, str]:
+        """An outage going on, and the requests in flight once the server has said it was full."""
+        return (self.run.outage.waiting(), self.run.concurrency.shown()) if self.run is not None else ("", "")
+
+    def cost(self) -> str:
+        """The estimated spend so far, e.g. $0.42; nothing when the model has no price."""
+        return dollars(self.spend.spent_usd) if self.spend is not None else ""
+
+    def line(self) -> str:
+        """E.g. 1200/5000 prompts (24%), 3 failed, 41.2/s, ETA 1m32s."""
+        tally = self.tally
+        done = tally.answered + tally.failed + tally.skipped
+        rate = (tally.answered + tally.failed) / max(time.monotonic() - tally.started, 1e-9)
+        spent = "".join(f", {part}" for part in (self.cost(), *self.server_state()) if part)
+        if tally.total is None:
+            return f"{done}/? prompts, {tally.failed} failed, {rate:.1f}/s{spent}"
+        eta = duration(max(tally.total - done, 0) / rate) if rate else "?"
+        return f"{done}/{tally.total} prompts ({100 * done // max(tally.total, 1)}%), {tally.failed} failed, {rate:.1f}/s, ETA {eta}{spent}"
+
+    def summary(self) -> str:
+        tally, held_s = self.tally, self.run.gate.held_s if self.run is not None else 0.0
+        seconds = time.monotonic() - tally.started
+        rate = (tally.answered + tally.failed) / seconds if seconds > 0 else 0.0
+        return (
+            f"{tally.answered} answered, {tally.failed} failed, {tally.skipped} already done, {tally.retries} retries, "
+            f"{tally.rate_limited} rate-limited, {held_s:.1f} s held by limits, "
+            f"tokens {tally.prompt_tokens} in ({tally.cached_tokens} cached) / {tally.response_tokens} out "
+            f"+ {tally.thinking_tokens} thinking{f', {self.cost()} estimated' if self.cost() else ''}, "
+            f"{seconds:.2f} s, {rate:.1f} prompts/s{self.jobs()}{self.network()}"
+        )
+
+    def network(self) -> str:
+        """Outages waited out, and the limit on requests in flight, if the server set one."""
+        if self.run is None:
+            return ""
+        outage, concurrency = self.run.outage, self.run.concurrency
+        parts = [f"{outage.host} unreachable for {duration(outage.unreachable_s)}" if outage.unreachable_s else ""]
+        if concurrency.refusals:
+            parts.append(f"{concurrency.refusals} server-full answers, {concurrency.shown()} at the end")
+        return "".join(f", {part}" for part in parts if part)
+
+    def jobs(self) -> str:
+        jobs = self.tally.jobs
+        if not jobs:
+            return ""
+        resumed = f"{jobs['resumed']} resumed, " if jobs["resumed"] else ""
+        return f", batch jobs: {resumed}{jobs['submitted']} submitted, {jobs['running']} running, {jobs['done']} done"
+
+
+async def count_rows(path: Path) -> int:
+    """How many prompts a file holds, for the progress display, without making them."""
+    return await input_format(path).count(path)
+
+
+class BarHandler(logging.Handler):
+    """Log lines printed above the progress bar (tqdm.write), not through it."""
+
+    def __init__(self, bar: Any, formatter: logging.Formatter | None) -> None:
+        super().__init__()
+        self.bar = bar
+        self.setFormatter(formatter or RedactingFormatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.bar.write(self.format(record), file=sys.stderr)
+
+
+def progress_bar(settings: Settings, tally: Tally) -> Any:
+    """A live count on stderr when a person is watching (and -v is not printing events):
+    done of the total (once counted) from where earlier runs stopped, rate, ETA, failures."""
+    if settings.verbose or not sys.stderr.isatty() or not terminal_rows():
+        return None  # where a bar cannot show (a pipe, a log file, a terminal of 0 rows): progress lines
+    from tqdm import tqdm
+
+    return tqdm(total=tally.total, initial=tally.skipped, unit=" prompts", file=sys.stderr, mininterval=0.2)
+
+
+def terminal_rows() -> int:
+    """The rows of stderr's terminal: 0 where it reports none (script, docker -t, ssh -tt
+    from a script), where a bar would not show at all."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).lines
+    except (OSError, ValueError):
+        return 0
+
+
 # ----------------------------------------------------------------- offline --
 TWO_TIMES = re.compile(r"two times (-?\d+)", re.IGNORECASE)
 
@@ -3515,37 +3639,6 @@ def configure_logging(verbose: bool) -> None:
     log.propagate = False
 
 
-class BarHandler(logging.Handler):
-    """Log lines printed above the progress bar (tqdm.write), not through it."""
-
-    def __init__(self, bar: Any, formatter: logging.Formatter | None) -> None:
-        super().__init__()
-        self.bar = bar
-        self.setFormatter(formatter or RedactingFormatter("%(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.bar.write(self.format(record), file=sys.stderr)
-
-
-def progress_bar(settings: Settings, tally: Tally) -> Any:
-    """A live count on stderr when a person is watching (and -v is not printing events):
-    done of the total (once counted) from where earlier runs stopped, rate, ETA, failures."""
-    if settings.verbose or not sys.stderr.isatty() or not terminal_rows():
-        return None  # where a bar cannot show (a pipe, a log file, a terminal of 0 rows): progress lines
-    from tqdm import tqdm
-
-    return tqdm(total=tally.total, initial=tally.skipped, unit=" prompts", file=sys.stderr, mininterval=0.2)
-
-
-def terminal_rows() -> int:
-    """The rows of stderr's terminal: 0 where it reports none (script, docker -t, ssh -tt
-    from a script), where a bar would not show at all."""
-    try:
-        return os.get_terminal_size(sys.stderr.fileno()).lines
-    except (OSError, ValueError):
-        return 0
-
-
 def cli(argv: list[str] | None = None) -> int:
     """Run from the command line; returns the exit status."""
     settings = parse_args(argv)
@@ -3562,41 +3655,46 @@ def cli(argv: list[str] | None = None) -> int:
 
 def run_and_report(settings: Settings) -> int:
     """Run the job; the summary line, one line saying how it ended, and the exit status."""
-    tally = Tally()
+    progress = Progress()
+    tally = progress.tally
     try:
-        asyncio.run(main(settings, tally))
+        asyncio.run(main(settings, progress))
     except StopForNow as exc:
-        return finish(tally, f"stopped after {plural(tally.answered + tally.skipped, 'prompt')} done: {exc}", exc.exit_code)
+        return finish(progress, f"stopped after {plural(tally.answered + tally.skipped, 'prompt')} done: {exc}", exc.exit_code)
     except PipelineError as exc:
-        return finish(tally, f"error: {exc}", exc.exit_code)
+        return finish(progress, f"error: {exc}", exc.exit_code)
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:
         stopped_by = stage_error(exc)  # a signal came while the run was shutting down after this
         jobs = tally.jobs_unfinished
         running = f"{plural(jobs, 'batch job')} still on Google's side; " if jobs else ""
         status = 143 if "SIGTERM" in exc.args else 130  # 128 + the signal's number, as shells and schedulers expect
         interrupted = f"interrupted: {running}run the same command again to continue where it stopped"
-        return finish(tally, f"error: {stopped_by}\n{interrupted}" if stopped_by else interrupted, status)
+        return finish(progress, f"error: {stopped_by}\n{interrupted}" if stopped_by else interrupted, status)
     except Exception as exc:  # a bug: still one line, and the details with -v
         log.debug("internal error", exc_info=True)
-        return finish(tally, f"internal error: {type(exc).__name__}: {exc} (rerun with -v for details)", 1)
-    if tally.spend is not None and tally.spend.exhausted:
-        return finish(
-            tally,
+        return finish(progress, f"internal error: {type(exc).__name__}: {exc} (rerun with -v for details)", 1)
+    return finish(progress, *how_it_ended(settings, progress))
+
+
+def how_it_ended(settings: Settings, progress: Progress) -> tuple[str, int]:
+    """The last line of a run that ran to its end, and its exit status."""
+    tally, spend = progress.tally, progress.spend
+    if spend is not None and spend.exhausted:
+        return (
             f"stopped after {plural(tally.answered, 'prompt')}: the budget of ${settings.max_cost_usd:g} is spent "
-            f"({dollars(tally.spend.spent_usd)}): run the same command again with a larger --max-cost-usd to continue",
-            1,
-        )
+            f"({dollars(spend.spent_usd)}): run the same command again with a larger --max-cost-usd to continue", 1
+        )  # fmt: skip
     left_alone = (
         f"; {plural(tally.left_alone, 'prompt')} refused for good before {'was' if tally.left_alone == 1 else 'were'} "
         "not asked again (--retry-failed asks them)" if tally.left_alone else ""
     )  # fmt: skip
     if tally.failed or tally.left_alone:
         failed = f"{plural(tally.failed, 'prompt')} failed" if tally.failed else "nothing failed this time"
-        return finish(tally, f"{failed}: see {settings.output_dir / FAILED_FILE}{left_alone}", 1)
+        return f"{failed}: see {settings.output_dir / FAILED_FILE}{left_alone}", 1
     if tally.answered + tally.failed == 0:
         done_before = f"all {plural(tally.skipped, 'prompt')} {'was' if tally.skipped == 1 else 'were'} answered before" if tally.skipped else "no prompts"
-        return finish(tally, f"nothing to do: {done_before} in {settings.input_dir}", 0)
-    return finish(tally, f"done: answers in {settings.output_dir}", 0)
+        return f"nothing to do: {done_before} in {settings.input_dir}", 0
+    return f"done: answers in {settings.output_dir}", 0
 
 
 def stage_error(exc: BaseException) -> PipelineError | None:
@@ -3607,12 +3705,12 @@ def stage_error(exc: BaseException) -> PipelineError | None:
     return None
 
 
-def finish(tally: Tally, message: str, exit_code: int) -> int:
+def finish(progress: Progress, message: str, exit_code: int) -> int:
     """The summary line (unless nothing was even tried: then it says nothing), and how it ended."""
-    if tally.bar is not None:
-        tally.bar.close()
+    progress.close()
+    tally = progress.tally
     if tally.answered + tally.failed + tally.skipped + tally.retries or tally.jobs or exit_code == 0:
-        print(tally.summary(), file=sys.stderr)
+        print(progress.summary(), file=sys.stderr)
     print(redact(message), file=sys.stderr)
     return exit_code
 

@@ -139,7 +139,7 @@ def stage_run(output_dir: Path, settings: pipeline.Settings | None = None, **par
     """A pipeline.Run for calling one stage alone: the parts a test gives, the rest empty."""
     settings = settings or pipeline.Settings(output_dir=output_dir)
     defaults = {
-        "settings": settings, "tally": pipeline.Tally(), "client": None, "gate": None, "outage": None, "concurrency": None, "maker": pipeline.PromptMaker({}),
+        "settings": settings, "progress": pipeline.Progress(), "client": None, "gate": None, "outage": None, "concurrency": None, "maker": pipeline.PromptMaker({}),
         "past": pipeline.PastRuns(output_dir), "postprocessor": pipeline.PostProcessor(pipeline.postprocess, 0),
         "prompts": asyncio.Queue(), "outcomes": asyncio.Queue(), "files": iter([]), "shard_numbers": itertools.count(),
     }  # fmt: skip

@@ -4,9 +4,11 @@ again by a plain rerun."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
+import types
 from collections import Counter
 
 from conftest import sample_prompts, write_prompts
@@ -51,8 +53,9 @@ async def test_thinking_and_cached_tokens_are_in_every_record_and_priced(tmp_pat
     prompts = sample_prompts(6)
     settings = pipeline.Settings(input_dir=write_prompts(tmp_path / "inputs", prompts), output_dir=tmp_path / "outputs")
     settings.output_dir.mkdir()
-    tally = pipeline.Tally()
-    await pipeline.main(settings, tally)
+    progress = pipeline.Progress()
+    await pipeline.main(settings, progress)
+    tally = progress.tally
     records = [json.loads(line) for path in settings.output_dir.glob("shard_*.jsonl") for line in path.open()]
     assert len(records) == 6
     assert all(r["usage"]["thinking_tokens"] == 7 and r["usage"]["cached_tokens"] == 2 for r in records)
@@ -61,8 +64,8 @@ async def test_thinking_and_cached_tokens_are_in_every_record_and_priced(tmp_pat
     expected = sum(
         (prompt_tokens_of(p) * per_input + 2 * per_cached + (len(f"echo: {p}".split()) + 7) * per_output) / 1e6 for p in prompts
     )
-    assert math.isclose(tally.spend.spent_usd, expected)
-    summary = tally.summary()
+    assert math.isclose(progress.spend.spent_usd, expected)
+    summary = progress.summary()
     assert "(12 cached)" in summary and "+ 42 thinking" in summary and f"{pipeline.dollars(expected)} estimated" in summary
 
 
@@ -140,10 +143,18 @@ def test_a_plain_rerun_leaves_what_was_refused_for_good_and_retry_failed_asks_it
 
 
 def test_the_progress_display_shows_the_spend() -> None:
-    tally = pipeline.Tally(spend=pipeline.Spend((0.5, 3.0, 0.05)))
-    tally.spend.bill(type("Usage", (), {"prompt_token_count": 400_000, "candidates_token_count": 60_000})())
-    assert tally.progress_line().endswith(", $0.38") and tally.postfix() == "$0.38"
-    assert "$" not in pipeline.Tally(spend=pipeline.Spend(None)).progress_line()  # no price, no figure
+    progress = shown_run(pipeline.Spend((0.5, 3.0, 0.05)))
+    progress.spend.bill(type("Usage", (), {"prompt_token_count": 400_000, "candidates_token_count": 60_000})())
+    assert progress.line().endswith(", $0.38") and progress.postfix() == "$0.38"
+    assert "$" not in shown_run(pipeline.Spend(None)).line()  # no price, no figure
+
+
+def shown_run(spend: pipeline.Spend) -> pipeline.Progress:
+    """A Progress showing a run whose Gate has this Spend, its host reachable, never full."""
+    progress = pipeline.Progress()
+    outage = pipeline.Outage(lambda: None, "example.test", 60, asyncio.Event())
+    progress.run = types.SimpleNamespace(gate=pipeline.Gate(None, None, spend), outage=outage, concurrency=pipeline.Concurrency(1))
+    return progress
 
 
 def bad_setting(request):

@@ -211,13 +211,12 @@ async def test_after_a_full_disk_the_summary_counts_what_was_written(tmp_path, m
     outcomes: asyncio.Queue[pipeline.Outcome] = asyncio.Queue()
     for i in range(10):  # one batch for the writer, spread over ten shards of one
         outcomes.put_nowait(pipeline.Response(pipeline.Prompt(f"a:{i}", "p"), "r", "m", "STOP", 1, 1, 1))
-    tally = pipeline.Tally()
     settings = pipeline.Settings(output_dir=tmp_path, shard_size=1, postprocess_workers=0)
-    run = stage_run(tmp_path, settings, tally=tally, outcomes=outcomes)
+    run = stage_run(tmp_path, settings, outcomes=outcomes)
     writer = pipeline.write_outputs(run, 0)
     with pytest.raises(pipeline.PipelineError, match="No space left on device"):
         await writer
-    assert tally.answered == len(list(tmp_path.glob("shard_*.jsonl"))) == 3  # the fourth never opened
+    assert run.tally.answered == len(list(tmp_path.glob("shard_*.jsonl"))) == 3  # the fourth never opened
 
 
 async def test_a_full_disk_under_the_arrivals_journal_stops_the_writer_with_one_line(tmp_path, monkeypatch) -> None:
@@ -267,7 +266,7 @@ async def test_a_stop_signal_is_not_lost_when_the_loops_wake_up_pipe_is_full(tmp
         offline=True, offline_latency_ms=60_000, postprocess_workers=0,
     )  # fmt: skip
     (tmp_path / "outputs").mkdir()
-    run = asyncio.create_task(pipeline.main(settings, pipeline.Tally()))
+    run = asyncio.create_task(pipeline.main(settings, pipeline.Progress()))
     await asking.wait()
     wake_up = asyncio.get_running_loop()._csock  # what thousands of call_soon_threadsafe() calls fill
     with pytest.raises(BlockingIOError):

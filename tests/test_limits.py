@@ -59,7 +59,7 @@ def test_without_rpm_a_429_pauses_everyone_and_the_quota_is_still_used(tmp_path,
 
 
 async def test_a_pause_holds_every_request() -> None:
-    gate = pipeline.Gate(None, pipeline.Tally())
+    gate = pipeline.Gate(None)
     started = time.monotonic()
     gate.pause(0.3)
     admitted = await asyncio.gather(*(gate.admit() for _ in range(5)))
@@ -67,11 +67,11 @@ async def test_a_pause_holds_every_request() -> None:
     assert time.monotonic() - started >= 0.3
     # Counted from when the first request began to wait, a moment after the pause began (on a
     # busy machine, milliseconds: 0.297 s was seen with both CPUs busy), so most of the pause.
-    assert 0.25 <= gate.tally.held_s <= time.monotonic() - started
+    assert 0.25 <= gate.held_s <= time.monotonic() - started
 
 
 async def test_closing_the_gate_ends_waits_and_refuses() -> None:
-    gate = pipeline.Gate(None, pipeline.Tally())
+    gate = pipeline.Gate(None)
     gate.pause(60)
     waiting = asyncio.gather(*(gate.admit() for _ in range(3)))
     await asyncio.sleep(0)  # let them start waiting
@@ -130,9 +130,8 @@ async def test_a_batch_api_call_waits_out_the_shared_back_off_and_stops_retrying
     back-off holds them too, and a back-off ends when the run stops asking (the gate closes)."""
     from conftest import stage_run
 
-    tally = pipeline.Tally()
-    gate = pipeline.Gate(None, tally)
-    run = stage_run(tmp_path, pipeline.Settings(output_dir=tmp_path, retry_base_s=30), gate=gate, tally=tally)
+    gate = pipeline.Gate(None)
+    run = stage_run(tmp_path, pipeline.Settings(output_dir=tmp_path, retry_base_s=30), gate=gate)
     gate.pause(0.2)  # another request's 429
     paused_until, calls, called = gate.paused_until, [], asyncio.Event()
 

@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import time
+import types
 
 import aiohttp
 import pytest
@@ -192,13 +193,13 @@ def test_a_place_never_goes_to_a_cancelled_waiter(cancelled_first: bool) -> None
 
 
 def test_the_progress_line_says_what_the_run_waits_for(tmp_path) -> None:
-    tally = pipeline.Tally(total=10)
-    closed = asyncio.Event()
-    tally.outage = pipeline.Outage(lambda: None, "example.test", 60, closed, tally)
-    tally.outage.episode = pipeline.Episode(time.monotonic() - 80, "connection refused", confirmed=True)
-    tally.concurrency = pipeline.Concurrency(400)
-    tally.concurrency.refusals, tally.concurrency.limit = 1, 96.5
-    line = tally.progress_line()
+    progress = pipeline.Progress(pipeline.Tally(total=10))
+    outage = pipeline.Outage(lambda: None, "example.test", 60, asyncio.Event())
+    outage.episode = pipeline.Episode(time.monotonic() - 80, "connection refused", confirmed=True)
+    concurrency = pipeline.Concurrency(400)
+    concurrency.refusals, concurrency.limit = 1, 96.5
+    progress.run = types.SimpleNamespace(gate=pipeline.Gate(None), outage=outage, concurrency=concurrency)
+    line = progress.line()
     assert "waiting for example.test: connection refused, unreachable for 1m20s" in line
     assert "in flight: 96 of 400 allowed by the server" in line
     assert json.dumps(line)  # one line, printable

@@ -236,7 +236,7 @@ async def test_a_writer_that_cannot_write_stops_the_run(tmp_path, fake_gemini, m
     )
     (tmp_path / "outputs").mkdir()
     with pytest.raises(pipeline.PipelineError, match="No space left on device"):
-        await asyncio.wait_for(pipeline.main(settings, pipeline.Tally()), timeout=10)
+        await asyncio.wait_for(pipeline.main(settings, pipeline.Progress()), timeout=10)
 
 
 def test_unreadable_input_file_stops_the_run_with_one_line(tmp_path, fake_gemini, run) -> None:
@@ -263,8 +263,9 @@ async def test_no_task_left_behind_and_client_closed(tmp_path, monkeypatch) -> N
         output_dir=tmp_path / "outputs", offline=True, offline_latency_ms=1,
     )  # fmt: skip
     (tmp_path / "outputs").mkdir()
-    tally = pipeline.Tally()
-    await pipeline.main(settings, tally)
+    progress = pipeline.Progress()
+    await pipeline.main(settings, progress)
+    tally = progress.tally
     assert tally.answered == 12
     assert asyncio.all_tasks() == {asyncio.current_task()}
     assert closed == [True]

@@ -6,6 +6,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -30,10 +31,6 @@ def fails_on_three_words(prompt: str, response: str) -> dict:
     if len(prompt.split()) == 5:
         return {"id": "mine now"}
     return {"chars": len(response)}
-
-
-def where_it_ran(prompt: str, response: str) -> dict:
-    return {"pid": os.getpid()}
 
 
 def settings_for(tmp_path: Path, prompts: list[str], **overrides) -> pipeline.Settings:
@@ -63,23 +60,44 @@ def test_word_counts_are_right(tmp_path, fake_gemini, run, processes) -> None:
     assert found == {prompt: i + 2 for i, prompt in enumerate(prompts_of_known_length(40))}
 
 
+def slowly_where_it_ran(prompt: str, response: str) -> dict:
+    time.sleep(0.03)  # longer than INLINE_WHILE_STARTING_S: not worth doing on the event loop
+    return {"pid": os.getpid()}
+
+
 async def test_postprocess_runs_in_the_pool_and_leaves_no_process_behind(tmp_path, fake_gemini) -> None:
     fake_gemini()
-    settings = settings_for(tmp_path, prompts_of_known_length(30), postprocess=where_it_ran, postprocess_workers=2)
-    await pipeline.main(settings, pipeline.Tally())
-    pids = {r["pid"] for r in records(settings.output_dir)}
-    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    settings = settings_for(tmp_path, prompts_of_known_length(30), postprocess=slowly_where_it_ran, postprocess_workers=2)
+    await pipeline.main(settings, pipeline.Progress())
+    ran_in = [r["pid"] for r in records(settings.output_dir)]
+    assert len(ran_in) == 30 and ran_in.count(os.getpid()) <= 1  # here at most the first, while the pool started
+    pids = set(ran_in) - {os.getpid()}
+    assert 1 <= len(pids) <= 2
     assert multiprocessing.active_children() == []
     assert_gone(pids)
+
+
+async def test_a_rerun_with_nothing_to_do_starts_no_process(tmp_path, fake_gemini, monkeypatch) -> None:
+    fake_gemini()
+    settings = settings_for(tmp_path, prompts_of_known_length(30), postprocess=slowly_where_it_ran, postprocess_workers=2)
+    started: list[object] = []
+    real_start = multiprocessing.process.BaseProcess.start
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", lambda process: started.append(process) or real_start(process))
+    await pipeline.main(settings, pipeline.Progress())
+    assert started, "the first run's answers started no pool: this test would prove nothing"
+    started.clear()
+    progress = pipeline.Progress()
+    await pipeline.main(settings, progress)
+    assert progress.tally.skipped == 30 and started == []
 
 
 async def test_no_process_left_behind_when_the_run_fails(tmp_path, fake_gemini) -> None:
     refuse_late = lambda request: invalid_key() if "word " * 20 in request.prompt + " " else echo(request)
     fake_gemini(refuse_late)
-    settings = settings_for(tmp_path, prompts_of_known_length(30), postprocess=where_it_ran, workers=2)
+    settings = settings_for(tmp_path, prompts_of_known_length(30), postprocess=slowly_where_it_ran, workers=2)
     with pytest.raises(pipeline.PipelineError, match="API key was refused"):
-        await pipeline.main(settings, pipeline.Tally())
-    pids = {r["pid"] for r in records(settings.output_dir)}
+        await pipeline.main(settings, pipeline.Progress())
+    pids = {r["pid"] for r in records(settings.output_dir)} - {os.getpid()}
     assert multiprocessing.active_children() == []
     assert_gone(pids)
 
@@ -88,8 +106,9 @@ async def test_no_process_left_behind_when_the_run_fails(tmp_path, fake_gemini) 
 async def test_a_postprocess_error_fails_that_prompt_not_the_run(tmp_path, fake_gemini, processes) -> None:
     fake_gemini()
     settings = settings_for(tmp_path, prompts_of_known_length(8), postprocess=fails_on_three_words, postprocess_workers=processes)
-    tally = pipeline.Tally()
-    await pipeline.main(settings, tally)
+    progress = pipeline.Progress()
+    await pipeline.main(settings, progress)
+    tally = progress.tally
     assert (tally.answered, tally.failed) == (5, 3)
     assert {r["prompt"]: r["chars"] for r in records(settings.output_dir)} == {
         p: len("echo: " + p) for p in prompts_of_known_length(8) if len(p.split()) not in (3, 4, 5)
@@ -121,8 +140,9 @@ async def test_three_readers_and_three_writers(tmp_path, fake_gemini, monkeypatc
 
     monkeypatch.setattr(pipeline, "read_prompts", reading)
     monkeypatch.setattr(pipeline, "write_all", writing)
-    tally = pipeline.Tally()
-    await pipeline.main(settings, tally)
+    progress = pipeline.Progress()
+    await pipeline.main(settings, progress)
+    tally = progress.tally
 
     assert all(len(tasks) == 1 for tasks in read_by.values()) and len(read_by) == 75
     assert len(set().union(*read_by.values())) == 3  # the three readers shared the files
@@ -136,8 +156,9 @@ async def test_three_readers_and_three_writers(tmp_path, fake_gemini, monkeypatc
     assert [p.name for p in settings.output_dir.glob("failed*")] == ["failed.jsonl"]  # journals merged
 
     fake_gemini(echo)  # a rerun with two writers answers the 30 that failed, and only those
-    tally = pipeline.Tally()
-    await pipeline.main(settings.__class__(**{**settings.__dict__, "writers": 2}), tally)
+    progress = pipeline.Progress()
+    await pipeline.main(settings.__class__(**{**settings.__dict__, "writers": 2}), progress)
+    tally = progress.tally
     assert (tally.skipped, tally.answered) == (270, 30)
     ids = Counter(r["id"] for r in records(settings.output_dir))
     assert set(ids.values()) == {1} and len(ids) == 300
@@ -151,7 +172,7 @@ async def test_a_killed_runs_writer_journals_are_read_and_merged(tmp_path, fake_
     journal.write_text(json.dumps({"id": "shard_0.txt:1", "prompt": "a", "error": "old", "attempts": 1}) + "\n")
     past = await pipeline.load_past_runs(settings.output_dir)
     assert list(past.failures) == ["shard_0.txt:1"]
-    await pipeline.main(settings, pipeline.Tally())
+    await pipeline.main(settings, pipeline.Progress())
     assert [p.name for p in settings.output_dir.glob("failed*")] == ["failed.jsonl"]
     [line] = (settings.output_dir / "failed.jsonl").read_text().splitlines()
     assert json.loads(line)["prompt"] == "b"

@@ -103,7 +103,7 @@ async def test_a_rerun_parses_each_input_once_and_decodes_shards_no_further_than
     inputs = write_prompts(tmp_path / "inputs", sample_prompts(12))
     settings = pipeline.Settings(input_dir=inputs, output_dir=tmp_path / "outputs", shard_size=5)
     settings.output_dir.mkdir()
-    await pipeline.main(settings, pipeline.Tally())
+    await pipeline.main(settings, pipeline.Progress())
     parsed: Counter[str] = Counter()
     real_read_prompts = pipeline.read_prompts
     monkeypatch.setattr(pipeline, "read_prompts", lambda path, requests: parsed.update([path.name]) or real_read_prompts(path, requests))
@@ -114,8 +114,9 @@ async def test_a_rerun_parses_each_input_once_and_decodes_shards_no_further_than
         return real_loads(text, *args, **kwargs)
 
     monkeypatch.setattr(pipeline.json, "loads", loads)
-    tally = pipeline.Tally()
-    await pipeline.main(settings, tally)
+    progress = pipeline.Progress()
+    await pipeline.main(settings, progress)
+    tally = progress.tally
     assert (tally.skipped, tally.answered) == (12, 0)
     assert parsed == {f"shard_{i}.txt": 1 for i in range(4)}
 

@@ -85,14 +85,14 @@ import tokenize
 import typing
 import urllib.parse
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, make_dataclass
 from json.decoder import scanstring
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 import aiofiles
 import aiofiles.os
@@ -157,6 +157,7 @@ PRICES: dict[str, tuple[float, float, float]] = {
 
 # Not settings: fixed by the design.
 READ_CHUNK_BYTES = 1 << 20  # input is read this much at a time, so memory stays flat
+SHARDS_AT_ONCE = 4  # shards read at once when a run starts (see load_shard)
 STOP_GRACE_S = 1.5  # on Ctrl-C, how long requests in flight may still land (exit within 2 s)
 SHARDS_PER_SYNC = 16  # full shards fsynced and closed together in one worker-thread job
 SYNCS_PENDING = 4  # such jobs that may run behind the writer at once
@@ -342,10 +343,12 @@ def stop_on_os_error(what: str) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------- records --
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Prompt:
     """One request to make: a line's text, or a JSONL or CSV row with what else it holds.
-    `error` says why it cannot be sent (it is then failed, not asked)."""
+    `error` says why it cannot be sent (it is then failed, not asked). Not frozen, though
+    never changed once made: a frozen dataclass takes 3 µs to make, this one a tenth of
+    that, and a rerun makes one per input line before it knows the line is answered."""
 
     id: str
     text: str  # what its record shows as "prompt": for a multi-turn request, the last user turn's text
@@ -951,15 +954,22 @@ async def read_inputs(run: Run) -> None:
     request goes to the writers instead); waits while the queue is full. With
     READERS > 1 the readers share run.files, each taking the next file when it finishes one."""
     for path in run.files:
-        async with contextlib.aclosing(read_prompts(path, run.maker)) as file_prompts:
-            async for prompt in file_prompts:
-                if prompt.origin:  # a named id (a default one is its own place: see Ids)
-                    await run.ids.claim(prompt)
-                if journaled := run.past.journaled_answer(prompt):
-                    await run.outcomes.put(journaled)  # answered before, never written: no request
-                elif not run.past.skips(prompt):
-                    await run.prompts.put(prompt)
-                    log.debug("enqueued %s", prompt.id)
+        with cannot_read(path):
+            async with contextlib.aclosing(read_prompts(path, run.maker)) as file_prompts:
+                async for prompts in file_prompts:
+                    for prompt in prompts:
+                        await queue_prompt(run, prompt)
+
+
+async def queue_prompt(run: Run, prompt: Prompt) -> None:
+    """Queue one prompt the reader read, unless an earlier run answered it."""
+    if prompt.origin:  # a named id (a default one is its own place: see Ids)
+        await run.ids.claim(prompt)
+    if journaled := run.past.journaled_answer(prompt):
+        await run.outcomes.put(journaled)  # answered before, never written: no request
+    elif not run.past.skips(prompt):
+        await run.prompts.put(prompt)
+        log.debug("enqueued %s", prompt.id)
 
 
 async def generate_content(run: Run) -> None:
@@ -1021,6 +1031,8 @@ class PromptMaker:
 
     def prompt(self, prompt_id: str, text: str, own: dict[str, Any] | None = None, **row: Any) -> Prompt:
         """A prompt asked with the run's settings and `own` (camelCase) over them."""
+        if not (own or row):  # a line of text: the common case, made without keywords (a rerun makes millions)
+            return Prompt(prompt_id, text, None, None, self.config, self.answer_format)
         if own or row.get("contents"):
             row["digest"] = row_digest(own, row.get("contents"))
         if not own:
@@ -1124,11 +1136,13 @@ class Ids:
         """The lines of an input file whose prompts are known by their place, as bits."""
         bits = bytearray()
         assert self.maker is not None
-        async for prompt in read_prompts(path, self.maker):
-            if not prompt.origin:
-                line = int(prompt.id.rpartition(":")[2])
-                bits.extend(bytes(max(0, (line >> 3) + 1 - len(bits))))
-                bits[line >> 3] |= 1 << (line & 7)
+        with cannot_read(path):
+            async for prompts in read_prompts(path, self.maker):
+                for prompt in prompts:
+                    if not prompt.origin:
+                        line = int(prompt.id.rpartition(":")[2])
+                        bits.extend(bytes(max(0, (line >> 3) + 1 - len(bits))))
+                        bits[line >> 3] |= 1 << (line & 7)
         return bits
 
 
@@ -1311,11 +1325,15 @@ def natural_key(name: str) -> list[Any]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
 
 
-async def read_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[Prompt]:
-    """The prompts of one file, read as its InputFormat says."""
-    with stop_on_os_error(f"cannot read input file {path}"):
-        async for prompt in input_format(path).prompts(path, maker):
-            yield prompt
+def read_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[list[Prompt]]:
+    """The prompts of one file, in runs (an await per run, not per prompt), read as its
+    InputFormat says (an OSError: see cannot_read)."""
+    return input_format(path).prompts(path, maker)
+
+
+def cannot_read(path: Path) -> contextlib.AbstractContextManager[None]:
+    """What an error reading an input file becomes: a one-line stop naming it."""
+    return stop_on_os_error(f"cannot read input file {path}")
 
 
 @dataclass(frozen=True)
@@ -1323,7 +1341,7 @@ class InputFormat:
     """How one kind of input file becomes prompts. A new format is a reader, a counter and
     its line in INPUT_FORMATS; reading, the progress total and the start-up checks follow."""
 
-    prompts: Callable[[Path, PromptMaker], AsyncIterator[Prompt]]  # the file's prompts, in order, each with its id
+    prompts: Callable[[Path, PromptMaker], AsyncIterator[list[Prompt]]]  # the file's prompts, in order, in runs
     count: Callable[[Path], Awaitable[int]]  # how many it holds, without making them (the progress total)
     delimiter: str = ""  # a table's cell separator (its header is checked at start-up); "": not a table
 
@@ -1332,24 +1350,40 @@ def input_format(path: Path) -> InputFormat:
     return INPUT_FORMATS.get(path.suffix.lower(), INPUT_FORMATS[""])
 
 
-async def text_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[Prompt]:
+async def text_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[list[Prompt]]:
     """A prompt per non-blank line; blank lines are skipped but still counted in the ids."""
     async for first, lines in read_lines(path):
-        for where, text, error in numbered(path.name, first, lines):
-            if error:
-                yield Prompt(where, text, error=error)
-            elif text := text.strip():
-                yield maker.prompt(where, text)
+        for run in in_runs(text_line_prompts(path.name, first, lines, maker)):
+            yield run
 
 
-async def jsonl_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[Prompt]:
+def text_line_prompts(name: str, first: int, lines: list[bytes], maker: PromptMaker) -> Iterator[Prompt]:
+    for where, text, error in numbered(name, first, lines):
+        if error:
+            yield Prompt(where, text, error=error)
+        elif text := text.strip():
+            yield maker.prompt(where, text)
+
+
+async def jsonl_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[list[Prompt]]:
     """A request per non-blank line (see PromptMaker.from_json)."""
     async for first, lines in read_lines(path):
-        for where, text, error in numbered(path.name, first, lines):
-            if error:
-                yield Prompt(where, text, error=error)
-            elif text.strip():
-                yield maker.from_json(text, where)
+        for run in in_runs(jsonl_line_prompts(path.name, first, lines, maker)):
+            yield run
+
+
+def jsonl_line_prompts(name: str, first: int, lines: list[bytes], maker: PromptMaker) -> Iterator[Prompt]:
+    for where, text, error in numbered(name, first, lines):
+        if error:
+            yield Prompt(where, text, error=error)
+        elif text.strip():
+            yield maker.from_json(text, where)
+
+
+def in_runs(prompts: Iterator[Prompt]) -> Iterator[list[Prompt]]:
+    """`prompts` in lists of up to PROMPTS_PER_RUN: an await per list, not per prompt."""
+    while run := list(itertools.islice(prompts, PROMPTS_PER_RUN)):
+        yield run
 
 
 def numbered(name: str, first: int, lines: list[bytes]) -> Iterator[tuple[str, str, str | None]]:
@@ -1368,25 +1402,30 @@ async def count_lines(path: Path) -> int:
 
 async def count_table_rows(path: Path) -> int:
     """A table's rows after its header, as the reader reads them."""
-    return max(sum([1 async for _ in table_rows(path)]) - 1, 0)
+    return max(sum([len(rows) async for rows in table_rows(path)]) - 1, 0)
 
 
-async def csv_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[Prompt]:
+async def csv_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[list[Prompt]]:
     """A request per row after a header naming a prompt column (and optionally id and
     system_instruction; other columns are carried into the records). Read by the csv
     module, as Excel writes (see table_rows); a row's place is the line where it starts."""
     header: list[str] | None = None
-    async for number, cells, error in table_rows(path):
-        where = f"{path.name}:{number}"
-        if error:  # no row can hold it: that row fails
-            yield Prompt(where, " ".join(cells).strip(), error=error)
-        elif header is None:
-            header = table_header(path, number, cells)
-        elif len(cells) != len(header):
-            yield Prompt(where, input_format(path).delimiter.join(cells).strip(), error=f"row has {len(cells)} cells, the header {len(header)}")
-        else:
-            row = {name: cell for name, cell in zip(header, cells) if cell or name not in ("id", "system_instruction")}
-            yield maker.from_row(row, where)
+    async for rows in table_rows(path):
+        if header is None and (opening := next((row for row in rows if not row[2]), None)):
+            header = table_header(path, opening[0], opening[1])
+            rows = [row for row in rows if row is not opening]
+        yield [row_prompt(path, row, header, maker) for row in rows]
+
+
+def row_prompt(path: Path, row: tuple[int, list[str], str | None], header: list[str] | None, maker: PromptMaker) -> Prompt:
+    """The prompt of a table's row (a row before the header is one that cannot be read)."""
+    number, cells, error = row
+    where = f"{path.name}:{number}"
+    if error or header is None:  # no row can hold it: that row fails
+        return Prompt(where, " ".join(cells).strip(), error=error)
+    if len(cells) != len(header):
+        return Prompt(where, input_format(path).delimiter.join(cells).strip(), error=f"row has {len(cells)} cells, the header {len(header)}")
+    return maker.from_row({name: cell for name, cell in zip(header, cells) if cell or name not in ("id", "system_instruction")}, where)
 
 
 async def table_headers_checked(files: list[Path]) -> list[Path]:
@@ -1395,9 +1434,9 @@ async def table_headers_checked(files: list[Path]) -> list[Path]:
     for path in files:
         if input_format(path).delimiter:
             with stop_on_os_error(f"cannot read input file {path}"):
-                async for number, cells, error in table_rows(path):
-                    if not error:
-                        table_header(path, number, cells)
+                async for rows in table_rows(path):
+                    if opening := next((row for row in rows if not row[2]), None):
+                        table_header(path, opening[0], opening[1])
                         break
     return files
 
@@ -1414,15 +1453,15 @@ def table_header(path: Path, number: int, cells: list[str]) -> list[str]:
     raise PipelineError(f"{path}, line {number}: the header names no 'prompt' column (read as {seen}-separated: {', '.join(header)[:200]}){hint}")
 
 
-async def table_rows(path: Path) -> AsyncIterator[tuple[int, list[str], str | None]]:
+async def table_rows(path: Path) -> AsyncIterator[list[tuple[int, list[str], str | None]]]:
     """The non-blank rows of a CSV or TSV file, each with the line it starts on and why it
     cannot be a row, if it cannot. Parsed by the csv module in a worker thread, TABLE_ROWS
-    at a time: linear in the file's size, a cell of any size, streaming."""
+    at a time (each run of rows comes as a list): linear in the file's size, a cell of any
+    size, streaming."""
     rows = read_table(path, input_format(path).delimiter)
     try:
         while batch := await asyncio.to_thread(list, itertools.islice(rows, TABLE_ROWS)):
-            for row in batch:
-                yield row
+            yield batch
     finally:
         rows.close()
 
@@ -1464,25 +1503,51 @@ def cell_problem(cells: list[str]) -> tuple[list[str], str | None]:
 
 END_OF_FILE = "\ud800 end of file"  # a line no file can hold: surrogateescape makes only \udc80-\udcff
 TABLE_ROWS = 512  # CSV rows parsed per trip to the worker thread
+PROMPTS_PER_RUN = 1024  # prompts a reader takes from a file at a time (see in_runs)
 
 
 async def read_lines(path: Path) -> AsyncIterator[tuple[int, list[bytes]]]:
     """The lines of a file, a chunk of READ_CHUNK_BYTES at a time: one thread hop and one
-    await per chunk, not per line. Each run of lines comes with the number of its first."""
-    number = 1
-    async with aiofiles.open(path, "rb") as file:
+    await per chunk, not per line, the file's opening and closing included (a rerun reads
+    a thousand shards: a hop each for open, read, and close took 2 ms a file). Each run of
+    lines comes with the number of its first."""
+    number, file = 1, None
+    try:
         unfinished = bytearray()  # the line across chunks, grown in place: linear time, memory about one line
-        while chunk := await file.read(READ_CHUNK_BYTES):
+        while True:
+            file, chunk = await next_chunk(path, file)
             first, *rest = chunk.split(b"\n")
             unfinished += first
-            if not rest:
-                continue
-            lines = [unfinished, *rest[:-1]]
-            yield number, lines
-            number += len(lines)
-            unfinished = bytearray(rest[-1])
+            if rest:
+                lines = [unfinished, *rest[:-1]]
+                yield number, lines
+                number += len(lines)
+                unfinished = bytearray(rest[-1])
+            if file is None:
+                break
         if unfinished:
             yield number, [unfinished]
+    finally:
+        if file is not None:  # the reader stopped early
+            file.close()
+
+
+@aiofiles.os.wrap
+def next_chunk(path: Path, file: BinaryIO | None) -> tuple[BinaryIO | None, bytes]:
+    """In a thread: the next READ_CHUNK_BYTES of `file`, opening `path` first if it is None;
+    with None for the file once the chunk is its last (it is closed then)."""
+    file = file or open(path, "rb")  # noqa: SIM115 (closed at its end, or by read_lines)
+    try:
+        chunk = file.read(READ_CHUNK_BYTES)
+        while len(chunk) < READ_CHUNK_BYTES and (more := file.read(READ_CHUNK_BYTES - len(chunk))):  # short: at the end?
+            chunk += more
+    except BaseException:
+        file.close()
+        raise
+    if len(chunk) < READ_CHUNK_BYTES:
+        file.close()
+        return None, chunk
+    return file, chunk
 
 
 def decode(line: bytes, first: bool) -> tuple[str, str | None]:
@@ -2981,17 +3046,20 @@ class Fingerprints:
 
     def __init__(self) -> None:
         self.buckets = [array.array("q") for _ in range(self.BUCKETS)]  # each sorted once frozen
+        self.mask = self.BUCKETS - 1  # a fingerprint's bucket is fingerprint & mask
 
-    def add(self, value: Any) -> None:
-        fingerprint = hash(value)
-        self.buckets[fingerprint % self.BUCKETS].append(fingerprint)
+    def add(self, values: Iterable[Any]) -> None:
+        """Add each of `values` (one call for many: a rerun adds a million)."""
+        buckets, mask = self.buckets, self.mask
+        for fingerprint in map(hash, values):
+            buckets[fingerprint & mask].append(fingerprint)
 
     def freeze(self) -> None:
         self.buckets = [array.array("q", sorted(set(bucket))) for bucket in self.buckets]
 
     def __contains__(self, value: object) -> bool:
         fingerprint = hash(value)
-        bucket = self.buckets[fingerprint % self.BUCKETS]
+        bucket = self.buckets[fingerprint & self.mask]
         found = bisect.bisect_left(bucket, fingerprint)
         return found < len(bucket) and bucket[found] == fingerprint
 
@@ -3005,27 +3073,75 @@ def asked_as(prompt_id: str, text: str, digest: str) -> tuple[str, ...]:
 
 
 class Answered:
-    """The prompts earlier runs answered: their ids, and each id with the request it was
-    asked with (asked_as), as Fingerprints (16 bytes a prompt). A reader skips a prompt it
-    holds; a prompt whose id it holds with another request was edited since (see PastRuns.skips)."""
+    """The prompts earlier runs answered, each as a 64-bit fingerprint of the request it was
+    asked with (asked_as), so that a reader can tell whether a prompt was answered, and
+    whether with this very request (see PastRuns.skips).
+
+    A prompt known by its place, <file name>:<line number> (a line of a text file, a row
+    without an id of its own), has its fingerprint at that index of its file's array: one
+    array lookup a question, 8 bytes a line. Any other id goes to Fingerprints, of its id
+    and of its request (16 bytes a prompt, a binary search a question). A rerun of a
+    finished job asks one question per input line: the arrays halved the time they took."""
 
     def __init__(self) -> None:
-        self.ids = Fingerprints()
-        self.asked = Fingerprints()  # asked_as(id, text, digest)
+        self.places: dict[str, array.array[int]] = {}  # file name -> a fingerprint by line number (NO_FINGERPRINT: none)
+        self.ids = Fingerprints()  # the other ids...
+        self.asked = Fingerprints()  # ...and asked_as(id, text, digest) of each
+        self.count = 0  # prompts held, once frozen
 
-    def add(self, prompt_id: str, text: str, digest: str = "") -> None:
-        self.ids.add(prompt_id)
-        self.asked.add(asked_as(prompt_id, text, digest))
+    def add(self, answered: list[tuple[str, str, str]]) -> None:
+        """Add prompts by their (id, text, row digest)."""
+        others, places = [], self.places
+        for prompt_id, text, digest in answered:
+            name, line = place(prompt_id)
+            slots = places.get(name) if line else None
+            if slots is None and line and line <= PLACES_AT_FIRST:
+                slots = places[name] = array.array("q", [NO_FINGERPRINT])
+            if slots is not None and line < 2 * len(slots) + PLACES_AT_FIRST:  # dense enough for an array
+                if line >= len(slots):
+                    slots.extend(itertools.repeat(NO_FINGERPRINT, max(line + 1, 2 * len(slots)) - len(slots)))
+                slots[line] = hash((text, digest) if digest else text)  # its place is its id
+            else:
+                others.append((prompt_id, text, digest))
+        self.ids.add(prompt_id for prompt_id, _, _ in others)
+        self.asked.add(itertools.starmap(asked_as, others))
 
     def freeze(self) -> None:
         self.ids.freeze()
         self.asked.freeze()
+        for slots in self.places.values():  # arrays grow by doubling: cut what no line took
+            del slots[-(-len(slots.tobytes().rstrip(b"\xff")) // slots.itemsize) :]  # NO_FINGERPRINT is all 0xff
+        self.count = len(self.ids) + sum(len(slots) - slots.count(NO_FINGERPRINT) for slots in self.places.values())
 
-    def __contains__(self, prompt_id: object) -> bool:
+    def holds(self, prompt_id: str, text: str, digest: str) -> bool | None:
+        """True if `prompt_id` was answered as this request (asked_as); False if as another; None if not at all."""
+        name, line = place(prompt_id)
+        slots = self.places.get(name) if line else None
+        if slots is not None and line < len(slots) and (held := slots[line]) != NO_FINGERPRINT:
+            return held == hash((text, digest) if digest else text)
+        if asked_as(prompt_id, text, digest) in self.asked:
+            return True
+        return False if prompt_id in self.ids else None
+
+    def __contains__(self, prompt_id: str) -> bool:
+        name, line = place(prompt_id)
+        slots = self.places.get(name) if line else None
+        if slots is not None and line < len(slots) and slots[line] != NO_FINGERPRINT:
+            return True
         return prompt_id in self.ids
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.count
+
+
+NO_FINGERPRINT = -1  # hash() never returns -1 (CPython keeps it for errors): an empty place
+PLACES_AT_FIRST = 4096  # a file's array of places starts with a line this low, and grows by this much past double
+
+
+def place(prompt_id: str) -> tuple[str, int]:
+    """An id's file name and line number, if it is written as <name>:<number> (number 0: it is not)."""
+    name, _, number = prompt_id.rpartition(":")
+    return (name, int(number)) if number.isascii() and number.isdigit() and number[0] != "0" else (name, 0)
 
 
 @dataclass
@@ -3052,12 +3168,13 @@ class PastRuns:
         """Whether a reader leaves `prompt` out: answered, refused for good, or waiting in a
         batch job. An answered id whose request (asked_as) is not the one answered stops the
         run before that prompt is asked: the inputs were edited, and one folder would hold two jobs."""
-        if asked_as(prompt.id, prompt.text, prompt.digest) in self.answered.asked:
+        held = self.answered.holds(prompt.id, prompt.text, prompt.digest)
+        if held:
             return True
         if prompt.id in self.refused:
             self.left_alone += 1
             return True
-        if prompt.id in self.answered:
+        if held is False:
             raise PipelineError(
                 f"{prompt.id} is not the prompt that {self.output_dir} holds an answer for: the inputs "
                 "changed since that run; choose a fresh --output-dir"
@@ -3084,32 +3201,44 @@ class PastRuns:
             self.journaled.clear()
 
 
+async def load_shard(answered: Answered, path: Path, slots: asyncio.Semaphore) -> int:
+    """Add a shard's prompts to `answered`; how many it held. Several shards load at once
+    (`slots`): while one is parsed, the next are read in threads (a thread hop takes half
+    a millisecond on a small VM, and a rerun of a million prompts reads a thousand shards)."""
+    async with slots:
+        records = 0
+        async for fronts, _ in read_records(path):
+            answered.add(fronts)
+            records += len(fronts)
+    if not records:  # created, or emptied by the repair, just before a kill: no shard is ever empty
+        path.unlink()
+    return records
+
+
 async def load_past_runs(output_dir: Path) -> PastRuns:
     """Read the shards and failed.jsonl of earlier runs. A last line cut short by a
     killed process is removed, so that prompt is simply asked again."""
     log.debug("reading what earlier runs left in %s", output_dir)
     past = PastRuns(output_dir)
-    for number, path in shard_files(output_dir):
-        records = 0
-        async for run in read_records(path):
-            for prompt_id, text, digest, _ in run:
-                past.answered.add(prompt_id, text, digest)
-            records += len(run)
-        if records:
-            past.next_shard = number + 1
-        else:  # created, or emptied by the repair, just before a kill: no shard is ever empty
-            path.unlink()
+    shards = shard_files(output_dir)
+    slots = asyncio.Semaphore(SHARDS_AT_ONCE)
+    try:
+        async with asyncio.TaskGroup() as group:
+            held = [group.create_task(load_shard(past.answered, path, slots)) for _, path in shards]
+    except BaseExceptionGroup as errors:
+        raise errors.exceptions[0] from None
+    past.next_shard = max((number + 1 for (number, _), records in zip(shards, held) if records.result()), default=0)
     past.answered.freeze()
     for path in failure_journals(output_dir):  # appended to while running, so an id may repeat: the last line wins
-        async for run in read_records(path):
-            past.failures.update((prompt_id, line + "\n") for prompt_id, _, _, line in run if prompt_id not in past.answered)
+        async for fronts, lines in read_records(path):
+            past.failures.update((prompt_id, line + "\n") for (prompt_id, _, _), line in zip(fronts, lines) if prompt_id not in past.answered)
     past.refused = {prompt_id for prompt_id, line in past.failures.items() if json.loads(line).get("permanent") is True}
     journaled: dict[str, Response] = {}
     for path in sorted(files_named(output_dir, ARRIVALS)):
         past.arrival_files.append(path)
         await cut_at_zero(path)
-        async for run in read_records(path):
-            for prompt_id, _, _, line in run:
+        async for fronts, lines in read_records(path):
+            for (prompt_id, _, _), line in zip(fronts, lines):
                 if prompt_id not in past.answered and prompt_id not in journaled:
                     try:
                         journaled[prompt_id] = Response.from_record(json.loads(line))
@@ -3233,19 +3362,26 @@ async def complete_lines(path: Path, opening: bytes) -> AsyncIterator[tuple[int,
             yield first, lines
 
 
-async def read_records(path: Path) -> AsyncIterator[list[tuple[str, str, str, str]]]:
-    """The records of a JSON Lines file we wrote, as runs of (id, prompt, row digest, line);
-    repairs a torn last line. Only those three are decoded: they come first in every
-    record (see Response.record), so the rest of the line is left as it is."""
+async def read_records(path: Path) -> AsyncIterator[tuple[list[tuple[str, str, str]], list[str]]]:
+    """The records of a JSON Lines file we wrote, in runs: each record's (id, prompt, row
+    digest), and its line. Repairs a torn last line. Only those three are decoded: they come
+    first in every record (see RECORD), so the rest of the line is left as it is."""
     async for first, lines in complete_lines(path, RECORD_OPENING):
-        records = []
-        for number, line in enumerate(lines, first):
-            try:
-                text = line.decode()
-                records.append((*id_and_prompt(text), text))
-            except (ValueError, KeyError, TypeError):
-                raise PipelineError(f"{path}, line {number}, is not a record this pipeline wrote; {MOVE_IT_AWAY}") from None
-        yield records
+        try:
+            texts = [line.decode() for line in lines]
+            fronts = [id_and_prompt(text) for text in texts]
+        except (ValueError, KeyError, TypeError):
+            number = first + next(n for n, line in enumerate(lines) if not is_record(line))
+            raise PipelineError(f"{path}, line {number}, is not a record this pipeline wrote; {MOVE_IT_AWAY}") from None
+        yield fronts, texts
+
+
+def is_record(line: bytes) -> bool:
+    try:
+        id_and_prompt(line.decode())
+    except (ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 def id_and_prompt(line: str) -> tuple[str, str, str]:

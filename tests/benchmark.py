@@ -58,6 +58,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -69,6 +70,7 @@ PROMPT = "What is two times {}?"
 HEAVY_CPU_S = 0.020  # CPU per answer of the heavy post-processing
 STALL_TICK_S = 0.005
 HEAVY_WORKERS = 10  # enough requests in flight (100/s at 100 ms) to keep the pool busy
+TREE_TICK_S = 0.01  # how often TreeWatch samples a child's process tree
 
 
 @dataclass
@@ -76,11 +78,64 @@ class Measure:
     wall_s: float  # in-process, around the work
     cpu_s: float  # in-process user + sys, all threads
     sys_s: float  # the kernel's part of cpu_s (file creation, fsync, sockets)
-    children_cpu_s: float  # user + sys of the post-processing pool's processes
+    children_cpu_s: float  # user + sys of its descendants (the post-processing pool, its fork server), sampled
     stall_s: float  # the event loop's longest stall (pipeline only)
     process_cpu_s: float  # the whole process, start-up included (wait4)
-    peak_rss_mb: float
+    peak_rss_mb: float  # the process alone (wait4)
     journal_cpu_s: float  # in-process, inside the arrivals journal's write (see timed_journal)
+    tree_rss_mb: float = 0.0  # the largest sum of RSS over the process and its descendants, sampled
+    processes: int = 1  # the most processes seen at once: it and its descendants
+
+
+class TreeWatch:
+    """Samples a process and its descendants every TREE_TICK_S from /proc (Linux): their
+    summed RSS at its peak, the most processes at once, and each descendant's CPU time
+    as last seen. A pool started from a fork server is not the process's child, so
+    os.times() and wait4() leave it out."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_rss_mb = 0.0
+        self.most = 1
+        self.cpu_s: dict[int, float] = {}  # descendant pid -> CPU seconds, as last seen
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+
+    def watch(self) -> None:
+        while not self.done.wait(TREE_TICK_S):
+            tree = descendants(self.pid)
+            rss = sum(stat_of(pid)[1] for pid in [self.pid, *tree])
+            self.peak_rss_mb, self.most = max(self.peak_rss_mb, rss), max(self.most, 1 + len(tree))
+            for pid in tree:
+                self.cpu_s[pid] = max(self.cpu_s.get(pid, 0.0), stat_of(pid)[0])
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def descendants(pid: int) -> list[int]:
+    found, stack = [], [pid]
+    while stack:
+        for task in Path(f"/proc/{stack.pop()}/task").glob("*"):
+            try:
+                children = [int(child) for child in (task / "children").read_text().split()]
+            except OSError:  # gone meanwhile
+                continue
+            found += children
+            stack += children
+    return found
+
+
+def stat_of(pid: int) -> tuple[float, float]:
+    """A process's CPU seconds (user + sys) and RSS in MB; zeros once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0, 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks, int(fields[21]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 # ------------------------------------------------------------ the children --
@@ -198,17 +253,20 @@ def measure(child_args: list[str], env: dict[str, str] | None = None) -> Measure
         env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     assert process.stdout is not None
+    tree = TreeWatch(process.pid)
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
+    tree.stop()
     process.returncode = os.waitstatus_to_exitcode(status)
     [line] = [line for line in output.splitlines() if line.startswith("BENCH ")]
     inner = json.loads(line.removeprefix("BENCH "))
     if inner["code"] != 0:
         raise RuntimeError(f"{child_args} exited {inner['code']}")
     process_cpu = usage.ru_utime + usage.ru_stime
+    children_cpu = max(inner["children_cpu_s"], sum(tree.cpu_s.values()))
     return Measure(
-        inner["wall_s"], inner["cpu_s"], inner["sys_s"], inner["children_cpu_s"], inner["stall_s"], process_cpu,
-        usage.ru_maxrss / 1024, inner.get("journal_cpu_s", 0.0),
+        inner["wall_s"], inner["cpu_s"], inner["sys_s"], children_cpu, inner["stall_s"], process_cpu,
+        usage.ru_maxrss / 1024, inner.get("journal_cpu_s", 0.0), max(tree.peak_rss_mb, usage.ru_maxrss / 1024), tree.most,
     )  # fmt: skip
 
 
@@ -355,19 +413,42 @@ def memory(scratch: Path, sizes: list[int]) -> None:
 
 
 def restart(scratch: Path, prompts: int, reps: int) -> None:
-    """A rerun of a finished job (nothing left to do): what resuming costs before any request."""
+    """A rerun of a finished job (nothing left to do): what resuming costs before any request,
+    against the plainest loop that checks every input line against every shard record."""
     inputs = make_inputs(scratch / "restart_inputs", prompts)
     flags = ["--offline", "--offline-latency-ms", "0", "--queue-size", "100", "--shard-size", "1000"]
     args = pipeline_args(inputs, scratch, *flags)
     first = measure(args)
-    reruns = [measure(args) for _ in range(reps)]
+    runs = alternating(["pipeline", "plain"], reps, lambda kind: args if kind == "pipeline" else ["plain_restart", *args[3:6:2]], {})
+    rerun, plain = runs["pipeline"], runs["plain"]
     print(
-        f"| restart, rerun of a finished {prompts:,}-prompt --offline job | {median([m.wall_s for m in reruns]):.2f} s, "
-        f"peak RSS {median([m.peak_rss_mb for m in reruns]):.0f} MB | median of {reps}; the first run: {first.wall_s:.1f} s, "
-        f"{first.peak_rss_mb:.0f} MB |",
+        f"| restart, rerun of a finished {prompts:,}-prompt --offline job | {median([m.wall_s for m in rerun]):.2f} s, "
+        f"peak RSS {median([m.tree_rss_mb for m in rerun]):.0f} MB in {max(m.processes for m in rerun)} process(es) "
+        f"| the plain loop: {median([m.wall_s for m in plain]):.2f} s, {median([m.tree_rss_mb for m in plain]):.0f} MB; "
+        f"whole processes: {median([m.process_cpu_s for m in rerun]):.2f} s vs {median([m.process_cpu_s for m in plain]):.2f} s CPU; "
+        f"medians of {reps}, alternating; the first run: {first.wall_s:.1f} s, {first.tree_rss_mb:.0f} MB in {first.processes} |",
         flush=True,
     )
     shutil.rmtree(inputs)
+
+
+def child_plain_restart(inputs: str, outputs: str) -> None:
+    """The plainest resume: every shard record read with json.loads, then every input line
+    checked against them (its id, file:line, answered with this very prompt)."""
+    times, wall = os.times(), time.perf_counter()
+    answered = {}
+    for path in Path(outputs).glob("shard_*.jsonl"):
+        with open(path, encoding="utf-8") as file:
+            for line in file:
+                record = json.loads(line)
+                answered[record["id"]] = record["prompt"]
+    unanswered = 0
+    for path in Path(inputs).iterdir():
+        with open(path, encoding="utf-8") as file:
+            for number, line in enumerate(file, 1):
+                text = line.rstrip("\n")
+                unanswered += bool(text.strip()) and answered.get(f"{path.name}:{number}") != text
+    report(times, wall, 1 if unanswered else 0)
 
 
 def postprocessing(scratch: Path, prompts: int, heavy_prompts: int, reps: int, cost_reps: int) -> None:
@@ -592,7 +673,7 @@ def child_csv(path: str) -> None:
     import pipeline
 
     async def read() -> int:
-        return sum([1 async for _ in pipeline.read_prompts(Path(path), pipeline.PromptMaker({}))])
+        return sum([len(run) async for run in pipeline.read_prompts(Path(path), pipeline.PromptMaker({}))])
 
     started = time.process_time()  # the worker thread's CPU included
     count = asyncio.run(read())
@@ -749,6 +830,8 @@ if __name__ == "__main__":
         child_longline(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "csv":
         child_csv(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "plain_restart":
+        child_plain_restart(sys.argv[2], sys.argv[3])
     elif len(sys.argv) > 1 and sys.argv[1] == "ceiling":
         child_ceiling(int(sys.argv[2]), int(sys.argv[3]))
     else:

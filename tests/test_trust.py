@@ -210,7 +210,7 @@ async def test_csv_is_read_as_excel_writes_it_line_ends_long_cells_and_broken_ro
         "r2,bare CR line\rr3," + long_cell + "\n\nr4,x\x00y\nr5,bad \xff\xfe\nr6,\"ab\"cd\n,no id\nr7,\"never closed\nr8,z\n"
     )  # fmt: skip
     (tmp_path / "a.csv").write_bytes(data.encode("utf-8", "surrogateescape").replace("\xff\xfe".encode(), b"\xff\xfe"))
-    prompts = [p async for p in pipeline.read_prompts(tmp_path / "a.csv", pipeline.PromptMaker({}))]
+    prompts = [p async for run in pipeline.read_prompts(tmp_path / "a.csv", pipeline.PromptMaker({})) for p in run]
     r1_ends = 2 + 2000  # the header, r0 (its bare CR a line end), then r1's 2,000 lines
     assert [(p.id, p.error is None) for p in prompts] == [
         ("r0", True), ("r1", True), ("r2", True), ("r3", True), (f"a.csv:{r1_ends + 4}", False),
@@ -224,7 +224,7 @@ async def test_csv_is_read_as_excel_writes_it_line_ends_long_cells_and_broken_ro
 
 async def test_tsv_files_are_read_tab_separated(tmp_path) -> None:
     (tmp_path / "a.tsv").write_text("id\tprompt\tnote\nt1\thello, world\ta;b\n")
-    [prompt] = [p async for p in pipeline.read_prompts(tmp_path / "a.tsv", pipeline.PromptMaker({}))]
+    [prompt] = [p async for run in pipeline.read_prompts(tmp_path / "a.tsv", pipeline.PromptMaker({})) for p in run]
     assert (prompt.id, prompt.text, prompt.fields) == ("t1", "hello, world", {"note": "a;b"})
 
 

@@ -955,21 +955,21 @@ async def read_inputs(run: Run) -> None:
     READERS > 1 the readers share run.files, each taking the next file when it finishes one."""
     for path in run.files:
         with cannot_read(path):
-            async with contextlib.aclosing(read_prompts(path, run.maker)) as file_prompts:
-                async for prompts in file_prompts:
-                    for prompt in prompts:
-                        await queue_prompt(run, prompt)
+            await queue_prompts_of(run, path)
 
 
-async def queue_prompt(run: Run, prompt: Prompt) -> None:
-    """Queue one prompt the reader read, unless an earlier run answered it."""
-    if prompt.origin:  # a named id (a default one is its own place: see Ids)
-        await run.ids.claim(prompt)
-    if journaled := run.past.journaled_answer(prompt):
-        await run.outcomes.put(journaled)  # answered before, never written: no request
-    elif not run.past.skips(prompt):
-        await run.prompts.put(prompt)
-        log.debug("enqueued %s", prompt.id)
+async def queue_prompts_of(run: Run, path: Path) -> None:
+    """Queue the prompts of one input file, unless an earlier run answered them."""
+    async with contextlib.aclosing(read_prompts(path, run.maker)) as file_prompts:
+        async for prompts in file_prompts:
+            for prompt in prompts:
+                if prompt.origin:  # a named id (a default one is its own place: see Ids)
+                    await run.ids.claim(prompt)
+                if journaled := run.past.journaled_answer(prompt):
+                    await run.outcomes.put(journaled)  # answered before, never written: no request
+                elif not run.past.skips(prompt):
+                    await run.prompts.put(prompt)
+                    log.debug("enqueued %s", prompt.id)
 
 
 async def generate_content(run: Run) -> None:
@@ -3093,7 +3093,8 @@ class Answered:
         """Add prompts by their (id, text, row digest)."""
         others, places = [], self.places
         for prompt_id, text, digest in answered:
-            name, line = place(prompt_id)
+            name, _, number = prompt_id.rpartition(":")  # see place(), written out here: a rerun adds a million
+            line = int(number) if number.isascii() and number.isdigit() and number[0] != "0" else 0
             slots = places.get(name) if line else None
             if slots is None and line and line <= PLACES_AT_FIRST:
                 slots = places[name] = array.array("q", [NO_FINGERPRINT])
@@ -3115,7 +3116,8 @@ class Answered:
 
     def holds(self, prompt_id: str, text: str, digest: str) -> bool | None:
         """True if `prompt_id` was answered as this request (asked_as); False if as another; None if not at all."""
-        name, line = place(prompt_id)
+        name, _, number = prompt_id.rpartition(":")  # see place(), written out here: a rerun asks once per input line
+        line = int(number) if number.isascii() and number.isdigit() and number[0] != "0" else 0
         slots = self.places.get(name) if line else None
         if slots is not None and line < len(slots) and (held := slots[line]) != NO_FINGERPRINT:
             return held == hash((text, digest) if digest else text)

@@ -346,3 +346,17 @@ def test_on_a_terminal_the_stopping_line_prints_above_the_bar(tmp_path: Path) ->
     assert status == 130
     lines = [line.strip() for line in re.split(r"[\r\n]+", screen)]  # what each line starts with, after the bar is cleared
     assert "stopping: writing the answers received (Ctrl-C again quits at once)" in lines, screen
+
+
+def test_the_readme_and_the_help_name_the_records_fields_in_their_order(tmp_path: Path) -> None:
+    """RECORD declares the records; the README's two paragraphs on them and --help follow it."""
+    readme = (ROOT / "README.md").read_text()
+    names = {field.name for field in pipeline.RECORD}
+    answer = readme.split("\nIn order: ", 1)[1].split("\n\n", 1)[0]
+    failure = readme.split("\nA `failed.jsonl` line holds ", 1)[1].split("\n\n", 1)[0]
+    for paragraph, fields in ((answer, pipeline.ANSWER_FIELDS), (failure, pipeline.FAILURE_FIELDS)):
+        named = [name for name in re.findall(r"`([a-z_0-9]+)`", paragraph) if name in names]
+        assert list(dict.fromkeys(named)) == [field.name for field in fields]
+    help_text = run_subprocess(["--help"], tmp_path).stdout
+    assert f"a shard's:        {', '.join(field.name for field in pipeline.ANSWER_FIELDS)}" in help_text
+    assert all(f"    {field.name:<14} {field.meaning}" in help_text for field in pipeline.RECORD)

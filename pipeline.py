@@ -15,14 +15,15 @@ key, 130 interrupted (143 by SIGTERM).
 
 How it is built: what you edit, the shape of a run, then the machinery each stage leans on.
   settings   the constants below: each declared once (value, kind, comment), and each also
-             a flag (SETTINGS, read into Settings); GENERATION_FIELDS, the ones every request
-             carries; PRICES; and postprocess(), yours to edit
-  records    Prompt in; Response or Failure out; AnswerFormat, the JSON an answer must be;
-             Tally, what happened; Run, what the stages of one run share
-  main       main(): open_run, start one reader, WORKERS generators and one writer (READERS
-             and WRITERS more), wait until every prompt is answered (all_answered), shut
-             down (shut_down) on success, error and Ctrl-C alike; stops at once if a stage
-             dies (supervised); start_progress: the bar, or a line every PROGRESS_EVERY_S
+             a flag (SETTINGS, read into Settings); GENERATION_FIELDS and REQUEST_FIELDS, the
+             ones every request carries; PRICES, TIER_PRICES; and postprocess(), yours to edit
+  records    Prompt in; Response or Failure out; RECORD, their fields in the output files,
+             declared once; AnswerFormat, the JSON an answer must be; Tally, the counts of
+             what happened; Run, what the stages of one run share
+  main       main(): open_run, start what an earlier run left (start_leftovers), one reader,
+             WORKERS generators and one writer (READERS and WRITERS more), wait until every
+             prompt is answered (all_answered), shut down (shut_down) on success, error and
+             Ctrl-C alike; stops at once if a stage dies (supervised)
   stages     the three coroutines, linked by two bounded queues: read_inputs streams prompts
              from the input files; generate_content asks the model for each; write_outputs
              journals each answer as it takes it, post-processes, and fills numbered shards
@@ -31,21 +32,23 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
   reader     each input file as its InputFormat says (INPUT_FORMATS: lines, JSONL rows, CSV
              and TSV rows), streaming
   asking     answer(): one prompt's attempts, retried in place with back-off (final_failure,
-             wait_to_retry, classify, backoff_s), never re-queued, so never deadlocked. Every request (ask)
-             waits out an Outage, takes a place of Concurrency, and passes the Gate
+             wait_to_retry, classify, backoff_s), never re-queued, so never deadlocked; FailFast.
+             Every request (ask) waits out an Outage, takes a place of Concurrency, passes the Gate
   limits     Gate (--rpm, --tpm, a per-minute 429's shared back-off, --max-cost-usd); Spend,
              the estimated cost from PRICES; Concurrency, fewer requests in flight while the
              server says it is full; Outage, the host unreachable: one probe asks
   batch      generate_in_batches(run): with --batch, the generator stage instead, with the
              same contract: prompts go in jobs of Gemini's Batch API, recorded in a
              BatchJournal so that a rerun collects them (collect_earlier_jobs)
-  pool       PostProcessor: runs postprocess() over answers in a process pool, in batches,
-             for the writers, so that CPU work never stalls the event loop
+  pool       PostProcessor: runs postprocess() over answers for the writers: on the event
+             loop while it is quick, else in a process pool (started then), in batches
   writer     ShardWriter, ArrivalJournal (each answer as it is taken: a kill loses none),
              FailureLog: the files one writer owns
-  resume     load_past_runs: what the output dir already holds (PastRuns: answered prompts
-             as Fingerprints, 16 bytes each; failures, those refused for good left alone);
-             repairs torn lines; record_job: one folder, one model and one set of settings
+  resume     load_past_runs: what the output dir already holds (PastRuns: answered prompts,
+             Answered, 8 bytes each by place or 16 as Fingerprints; failures, those refused for
+             good left alone); repairs torn lines; record_job: one folder, one model and one set
+             of settings
+  progress   Progress: the bar, or a line every PROGRESS_EVERY_S, and the summary line
   offline    OfflineClient, a stand-in for genai.Client with the same call shape
   CLI        parse_args (the flags, from SETTINGS), start-up checks (check_credentials:
              Gemini API or Vertex AI), the lock on the output dir, the summary and exit status
@@ -109,11 +112,12 @@ TEMPERATURE: NonNegative | None = None  # sampling temperature, 0 to 2 (unset: t
 MAX_OUTPUT_TOKENS: AtLeastOne | None = None  # longest answer, in tokens (unset: the model's default)
 RESPONSE_SCHEMA: File | None = None  # a JSON Schema file: answers are asked as JSON, checked against it, and decoded into "parsed"
 GENERATION_CONFIG: File | None = None  # a JSON file of other GenerateContentConfig fields (top_p, seed, safety_settings, thinking_config...)
+SERVICE_TIER: Tier | None = None  # flex: half the price, an answer may take up to 15 minutes; priority: faster, dearer (unset: standard)
 WORKERS: Workers = 5  # requests in flight at once (at most 10,000)
 QUEUE_SIZE: AtLeastOne = 5  # bound of each queue (at least WORKERS): how far reading may run ahead
 SHARD_SIZE: AtLeastOne = 5  # records per output shard (the last shard may hold fewer)
 MAX_ATTEMPTS: AtLeastOne = 5  # tries per prompt, the first included, before it counts as failed
-TIMEOUT_S: Positive = 60.0  # seconds before one request is abandoned (and retried)
+TIMEOUT_S: Positive | None = None  # seconds before one request is abandoned and retried (unset: 60, or 900 with --service-tier flex)
 RETRY_BASE_S: Positive = 1.0  # first back-off after a transient failure, in seconds; doubles each attempt
 RETRY_MAX_S: Positive = 60.0  # longest back-off between two attempts, in seconds (server-given delays excepted)
 OUTAGE_LIMIT_S: Positive = 900.0  # how long the API's host may stay unreachable before the run stops, to be rerun (30 s if it never answered)
@@ -139,6 +143,9 @@ GENERATION_FIELDS = {
     "temperature": "temperature",
     "max_output_tokens": "maxOutputTokens",
     "response_schema": "responseJsonSchema",
+}
+REQUEST_FIELDS = {  # the same for settings every request carries that are not the job's: a rerun may change them
+    "service_tier": "serviceTier",
 }
 
 # What a model costs, in US dollars per million tokens: input, output (thinking included),
@@ -177,11 +184,17 @@ BATCH_POLL_MAX_S = 600.0  # longest wait between two looks at a job still pendin
 ARRIVALS_PER_FILE = 1024  # answers per arrivals journal file (see ArrivalJournal)...
 ARRIVALS_FILE_BYTES = 1 << 20  # ...and the space reserved for it at first (it doubles as needed)
 ROUND_TRIP_S = 0.001  # work worth one more trip to the pool: a trip costs a few hundred µs of CPU here
-INLINE_WHILE_STARTING_S = 0.02  # while the pool starts, postprocess() runs here for this long per batch at most
+INLINE_MAX_S = 0.005  # a batch's postprocess() may hold the event loop this long; longer, the pool starts (see PostProcessor)
 LONGEST_SERVER_DELAY_S = 3600.0  # a RetryInfo asking for a longer wait is a spent quota: stop, do not sleep for days
 KEY_PIECE = 16  # redact() masks any run of this many characters of the API key, not only all of it
 MESSAGE_CHARS = 500  # an error message from the server is cut to this length (an HTML page would fill the screen)
 BATCH_PRICE = 0.5  # the Batch API bills half of PRICES
+# What each service tier bills, as a share of PRICES (the standard tier). Flex is half
+# (ai.google.dev/gemini-api/docs/flex-inference, read 2026-11-29); priority is 75 to 100%
+# more by model (docs/priority-inference): counted at the top, so --max-cost-usd errs safe.
+TIER_PRICES = {"standard": 1.0, "flex": 0.5, "priority": 2.0}
+TIMEOUT_S_BY_TIER = {"flex": 900.0}  # a request's timeout when --timeout-s is unset: a flex answer may queue 15 minutes
+DEFAULT_TIMEOUT_S = 60.0  # ...and for the other tiers
 CHARS_PER_TOKEN = 4  # a request's input tokens are estimated as its characters / 4, until answers say better
 NON_TEXT_PART_TOKENS = 258  # an image or file part, estimated as one image tile (Gemini's documented cost per tile)
 MAX_NESTING = 64  # a JSONL row nested deeper is refused: every JSON reader can take it back
@@ -255,6 +268,18 @@ Processes = Annotated[int, Check(at_least(0, at_most=256), "N")]  # forked at st
 NonNegative = Annotated[float, Check(at_least(0, float), "N")]
 Positive = Annotated[float, Check(above_zero, "N")]
 Switch = Annotated[bool, Check(bool)]  # a flag that takes no value: given, it turns the setting on
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def read(text: str) -> str:
+        if text.strip().lower() not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return text.strip().lower()
+
+    return read
+
+
+Tier = Annotated[str, Check(one_of(*TIER_PRICES), "TIER")]
 
 
 @dataclass(frozen=True)
@@ -375,6 +400,7 @@ class Response:
     response_tokens: int
     thinking_tokens: int = 0  # billed as output
     cached_tokens: int = 0  # of prompt_tokens, those read from a context cache (billed less)
+    service_tier: str | None = None  # the tier that served it (flex, standard, priority), when the reply says
     extra: str = ""  # what postprocess() returned, as a JSON object (encoded in the pool, see extra_fields)
     parsed: Any = None  # the answer decoded, when it must be JSON (see parse)
     line: str | None = None  # its record without postprocess()'s fields, encoded once (see record_line)
@@ -454,13 +480,15 @@ def prompt_field(name: str, meaning: str, value: Callable[[Prompt], Any]) -> Fie
     return Field(name, meaning, lambda outcome: value(outcome.prompt), lambda outcome: value(outcome.prompt))
 
 
-def usage_of(response: Response) -> dict[str, int]:
-    return {"prompt_tokens": response.prompt_tokens, "response_tokens": response.response_tokens,
-            "thinking_tokens": response.thinking_tokens, "cached_tokens": response.cached_tokens}  # fmt: skip
+def usage_of(response: Response) -> dict[str, Any]:
+    usage: dict[str, Any] = {"prompt_tokens": response.prompt_tokens, "response_tokens": response.response_tokens,
+                             "thinking_tokens": response.thinking_tokens, "cached_tokens": response.cached_tokens}  # fmt: skip
+    return usage if response.service_tier is None else {**usage, "service_tier": response.service_tier}
 
 
-def usage_from(usage: dict[str, Any]) -> dict[str, int]:
-    return {name: int(usage.get(name, 0)) for name in ("prompt_tokens", "response_tokens", "thinking_tokens", "cached_tokens")}
+def usage_from(usage: dict[str, Any]) -> dict[str, Any]:
+    counts = {name: int(usage.get(name, 0)) for name in ("prompt_tokens", "response_tokens", "thinking_tokens", "cached_tokens")}
+    return {**counts, "service_tier": str(usage["service_tier"]) if usage.get("service_tier") else None}
 
 
 # The output records, declared once: their fields in order, what each holds and where it
@@ -477,7 +505,8 @@ RECORD = (
     Field("error", "why the prompt failed for good", None, lambda f: redact(f.error)),
     Field("attempts", "requests made for it", lambda r: r.attempts, lambda f: f.attempts, lambda n: {"attempts": int(n)}),
     Field("permanent", "true: refused for good (a rerun asks it again only with --retry-failed)", None, lambda f: f.permanent),
-    Field("usage", "prompt_tokens, response_tokens, thinking_tokens, cached_tokens", usage_of, None, usage_from),
+    Field("usage", "prompt_tokens, response_tokens, thinking_tokens, cached_tokens; service_tier, the tier that served it",
+          usage_of, None, usage_from),
     Field("parsed", "the answer decoded, when a JSON schema was asked for", lambda r: r.parsed if r.prompt.answer_format else OMITTED,
           None, lambda parsed: {"parsed": parsed}),
 )  # fmt: skip
@@ -607,6 +636,7 @@ class Tally:
     response_tokens: int = 0
     thinking_tokens: int = 0  # billed as output
     cached_tokens: int = 0
+    tiers: Counter[str] = field(default_factory=Counter)  # answers by the service tier that served them, when known
     jobs: Counter[str] = field(default_factory=Counter)  # batch jobs: submitted, resumed, running, done
     total: int | None = None  # prompts in the inputs, once counted
     started: float = field(default_factory=time.monotonic)
@@ -620,6 +650,8 @@ class Tally:
                 self.response_tokens += outcome.response_tokens
                 self.thinking_tokens += outcome.thinking_tokens
                 self.cached_tokens += outcome.cached_tokens
+                if outcome.service_tier:
+                    self.tiers[outcome.service_tier] += 1
             else:
                 self.failed += 1
 
@@ -713,7 +745,7 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
         cleanup.push_async_callback(stop, *progress.start(settings))
         client = connect(settings)
         cleanup.push_async_callback(client.aio.aclose)
-        depth, maker = queue_depth(settings), PromptMaker.of(generation)
+        depth, maker = queue_depth(settings), PromptMaker.of(request_generation(settings, generation))
         files = await table_headers_checked(await list_input_files(settings.input_dir))
         gate = open_gate(settings)
         run = Run(
@@ -870,7 +902,7 @@ async def stop(*tasks: asyncio.Task[None]) -> None:
 def connect(settings: Settings) -> Any:
     """The model client: google-genai's, or the offline stand-in."""
     if settings.offline:
-        return OfflineClient(settings.offline_latency_ms / 1000, settings.model, settings.timeout_s)
+        return OfflineClient(settings.offline_latency_ms / 1000, settings.model, request_timeout_s(settings))
     from google import genai  # imported here so that --offline never pays for it
     from google.genai import types
 
@@ -880,7 +912,7 @@ def connect(settings: Settings) -> Any:
     # sends as X-Server-Timeout, so the server knows when an answer is no longer awaited),
     # not a second timer around each call; batch mode's uploads and downloads have none.
     options = types.HttpOptions(
-        timeout=None if settings.batch else max(1, round(settings.timeout_s * 1000)),  # in ms
+        timeout=None if settings.batch else max(1, round(request_timeout_s(settings) * 1000)),  # in ms
         retry_options=types.HttpRetryOptions(attempts=1),
         async_client_args={"follow_redirects": False, "allow_redirects": False},  # httpx's name, aiohttp's name
     )
@@ -890,6 +922,11 @@ def connect(settings: Settings) -> Any:
         return genai.Client(vertexai=True, api_key=key, http_options=options)
     project, location = os.environ["GOOGLE_CLOUD_PROJECT"], os.environ["GOOGLE_CLOUD_LOCATION"]  # see check_credentials
     return genai.Client(vertexai=True, project=project, location=location, http_options=options)
+
+
+def request_timeout_s(settings: Settings) -> float:
+    """--timeout-s; unset, long enough for the service tier asked for (TIMEOUT_S_BY_TIER)."""
+    return settings.timeout_s or TIMEOUT_S_BY_TIER.get(settings.service_tier, DEFAULT_TIMEOUT_S)
 
 
 def api_key_from_env() -> str | None:
@@ -1259,6 +1296,12 @@ def job_generation(settings: Settings) -> dict[str, Any]:
     return generation
 
 
+def request_generation(settings: Settings, generation: dict[str, Any]) -> dict[str, Any]:
+    """What every request carries: the job's generation settings and REQUEST_FIELDS'."""
+    asked = {api_field: value for attribute, api_field in REQUEST_FIELDS.items() if (value := getattr(settings, attribute)) is not None}
+    return {**generation, **asked}
+
+
 AS_SENT: dict[str, Callable[[Any], Any]] = {  # the GENERATION_FIELDS whose setting is not sent as it is
     "systemInstruction": lambda text: instruction_content(text),
     "responseJsonSchema": lambda path: load_json_object(path, "--response-schema"),
@@ -1353,31 +1396,25 @@ def input_format(path: Path) -> InputFormat:
 async def text_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[list[Prompt]]:
     """A prompt per non-blank line; blank lines are skipped but still counted in the ids."""
     async for first, lines in read_lines(path):
-        for run in in_runs(text_line_prompts(path.name, first, lines, maker)):
+        for run in in_runs(line_prompts(path.name, first, lines, lambda where, text: maker.prompt(where, text.strip()))):
             yield run
-
-
-def text_line_prompts(name: str, first: int, lines: list[bytes], maker: PromptMaker) -> Iterator[Prompt]:
-    for where, text, error in numbered(name, first, lines):
-        if error:
-            yield Prompt(where, text, error=error)
-        elif text := text.strip():
-            yield maker.prompt(where, text)
 
 
 async def jsonl_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[list[Prompt]]:
     """A request per non-blank line (see PromptMaker.from_json)."""
     async for first, lines in read_lines(path):
-        for run in in_runs(jsonl_line_prompts(path.name, first, lines, maker)):
+        for run in in_runs(line_prompts(path.name, first, lines, lambda where, text: maker.from_json(text, where))):
             yield run
 
 
-def jsonl_line_prompts(name: str, first: int, lines: list[bytes], maker: PromptMaker) -> Iterator[Prompt]:
+def line_prompts(name: str, first: int, lines: list[bytes], make: Callable[[str, str], Prompt]) -> Iterator[Prompt]:
+    """The prompt `make` makes of each non-blank line (from its place and text), or its failure
+    if the line cannot be read (see numbered)."""
     for where, text, error in numbered(name, first, lines):
         if error:
             yield Prompt(where, text, error=error)
         elif text.strip():
-            yield maker.from_json(text, where)
+            yield make(where, text)
 
 
 def in_runs(prompts: Iterator[Prompt]) -> Iterator[list[Prompt]]:
@@ -1648,7 +1685,7 @@ async def ask(run: Run, prompt: Prompt, tokens: int) -> Any:
             raise
     finally:
         places.leave()
-    run.gate.landed(tokens, reply.usage_metadata)
+    run.gate.landed(tokens, reply.usage_metadata, served_tier(reply))
     outage.reached = True
     places.answered()
     return reply
@@ -1718,7 +1755,16 @@ def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome
         response_tokens=token_count(usage, "candidates_token_count"),
         thinking_tokens=token_count(usage, "thoughts_token_count"),
         cached_tokens=token_count(usage, "cached_content_token_count"),
+        service_tier=served_tier(reply),
     )
+
+
+def served_tier(reply: Any) -> str | None:
+    """The service tier a reply was served at, from its x-gemini-service-tier header (the SDK
+    drops usageMetadata.serviceTier when it parses a reply); None if it does not say."""
+    headers = getattr(getattr(reply, "sdk_http_response", None), "headers", None) or {}
+    tier = next((value for name, value in headers.items() if name.lower() == "x-gemini-service-tier"), None)
+    return tier.strip().lower()[:40] or None if isinstance(tier, str) else None
 
 
 def not_as_asked(outcome: Outcome) -> Failure | None:
@@ -1874,7 +1920,7 @@ def api_error_code(exc: BaseException) -> int | None:
 def describe(exc: BaseException, settings: Settings) -> str:
     """A one-line reason for failed.jsonl and messages."""
     if isinstance(exc, TimeoutError):
-        return f"timed out after {settings.timeout_s:g} s"
+        return f"timed out after {request_timeout_s(settings):g} s"
     if (code := api_error_code(exc)) is not None:
         body = getattr(exc, "details", None)
         message = getattr(exc, "message", None) or (body.get("error") if isinstance(body, dict) else body) or ""
@@ -1964,13 +2010,14 @@ class Gate:
         """Whether requests must say their tokens: for --tpm and --max-cost-usd only."""
         return bool(self.token_s) or self.spend.limit_usd is not None
 
-    def landed(self, tokens: int, usage: Any = None) -> None:
-        """A request admitted with `tokens` got its reply (`usage`: its usage_metadata), or none."""
+    def landed(self, tokens: int, usage: Any = None, tier: str | None = None) -> None:
+        """A request admitted with `tokens` got its reply (`usage`: its usage_metadata; `tier`:
+        the service tier that served it, if it says), or none."""
         if tokens and (counted := token_count(usage, "prompt_token_count")):
             self.next_tokens += (counted - tokens * self.token_ratio) * self.token_s  # the estimate's error
             self.estimated, self.counted = self.estimated + tokens, self.counted + counted
         if self.spend.price is not None:
-            self.spend.land(tokens, usage)
+            self.spend.land(tokens, usage, tier)
 
     @property
     def token_ratio(self) -> float:
@@ -2016,14 +2063,14 @@ class Gate:
 class Spend:
     """What the run has cost so far, in US dollars, estimated from each reply's token counts
     and PRICES (thinking billed as output, cached input at its own price, the Batch API at
-    half); and --max-cost-usd: a request may start only while what was spent, plus what the
+    half, each service tier at its TIER_PRICES share); and --max-cost-usd: a request may start only while what was spent, plus what the
     requests in flight are expected to cost, plus its own, stays within it. A request's
     expected cost is its estimated input and the mean output of the replies so far."""
 
     def __init__(self, price: tuple[float, float, float] | None, limit_usd: float | None = None, discount: float = 1.0) -> None:
         self.price = price  # USD per million input, output and cached input tokens; None: unknown
         self.limit_usd = limit_usd  # --max-cost-usd
-        self.discount = discount  # BATCH_PRICE for --batch
+        self.discount = discount  # of PRICES, as asked: BATCH_PRICE for --batch, else the tier's (TIER_PRICES)
         self.spent_usd = 0.0  # every reply billed so far
         self.in_flight = 0  # requests started and not yet landed...
         self.in_flight_tokens = 0  # ...and their estimated input tokens
@@ -2035,13 +2082,16 @@ class Spend:
     def of(cls, settings: Settings) -> Spend:
         if settings.offline:
             return cls(None)  # nothing is billed
-        return cls(price_of(settings.model), settings.max_cost_usd, BATCH_PRICE if settings.batch else 1.0)
+        discount = BATCH_PRICE if settings.batch else TIER_PRICES[settings.service_tier or "standard"]
+        return cls(price_of(settings.model), settings.max_cost_usd, discount)
 
-    def usd(self, input_tokens: float, cached: float, output: float) -> float:
+    def usd(self, input_tokens: float, cached: float, output: float, tier: str | None = None) -> float:
+        """At the price asked for, or at `tier`'s (the tier that served a reply, if it says)."""
         if self.price is None:
             return 0.0
         per_input, per_output, per_cached = self.price
-        return ((input_tokens - cached) * per_input + cached * per_cached + output * per_output) / 1e6 * self.discount
+        discount = TIER_PRICES.get(tier, self.discount) if tier else self.discount
+        return ((input_tokens - cached) * per_input + cached * per_cached + output * per_output) / 1e6 * discount
 
     def start(self, tokens: int, ratio: float) -> bool:
         """Count a request in flight (for --max-cost-usd only); False, counting nothing, if it would pass it."""
@@ -2063,19 +2113,19 @@ class Spend:
         """What one request of `input_tokens` is expected to cost: its input and the mean output."""
         return self.usd(input_tokens, 0, self.mean_output)
 
-    def land(self, tokens: int, usage: Any) -> None:
+    def land(self, tokens: int, usage: Any, tier: str | None = None) -> None:
         if self.limit_usd is not None:
             self.in_flight, self.in_flight_tokens = self.in_flight - 1, self.in_flight_tokens - tokens
-        self.bill(usage)
+        self.bill(usage, tier)
 
-    def bill(self, usage: Any) -> None:
-        """Add what a reply with this usage_metadata costs (none: nothing billed)."""
+    def bill(self, usage: Any, tier: str | None = None) -> None:
+        """Add what a reply with this usage_metadata costs (none: nothing billed), served at `tier`."""
         if usage is None or self.price is None:
             return
         output = token_count(usage, "candidates_token_count") + token_count(usage, "thoughts_token_count")
         self.replies, self.output_tokens = self.replies + 1, self.output_tokens + output
         self.spent_usd += self.usd(
-            token_count(usage, "prompt_token_count"), token_count(usage, "cached_content_token_count"), output
+            token_count(usage, "prompt_token_count"), token_count(usage, "cached_content_token_count"), output, tier
         )
 
 
@@ -2505,7 +2555,7 @@ async def api_call(run: Run, call: Callable[[], Awaitable[Any]], retry_forever: 
     for attempt in itertools.count(1):
         await run.gate.unpaused()
         try:
-            async with asyncio.timeout(settings.timeout_s if timed else None):
+            async with asyncio.timeout(request_timeout_s(settings) if timed else None):
                 return await call()
         except Exception as exc:
             kind = classify(exc)
@@ -2596,17 +2646,16 @@ async def find_unknown_jobs(run: Run, journal: BatchJournal) -> None:
 
 # -------------------------------------------------------------------- pool --
 class PostProcessor:
-    """Runs postprocess() over answers in a process pool: CPU-heavy work on the event loop
-    would stall every request in flight. A round trip to the pool costs a few hundred µs
-    of this process's CPU, more than a cheap postprocess() itself, so answers travel in
-    batches: the writer gathers up to POSTPROCESS_BATCH of them, waiting up to
-    POSTPROCESS_WAIT_S for more while their work (measured in the pool) is not worth a
-    trip; and a batch is split across processes only when its work is worth the extra
-    trips. With 0 processes it runs postprocess() right here, for tiny jobs.
-
-    The pool starts with the first answer, not before: a run with nothing to do starts no
-    process. It starts in a thread, and meanwhile the answers are post-processed here, so
-    that nothing waits for it."""
+    """Runs postprocess() over the answers: on the event loop while it is quick, in a
+    process pool once it is not. CPU-heavy work on the event loop would stall every request
+    in flight; but a round trip to the pool costs a few hundred µs of this process's CPU,
+    more than a cheap postprocess() (the shipped word count takes 2 µs), and starting the
+    pool takes a quarter of a second (see worker_context). So the pool starts only when a
+    batch of answers holds the loop longer than INLINE_MAX_S, and nothing starts for a run
+    with nothing to do; with 0 processes, never. In the pool, answers travel in batches:
+    the writer gathers up to POSTPROCESS_BATCH of them, waiting up to POSTPROCESS_WAIT_S
+    for more while their work (measured in the pool) is not worth a trip; and a batch is
+    split across processes only when its work is worth the extra trips."""
 
     def __init__(self, function: Callable[[str, str], dict[str, Any]], processes: int) -> None:
         self.function = function  # postprocess(), or --postprocess's
@@ -2614,7 +2663,6 @@ class PostProcessor:
         self.pool: ProcessPoolExecutor | None = None  # once started
         self.starting: asyncio.Future[ProcessPoolExecutor] | None = None  # the pool's start, in a thread
         self.cost_s = 0.0  # CPU time per answer, as last measured in the pool
-        self.slow_here = False  # postprocess() took longer than INLINE_WHILE_STARTING_S on the event loop
 
     def start_pool(self) -> None:
         """Start the worker processes, in a thread (that takes a quarter of a second, see worker_context)."""
@@ -2647,22 +2695,22 @@ class PostProcessor:
         pairs = [(r.prompt.text, r.text) for r in responses]
         if not pairs:
             return batch
-        self.start_pool()
         results = self.run_here(pairs) if self.pool_ready() is None else []
-        if len(results) < len(pairs):
+        if len(results) < len(pairs):  # too slow for the event loop: the pool takes the rest
+            self.start_pool()
             await self.ready_pool()
             results += await self.run_in_pool(pairs[len(results) :])
         extras = iter(results)  # in the order of the batch's responses
         return [with_extra(o, next(extras)) if isinstance(o, Response) else o for o in batch]
 
     def run_here(self, pairs: list[tuple[str, str]]) -> list[str]:
-        """postprocess() on the event loop: over all `pairs` when there is no pool; while it
-        starts, over those that INLINE_WHILE_STARTING_S allows, none once that was too short."""
-        if self.starting is None:
-            return postprocess_batch(self.function, pairs)[0]
+        """postprocess() on the event loop, over the first `pairs` that INLINE_MAX_S allows
+        (all of them with --postprocess-workers 0; none once the pool is starting)."""
+        budget_s = math.inf if not self.processes else 0.0 if self.starting else INLINE_MAX_S
         since = time.perf_counter()
-        results, _ = postprocess_batch(self.function, pairs, 0.0 if self.slow_here else INLINE_WHILE_STARTING_S)
-        self.slow_here = self.slow_here or time.perf_counter() - since > INLINE_WHILE_STARTING_S
+        results, _ = postprocess_batch(self.function, pairs, budget_s)
+        if time.perf_counter() - since > INLINE_MAX_S:  # too slow for the event loop: the pool takes the next answers
+            self.start_pool()
         return results
 
     async def run_in_pool(self, pairs: list[tuple[str, str]]) -> list[str]:
@@ -2698,7 +2746,7 @@ def started_pool(processes: int) -> ProcessPoolExecutor:
 
 def worker_context() -> Any:
     """forkserver on Linux, elsewhere the platform's default (spawn): never fork, as this
-    process has threads by the time an answer comes, and a child forked from it could
+    process has threads by the time the pool starts, and a child forked from it could
     inherit a lock that one of them holds, and hang on it. The fork server is a fresh
     process that loads pipeline.py once (about 0.25 s) and forks the workers from itself."""
     return multiprocessing.get_context("forkserver" if sys.platform == "linux" else None)
@@ -3497,8 +3545,13 @@ class Progress:
             f"{tally.rate_limited} rate-limited, {held_s:.1f} s held by limits, "
             f"tokens {tally.prompt_tokens} in ({tally.cached_tokens} cached) / {tally.response_tokens} out "
             f"+ {tally.thinking_tokens} thinking{f', {self.cost()} estimated' if self.cost() else ''}, "
-            f"{seconds:.2f} s, {rate:.1f} prompts/s{self.jobs()}{self.network()}"
+            f"{seconds:.2f} s, {rate:.1f} prompts/s{self.tiers()}{self.jobs()}{self.network()}"
         )
+
+    def tiers(self) -> str:
+        """The service tiers that served the answers, e.g. ", served 1,200 flex, 3 standard"."""
+        served = ", ".join(f"{count:,} {tier}" for tier, count in self.tally.tiers.most_common())
+        return f", served {served}" if served else ""
 
     def network(self) -> str:
         """Outages waited out, and the limit on requests in flight, if the server set one."""
@@ -3583,12 +3636,14 @@ class OfflineClient:
             prompt_token_count=len(prompt.split()), candidates_token_count=len(text.split()),
             thoughts_token_count=None, cached_content_token_count=None,
         )  # fmt: skip
+        tier = enum_text(getattr(config, "service_tier", None))  # served as asked, as the API's header says
         return SimpleNamespace(
             text=text,
             candidates=[SimpleNamespace(finish_reason="STOP")],
             usage_metadata=usage,
             model_version=self.model,
             prompt_feedback=None,
+            sdk_http_response=SimpleNamespace(headers={"x-gemini-service-tier": tier} if tier else {}),
         )
 
     async def aclose(self) -> None:
@@ -3739,7 +3794,9 @@ def check_setup(settings: Settings) -> None:
         raise PipelineError(f"--output-dir {settings.output_dir} is the input dir: choose another folder")
     if not settings.offline:
         check_credentials(settings)
-    PromptMaker.of(job_generation(settings))  # a misspelt setting stops the run here, before any request
+    if settings.batch and settings.service_tier:
+        raise PipelineError("--service-tier does not apply to --batch: the Batch API has a price of its own (half)")
+    PromptMaker.of(request_generation(settings, job_generation(settings)))  # a misspelt setting stops the run here, before any request
     try:  # last: a refused start leaves no folder behind
         settings.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -246,27 +246,30 @@ def report(times: os.times_result, wall: float, code: int, stall_s: float = 0.0,
 
 
 # ---------------------------------------------------------------- harness --
-def measure(child_args: list[str], env: dict[str, str] | None = None) -> Measure:
-    """Run a child of this script and read both its own report and wait4()'s."""
+def measure(child_args: list[str], env: dict[str, str] | None = None, tree: bool = False) -> Measure:
+    """Run a child of this script and read both its own report and wait4()'s; with `tree`,
+    also sample its process tree (TreeWatch: the sampling costs CPU, so only where the
+    figures need it: a pool's processes and memory)."""
     process = subprocess.Popen(
         [sys.executable, __file__, *child_args],
         env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     assert process.stdout is not None
-    tree = TreeWatch(process.pid)
+    watch = TreeWatch(process.pid) if tree else None
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
-    tree.stop()
+    if watch is not None:
+        watch.stop()
     process.returncode = os.waitstatus_to_exitcode(status)
     [line] = [line for line in output.splitlines() if line.startswith("BENCH ")]
     inner = json.loads(line.removeprefix("BENCH "))
     if inner["code"] != 0:
         raise RuntimeError(f"{child_args} exited {inner['code']}")
     process_cpu = usage.ru_utime + usage.ru_stime
-    children_cpu = max(inner["children_cpu_s"], sum(tree.cpu_s.values()))
+    children_cpu = max(inner["children_cpu_s"], sum(watch.cpu_s.values()) if watch else 0.0)
     return Measure(
-        inner["wall_s"], inner["cpu_s"], inner["sys_s"], children_cpu, inner["stall_s"], process_cpu,
-        usage.ru_maxrss / 1024, inner.get("journal_cpu_s", 0.0), max(tree.peak_rss_mb, usage.ru_maxrss / 1024), tree.most,
+        inner["wall_s"], inner["cpu_s"], inner["sys_s"], children_cpu, inner["stall_s"], process_cpu, usage.ru_maxrss / 1024,
+        inner.get("journal_cpu_s", 0.0), max(watch.peak_rss_mb if watch else 0.0, usage.ru_maxrss / 1024), watch.most if watch else 1,
     )  # fmt: skip
 
 
@@ -306,12 +309,14 @@ def pipeline_args(inputs: Path, scratch: Path, *flags: str, variant: str = "defa
     return ["pipeline", variant, "--input-dir", str(inputs), "--output-dir", str(output), *flags]
 
 
-def alternating(kinds: list[str], reps: int, args_of: Callable[[str], list[str]], env: dict[str, str]) -> dict[str, list[Measure]]:
+def alternating(
+    kinds: list[str], reps: int, args_of: Callable[[str], list[str]], env: dict[str, str], tree: bool = False
+) -> dict[str, list[Measure]]:
     """`reps` runs of each kind of child, their order reversed every other repetition."""
     runs: dict[str, list[Measure]] = {kind: [] for kind in kinds}
     for rep in range(reps):
         for kind in kinds if rep % 2 == 0 else kinds[::-1]:
-            runs[kind].append(measure(args_of(kind), env))
+            runs[kind].append(measure(args_of(kind), env, tree))
     return runs
 
 
@@ -402,12 +407,12 @@ def memory(scratch: Path, sizes: list[int]) -> None:
     for prompts in sizes:
         inputs = make_inputs(scratch / f"memory_inputs_{prompts}", prompts)
         flags = ["--offline", "--offline-latency-ms", "0", "--queue-size", "100", "--shard-size", "1000"]
-        peaks[prompts] = measure(pipeline_args(inputs, scratch, *flags)).peak_rss_mb
+        peaks[prompts] = measure(pipeline_args(inputs, scratch, *flags), tree=True).tree_rss_mb  # the pool's processes too
         shutil.rmtree(inputs)
     small, large = sizes[0], sizes[-1]
     print(
         f"| memory, --offline, QUEUE_SIZE=100, SHARD_SIZE=1000 | {peaks[large] / peaks[small]:.3f}x "
-        f"| peak RSS {peaks[small]:.1f} MB at {small:,} prompts, {peaks[large]:.1f} MB at {large:,} |",
+        f"| peak RSS of all its processes {peaks[small]:.1f} MB at {small:,} prompts, {peaks[large]:.1f} MB at {large:,} |",
         flush=True,
     )
 
@@ -418,8 +423,8 @@ def restart(scratch: Path, prompts: int, reps: int) -> None:
     inputs = make_inputs(scratch / "restart_inputs", prompts)
     flags = ["--offline", "--offline-latency-ms", "0", "--queue-size", "100", "--shard-size", "1000"]
     args = pipeline_args(inputs, scratch, *flags)
-    first = measure(args)
-    runs = alternating(["pipeline", "plain"], reps, lambda kind: args if kind == "pipeline" else ["plain_restart", *args[3:6:2]], {})
+    first = measure(args, tree=True)
+    runs = alternating(["pipeline", "plain"], reps, lambda kind: args if kind == "pipeline" else ["plain_restart", *args[3:6:2]], {}, tree=True)
     rerun, plain = runs["pipeline"], runs["plain"]
     print(
         f"| restart, rerun of a finished {prompts:,}-prompt --offline job | {median([m.wall_s for m in rerun]):.2f} s, "
@@ -461,7 +466,7 @@ def postprocessing(scratch: Path, prompts: int, heavy_prompts: int, reps: int, c
                 no_pool = ["--postprocess-workers", "0"] if kind == "none" else []
                 return pipeline_args(inputs, scratch, "--workers", str(workers), *no_pool, variant=kind)
 
-            runs = alternating(["default", "none"], cost_reps, postprocessed, server.env)
+            runs = alternating(["default", "none"], cost_reps, postprocessed, server.env, tree=True)  # the pool's CPU
             pairs = list(zip(runs["default"], runs["none"], strict=True))
             cpu = median([a.cpu_s / b.cpu_s for a, b in pairs])
             pool = median([(a.cpu_s + a.children_cpu_s) / b.cpu_s for a, b in pairs])
@@ -479,7 +484,7 @@ def postprocessing(scratch: Path, prompts: int, heavy_prompts: int, reps: int, c
         for rep in range(reps):
             for count in (processes, "0") if rep % 2 == 0 else ("0", processes):
                 args = pipeline_args(inputs, scratch, "--workers", str(HEAVY_WORKERS), "--postprocess-workers", count, variant="heavy")
-                runs[count].append(measure(args, server.env))
+                runs[count].append(measure(args, server.env, tree=True))  # the pool's CPU
             runs["ceiling"].append(measure(["ceiling", str(heavy_prompts), str(HEAVY_WORKERS)], server.env))
         pool, inline = runs[processes], runs["0"]
         speedup = median([b.wall_s / a.wall_s for a, b in zip(pool, inline, strict=True)])

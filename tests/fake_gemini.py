@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import random
@@ -296,6 +297,10 @@ class FakeGemini:
     # A server full: beyond `capacity` generateContent requests in flight, a 429 with no
     # details (Vertex AI's dynamic shared quota, Gemini under load); None: no limit.
     capacity: int | None = None
+    # The service tier a request asking for one (serviceTier) is served at, given what it
+    # asked: said in the x-gemini-service-tier header and usageMetadata.serviceTier, as the
+    # API does. Priority may fall back to standard: lambda asked: "standard".
+    tier_served: Callable[[str], str] = lambda asked: asked
     in_flight: int = 0
     most_in_flight: int = 0  # the most generateContent requests it held at once
     refused_full: int = 0  # the 429s it answered for being full
@@ -458,6 +463,10 @@ class FakeGemini:
             self.requests.append(request)
             self._seen.notify_all()
         reply = self.behaviour(request)
+        if reply.status == 200 and isinstance(reply.body, dict) and (asked := body.get("serviceTier")):
+            served = self.tier_served(str(asked).lower())
+            usage = {**reply.body.get("usageMetadata", {}), "serviceTier": served.upper()}
+            reply = dataclasses.replace(reply, body={**reply.body, "usageMetadata": usage}, headers={**reply.headers, "x-gemini-service-tier": served})
         if reply.status == 200:
             with self._seen:
                 self.answered[prompt] += 1

@@ -11,6 +11,8 @@ import re
 import types
 from collections import Counter
 
+import pytest
+
 from conftest import sample_prompts, write_prompts
 from fake_gemini import (
     PerWindowTokenQuota,
@@ -176,3 +178,57 @@ def test_a_setting_the_api_refuses_stops_the_run_at_once_unless_it_is_a_rows_own
     result = run(rows, output_dir=tmp_path / "rows_out")
     assert result.exit_code == 1  # only the row with settings of its own failed; the run went on
     assert len((tmp_path / "rows_out" / "failed.jsonl").read_text().splitlines()) == 1
+
+
+def spent_of(stderr: str) -> float:
+    """The estimated spend a run's summary line reports, in dollars."""
+    return float(re.search(r"\$([\d.,]+) estimated", stderr)[1].replace(",", ""))
+
+
+def test_a_flex_run_asks_flex_records_it_and_costs_half_of_standard(tmp_path, fake_gemini, run) -> None:
+    server = fake_gemini()
+    inputs = write_prompts(tmp_path / "inputs", sample_prompts(12))
+    standard = run(inputs, output_dir=tmp_path / "standard")
+    assert standard.exit_code == 0, standard.stderr
+    assert all("serviceTier" not in request.body for request in server.requests)  # unset: the API's default
+    assert all("service_tier" not in record["usage"] for record in standard.records())
+    asked = len(server.requests)
+    flex = run(inputs, "--service-tier", "flex", output_dir=tmp_path / "flex")
+    assert flex.exit_code == 0, flex.stderr
+    assert [request.body.get("serviceTier") for request in server.requests[asked:]] == ["flex"] * 12
+    assert {record["usage"]["service_tier"] for record in flex.records()} == {"flex"} and len(flex.records()) == 12
+    assert "served 12 flex" in flex.stderr
+    assert math.isclose(spent_of(flex.stderr), spent_of(standard.stderr) / 2, rel_tol=0.01)  # the same tokens, half the price
+    # The flex timeout is 15 minutes unless --timeout-s says otherwise: the SDK sends it as X-Server-Timeout.
+    assert {request.server_timeout for request in server.requests[asked:]} == {"900"}
+    assert {request.server_timeout for request in server.requests[:asked]} == {"60"}
+
+
+def test_a_priority_request_served_at_standard_is_recorded_and_priced_as_standard(tmp_path, fake_gemini, run) -> None:
+    server = fake_gemini()
+    server.tier_served = lambda asked: "standard"  # priority may fall back, silently but for the header
+    inputs = write_prompts(tmp_path / "inputs", sample_prompts(6))
+    plain = run(inputs, output_dir=tmp_path / "plain")
+    priority = run(inputs, "--service-tier", "priority", "--timeout-s", "30", output_dir=tmp_path / "priority")
+    assert priority.exit_code == 0, priority.stderr
+    assert {record["usage"]["service_tier"] for record in priority.records()} == {"standard"}
+    assert "served 6 standard" in priority.stderr
+    assert math.isclose(spent_of(priority.stderr), spent_of(plain.stderr), rel_tol=0.01)
+    assert {request.server_timeout for request in server.requests[-6:]} == {"30"}  # --timeout-s given: it wins
+
+
+def test_service_tier_refuses_what_it_cannot_do_in_one_line(tmp_path, fake_gemini, run, capsys) -> None:
+    fake_gemini()
+    inputs = write_prompts(tmp_path / "inputs", sample_prompts(2))
+    with pytest.raises(SystemExit) as refused:
+        run(inputs, "--service-tier", "cheap")
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == "error: argument --service-tier: must be one of standard, flex, priority, got 'cheap' (see --help)\n"
+    batch = run(inputs, "--service-tier", "flex", "--batch")
+    assert batch.exit_code == 2 and batch.stderr.strip() == "error: --service-tier does not apply to --batch: the Batch API has a price of its own (half)"
+
+
+def test_offline_flex_answers_say_they_were_served_flex(tmp_path, run) -> None:
+    result = run(write_prompts(tmp_path / "inputs", sample_prompts(3)), "--offline", "--offline-latency-ms", "0", "--service-tier", "flex")
+    assert result.exit_code == 0, result.stderr
+    assert [record["usage"]["service_tier"] for record in result.records()] == ["flex"] * 3

@@ -61,7 +61,7 @@ def test_word_counts_are_right(tmp_path, fake_gemini, run, processes) -> None:
 
 
 def slowly_where_it_ran(prompt: str, response: str) -> dict:
-    time.sleep(0.03)  # longer than INLINE_WHILE_STARTING_S: not worth doing on the event loop
+    time.sleep(0.03)  # longer than INLINE_MAX_S: not worth doing on the event loop
     return {"pid": os.getpid()}
 
 

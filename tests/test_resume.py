@@ -147,10 +147,13 @@ def test_resuming_keeps_16_bytes_or_so_per_answered_prompt() -> None:
         assert answered.holds(ids[i], f"What is two times {i}?", "ab12") is False
 
 
-def start_pipeline(cwd: Path, server: FakeGemini, *flags: str) -> subprocess.Popen[str]:
+def start_pipeline(cwd: Path, server: FakeGemini, *flags: str, pool: bool = False) -> subprocess.Popen[str]:
+    """`python pipeline.py -v FLAGS` against `server`; with `pool`, with a postprocess() slow
+    enough for its pool of processes to start (tests/slow_postprocess.py)."""
     env = {**os.environ, "GEMINI_API_KEY": API_KEY, "GOOGLE_GEMINI_BASE_URL": server.base_url}
+    script = ROOT / "tests" / "slow_postprocess.py" if pool else ROOT / "pipeline.py"
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "pipeline.py"), "-v", *flags],
+        [sys.executable, str(script), "-v", *flags],
         cwd=cwd, env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -184,7 +187,7 @@ def descendants_of(pid: int) -> dict[int, int]:
 
 def pool_of(pid: int, timeout: float = 10) -> dict[int, int]:
     """descendants_of(pid) once a pool worker is among them: the pool starts in a thread
-    when the first answer comes, so a moment after it is written (no event marks it)."""
+    once postprocess() proves slow, a moment after the first answer (no event marks it)."""
     deadline = time.monotonic() + timeout
     while not (pool := descendants_of(pid)) or set(pool.values()) == {pid}:
         if time.monotonic() > deadline:
@@ -219,7 +222,7 @@ def test_sigkill_at_random_moments_then_resume_writes_every_id_once(tmp_path, pr
     with FakeGemini(latency_s=0.01) as server:
         seen_pool = 0
         for _ in range(kills):
-            process = start_pipeline(tmp_path, server, *flags)
+            process = start_pipeline(tmp_path, server, *flags, pool=processes != "0")
             reached = wait_for_writes(process, rng.randint(5, 100))
             pool = descendants_of(process.pid)
             process.kill()
@@ -310,7 +313,7 @@ def test_the_journal_reserves_its_space_grows_is_cut_to_its_lines_and_outlives_a
 def test_interrupt_writes_everything_received_and_exits_130_or_143(tmp_path, stop_signal) -> None:
     write_prompts(tmp_path / "inputs", sample_prompts(60))
     with FakeGemini(latency_s=0.15) as server:
-        process = start_pipeline(tmp_path, server, "--workers", "5")
+        process = start_pipeline(tmp_path, server, "--workers", "5", pool=True)
         assert wait_for_writes(process, 1)
         pool = pool_of(process.pid)
         process.send_signal(stop_signal)
@@ -350,7 +353,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path) -> None:
         return dataclasses.replace(echo(request), delay_s=0 if next(served) < 2 else 30)
 
     with FakeGemini(two_at_once_then_slowly) as server:
-        process = start_pipeline(tmp_path, server, "--workers", "2")
+        process = start_pipeline(tmp_path, server, "--workers", "2", pool=True)
         assert process.stderr is not None
         assert wait_for_writes(process, 2)
         assert server.wait_for_requests(4)  # both workers are waiting on the server

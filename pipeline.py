@@ -125,7 +125,7 @@ RPM: Positive | None = None  # requests per minute your quota allows: requests s
 TPM: Positive | None = None  # input tokens per minute your quota allows: requests start so as to stay below it (unset: no limit)
 MAX_COST_USD: Positive | None = None  # stop starting requests before the estimated spend passes this many US dollars (unset: no limit)
 RETRY_FAILED: Switch = False  # a rerun also asks again the prompts the API refused for good (400s, safety blocks)
-POSTPROCESS_WORKERS: Processes = os.cpu_count() or 1  # processes running postprocess(), by default the CPU count (at most 256); 0: run it on the event loop
+POSTPROCESS_WORKERS: Processes = os.cpu_count() or 1  # processes running postprocess() once it is too slow for the event loop, by default the CPU count (at most 256); 0: never
 READERS: Tasks = 1  # tasks reading input files, each taking the next unread file (at most 64)
 WRITERS: Tasks = 1  # tasks writing outputs, each into shards of its own (at most 64)
 OFFLINE_LATENCY_MS: NonNegative = 50.0  # simulated latency of each --offline answer, in milliseconds
@@ -208,8 +208,9 @@ CAPACITY_BACKOFF = 0.9  # a "server full" answer lowers the requests allowed in 
 
 def postprocess(prompt: str, response: str) -> dict[str, Any]:
     """Extra fields for the record of each answer. Edit it, like the constants, to compute
-    anything else: parse JSON out of the response, score it... It runs in a worker
-    process (POSTPROCESS_WORKERS), so CPU-heavy work never stalls the requests in flight.
+    anything else: parse JSON out of the response, score it... It runs on the event loop
+    while it is quick, and in worker processes (POSTPROCESS_WORKERS) once it is not, so
+    CPU-heavy work never stalls the requests in flight.
     What it returns is merged into the record; if it raises, that prompt goes to
     failed.jsonl with the reason (and the answer, which was paid for)."""
     return {"word_count": len(response.split())}
@@ -264,7 +265,7 @@ Text = Annotated[str, Check(not_blank, "TEXT")]
 AtLeastOne = Annotated[int, Check(at_least(1), "N")]
 Workers = Annotated[int, Check(at_least(1, at_most=10_000), "N")]  # each holds a connection and a task: more only exhausts memory
 Tasks = Annotated[int, Check(at_least(1, at_most=64), "N")]  # readers and writers: more than the disks can serve helps nothing
-Processes = Annotated[int, Check(at_least(0, at_most=256), "N")]  # forked at start-up, all of them
+Processes = Annotated[int, Check(at_least(0, at_most=256), "N")]  # started together, when postprocess() proves slow
 NonNegative = Annotated[float, Check(at_least(0, float), "N")]
 Positive = Annotated[float, Check(above_zero, "N")]
 Switch = Annotated[bool, Check(bool)]  # a flag that takes no value: given, it turns the setting on
@@ -1002,7 +1003,7 @@ async def queue_prompts_of(run: Run, path: Path) -> None:
             for prompt in prompts:
                 if prompt.origin:  # a named id (a default one is its own place: see Ids)
                     await run.ids.claim(prompt)
-                if journaled := run.past.journaled_answer(prompt):
+                if run.past.journaled and (journaled := run.past.journaled_answer(prompt)):
                     await run.outcomes.put(journaled)  # answered before, never written: no request
                 elif not run.past.skips(prompt):
                     await run.prompts.put(prompt)
@@ -1396,7 +1397,7 @@ def input_format(path: Path) -> InputFormat:
 async def text_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[list[Prompt]]:
     """A prompt per non-blank line; blank lines are skipped but still counted in the ids."""
     async for first, lines in read_lines(path):
-        for run in in_runs(line_prompts(path.name, first, lines, lambda where, text: maker.prompt(where, text.strip()))):
+        for run in in_runs(line_prompts(path.name, first, lines, maker.prompt)):
             yield run
 
 
@@ -1408,28 +1409,33 @@ async def jsonl_prompts(path: Path, maker: PromptMaker) -> AsyncIterator[list[Pr
 
 
 def line_prompts(name: str, first: int, lines: list[bytes], make: Callable[[str, str], Prompt]) -> Iterator[Prompt]:
-    """The prompt `make` makes of each non-blank line (from its place and text), or its failure
-    if the line cannot be read (see numbered)."""
-    for where, text, error in numbered(name, first, lines):
+    """The prompt `make` makes of each non-blank line of file `name`, from line number `first`
+    on (from its place, <name>:<number>, and its text stripped); or the failure of a line
+    that cannot be read (see decode). Not an async generator: one more await per line costs
+    the reader about a tenth of its speed."""
+    texts = clean_texts(lines, first)
+    read = zip(texts, itertools.repeat(None)) if texts is not None else (decode(line, n == 1) for n, line in enumerate(lines, first))
+    for number, (text, error) in enumerate(read, first):
         if error:
-            yield Prompt(where, text, error=error)
-        elif text.strip():
-            yield make(where, text)
+            yield Prompt(f"{name}:{number}", text, error=error)
+        elif text := text.strip():
+            yield make(f"{name}:{number}", text)
+
+
+def clean_texts(lines: list[bytes], first: int) -> list[str] | None:
+    """The lines decoded in one call (a leading BOM dropped), when all are UTF-8 without a
+    NUL, as nearly all are; else None, and decode() says which are not."""
+    try:
+        text = b"\n".join(lines).decode("utf-8-sig" if first == 1 else "utf-8")
+    except UnicodeDecodeError:
+        return None
+    return None if "\x00" in text else text.split("\n")
 
 
 def in_runs(prompts: Iterator[Prompt]) -> Iterator[list[Prompt]]:
     """`prompts` in lists of up to PROMPTS_PER_RUN: an await per list, not per prompt."""
     while run := list(itertools.islice(prompts, PROMPTS_PER_RUN)):
         yield run
-
-
-def numbered(name: str, first: int, lines: list[bytes]) -> Iterator[tuple[str, str, str | None]]:
-    """Lines of file `name` from line number `first` on: each one's place (<name>:<number>),
-    its text, and why it cannot be read, if it cannot (not UTF-8, a NUL byte). Not an async
-    generator: one more await per line costs the reader about a tenth of its speed."""
-    for number, line in enumerate(lines, first):
-        text, error = decode(line, first=number == 1)
-        yield f"{name}:{number}", text, error
 
 
 async def count_lines(path: Path) -> int:

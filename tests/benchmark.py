@@ -40,6 +40,8 @@ peak RSS from wait4(). The sections:
              how long after its return the run ends, ids once, nothing failed
   scattered  400 prompts at 50 ms, 20 workers, 5% of requests a per-minute 429 asking 1 s
              (these three: --baseline DIR runs DIR/pipeline.py too, e.g. a worktree of the old main)
+  versus     with --baseline DIR only: this pipeline.py against DIR's, both run by this benchmark,
+             alternating: the machinery's three configurations and the ceiling's pipeline CPU
   transport  500 workers at 1 s latency on google-genai's two transports: httpx2 (the
              SDK's default; its pool holds 100 connections) and aiohttp (requirements.txt)
 """
@@ -146,8 +148,9 @@ def child_pipeline(args: list[str], variant: str = "default") -> None:
     arrivals journal's write left out (the baseline of its cost: never for real work).
     The report includes the event loop's longest stall, measured by a task that asks to
     wake every STALL_TICK_S, from the moment the client exists until the run ends, and
-    the CPU time spent inside the journal's write (see timed_journal)."""
-    sys.path.insert(0, str(ROOT))
+    the CPU time spent inside the journal's write (see timed_journal). BENCH_PIPELINE_DIR
+    names another checkout's pipeline.py to run instead (see the section "versus")."""
+    sys.path.insert(0, os.environ.get("BENCH_PIPELINE_DIR", str(ROOT)))
     if os.environ.get("BENCH_WITHOUT_AIOHTTP"):
         sys.modules["aiohttp"] = None  # type: ignore[assignment]  (the SDK then falls back to httpx2)
     if "--offline" not in args:
@@ -310,13 +313,15 @@ def pipeline_args(inputs: Path, scratch: Path, *flags: str, variant: str = "defa
 
 
 def alternating(
-    kinds: list[str], reps: int, args_of: Callable[[str], list[str]], env: dict[str, str], tree: bool = False
+    kinds: list[str], reps: int, args_of: Callable[[str], list[str]], env: dict[str, str], tree: bool = False,
+    env_of: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, list[Measure]]:
-    """`reps` runs of each kind of child, their order reversed every other repetition."""
+    """`reps` runs of each kind of child, their order reversed every other repetition;
+    `env_of` adds to `env` by kind."""
     runs: dict[str, list[Measure]] = {kind: [] for kind in kinds}
     for rep in range(reps):
         for kind in kinds if rep % 2 == 0 else kinds[::-1]:
-            runs[kind].append(measure(args_of(kind), env, tree))
+            runs[kind].append(measure(args_of(kind), {**env, **(env_of or {}).get(kind, {})}, tree))
     return runs
 
 
@@ -718,6 +723,29 @@ def checkouts(baseline: str | None) -> dict[str, Path]:
     return {"this": ROOT, **({"baseline": Path(baseline)} if baseline else {})}
 
 
+def versus(scratch: Path, reps: int, baseline: str | None) -> None:
+    """This pipeline.py against --baseline's, both run by this benchmark's child, alternating
+    within each repetition: the machinery (100,000 prompts --offline, prompts/s) and the
+    ceiling's pipeline (2,000 prompts at 0 ms, CPU seconds), medians."""
+    if baseline is None:
+        raise SystemExit("--only versus needs --baseline DIR (a checkout of the code to compare with)")
+    sides = {name: {"BENCH_PIPELINE_DIR": str(path)} for name, path in checkouts(baseline).items()}
+    inputs = make_inputs(scratch / "versus_inputs", 100_000)
+    big = ["--queue-size", "100", "--shard-size", "1000"]
+    for label, flags in {"default settings": [], "QUEUE_SIZE=100, SHARD_SIZE=1000": big, "and POSTPROCESS_WORKERS=0": [*big, "--postprocess-workers", "0"]}.items():
+        runs = alternating(list(sides), reps, lambda side: pipeline_args(inputs, scratch, "--offline", "--offline-latency-ms", "0", *flags), {}, env_of=sides)
+        rates = {side: [100_000 / m.wall_s for m in runs[side]] for side in sides}
+        print(f"| versus, machinery, {label} | {median(rates['this']) / median(rates['baseline']):.2f}x | "
+              f"{median(rates['this']):,.0f} against {median(rates['baseline']):,.0f} prompts/s; runs {[round(r) for r in rates['this']]} against {[round(r) for r in rates['baseline']]} |", flush=True)  # fmt: skip
+    inputs = make_inputs(scratch / "versus_ceiling_inputs", 2000)
+    with FakeServer(latency_ms=0) as server:
+        for workers, flags in (("5", []), ("5", big), ("50", []), ("50", big)):
+            runs = alternating(list(sides), reps, lambda side: pipeline_args(inputs, scratch, "--workers", workers, *flags), server.env, env_of=sides)
+            cpu = {side: median([m.cpu_s for m in runs[side]]) for side in sides}
+            print(f"| versus, ceiling's pipeline, {workers} workers{', ' + ' '.join(flags) if flags else ''} | CPU {cpu['this'] / cpu['baseline']:.3f}x | "
+                  f"{cpu['this']:.2f} against {cpu['baseline']:.2f} s |", flush=True)  # fmt: skip
+
+
 def capacity(scratch: Path, prompts: int, reps: int, baseline: str | None) -> None:
     """A server that admits 100 requests in flight and answers 429 (no details) beyond:
     --workers 400 against it, and the control: --workers 100 against no limit."""
@@ -776,14 +804,14 @@ def scattered(scratch: Path, prompts: int, reps: int, baseline: str | None) -> N
         print(f"| scattered 429s, {prompts} prompts, 50 ms, 20 workers, 5% per-minute 429s asking 1 s ({name}) | {median(times):.2f} s | runs: {', '.join(f'{t:.2f}' for t in times)} |", flush=True)
 
 
-SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline", "csv", "capacity", "outage", "scattered"]
+SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline", "csv", "capacity", "outage", "scattered", "versus"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer prompts and repetitions")
     parser.add_argument("--only", choices=[*SECTIONS], action="append")
-    parser.add_argument("--baseline", help="capacity and outage: also run the pipeline.py of this checkout (a git worktree of an older commit)")
+    parser.add_argument("--baseline", help="capacity, outage, scattered, versus: also run the pipeline.py of this checkout (a git worktree of an older commit)")
     args = parser.parse_args()
     quick = args.quick
     only = set(args.only or SECTIONS)
@@ -824,6 +852,8 @@ def main() -> None:
             outage(scratch, 2000, 1, args.baseline)
         if "scattered" in only:
             scattered(scratch, 400, 1 if quick else 4, args.baseline)
+        if "versus" in only and args.baseline:
+            versus(scratch, 2 if quick else 6, args.baseline)
 
 
 if __name__ == "__main__":

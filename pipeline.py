@@ -164,7 +164,6 @@ PRICES: dict[str, tuple[float, float, float]] = {
 
 # Not settings: fixed by the design.
 READ_CHUNK_BYTES = 1 << 20  # input is read this much at a time, so memory stays flat
-SHARDS_AT_ONCE = 4  # shards read at once when a run starts (see load_shard)
 STOP_GRACE_S = 1.5  # on Ctrl-C, how long requests in flight may still land (exit within 2 s)
 SHARDS_PER_SYNC = 16  # full shards fsynced and closed together in one worker-thread job
 SYNCS_PENDING = 4  # such jobs that may run behind the writer at once
@@ -184,7 +183,7 @@ BATCH_POLL_MAX_S = 600.0  # longest wait between two looks at a job still pendin
 ARRIVALS_PER_FILE = 1024  # answers per arrivals journal file (see ArrivalJournal)...
 ARRIVALS_FILE_BYTES = 1 << 20  # ...and the space reserved for it at first (it doubles as needed)
 ROUND_TRIP_S = 0.001  # work worth one more trip to the pool: a trip costs a few hundred µs of CPU here
-INLINE_MAX_S = 0.005  # a batch's postprocess() may hold the event loop this long; longer, the pool starts (see PostProcessor)
+INLINE_MAX_S = 0.005  # a batch's postprocess() may take this much CPU on the event loop; more, the pool starts (see PostProcessor)
 LONGEST_SERVER_DELAY_S = 3600.0  # a RetryInfo asking for a longer wait is a spent quota: stop, do not sleep for days
 KEY_PIECE = 16  # redact() masks any run of this many characters of the API key, not only all of it
 MESSAGE_CHARS = 500  # an error message from the server is cut to this length (an HTML page would fill the screen)
@@ -2713,9 +2712,8 @@ class PostProcessor:
         """postprocess() on the event loop, over the first `pairs` that INLINE_MAX_S allows
         (all of them with --postprocess-workers 0; none once the pool is starting)."""
         budget_s = math.inf if not self.processes else 0.0 if self.starting else INLINE_MAX_S
-        since = time.perf_counter()
-        results, _ = postprocess_batch(self.function, pairs, budget_s)
-        if time.perf_counter() - since > INLINE_MAX_S:  # too slow for the event loop: the pool takes the next answers
+        results, cpu_s = postprocess_batch(self.function, pairs, budget_s)
+        if cpu_s > INLINE_MAX_S:  # too much work for the event loop: the pool takes the next answers
             self.start_pool()
         return results
 
@@ -2780,14 +2778,16 @@ def postprocess_batch(
 ) -> tuple[list[str], float]:
     """In a worker process: `function` over (prompt, response) pairs, and the CPU time it took.
     Each result is the extra fields as a JSON object, or, if `function` failed on that answer,
-    the reason. On the event loop, `budget_s` (seconds) may stop it early: the first pairs' results."""
-    started, since = time.process_time(), time.perf_counter()
+    the reason. On the event loop, `budget_s` of this thread's CPU time may stop it early: the
+    first pairs' results. (CPU time, not wall time: a VM that pauses the process a moment must
+    not pass for a slow postprocess().)"""
+    started = time.thread_time()
     results = []
     for prompt, response in pairs:
-        if time.perf_counter() - since >= budget_s:
+        if time.thread_time() - started >= budget_s:
             break
         results.append(extra_fields(function, prompt, response))
-    return results, time.process_time() - started
+    return results, time.thread_time() - started
 
 
 def extra_fields(function: Callable[[str, str], dict[str, Any]], prompt: str, response: str) -> str:
@@ -3257,15 +3257,12 @@ class PastRuns:
             self.journaled.clear()
 
 
-async def load_shard(answered: Answered, path: Path, slots: asyncio.Semaphore) -> int:
-    """Add a shard's prompts to `answered`; how many it held. Several shards load at once
-    (`slots`): while one is parsed, the next are read in threads (a thread hop takes half
-    a millisecond on a small VM, and a rerun of a million prompts reads a thousand shards)."""
-    async with slots:
-        records = 0
-        async for fronts, _ in read_records(path):
-            answered.add(fronts)
-            records += len(fronts)
+async def load_shard(answered: Answered, path: Path) -> int:
+    """Add a shard's prompts to `answered`; how many it held."""
+    records = 0
+    async for fronts, _ in read_records(path):
+        answered.add(fronts)
+        records += len(fronts)
     if not records:  # created, or emptied by the repair, just before a kill: no shard is ever empty
         path.unlink()
     return records
@@ -3276,14 +3273,9 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
     killed process is removed, so that prompt is simply asked again."""
     log.debug("reading what earlier runs left in %s", output_dir)
     past = PastRuns(output_dir)
-    shards = shard_files(output_dir)
-    slots = asyncio.Semaphore(SHARDS_AT_ONCE)
-    try:
-        async with asyncio.TaskGroup() as group:
-            held = [group.create_task(load_shard(past.answered, path, slots)) for _, path in shards]
-    except BaseExceptionGroup as errors:
-        raise errors.exceptions[0] from None
-    past.next_shard = max((number + 1 for (number, _), records in zip(shards, held) if records.result()), default=0)
+    for number, path in shard_files(output_dir):
+        if await load_shard(past.answered, path):
+            past.next_shard = number + 1
     past.answered.freeze()
     for path in failure_journals(output_dir):  # appended to while running, so an id may repeat: the last line wins
         async for fronts, lines in read_records(path):

@@ -1,5 +1,5 @@
 """python tests/slow_postprocess.py ARGS...: pipeline.py, but with a postprocess() that takes
-10 ms an answer, so that its pool of processes starts (a quick one runs on the event loop,
+6 ms of CPU an answer, so that its pool of processes starts (a quick one runs on the event loop,
 see PostProcessor). The tests that kill a run or stop it with a signal use it, to see the
 pool go with it."""
 
@@ -18,7 +18,9 @@ import pipeline  # noqa: E402
 
 
 def slow_postprocess(prompt: str, response: str) -> dict[str, Any]:
-    time.sleep(0.01)  # longer than pipeline.INLINE_MAX_S
+    busy_until = time.thread_time() + 0.006  # more CPU than pipeline.INLINE_MAX_S
+    while time.thread_time() < busy_until:
+        pass
     return pipeline.postprocess(prompt, response)
 
 

@@ -1017,6 +1017,9 @@ async def generate_content(run: Run) -> None:
         try:
             if outcome := await answer(run, prompt):
                 await run.outcomes.put(outcome)
+        except PipelineError:  # this ends the run: no other request starts from now on
+            run.gate.close()
+            raise
         finally:  # however it ended, so that prompts.join() counts this prompt as handled
             run.prompts.task_done()
 

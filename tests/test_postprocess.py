@@ -132,9 +132,9 @@ async def test_three_readers_and_three_writers(tmp_path, fake_gemini, monkeypatc
     written_by: dict[str, set[str]] = defaultdict(set)
     real_read_prompts, real_write_all = pipeline.read_prompts, pipeline.write_all
 
-    def reading(path, requests):
+    def reading(path, maker, *answered):
         read_by[path.name].add(asyncio.current_task().get_name())
-        return real_read_prompts(path, requests)
+        return real_read_prompts(path, maker, *answered)
 
     def writing(fd, data):
         written_by[Path(os.readlink(f"/proc/self/fd/{fd}")).name].add(asyncio.current_task().get_name())

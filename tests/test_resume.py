@@ -100,7 +100,9 @@ def test_edited_inputs_stop_the_run(tmp_path, fake_gemini, run) -> None:
     assert {n: (first.output_dir / n).read_bytes() for n in first.shard_names()} == before
 
 
-async def test_a_rerun_parses_each_input_once_and_decodes_shards_no_further_than_id_and_prompt(tmp_path, fake_gemini, monkeypatch) -> None:
+async def test_a_rerun_parses_each_input_once_makes_no_prompt_of_an_answered_line_and_decodes_shards_no_further_than_id_and_prompt(
+    tmp_path, fake_gemini, monkeypatch
+) -> None:
     fake_gemini()
     inputs = write_prompts(tmp_path / "inputs", sample_prompts(12))
     settings = pipeline.Settings(input_dir=inputs, output_dir=tmp_path / "outputs", shard_size=5)
@@ -108,7 +110,7 @@ async def test_a_rerun_parses_each_input_once_and_decodes_shards_no_further_than
     await pipeline.main(settings, pipeline.Progress())
     parsed: Counter[str] = Counter()
     real_read_prompts = pipeline.read_prompts
-    monkeypatch.setattr(pipeline, "read_prompts", lambda path, requests: parsed.update([path.name]) or real_read_prompts(path, requests))
+    monkeypatch.setattr(pipeline, "read_prompts", lambda path, maker, *answered: parsed.update([path.name]) or real_read_prompts(path, maker, *answered))
     real_loads = json.loads
 
     def loads(text, *args, **kwargs):
@@ -116,11 +118,15 @@ async def test_a_rerun_parses_each_input_once_and_decodes_shards_no_further_than
         return real_loads(text, *args, **kwargs)
 
     monkeypatch.setattr(pipeline.json, "loads", loads)
+    made: list[str] = []
+    real_prompt = pipeline.PromptMaker.prompt
+    monkeypatch.setattr(pipeline.PromptMaker, "prompt", lambda maker, prompt_id, *rest, **row: made.append(prompt_id) or real_prompt(maker, prompt_id, *rest, **row))
     progress = pipeline.Progress()
     await pipeline.main(settings, progress)
     tally = progress.tally
     assert (tally.skipped, tally.answered) == (12, 0)
     assert parsed == {f"shard_{i}.txt": 1 for i in range(4)}
+    assert made == []  # an answered line is known by its place and text before a Prompt is made of it
 
 
 def test_resuming_keeps_16_bytes_or_so_per_answered_prompt() -> None:

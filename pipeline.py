@@ -28,7 +28,8 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
              from the input files; generate_content asks the model for each; write_outputs
              journals each answer as it takes it, post-processes, and fills numbered shards
   requests   PromptMaker: how rows become requests, the run's settings (validated through
-             google-genai's types) with a row's own over them; Ids, one namespace for all
+             google-genai's types) with a row's own over them, and CONTEXT sent first (or the
+             run's cache named: naming, contents); Ids, one namespace for all
   reader     each input file as its InputFormat says (INPUT_FORMATS: lines, JSONL rows, CSV
              and TSV rows), streaming
   asking     answer(): one prompt's attempts, retried in place with back-off (final_failure,
@@ -37,6 +38,8 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
   limits     Gate (--rpm, --tpm, a per-minute 429's shared back-off, --max-cost-usd); Spend,
              the estimated cost from PRICES; Concurrency, fewer requests in flight while the
              server says it is full; Outage, the host unreachable: one probe asks
+  cache      ContextCache: with --cache, the instruction and CONTEXT held once for the run
+             (open_cache finds the one a killed run left, or makes it; renewed; deleted at the end)
   batch      generate_in_batches(run): with --batch, the generator stage instead, with the
              same contract: prompts go in jobs of Gemini's Batch API, recorded in a
              BatchJournal so that a rerun collects them (collect_earlier_jobs)
@@ -48,6 +51,8 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
              Answered, 8 bytes each by place or 16 as Fingerprints; failures, those refused for
              good left alone); repairs torn lines; record_job: one folder, one model and one set
              of settings
+  estimate   --estimate: the job's tokens (countTokens on a sample, scaled), its cost at each
+             price and its time (estimate, estimate_table), without a generateContent
   progress   Progress: the bar, or a line every PROGRESS_EVERY_S, and the summary line
   offline    OfflineClient, a stand-in for genai.Client with the same call shape
   CLI        parse_args (the flags, from SETTINGS), start-up checks (check_credentials:
@@ -91,6 +96,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+import dataclasses
 from dataclasses import dataclass, field, make_dataclass
 from json.decoder import scanstring
 from pathlib import Path
@@ -112,6 +118,8 @@ TEMPERATURE: NonNegative | None = None  # sampling temperature, 0 to 2 (unset: t
 MAX_OUTPUT_TOKENS: AtLeastOne | None = None  # longest answer, in tokens (unset: the model's default)
 RESPONSE_SCHEMA: File | None = None  # a JSON Schema file: answers are asked as JSON, checked against it, and decoded into "parsed"
 GENERATION_CONFIG: File | None = None  # a JSON file of other GenerateContentConfig fields (top_p, seed, safety_settings, thinking_config...)
+CONTEXT: Files | None = None  # text files placed before every prompt, in this order (a document, a codebook, examples): the shared prefix, sent first
+CACHE: Switch = False  # put SYSTEM_INSTRUCTION and CONTEXT in one explicit cache for the run: that prefix billed at the cached price, plus storage by the hour
 SERVICE_TIER: Tier | None = None  # flex: half the price, an answer may take up to 15 minutes; priority: faster, dearer (unset: standard)
 WORKERS: Workers = 5  # requests in flight at once (at most 10,000)
 QUEUE_SIZE: AtLeastOne = 5  # bound of each queue (at least WORKERS): how far reading may run ahead
@@ -133,6 +141,7 @@ BATCH: Switch = False  # send the prompts as jobs of Gemini's Batch API: half th
 BATCH_SIZE: AtLeastOne = 10_000  # prompts per batch job, at most
 BATCH_POLL_S: Positive = 30.0  # seconds between two looks at a running batch job (up to 600 while pending)
 PROGRESS_EVERY_S: Positive = 30.0  # when stderr is not a terminal (a log file, CI, a scheduler), seconds between two progress lines
+ESTIMATE: Switch = False  # ask nothing: count the input tokens (free) and print what the job would cost and take at each price
 
 # The settings above that every request carries, by the GenerateContentConfig field each fills
 # (GENERATION_CONFIG's fields go under them). A new one, say TOP_P: NonNegative | None = None,
@@ -149,18 +158,30 @@ REQUEST_FIELDS = {  # the same for settings every request carries that are not t
 }
 
 # What a model costs, in US dollars per million tokens: input, output (thinking included),
-# cached input. The standard tier, prompts up to 200k tokens; the Batch API costs half.
-# A model is priced by the longest name here that its name starts with. Copied on 2026-11-28
-# from copies of https://ai.google.dev/gemini-api/docs/pricing (README, "What it costs"):
-# check them there, and add the models you use.
-PRICES: dict[str, tuple[float, float, float]] = {
-    "gemini-flash-latest": (0.50, 3.00, 0.05),  # the alias: priced as the model it named then, Gemini 3 Flash
-    "gemini-3-flash-preview": (0.50, 3.00, 0.05),
-    "gemini-3-pro-preview": (2.00, 12.00, 0.20),
-    "gemini-2.5-pro": (1.25, 10.00, 0.125),
-    "gemini-2.5-flash": (0.30, 2.50, 0.03),
-    "gemini-2.5-flash-lite": (0.10, 0.40, 0.01),
+# cached input, and an explicit cache's storage per hour. The standard tier, prompts up to
+# 200k tokens; the Batch API costs half. A model is priced by the longest name here that its
+# name starts with. Copied on 2026-11-28 from copies of https://ai.google.dev/gemini-api/docs/pricing
+# (README, "What it costs"): check them there, and add the models you use.
+PRICES: dict[str, tuple[float, float, float, float]] = {
+    "gemini-flash-latest": (0.50, 3.00, 0.05, 1.00),  # the alias: priced as the model it named then, Gemini 3 Flash
+    "gemini-3-flash-preview": (0.50, 3.00, 0.05, 1.00),
+    "gemini-3-pro-preview": (2.00, 12.00, 0.20, 4.50),
+    "gemini-2.5-pro": (1.25, 10.00, 0.125, 4.50),
+    "gemini-2.5-flash": (0.30, 2.50, 0.03, 1.00),
+    "gemini-2.5-flash-lite": (0.10, 0.40, 0.01, 1.00),
 }
+# The fewest tokens an explicit cache may hold, by the longest model name it starts with ("":
+# any other). From ai.google.dev/gemini-api/docs/caching, read 2026-11-29 (a later copy says
+# 2,048 for 2.5 Flash: if the API refuses a cache as too small, the run says so and stops).
+CACHE_MIN_TOKENS = {"gemini-2.5-pro": 4096, "gemini-3-pro": 4096, "": 1024}
+CACHE_TTL_S = 3600.0  # a context cache lives this long past its last renewal...
+CACHE_RENEW_S = 900.0  # ...renewed this often while the run lasts
+CACHE_DELETE_S = 10.0  # at the end, deleting it may take this long; then it is left to expire
+BATCH_JOB_LIFE_S = 48 * 3600.0  # a batch job ends within this long (it expires after 48 h): a cache it names is kept so long
+CACHE_NAME_PREFIX = "pipeline.py job "  # a cache's display name: this, and the job's identity hashed
+ESTIMATE_SAMPLE = 200  # --estimate asks countTokens at most this often: the shared prefix, and prompts spread over the inputs
+ESTIMATE_ATTEMPTS = 3  # ...each count tried this many times
+ESTIMATE_LATENCY_S = 5.0  # --estimate's assumed time for one answer at the standard tier, for the projected time
 
 # Not settings: fixed by the design.
 READ_CHUNK_BYTES = 1 << 20  # input is read this much at a time, so memory stays flat
@@ -226,6 +247,7 @@ class Check:
 
     read: Callable[[str], Any]
     metavar: str | None = None
+    many: bool = False  # the setting is a list: its flag takes one value or more, each read by `read`
 
 
 def at_least(minimum: float, kind: type = int, at_most: float = math.inf) -> Callable[[str], Any]:
@@ -260,6 +282,7 @@ def not_blank(text: str) -> str:
 
 Folder = Annotated[str, Check(Path, "DIR")]  # a folder, read as a Path
 File = Annotated[str, Check(Path, "FILE")]  # a file, read as a Path
+Files = Annotated[list[str], Check(Path, "FILE", many=True)]  # files, in order, each read as a Path
 Text = Annotated[str, Check(not_blank, "TEXT")]
 AtLeastOne = Annotated[int, Check(at_least(1), "N")]
 Workers = Annotated[int, Check(at_least(1, at_most=10_000), "N")]  # each holds a connection and a task: more only exhausts memory
@@ -301,7 +324,11 @@ class Setting:
         """The constant's value now, read as its flag reads a value: checked, and a folder's
         name made a Path. Raises argparse.ArgumentTypeError where the flag would refuse it."""
         value = globals()[self.constant]
-        return value if value is None or isinstance(value, bool) else self.check.read(str(value))
+        if value is None or isinstance(value, bool):
+            return value
+        if self.check.many:
+            return tuple(self.check.read(str(item)) for item in ([value] if isinstance(value, str) else value))
+        return self.check.read(str(value))
 
     def default(self) -> Any:
         """Settings' default: the value, or where it is refused the constant as it is (parse_args says why)."""
@@ -736,16 +763,16 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
         postprocessor = PostProcessor(settings.postprocess, settings.postprocess_workers)
         cleanup.push_async_callback(postprocessor.aclose)
         cleanup.enter_context(stopped_by_signals(asyncio.current_task()))  # a long start-up scan too
-        generation = job_generation(settings)
+        generation, context = job_generation(settings), context_turns(settings.context)
         with stop_on_os_error(f"cannot read {settings.output_dir}"):
             past = await load_past_runs(settings.output_dir)
-        if record_job(settings, generation, answered=bool(past.answered or past.journaled)) or settings.retry_failed:
+        if record_job(settings, job_settings(generation, context), answered=bool(past.answered or past.journaled)) or settings.retry_failed:
             past.refused.clear()
         progress.tally.skipped = len(past.answered)
         cleanup.push_async_callback(stop, *progress.start(settings))
         client = connect(settings)
         cleanup.push_async_callback(client.aio.aclose)
-        depth, maker = queue_depth(settings), PromptMaker.of(request_generation(settings, generation))
+        depth, maker = queue_depth(settings), PromptMaker.of(request_generation(settings, generation), context)
         files = await table_headers_checked(await list_input_files(settings.input_dir))
         gate = open_gate(settings)
         run = Run(
@@ -754,6 +781,10 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
             files=iter(files), shard_numbers=itertools.count(past.next_shard), ids=Ids({path.name: path for path in files}, maker),
         )  # fmt: skip
         progress.run = run
+        if settings.cache and (cache := await open_cache(run, generation, job_identity(settings, generation, context))):
+            cleanup.push_async_callback(cache.close, run)
+            cleanup.push_async_callback(stop, asyncio.create_task(cache.keep(run)))
+            run.maker = run.maker.naming(cache.name)  # before any reader starts: every prompt is made naming it
         if past.journaled:
             log.info("%s that an earlier run received but never wrote: written as their prompts are read, with no request", plural(len(past.journaled), "answer"))
         try:
@@ -1047,6 +1078,7 @@ async def write_outputs(run: Run, writer: int) -> None:
 # ---------------------------------------------------------------- requests --
 REQUEST_LEVEL = ("systemInstruction", "safetySettings", "tools", "toolConfig", "cachedContent", "labels")  # not generationConfig's
 SDK_OPTIONS = ("httpOptions", "shouldReturnHttpResponse", "automaticFunctionCalling")  # the SDK's, not the API's
+CACHED_FIELDS = ("systemInstruction", "tools", "toolConfig")  # what goes into a cache: a request naming one may not send them
 CAMEL = re.compile(r"_([a-z0-9])")
 
 
@@ -1057,17 +1089,35 @@ class PromptMaker:
     with a row's own settings over them. Keeps the ids rows name, which must be unique."""
 
     generation: dict[str, Any]  # the run's settings: GenerateContentConfig fields, camelCase
-    config: Any = None  # `generation` validated: shared by every prompt without settings of its own
+    config: Any = None  # `generation` validated (or `cached`, with a cache): shared by every prompt without settings of its own
     answer_format: AnswerFormat | None = None  # JSON asked for by the run's settings
+    context: list[dict[str, Any]] = field(default_factory=list)  # CONTEXT, one user turn sent before each prompt's own; []: none
+    cached: dict[str, Any] | None = None  # with a cache (see naming): `generation` less what went into the cache, plus its name
+    prefix_tokens: int = 0  # estimated input tokens each request sends or names besides its own: the context (and a cached instruction)
 
     @classmethod
-    def of(cls, generation: dict[str, Any]) -> PromptMaker:
-        if not generation:
-            return cls({})
+    def of(cls, generation: dict[str, Any], context: list[dict[str, Any]] | None = None) -> PromptMaker:
+        context = context or []
         try:
-            return cls(generation, *generation_config(generation))
+            return cls(generation, *(generation_config(generation) if generation else (None, None)), context, None, text_tokens(turn_texts(context)))
         except ValueError as exc:
             raise PipelineError(f"generation settings: {exc}") from None
+
+    def naming(self, cache: str) -> PromptMaker:
+        """This maker, its prompts naming the cache `cache`, which holds the run's system
+        instruction, tools and context (the API refuses a request naming a cache that also
+        sends those); a row with an instruction or tools of its own sends all without it."""
+        cached = {k: v for k, v in self.generation.items() if k not in CACHED_FIELDS} | {"cachedContent": cache}
+        instruction = turn_texts([self.generation.get("systemInstruction") or {}])
+        return dataclasses.replace(self, config=generation_config(cached)[0], cached=cached, prefix_tokens=self.prefix_tokens + text_tokens(instruction))
+
+    def contents(self, prompt: Prompt) -> str | list[Any]:
+        """What `prompt` sends as its contents: the context's turn first (the shared prefix
+        first, where implicit caching finds it), unless its settings name a cache, which holds it."""
+        own = prompt.contents or prompt.text
+        if not self.context or (prompt.config is not None and prompt.config.cached_content):
+            return own
+        return [*self.context, *(own if isinstance(own, list) else [user_turn(own)])]
 
     def prompt(self, prompt_id: str, text: str, own: dict[str, Any] | None = None, **row: Any) -> Prompt:
         """A prompt asked with the run's settings and `own` (camelCase) over them."""
@@ -1077,8 +1127,9 @@ class PromptMaker:
             row["digest"] = row_digest(own, row.get("contents"))
         if not own:
             return Prompt(prompt_id, text, config=self.config, answer_format=self.answer_format, **row)
+        base = self.cached if self.cached is not None and not own.keys() & CACHED_FIELDS else self.generation
         try:
-            config, answer_format = generation_config(over(self.generation, own))
+            config, answer_format = generation_config(over(base, own))
         except ValueError as exc:
             return Prompt(prompt_id, text, error=f"its settings: {exc}", fields=row.get("fields"), origin=row.get("origin", ""), digest=row["digest"])
         return Prompt(prompt_id, text, config=config, answer_format=answer_format, own_settings=True, **row)
@@ -1311,6 +1362,30 @@ AS_SENT: dict[str, Callable[[Any], Any]] = {  # the GENERATION_FIELDS whose sett
 }
 
 
+def context_turns(paths: list[Path] | None) -> list[dict[str, Any]]:
+    """CONTEXT's files as the one user turn sent before every prompt (a part each, in order)."""
+    texts = []
+    for path in paths or []:
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise PipelineError(f"--context {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise PipelineError(f"--context {path}: not UTF-8 text") from None
+    return [{"role": "user", "parts": [{"text": text} for text in texts]}] if texts else []
+
+
+def job_settings(generation: dict[str, Any], context: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the job's answers depend on besides the model: its generation settings, and its context (hashed)."""
+    digests = [hashlib.sha256(text.encode()).hexdigest() for text in turn_texts(context)]
+    return {**generation, "context": digests} if digests else generation
+
+
+def job_identity(settings: Settings, generation: dict[str, Any], context: list[dict[str, Any]]) -> str:
+    """The job, as one string: model, settings, context, and the folder its answers go to."""
+    return json_line({"model": settings.model, "settings": job_settings(generation, context), "output": str(settings.output_dir.resolve())})
+
+
 def load_json_object(path: Path, flag: str) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -1330,6 +1405,20 @@ def camel_keys(config: dict[str, Any]) -> dict[str, Any]:
 
 def instruction_content(text: str) -> dict[str, Any]:
     return {"parts": [{"text": text}]}
+
+
+def user_turn(text: str) -> dict[str, Any]:
+    return {"role": "user", "parts": [{"text": text}]}
+
+
+def turn_texts(contents: list[Any]) -> list[str]:
+    """The texts of the parts of `contents` (turns, as the API's JSON has them)."""
+    return [str(part["text"]) for turn in contents for part in turn.get("parts") or [] if isinstance(part, dict) and "text" in part]
+
+
+def text_tokens(texts: list[str]) -> int:
+    """Input tokens estimated from characters, before the API has counted any (CHARS_PER_TOKEN)."""
+    return sum(map(len, texts)) // CHARS_PER_TOKEN
 
 
 def own_id(value: Any, where: str) -> tuple[str, str]:
@@ -1628,7 +1717,7 @@ async def answer(run: Run, prompt: Prompt) -> Outcome | None:
     settings, tally = run.settings, run.tally
     if prompt.error:
         return Failure(prompt, prompt.error, attempts=0, permanent=True)
-    tokens = estimated_tokens(prompt) if run.gate.counts_tokens else 0
+    tokens = estimated_tokens(prompt) + run.maker.prefix_tokens if run.gate.counts_tokens else 0
     if tokens and (too_large := run.gate.never_admits(tokens)):
         return Failure(prompt, too_large, attempts=0)
     attempt = 1
@@ -1690,7 +1779,7 @@ async def ask(run: Run, prompt: Prompt, tokens: int) -> Any:
             return None
         try:
             reply = await run.client.aio.models.generate_content(  # --timeout-s is the client's own (see connect)
-                model=run.settings.model, contents=prompt.contents or prompt.text, config=prompt.config
+                model=run.settings.model, contents=run.maker.contents(prompt), config=prompt.config
             )
         except Exception as exc:
             run.gate.landed(tokens)
@@ -1744,6 +1833,8 @@ def stop_if_fatal(kind: str, exc: BaseException, settings: Settings) -> None:
         raise PipelineError(f"the credentials were refused ({describe(exc, settings)}); check your Application Default Credentials") from None
     if kind == "auth":
         raise PipelineError(f"the API key was refused ({describe(exc, settings)}); check GEMINI_API_KEY") from None
+    if kind == "cache gone":
+        raise StopForNow("the run's context cache is gone (deleted, or expired; a rerun makes another)")
     if kind == "daily quota":
         raise StopForNow(f"the daily quota is exhausted ({', '.join(quota_ids(exc))})")
     if (asked := server_retry_delay_s(exc)) is not None and asked > LONGEST_SERVER_DELAY_S:
@@ -1795,7 +1886,7 @@ def enum_text(value: Any) -> str | None:
 
 
 def classify(exc: BaseException) -> str:
-    """What a failed request means: 'auth' and 'daily quota' stop the run; 'rate limit'
+    """What a failed request means: 'auth', 'daily quota' and 'cache gone' (the run's cache was deleted) stop the run; 'rate limit'
     (a 429 naming a per-minute quota) pauses every generator; 'capacity' (a 429 naming
     none, a 503 "overloaded": the server is full) lowers the requests in flight (see
     Concurrency); 'transient' is retried; 'permanent' fails the prompt.
@@ -1805,6 +1896,8 @@ def classify(exc: BaseException) -> str:
     if type(exc).__module__.startswith("google.auth"):  # Vertex AI: credentials that cannot be refreshed...
         return "transient" if type(exc).__name__ == "TransportError" else "auth"  # ...or not now: the network
     if (code := api_error_code(exc)) is not None:
+        if code == 403 and "cachedcontent not found" in str(getattr(exc, "message", "")).lower():
+            return "cache gone"
         if code in (401, 403) or any(d.get("reason") == "API_KEY_INVALID" for d in error_details(exc)):
             return "auth"
         if code == 429:
@@ -2082,15 +2175,17 @@ class Spend:
     requests in flight are expected to cost, plus its own, stays within it. A request's
     expected cost is its estimated input and the mean output of the replies so far."""
 
-    def __init__(self, price: tuple[float, float, float] | None, limit_usd: float | None = None, discount: float = 1.0) -> None:
-        self.price = price  # USD per million input, output and cached input tokens; None: unknown
+    def __init__(self, price: tuple[float, float, float, float] | None, limit_usd: float | None = None, discount: float = 1.0) -> None:
+        self.price = price  # USD per million input, output and cached input tokens, and per million cached an hour; None: unknown
         self.limit_usd = limit_usd  # --max-cost-usd
         self.discount = discount  # of PRICES, as asked: BATCH_PRICE for --batch, else the tier's (TIER_PRICES)
         self.spent_usd = 0.0  # every reply billed so far
         self.in_flight = 0  # requests started and not yet landed...
         self.in_flight_tokens = 0  # ...and their estimated input tokens
         self.replies = 0  # replies billed, and...
-        self.output_tokens = 0  # ...the output tokens (thinking included) they billed
+        self.output_tokens = 0  # ...the output tokens (thinking included) they billed...
+        self.input_tokens = 0  # ...their input tokens...
+        self.cached_tokens = 0  # ...and those of them read from a cache (explicit or implicit)
         self.exhausted = False  # --max-cost-usd stopped the run
 
     @classmethod
@@ -2104,7 +2199,7 @@ class Spend:
         """At the price asked for, or at `tier`'s (the tier that served a reply, if it says)."""
         if self.price is None:
             return 0.0
-        per_input, per_output, per_cached = self.price
+        per_input, per_output, per_cached, _ = self.price
         discount = TIER_PRICES.get(tier, self.discount) if tier else self.discount
         return ((input_tokens - cached) * per_input + cached * per_cached + output * per_output) / 1e6 * discount
 
@@ -2112,7 +2207,8 @@ class Spend:
         """Count a request in flight (for --max-cost-usd only); False, counting nothing, if it would pass it."""
         if self.limit_usd is None:
             return True
-        expected = self.usd((self.in_flight_tokens + tokens) * ratio, 0, (self.in_flight + 1) * self.mean_output)
+        expected_input = (self.in_flight_tokens + tokens) * ratio
+        expected = self.usd(expected_input, expected_input * self.cached_share, (self.in_flight + 1) * self.mean_output)
         if self.spent_usd + expected > self.limit_usd:
             self.exhausted = True
             return False
@@ -2124,24 +2220,35 @@ class Spend:
         """Output tokens (thinking included) per reply billed so far."""
         return self.output_tokens / self.replies if self.replies else 0.0
 
+    @property
+    def cached_share(self) -> float:
+        """The share of input tokens billed so far that a cache served (at its lower price)."""
+        return self.cached_tokens / self.input_tokens if self.input_tokens else 0.0
+
     def expected_usd(self, input_tokens: float) -> float:
-        """What one request of `input_tokens` is expected to cost: its input and the mean output."""
-        return self.usd(input_tokens, 0, self.mean_output)
+        """What one request of `input_tokens` is expected to cost: its input (the share cached
+        so far at the cached price) and the mean output."""
+        return self.usd(input_tokens, input_tokens * self.cached_share, self.mean_output)
 
     def land(self, tokens: int, usage: Any, tier: str | None = None) -> None:
         if self.limit_usd is not None:
             self.in_flight, self.in_flight_tokens = self.in_flight - 1, self.in_flight_tokens - tokens
         self.bill(usage, tier)
 
+    def store(self, tokens: int, seconds: float) -> None:
+        """Add an explicit cache's storage: `tokens` held for `seconds` (no tier or batch discount)."""
+        if self.price is not None:
+            self.spent_usd += tokens * self.price[3] * seconds / 3600 / 1e6
+
     def bill(self, usage: Any, tier: str | None = None) -> None:
         """Add what a reply with this usage_metadata costs (none: nothing billed), served at `tier`."""
         if usage is None or self.price is None:
             return
         output = token_count(usage, "candidates_token_count") + token_count(usage, "thoughts_token_count")
+        input_tokens, cached = token_count(usage, "prompt_token_count"), token_count(usage, "cached_content_token_count")
         self.replies, self.output_tokens = self.replies + 1, self.output_tokens + output
-        self.spent_usd += self.usd(
-            token_count(usage, "prompt_token_count"), token_count(usage, "cached_content_token_count"), output, tier
-        )
+        self.input_tokens, self.cached_tokens = self.input_tokens + input_tokens, self.cached_tokens + cached
+        self.spent_usd += self.usd(input_tokens, cached, output, tier)
 
 
 class Concurrency:
@@ -2330,11 +2437,16 @@ async def first_of(*waits: Awaitable[Any]) -> None:
             waiting.cancel()
 
 
-def price_of(model: str) -> tuple[float, float, float] | None:
+def price_of(model: str) -> tuple[float, float, float, float] | None:
     """The PRICES row of the longest name that `model` starts with."""
+    return by_model(PRICES, model)
+
+
+def by_model(table: dict[str, Any], model: str) -> Any:
+    """The row of `table` (PRICES, CACHE_MIN_TOKENS) of the longest name `model` starts with; None if none."""
     name = model.removeprefix("models/")
-    known = [key for key in PRICES if name.startswith(key)]
-    return PRICES[max(known, key=len)] if known else None
+    known = [key for key in table if name.startswith(key)]
+    return table[max(known, key=len)] if known else None
 
 
 def token_count(usage: Any, name: str) -> int:
@@ -2356,6 +2468,114 @@ def estimated_tokens(prompt: Prompt) -> int:
     elif instruction is not None:
         texts += [part.text or "" for part in instruction.parts or []]
     return sum(map(len, texts)) // CHARS_PER_TOKEN + 1 + NON_TEXT_PART_TOKENS * others
+
+
+# ------------------------------------------------------------------- cache --
+class ContextCache:
+    """The explicit cache a --cache run holds: the run's system instruction, tools and
+    CONTEXT kept once, billed at the cached price each time a request names it instead of
+    sending them, plus storage by the hour. One per job: its display name carries the job's
+    identity (see cache_display_name), so a rerun after a kill finds the one it left and uses
+    it rather than making a second. Its TTL is renewed while the run lasts, and it is deleted
+    when the run ends, however it ends (a kill -9 leaves it to the rerun, or to its TTL)."""
+
+    def __init__(self, client: Any, name: str, tokens: int, spend: Spend) -> None:
+        self.client = client  # the run's genai client
+        self.name = name  # "cachedContents/...": what each request names
+        self.tokens = tokens  # what it holds, in tokens: its storage is billed per token and hour
+        self.spend = spend  # the run's: the storage is added to it as time passes
+        self.billed_to = time.monotonic()  # storage is billed up to this moment
+
+    def bill_storage(self) -> None:
+        now = time.monotonic()
+        self.spend.store(self.tokens, now - self.billed_to)
+        self.billed_to = now
+
+    async def keep(self, run: Run) -> None:
+        """Renew the TTL every CACHE_RENEW_S while the run lasts (a task, stopped at the end);
+        a renewal that fails is logged, and the next one tried: the TTL outlasts three."""
+        while True:
+            await asyncio.sleep(CACHE_RENEW_S)
+            self.bill_storage()
+            try:
+                await api_call(run, lambda: renewed(self.client, self.name, CACHE_TTL_S))
+            except Exception as exc:
+                log.warning("could not renew the context cache %s: %s", self.name, describe(exc, run.settings))
+
+    async def close(self, run: Run) -> None:
+        """At the run's end, however it ends: delete it; but while batch jobs that name it are
+        still on Google's side, keep it as long as they may run, for the rerun that collects them."""
+        self.bill_storage()
+        if not (jobs := run.tally.jobs_unfinished):
+            await delete_cache(self.client, self.name)
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CACHE_DELETE_S):
+                await renewed(self.client, self.name, BATCH_JOB_LIFE_S)
+        log.warning("kept the context cache %s for %s that name it, for up to %s: the rerun that collects them deletes it", self.name, plural(jobs, "batch job"), duration(BATCH_JOB_LIFE_S))
+
+
+def renewed(client: Any, name: str, ttl_s: float) -> Awaitable[Any]:
+    """caches.update: the cache `name` now lives `ttl_s` seconds more."""
+    return client.aio.caches.update(name=name, config={"ttl": f"{ttl_s:.0f}s"})
+
+
+async def delete_cache(client: Any, name: str) -> None:
+    """Delete a cache, within CACHE_DELETE_S (a host gone away must not hold the exit); if
+    that fails it expires by its TTL, and a rerun of the job deletes or uses it first."""
+    try:
+        async with asyncio.timeout(CACHE_DELETE_S):
+            await client.aio.caches.delete(name=name)
+        log.info("deleted the context cache %s", name)
+    except Exception as exc:
+        log.warning("could not delete the context cache %s (%s): it expires within %s", name, type(exc).__name__, duration(CACHE_TTL_S))
+
+
+async def open_cache(run: Run, generation: dict[str, Any], identity: str) -> ContextCache | None:
+    """The run's ContextCache: the one an earlier run of this job left, if alive, else a new
+    one; None (the prefix is sent first in each request, for implicit caching) when the
+    prefix is under the model's minimum for an explicit cache (CACHE_MIN_TOKENS)."""
+    settings, client = run.settings, run.client
+    held = prefix_contents(run.maker.context, generation)
+    counted = await api_call(run, lambda: client.aio.models.count_tokens(model=settings.model, contents=held))
+    tokens, minimum = int(counted.total_tokens or 0), cache_minimum(settings.model)
+    if tokens < minimum:
+        log.warning("--cache: the instruction and context hold %s tokens, under %s's minimum of %s for a cache: sent first in each request instead", f"{tokens:,}", settings.model, f"{minimum:,}")
+        return None
+    display_name = cache_display_name(identity)
+    found = [c async for c in await api_call(run, lambda: client.aio.caches.list(config={"page_size": 100})) if c.display_name == display_name]
+    alive = [c for c in found if c.model and c.model.endswith(f"/{settings.model}")]
+    for gone in [c for c in found if c is not (alive[0] if alive else None)]:  # never two at once: one kept, the others deleted
+        await delete_cache(client, str(gone.name))
+    if alive:
+        log.info("using the context cache %s an earlier run of this job left", alive[0].name)
+        await api_call(run, lambda: renewed(client, str(alive[0].name), CACHE_TTL_S))
+        return ContextCache(client, str(alive[0].name), tokens, run.gate.spend)
+    created = await create_cache(run, generation, display_name)
+    log.info("created the context cache %s: %s tokens", created.name, f"{tokens:,}")
+    return ContextCache(client, str(created.name), tokens, run.gate.spend)
+
+
+async def create_cache(run: Run, generation: dict[str, Any], display_name: str) -> Any:
+    """caches.create with the run's instruction, tools and context; a refusal stops the run."""
+    held = {k: generation[k] for k in CACHED_FIELDS if k in generation}
+    config = {**held, "contents": run.maker.context or None, "ttl": f"{CACHE_TTL_S:.0f}s", "displayName": display_name}
+    try:
+        return await api_call(run, lambda: run.client.aio.caches.create(model=run.settings.model, config=config))
+    except Exception as exc:
+        if api_error_code(exc) is None:
+            raise
+        raise PipelineError(f"--cache: the API would not create the cache ({describe(exc, run.settings)})") from None
+
+
+def cache_minimum(model: str) -> int:
+    """The fewest tokens the API caches explicitly for `model` (CACHE_MIN_TOKENS)."""
+    return by_model(CACHE_MIN_TOKENS, model) or CACHE_MIN_TOKENS[""]
+
+
+def cache_display_name(identity: str) -> str:
+    """A job's cache's name: the job's identity (model, settings, context, output folder) hashed."""
+    return CACHE_NAME_PREFIX + hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
 # ------------------------------------------------------------------- batch --
@@ -2455,7 +2675,7 @@ async def submit_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal)
 async def upload_requests(run: Run, job_prompts: list[Prompt]) -> str:
     """Upload a job's requests as a JSONL file through the Files API; returns its name."""
     rest: dict[int, dict[str, Any]] = {}  # each config's REST form, made once (most prompts share the run's)
-    data = "".join(json_line({"key": p.id, "request": rest_request(p, rest)}) for p in job_prompts).encode()
+    data = "".join(json_line({"key": p.id, "request": rest_request(p, rest, run.maker)}) for p in job_prompts).encode()
     config = {"mime_type": "jsonl", "display_name": f"pipeline {job_prompts[0].id}"}
     uploaded = await api_call(run, lambda: run.client.aio.files.upload(file=io.BytesIO(data), config=config), timed=False)
     return str(uploaded.name)
@@ -2519,10 +2739,11 @@ async def job_outcomes(run: Run, job: BatchJob, ended: Any) -> list[Outcome]:
     return [job_outcome(prompt, *results.get(prompt.id, (None, None)), job, run.settings.model) for prompt in job.prompts]
 
 
-def rest_request(prompt: Prompt, rest: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def rest_request(prompt: Prompt, rest: dict[int, dict[str, Any]], maker: PromptMaker) -> dict[str, Any]:
     """The prompt as a GenerateContentRequest in the REST API's JSON: what an interactive
     call sends, settings and all (google-genai's own dump of its config, by the API's names)."""
-    request: dict[str, Any] = {"contents": prompt.contents or [{"role": "user", "parts": [{"text": prompt.text}]}]}
+    contents = maker.contents(prompt)
+    request: dict[str, Any] = {"contents": [user_turn(contents)] if isinstance(contents, str) else contents}
     if prompt.config is None:
         return request
     if id(prompt.config) not in rest:
@@ -3354,7 +3575,7 @@ def record_job(settings: Settings, generation: dict[str, Any], answered: bool) -
     )
 
 
-SETTING_FLAGS = {api_field: f"--{attribute.replace('_', '-')}" for attribute, api_field in GENERATION_FIELDS.items()}  # for record_job
+SETTING_FLAGS = {api_field: f"--{attribute.replace('_', '-')}" for attribute, api_field in GENERATION_FIELDS.items()} | {"context": "--context"}  # for record_job
 
 
 def shard_files(output_dir: Path) -> list[tuple[int, Path]]:
@@ -3460,6 +3681,123 @@ def id_and_prompt(line: str) -> tuple[str, str, str]:
     return str(record["id"]), str(record["prompt"]), str(record.get("row_sha256", ""))
 
 
+# ---------------------------------------------------------------- estimate --
+@dataclass
+class Estimate:
+    """What --estimate found: the job's size in prompts and tokens, before anything is asked."""
+
+    prompts: int = 0  # prompts that would be asked (rows that cannot be are left out)
+    own_tokens: float = 0.0  # their own input tokens: the characters of all, scaled by the API's count of a sample
+    prefix_tokens: int = 0  # the shared prefix each request sends (system instruction, context), as the API counts it
+    sampled: int = 0  # prompts whose tokens the API counted
+    output_tokens: float = 0.0  # the answers' tokens: --max-output-tokens each, or as many as their prompt's own
+
+    @property
+    def input_tokens(self) -> float:
+        return self.own_tokens + self.prompts * self.prefix_tokens
+
+
+async def estimate(settings: Settings) -> Estimate:
+    """--estimate: count the job's input tokens without a generateContent. Each prompt's
+    characters are counted; up to ESTIMATE_SAMPLE - 1 distinct prompts, spread evenly over
+    the inputs, are counted by the API's countTokens (free), and their ratio of tokens to
+    characters scales the characters of all; the shared prefix is counted once."""
+    generation, context = job_generation(settings), context_turns(settings.context)
+    maker = PromptMaker.of(request_generation(settings, generation), context)
+    files = await table_headers_checked(await list_input_files(settings.input_dir))
+    every = max(1, -(-sum([await count_rows(path) for path in files]) // (ESTIMATE_SAMPLE - 1)))  # one count is the prefix's
+    found, sample, chars = Estimate(), {}, 0
+    for path in files:
+        with cannot_read(path):
+            async for prompts in read_prompts(path, maker):
+                for prompt in (p for p in prompts if not p.error):
+                    if found.prompts % every == 0 and len(sample) < ESTIMATE_SAMPLE - 1:
+                        sample.setdefault(prompt.text, prompt)
+                    found.prompts, chars = found.prompts + 1, chars + own_chars(prompt)
+    client = connect(settings)
+    try:
+        found.prefix_tokens = await counted_tokens(client, settings, prefix_contents(maker.context, generation))
+        counts = await asyncio.gather(*(counted_tokens(client, settings, p.contents or p.text) for p in sample.values()))
+    finally:
+        await client.aio.aclose()
+    sampled_chars = sum(map(own_chars, sample.values()))
+    found.sampled, found.own_tokens = len(sample), chars * sum(counts) / sampled_chars if sampled_chars else 0.0
+    found.output_tokens = found.prompts * settings.max_output_tokens if settings.max_output_tokens else found.own_tokens
+    return found
+
+
+def own_chars(prompt: Prompt) -> int:
+    """The characters a prompt sends of its own (its turns' texts, or its text)."""
+    return sum(map(len, turn_texts(prompt.contents) if prompt.contents else [prompt.text]))
+
+
+def prefix_contents(context: list[dict[str, Any]], generation: dict[str, Any]) -> list[dict[str, Any]]:
+    """What every request shares, as turns to count: the context, and the system instruction."""
+    instruction = turn_texts([generation["systemInstruction"]]) if "systemInstruction" in generation else []
+    return [*context, *map(user_turn, instruction)]
+
+
+async def counted_tokens(client: Any, settings: Settings, contents: str | list[Any]) -> int:
+    """countTokens of `contents` (0 for none), a transient error tried again after a second."""
+    if not contents:
+        return 0
+    for attempt in range(1, ESTIMATE_ATTEMPTS + 1):
+        try:
+            return int((await client.aio.models.count_tokens(model=settings.model, contents=contents)).total_tokens or 0)
+        except Exception as exc:
+            stop_if_fatal(kind := classify(exc), exc, settings)
+            if kind == "permanent" or attempt == ESTIMATE_ATTEMPTS:
+                raise PipelineError(f"--estimate: countTokens failed ({describe(exc, settings)})") from None
+            await asyncio.sleep(attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def estimate_table(settings: Settings, found: Estimate) -> str:
+    """--estimate's report: the job's tokens, then its cost at each price and its time."""
+    price, minimum = price_of(settings.model), cache_minimum(settings.model)
+    output_said = f"{settings.max_output_tokens:,} each at most (--max-output-tokens)" if settings.max_output_tokens else "assumed as many as each prompt's own (set --max-output-tokens for a bound)"
+    lines = [
+        f"estimate for {settings.model}: {found.prompts:,} prompts (countTokens asked for {found.sampled:,} of them, scaled to all)",
+        f"  input tokens   {found.input_tokens:,.0f}, the shared prefix {found.prompts * found.prefix_tokens:,.0f} of them ({found.prefix_tokens:,} a request; a cache needs {minimum:,})",
+        f"  output tokens  {found.output_tokens:,.0f}: {output_said}",
+    ]
+    if price is None:
+        return "\n".join([*lines, f"  cost           PRICES has no price for {settings.model}: add it to see one"])
+    hours = estimated_hours(settings, found)
+    standard = (found.input_tokens * price[0] + found.output_tokens * price[1]) / 1e6
+    lines += [
+        f"  standard       {dollars(standard)}",
+        f"  flex           {dollars(standard * TIER_PRICES['flex'])}   (--service-tier flex: answers may take minutes)",
+        f"  batch          {dollars(standard * BATCH_PRICE)}   (--batch: results within 24 h)",
+        f"  with --cache   {cached_cost(found, price, hours) if found.prefix_tokens >= minimum else 'n/a: the shared prefix is under the minimum'}",
+        f"  time           about {duration(hours * 3600)} at --workers {settings.workers}{limits_said(settings)}, at {estimate_latency_s(settings):g} s an answer",
+    ]
+    return "\n".join(lines)
+
+
+def cached_cost(found: Estimate, price: tuple[float, float, float, float], hours: float) -> str:
+    """The standard price with the prefix read from an explicit cache, its storage for `hours`."""
+    prefix = found.prompts * found.prefix_tokens
+    usd = (found.own_tokens * price[0] + prefix * price[2] + found.output_tokens * price[1] + found.prefix_tokens * (price[0] + price[3] * hours)) / 1e6
+    return f"{dollars(usd)}   (the prefix at the cached price, plus {duration(hours * 3600)} of storage)"
+
+
+def estimated_hours(settings: Settings, found: Estimate) -> float:
+    """The longest of what --workers, --rpm and --tpm allow, in hours."""
+    by_workers = found.prompts * estimate_latency_s(settings) / settings.workers
+    by_rpm = found.prompts / settings.rpm * 60 if settings.rpm else 0.0
+    by_tpm = found.input_tokens / settings.tpm * 60 if settings.tpm else 0.0
+    return max(by_workers, by_rpm, by_tpm) / 3600
+
+
+def estimate_latency_s(settings: Settings) -> float:
+    return settings.offline_latency_ms / 1000 if settings.offline else ESTIMATE_LATENCY_S
+
+
+def limits_said(settings: Settings) -> str:
+    return "".join(f", --{name} {value:,g}" for name, value in (("rpm", settings.rpm), ("tpm", settings.tpm)) if value)
+
+
 # ---------------------------------------------------------------- progress --
 class Progress:
     """What a person sees of the run: a bar on a terminal (log lines go above it), else a
@@ -3556,10 +3894,15 @@ class Progress:
         return (
             f"{tally.answered} answered, {tally.failed} failed, {tally.skipped} already done, {tally.retries} retries, "
             f"{tally.rate_limited} rate-limited, {held_s:.1f} s held by limits, "
-            f"tokens {tally.prompt_tokens} in ({tally.cached_tokens} cached) / {tally.response_tokens} out "
+            f"tokens {tally.prompt_tokens} in ({tally.cached_tokens} cached{self.hit_rate()}) / {tally.response_tokens} out "
             f"+ {tally.thinking_tokens} thinking{f', {self.cost()} estimated' if self.cost() else ''}, "
             f"{seconds:.2f} s, {rate:.1f} prompts/s{self.tiers()}{self.jobs()}{self.network()}"
         )
+
+    def hit_rate(self) -> str:
+        """The share of input tokens read from a cache (explicit, or implicit: a repeated prefix), if any."""
+        tally = self.tally
+        return f", {tally.cached_tokens / tally.prompt_tokens:.0%} of input" if tally.cached_tokens and tally.prompt_tokens else ""
 
     def tiers(self) -> str:
         """The service tiers that served the answers, e.g. ", served 1,200 flex, 3 standard"."""
@@ -3658,6 +4001,10 @@ class OfflineClient:
             prompt_feedback=None,
             sdk_http_response=SimpleNamespace(headers={"x-gemini-service-tier": tier} if tier else {}),
         )
+
+    async def count_tokens(self, model: str, contents: str | list[Any], config: Any = None) -> Any:
+        """The offline model's count: characters / CHARS_PER_TOKEN."""
+        return SimpleNamespace(total_tokens=text_tokens([contents] if isinstance(contents, str) else turn_texts(contents)))
 
     async def aclose(self) -> None:
         pass
@@ -3778,7 +4125,7 @@ def flag_reading(setting: Setting, parser: argparse.ArgumentParser) -> dict[str,
         default = setting.value()
     except argparse.ArgumentTypeError as exc:
         parser.error(f"{setting.constant} = {globals()[setting.constant]!r} at the top of pipeline.py: {exc}")
-    return {"type": setting.check.read, "metavar": setting.check.metavar, "default": default}
+    return {"type": setting.check.read, "metavar": setting.check.metavar, "default": default} | ({"nargs": "+"} if setting.check.many else {})
 
 
 def setting_comments() -> dict[str, str]:
@@ -3809,7 +4156,13 @@ def check_setup(settings: Settings) -> None:
         check_credentials(settings)
     if settings.batch and settings.service_tier:
         raise PipelineError("--service-tier does not apply to --batch: the Batch API has a price of its own (half)")
-    PromptMaker.of(request_generation(settings, job_generation(settings)))  # a misspelt setting stops the run here, before any request
+    PromptMaker.of(request_generation(settings, job_generation(settings)), context_turns(settings.context))  # a misspelt setting stops the run here
+    if settings.estimate:
+        return  # it writes nothing
+    if settings.cache and settings.offline:
+        raise PipelineError("--cache needs the API: the offline model keeps no caches (leave out --cache, or --offline)")
+    if settings.cache and not (settings.context or settings.system_instruction or settings.generation_config):
+        raise PipelineError("--cache: nothing to cache: give --context files or --system-instruction")
     try:  # last: a refused start leaves no folder behind
         settings.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -3854,11 +4207,23 @@ def cli(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as held:
         try:
             check_setup(settings)
+            if settings.estimate:
+                return printed(estimate_table(settings, asyncio.run(estimate(settings))))
             held.enter_context(output_dir_locked(settings.output_dir))
         except PipelineError as exc:
             print(redact(f"error: {exc}"), file=sys.stderr)
             return exc.exit_code
         return run_and_report(settings)
+
+
+def printed(report: str) -> int:
+    """Print `report` to stdout: 0; or 1, quietly, if stdout was closed (piped into `head`)."""
+    try:
+        print(report, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left for the exit's flush to fail on
+        return 1
+    return 0
 
 
 def run_and_report(settings: Settings) -> int:

@@ -42,6 +42,8 @@ peak RSS from wait4(). The sections:
              (these three: --baseline DIR runs DIR/pipeline.py too, e.g. a worktree of the old main)
   versus     with --baseline DIR only: this pipeline.py against DIR's, both run by this benchmark,
              alternating: the machinery's three configurations and the ceiling's pipeline CPU
+  costs      a flex request held 90 s by the server; --estimate against the full run's spend
+             (10,000 prompts); a 5,000-token --context over 1,000 prompts with and without --cache
   transport  500 workers at 1 s latency on google-genai's two transports: httpx2 (the
              SDK's default; its pool holds 100 connections) and aiohttp (requirements.txt)
 """
@@ -810,7 +812,61 @@ def scattered(scratch: Path, prompts: int, reps: int, baseline: str | None) -> N
         print(f"| scattered 429s, {prompts} prompts, 50 ms, 20 workers, 5% per-minute 429s asking 1 s ({name}) | {median(times):.2f} s | runs: {', '.join(f'{t:.2f}' for t in times)} |", flush=True)
 
 
-SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline", "csv", "capacity", "outage", "scattered", "versus"]
+def costs(scratch: Path, prompts: int) -> None:
+    """Issue 26's levers end to end, `python pipeline.py` against the fake server (here, in a
+    thread: its behaviour is a function): a flex request the server holds 90 s; --estimate
+    against the spend of the full run of the same `prompts`; a 5,000-token --context over
+    1,000 prompts with --cache and without."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_gemini import FakeGemini, echo
+    from test_cache import context_of, spend_of, varied_prompts
+
+    def pipeline(inputs: Path, server: FakeGemini, *flags: str) -> subprocess.CompletedProcess[str]:
+        args = [sys.executable, str(ROOT / "pipeline.py"), "--input-dir", str(inputs), "--output-dir", tempfile.mkdtemp(dir=scratch), *flags]
+        env = {**os.environ, "GOOGLE_GEMINI_BASE_URL": server.base_url, "GEMINI_API_KEY": "benchmark-key"}
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+    inputs = make_inputs(scratch / "flex_inputs", 5, per_file=5)
+    held = PROMPT.format(0)
+    with FakeGemini(lambda request: replace(echo(request), delay_s=90.0 if request.prompt == held else 0.0)) as server:
+        started = time.perf_counter()
+        done = pipeline(inputs, server, "--service-tier", "flex")
+        wall = time.perf_counter() - started
+    print(
+        f"| flex, the server holds one of 5 requests 90 s | exit {done.returncode} after {wall:.1f} s | that prompt asked "
+        f"{sum(r.prompt == held for r in server.requests)} time(s), answered {server.answered[held]}; X-Server-Timeout "
+        f"{server.requests[0].server_timeout} |",
+        flush=True,
+    )
+    inputs = scratch / "estimate_inputs"
+    inputs.mkdir()
+    for start in range(0, prompts, 1000):
+        (inputs / f"prompts_{start // 1000}.txt").write_text("\n".join(varied_prompts(prompts)[start : start + 1000]) + "\n")
+    with FakeGemini() as server:
+        estimated = pipeline(inputs, server, "--estimate")
+        counted = len(server.count_tokens_requests)
+        spent = pipeline(inputs, server, "--workers", "50", "--shard-size", "1000")
+    standard = float(estimated.stdout.split("standard", 1)[1].split("$", 1)[1].split()[0])
+    print(
+        f"| --estimate, {prompts:,} prompts of 20 to 40 words | standard {standard:.4f} $ against the full run's {spend_of(spent.stderr):.4f} $: "
+        f"{standard / spend_of(spent.stderr):.3f}x | countTokens {counted}, generateContent during the estimate 0 (then {len(server.requests)} for the run) |",
+        flush=True,
+    )
+    inputs = make_inputs(scratch / "cache_inputs", 1000, per_file=100)
+    context = context_of(scratch, 5000)
+    with FakeGemini() as server:
+        cached = pipeline(inputs, server, "--context", str(context), "--cache", "--workers", "50", "--shard-size", "1000")
+        events = list(server.cache_events)
+        plain = pipeline(inputs, server, "--context", str(context), "--workers", "50", "--shard-size", "1000")
+    print(
+        f"| --context of 5,000 tokens over 1,000 prompts, --cache against none | spend {spend_of(cached.stderr):.4f} $ against "
+        f"{spend_of(plain.stderr):.4f} $: {spend_of(cached.stderr) / spend_of(plain.stderr):.3f}x | cache calls: "
+        f"{', '.join(event for event, _ in events)}; exits {cached.returncode}, {plain.returncode} |",
+        flush=True,
+    )
+
+
+SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline", "csv", "capacity", "outage", "scattered", "versus", "costs"]
 
 
 def main() -> None:
@@ -858,6 +914,8 @@ def main() -> None:
             outage(scratch, 2000, 1, args.baseline)
         if "scattered" in only:
             scattered(scratch, 400, 1 if quick else 4, args.baseline)
+        if "costs" in only:
+            costs(scratch, 2000 if quick else 10_000)
         if "versus" in only and args.baseline:
             versus(scratch, 2 if quick else 6, args.baseline)
 

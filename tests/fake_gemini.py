@@ -301,6 +301,15 @@ class FakeGemini:
     # asked: said in the x-gemini-service-tier header and usageMetadata.serviceTier, as the
     # API does. Priority may fall back to standard: lambda asked: "standard".
     tier_served: Callable[[str], str] = lambda asked: asked
+    # Context caching: explicit caches (cachedContents, a minimum of cache_min_tokens) and,
+    # when implicit_caching, a repeated prefix (the turns before the last) reported as cached.
+    caches: dict[str, dict[str, Any]] = field(default_factory=dict)  # alive, by name
+    cache_events: list[tuple[str, str]] = field(default_factory=list)  # ("create" | "update" | "delete", name), in order
+    cache_min_tokens: int = 1024
+    implicit_caching: bool = False
+    count_tokens_requests: list[dict[str, Any]] = field(default_factory=list)  # countTokens bodies
+    _prefixes: set[str] = field(default_factory=set)
+    _cache_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     in_flight: int = 0
     most_in_flight: int = 0  # the most generateContent requests it held at once
     refused_full: int = 0  # the 429s it answered for being full
@@ -435,6 +444,12 @@ class FakeGemini:
                 return reply
             finally:
                 self.in_flight -= 1
+        if method == "POST" and route.endswith(":countTokens"):
+            body_json = json.loads(body)
+            self.count_tokens_requests.append(body_json)
+            return Reply(200, {"totalTokens": words_of(body_json.get("contents") or [])})
+        if re.fullmatch(r"/v1\w*/cachedContents(/[^/]+)?", route):
+            return self._cached_contents(method, route.partition("/cachedContents")[2].strip("/"), dict(part.partition("=")[::2] for part in query.split("&") if part), body)
         if method == "GET" and (match := re.fullmatch(r"/v1\w*/(?:projects/[^/]+/locations/[^/]+/)?(?:publishers/google/)?models/([^/:]+)", route)):
             self.model_gets += 1
             return Reply(200, {"name": f"models/{match[1]}", "displayName": match[1], "inputTokenLimit": 1048576, "outputTokenLimit": 65536})
@@ -462,7 +477,11 @@ class FakeGemini:
             )  # fmt: skip
             self.requests.append(request)
             self._seen.notify_all()
+        if (refused := self._cache_refusal(model, body)) is not None:
+            return refused
         reply = self.behaviour(request)
+        if reply.status == 200 and isinstance(reply.body, dict):
+            reply = self._count_prefix(reply, body)
         if reply.status == 200 and isinstance(reply.body, dict) and (asked := body.get("serviceTier")):
             served = self.tier_served(str(asked).lower())
             usage = {**reply.body.get("usageMetadata", {}), "serviceTier": served.upper()}
@@ -473,6 +492,83 @@ class FakeGemini:
                 self.answered_at.append(request.at)
                 self.answered_prompts.append(prompt)
         return reply
+
+    # ----------------------------------------------------- context caching --
+    def _cached_contents(self, method: str, cache_id: str, query: dict[str, str], body: bytes) -> Reply:
+        """cachedContents: create (POST), list (GET), and get, update (PATCH ttl), delete by name."""
+        name = f"cachedContents/{cache_id}"
+        if method == "POST" and not cache_id:
+            return self._create_cache(json.loads(body))
+        if method == "GET" and not cache_id:
+            caches = list(self.caches.values())
+            start, size = int(query.get("pageToken") or 0), int(query.get("pageSize") or 50)
+            page: dict[str, Any] = {"cachedContents": [self._cache_view(c) for c in caches[start : start + size]]}
+            if start + size < len(caches):
+                page["nextPageToken"] = str(start + size)
+            return Reply(200, page)
+        if (cache := self.caches.get(name)) is None:
+            return error(403, "CachedContent not found (or permission denied)")
+        if method == "GET":
+            return Reply(200, self._cache_view(cache))
+        if method == "PATCH":
+            cache["ttl_s"] = float(json.loads(body)["ttl"].removesuffix("s"))
+            self.cache_events.append(("update", name))
+            return Reply(200, self._cache_view(cache))
+        if method == "DELETE":
+            del self.caches[name]
+            self.cache_events.append(("delete", name))
+            return Reply(200, {})
+        return error(404, f"Method not found: {method} {name}")
+
+    def _create_cache(self, body: dict[str, Any]) -> Reply:
+        tokens = words_of([*(body.get("contents") or []), body.get("systemInstruction") or {}])
+        if tokens < self.cache_min_tokens:
+            return error(400, f"Cached content is too small. total_token_count={tokens}, min_total_token_count={self.cache_min_tokens}")
+        name = f"cachedContents/fake{next(self._cache_ids)}"
+        self.caches[name] = {**body, "name": name, "tokens": tokens, "ttl_s": float(str(body.get("ttl", "3600s")).removesuffix("s"))}
+        self.cache_events.append(("create", name))
+        return Reply(200, self._cache_view(self.caches[name]))
+
+    @staticmethod
+    def _cache_view(cache: dict[str, Any]) -> dict[str, Any]:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + cache["ttl_s"]))
+        return {
+            "name": cache["name"], "model": cache["model"], "displayName": cache.get("displayName", ""),
+            "createTime": now, "updateTime": now, "expireTime": expires, "usageMetadata": {"totalTokenCount": cache["tokens"]},
+        }  # fmt: skip
+
+    def _cache_refusal(self, model: str, body: dict[str, Any]) -> Reply | None:
+        """What the API answers a request naming a cache it cannot use with: None if none."""
+        if not (name := body.get("cachedContent")):
+            return None
+        if (cache := self.caches.get(name)) is None:
+            return error(403, "CachedContent not found (or permission denied)")
+        if body.keys() & {"systemInstruction", "tools", "toolConfig"}:
+            return error(400, "CachedContent can not be used with GenerateContent request setting system_instruction, tools or tool_config.")
+        if cache["model"].rpartition("/")[2] != model:
+            return error(400, f"Model used by GenerateContent request ({model}) and CachedContent ({cache['model']}) has to be the same.")
+        return None
+
+    def _count_prefix(self, reply: Reply, body: dict[str, Any]) -> Reply:
+        """A 200's usage with what the request sent or named before its last turn: the turns
+        before it (cached if implicit_caching saw them before) and a cache's tokens (cached)."""
+        assert isinstance(reply.body, dict)
+        prefix = body["contents"][:-1]
+        sent = words_of(prefix)
+        named = cached = self.caches.get(body.get("cachedContent") or "", {}).get("tokens", 0)
+        if sent and self.implicit_caching:
+            key = json.dumps(prefix, sort_keys=True)
+            cached += sent if key in self._prefixes else 0
+            self._prefixes.add(key)
+        if not (sent or cached):
+            return reply
+        usage = dict(reply.body.get("usageMetadata", {}))
+        usage["promptTokenCount"] = usage.get("promptTokenCount", 0) + sent + named
+        usage["totalTokenCount"] = usage.get("totalTokenCount", 0) + usage["promptTokenCount"] - reply.body.get("usageMetadata", {}).get("promptTokenCount", 0)
+        if cached:
+            usage["cachedContentTokenCount"] = usage.get("cachedContentTokenCount", 0) + cached
+        return dataclasses.replace(reply, body={**reply.body, "usageMetadata": usage})
 
     # ----------------------------------------------------------- Batch API --
     def _create_batch(self, model: str, body: dict[str, Any]) -> Reply:
@@ -586,6 +682,11 @@ class FakeGemini:
         self.files[name] = bytes(self._uploads.pop(upload_id))
         file = {"name": name, "mimeType": "application/jsonl", "sizeBytes": str(len(self.files[name])), "state": "ACTIVE"}
         return Reply(200, {"file": file}, headers={"x-goog-upload-status": "final"})
+
+
+def words_of(contents: list[Any]) -> int:
+    """What this server counts as the tokens of some turns (countTokens, caches): their words."""
+    return sum(prompt_tokens_of(str(part.get("text", ""))) for turn in contents for part in turn.get("parts") or [])
 
 
 def prompt_of(request: dict[str, Any]) -> str:

@@ -62,13 +62,13 @@ async def test_thinking_and_cached_tokens_are_in_every_record_and_priced(tmp_pat
     assert len(records) == 6
     assert all(r["usage"]["thinking_tokens"] == 7 and r["usage"]["cached_tokens"] == 2 for r in records)
     assert (tally.thinking_tokens, tally.cached_tokens) == (42, 12)
-    per_input, per_output, per_cached = pipeline.PRICES[pipeline.MODEL]  # the default model has a price
+    per_input, per_output, per_cached, _ = pipeline.PRICES[pipeline.MODEL]  # the default model has a price
     expected = sum(
         (prompt_tokens_of(p) * per_input + 2 * per_cached + (len(f"echo: {p}".split()) + 7) * per_output) / 1e6 for p in prompts
     )
     assert math.isclose(progress.spend.spent_usd, expected)
     summary = progress.summary()
-    assert "(12 cached)" in summary and "+ 42 thinking" in summary and f"{pipeline.dollars(expected)} estimated" in summary
+    assert "(12 cached, 29% of input)" in summary and "+ 42 thinking" in summary and f"{pipeline.dollars(expected)} estimated" in summary
 
 
 def test_a_model_without_a_price_says_so_once_and_shows_no_figure(tmp_path, fake_gemini, run) -> None:
@@ -82,7 +82,7 @@ def test_max_cost_stops_early_and_a_rerun_finishes_paying_nothing_twice(tmp_path
     server = fake_gemini()
     prompts = sample_prompts(1000)
     inputs = write_prompts(tmp_path / "inputs", prompts, per_file=100)
-    per_input, per_output, _ = pipeline.PRICES[pipeline.MODEL]
+    per_input, per_output, _, _ = pipeline.PRICES[pipeline.MODEL]
     full = sum((prompt_tokens_of(p) * per_input + len(f"echo: {p}".split()) * per_output) / 1e6 for p in prompts)
     flags = ("--workers", "20", "--shard-size", "100")
     first = run(inputs, *flags, "--max-cost", f"{full / 2:.6f}")
@@ -145,7 +145,7 @@ def test_a_plain_rerun_leaves_what_was_refused_for_good_and_retry_failed_asks_it
 
 
 def test_the_progress_display_shows_the_spend() -> None:
-    progress = shown_run(pipeline.Spend((0.5, 3.0, 0.05)))
+    progress = shown_run(pipeline.Spend((0.5, 3.0, 0.05, 1.0)))
     progress.spend.bill(type("Usage", (), {"prompt_token_count": 400_000, "candidates_token_count": 60_000})())
     assert progress.line().endswith(", $0.38") and progress.postfix() == "$0.38"
     assert "$" not in shown_run(pipeline.Spend(None)).line()  # no price, no figure

@@ -17,7 +17,7 @@ import pytest
 from conftest import API_KEY, ROOT, sample_prompts, stage_run, write_prompts
 from fake_gemini import FakeGemini, Reply, echo, error, rate_limited, raw_error
 from test_pipeline import fail_first, fast_retries
-from test_resume import start_pipeline, wait_for_writes
+from test_resume import signal_once_logged, start_pipeline, wait_for_writes
 
 import pipeline
 
@@ -286,12 +286,7 @@ def test_sigterm_during_the_start_up_scan_says_how_to_continue(tmp_path) -> None
     write_prompts(tmp_path / "inputs", sample_prompts(3))
     with FakeGemini() as server:
         process = start_pipeline(tmp_path, server, "--postprocess-workers", "0")
-        assert process.stderr is not None
-        for logged in process.stderr:
-            if "reading what earlier runs left" in logged:
-                break
-        process.send_signal(signal.SIGTERM)
-        _, rest = process.communicate(timeout=30)
+        rest = signal_once_logged(process, "reading what earlier runs left", signal.SIGTERM)
     assert process.returncode == 143 and "run the same command again" in rest and not server.requests
 
 

@@ -175,6 +175,17 @@ def wait_for_writes(process: subprocess.Popen[str], count: int) -> bool:
     return False
 
 
+def signal_once_logged(process: subprocess.Popen[str], logged: str, stop_signal: int) -> str:
+    """Read the -v log until a line holds `logged`, then send `stop_signal`: the rest of the
+    log, once the process has ended."""
+    assert process.stderr is not None
+    for line in process.stderr:
+        if logged in line:
+            break
+    process.send_signal(stop_signal)
+    return process.communicate(timeout=30)[1]
+
+
 def descendants_of(pid: int) -> dict[int, int]:
     """The processes `pid` started, and theirs (the post-processing pool: its fork server,
     resource tracker and workers), each with its parent's pid."""

@@ -40,6 +40,9 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
              server says it is full; Outage, the host unreachable: one probe asks
   cache      ContextCache: with --cache, the instruction and CONTEXT held once for the run
              (open_cache finds the one a killed run left, or makes it; renewed; deleted at the end)
+  files      Media: the files rows name, each read once for its hash (part of the row's
+             fingerprint), inline while a request is small, else uploaded once per content
+             (recorded in uploads.jsonl for reruns), deleted once no row needs it
   batch      generate_in_batches(run): with --batch, the generator stage instead, with the
              same contract: prompts go in jobs of Gemini's Batch API, recorded in a
              BatchJournal so that a rerun collects them (collect_earlier_jobs)
@@ -69,6 +72,7 @@ import asyncio
 import bisect
 import contextlib
 import csv
+import datetime
 import errno
 import fcntl
 import hashlib
@@ -77,6 +81,7 @@ import itertools
 import json
 import logging
 import math
+import mimetypes
 import mmap
 import multiprocessing
 import multiprocessing.connection
@@ -100,6 +105,7 @@ import dataclasses
 from dataclasses import dataclass, field, make_dataclass
 from json.decoder import scanstring
 from pathlib import Path
+from stat import S_ISREG
 from types import SimpleNamespace
 from typing import Annotated, Any, BinaryIO
 
@@ -120,6 +126,8 @@ RESPONSE_SCHEMA: File | None = None  # a JSON Schema file: answers are asked as 
 GENERATION_CONFIG: File | None = None  # a JSON file of other GenerateContentConfig fields (top_p, seed, safety_settings, thinking_config...)
 CONTEXT: Files | None = None  # text files placed before every prompt, in this order (a document, a codebook, examples): the shared prefix, sent first
 CACHE: Switch = False  # put SYSTEM_INSTRUCTION and CONTEXT in one explicit cache for the run: that prefix billed at the cached price, plus storage by the hour
+MEDIA_RESOLUTION: Resolution | None = None  # low, medium or high: how many tokens an image or a video frame costs (unset: the model's default)
+INLINE_LIMIT_MB: Positive = 20.0  # a request carries the files its row names inline up to this many MB in all (the API now takes 100); the others are uploaded once, through the Files API
 SERVICE_TIER: Tier | None = None  # flex: half the price, an answer may take up to 15 minutes; priority: faster, dearer (unset: standard)
 WORKERS: Workers = 5  # requests in flight at once (at most 10,000)
 QUEUE_SIZE: AtLeastOne = 5  # bound of each queue (at least WORKERS): how far reading may run ahead
@@ -152,6 +160,7 @@ GENERATION_FIELDS = {
     "temperature": "temperature",
     "max_output_tokens": "maxOutputTokens",
     "response_schema": "responseJsonSchema",
+    "media_resolution": "mediaResolution",
 }
 REQUEST_FIELDS = {  # the same for settings every request carries that are not the job's: a rerun may change them
     "service_tier": "serviceTier",
@@ -216,6 +225,17 @@ TIER_PRICES = {"standard": 1.0, "flex": 0.5, "priority": 2.0}
 TIMEOUT_S_BY_TIER = {"flex": 900.0}  # a request's timeout when --timeout-s is unset: a flex answer may queue 15 minutes
 DEFAULT_TIMEOUT_S = 60.0  # ...and for the other tiers
 CHARS_PER_TOKEN = 4  # a request's input tokens are estimated as its characters / 4, until answers say better
+MEDIA_TOKENS = {"low": 280, "medium": 560, "high": 1120}  # an image's tokens by --media-resolution (ai.google.dev media-resolution, read 2026-11-29)
+MEDIA_TYPES = ("image/", "audio/", "video/", "text/", "application/pdf")  # the files Gemini takes, by MIME type (or its start)
+MEDIA_ONLY = ("image/", "audio/", "video/", "application/pdf")  # files in INPUT_DIR that are not read as prompts, only named by rows
+MIME_TYPES = {"audio/x-wav": "audio/wav", "audio/x-flac": "audio/flac"}  # the names mimetypes gives that the API spells otherwise
+FILES_API_MAX_BYTES = 2 << 30  # the Files API takes a file up to 2 GB
+UPLOADS_AT_ONCE = 8  # uploads to the Files API in flight at once, at most
+UPLOAD_MARGIN_S = 3600.0  # an upload is used again until this long before it expires (48 h after it was made)
+UPLOADS_FILE = "uploads.jsonl"  # in OUTPUT_DIR: each upload made (hash, size, name, uri, expiry), and each deleted
+UPLOAD_NAME_PREFIX = "pipeline.py upload "  # an upload's display name: this, the job's tag, and the file's SHA-256
+UPLOAD_CLEANUP_S = 60.0  # at the end, deleting the job's uploads may take this long; what is left expires by itself
+UPLOAD_PROCESSING_POLLS = 600  # an upload still PROCESSING after this many looks, a second apart, fails its prompts
 NON_TEXT_PART_TOKENS = 258  # an image or file part, estimated as one image tile (Gemini's documented cost per tile)
 MAX_NESTING = 64  # a JSONL row nested deeper is refused: every JSON reader can take it back
 FAIL_FAST_OUTCOMES = 20  # when this many first outcomes are all one permanent error, the run stops
@@ -303,6 +323,7 @@ def one_of(*choices: str) -> Callable[[str], str]:
 
 
 Tier = Annotated[str, Check(one_of(*TIER_PRICES), "TIER")]
+Resolution = Annotated[str, Check(one_of(*MEDIA_TOKENS), "LEVEL")]
 
 
 @dataclass(frozen=True)
@@ -411,7 +432,20 @@ class Prompt:
     fields: dict[str, Any] | None = None  # the row's other fields, carried into its record
     origin: str = ""  # "file:line" of a row that names its own id: ids must be unique in a job
     own_settings: bool = False  # asked with settings of its own row, not only the run's
-    digest: str = ""  # of what its row sends besides `text` (settings, turns, parts), when it sends more: see row_digest
+    digest: str = ""  # of what its row sends besides `text` (settings, turns, parts, files), when it sends more: see row_digest
+    media: tuple[MediaFile, ...] = ()  # the files its row names, sent after its text, in order
+
+
+@dataclass(frozen=True, slots=True)
+class MediaFile:
+    """A file a row names: a local one (its SHA-256 and size known once Media.resolve read
+    it), or a URL the API reads itself (https://, or gs:// on Vertex AI), sent as it is."""
+
+    name: str  # as the row gives it
+    mime_type: str
+    path: Path | None = None  # where a local file is (relative names: to INPUT_DIR); None: a URL
+    size: int = 0  # bytes, once read
+    sha256: str = ""  # of its bytes, once read: the file's identity (one upload per content)
 
 
 @dataclass(slots=True)
@@ -715,6 +749,7 @@ class Run:
     name: str = field(default_factory=lambda: os.urandom(3).hex())  # names this run's journal files
     fail_fast: FailFast = field(default_factory=lambda: FailFast())  # stops a run whose every prompt fails alike
     leftovers: list[asyncio.Task[None]] = field(default_factory=list)  # an earlier run's work this one finishes
+    media: Media = field(default_factory=lambda: Media(None, Path(), "", INLINE_LIMIT_MB))  # the files rows name: read, inline or uploaded
 
     @property
     def tally(self) -> Tally:
@@ -764,6 +799,7 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
         cleanup.push_async_callback(postprocessor.aclose)
         cleanup.enter_context(stopped_by_signals(asyncio.current_task()))  # a long start-up scan too
         generation, context = job_generation(settings), context_turns(settings.context)
+        identity = job_identity(settings, generation, context)
         with stop_on_os_error(f"cannot read {settings.output_dir}"):
             past = await load_past_runs(settings.output_dir)
         if record_job(settings, job_settings(generation, context), answered=bool(past.answered or past.journaled)) or settings.retry_failed:
@@ -772,19 +808,17 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
         cleanup.push_async_callback(stop, *progress.start(settings))
         client = connect(settings)
         cleanup.push_async_callback(client.aio.aclose)
-        depth, maker = queue_depth(settings), PromptMaker.of(request_generation(settings, generation), context)
+        depth, maker = queue_depth(settings), PromptMaker.of(request_generation(settings, generation), context, settings.input_dir)
         files = await table_headers_checked(await list_input_files(settings.input_dir))
         gate = open_gate(settings)
         run = Run(
             settings, progress, client, gate, watch_host(settings, client, gate, progress), Concurrency(settings.workers),
             maker, past, postprocessor, prompts=asyncio.Queue(maxsize=depth), outcomes=asyncio.Queue(maxsize=depth),
             files=iter(files), shard_numbers=itertools.count(past.next_shard), ids=Ids({path.name: path for path in files}, maker),
+            media=Media(client, settings.output_dir, job_tag(identity), settings.inline_limit_mb),
         )  # fmt: skip
         progress.run = run
-        if settings.cache and (cache := await open_cache(run, generation, job_identity(settings, generation, context))):
-            cleanup.push_async_callback(cache.close, run)
-            cleanup.push_async_callback(stop, asyncio.create_task(cache.keep(run)))
-            run.maker = run.maker.naming(cache.name)  # before any reader starts: every prompt is made naming it
+        await hold_on_google(run, generation, identity, cleanup)
         if past.journaled:
             log.info("%s that an earlier run received but never wrote: written as their prompts are read, with no request", plural(len(past.journaled), "answer"))
         try:
@@ -794,6 +828,18 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
             progress.tally.left_alone = past.left_alone
         for path in past.arrival_files:  # the run is complete: what they held is in synced shards now
             path.unlink()
+
+
+async def hold_on_google(run: Run, generation: dict[str, Any], identity: str, cleanup: contextlib.AsyncExitStack) -> None:
+    """What the run keeps on Google's side besides its requests, each given back at the end:
+    the uploads of the files rows name (those earlier runs recorded, first), and with --cache
+    the context cache, which every prompt names from the start (no reader has started yet)."""
+    await run.media.load()
+    cleanup.push_async_callback(run.media.close)
+    if run.settings.cache and (cache := await open_cache(run, generation, identity)):
+        cleanup.push_async_callback(cache.close, run)
+        cleanup.push_async_callback(stop, asyncio.create_task(cache.keep(run)))
+        run.maker = run.maker.naming(cache.name)
 
 
 def open_gate(settings: Settings) -> Gate:
@@ -874,6 +920,7 @@ async def all_answered(run: Run, readers: list[asyncio.Task[None]]) -> None:
         if reader.done():
             reader.result()
     await run.prompts.join()  # every queued prompt has its outcome queued
+    run.media.inputs_read = True  # an upload no queued prompt needs now is needed by none
     run.past.drop_journaled()  # every input is read: what is left answers none of them
     await asyncio.gather(*run.leftovers)  # and what an earlier run left (see Run.leftovers for when they are known)
 
@@ -1033,9 +1080,13 @@ async def queue_prompts_of(run: Run, path: Path) -> None:
             for prompt in prompts:
                 if prompt.origin:  # a named id (a default one is its own place: see Ids)
                     await run.ids.claim(prompt)
+                if prompt.media and not prompt.error:
+                    await run.media.resolve(prompt)  # its files' hashes are part of what it asks
                 if run.past.journaled and (journaled := run.past.journaled_answer(prompt)):
                     await run.outcomes.put(journaled)  # answered before, never written: no request
                 elif not run.past.skips(prompt):
+                    if prompt.media:
+                        run.media.needs(prompt)
                     await run.prompts.put(prompt)
                     log.debug("enqueued %s", prompt.id)
 
@@ -1047,6 +1098,7 @@ async def generate_content(run: Run) -> None:
         prompt = await run.prompts.get()
         try:
             if outcome := await answer(run, prompt):
+                run.media.settled(outcome)
                 await run.outcomes.put(outcome)
         except PipelineError:  # this ends the run: no other request starts from now on
             run.gate.close()
@@ -1094,12 +1146,14 @@ class PromptMaker:
     context: list[dict[str, Any]] = field(default_factory=list)  # CONTEXT, one user turn sent before each prompt's own; []: none
     cached: dict[str, Any] | None = None  # with a cache (see naming): `generation` less what went into the cache, plus its name
     prefix_tokens: int = 0  # estimated input tokens each request sends or names besides its own: the context (and a cached instruction)
+    media_root: Path = Path()  # INPUT_DIR: the folder the names of the files rows name are relative to
 
     @classmethod
-    def of(cls, generation: dict[str, Any], context: list[dict[str, Any]] | None = None) -> PromptMaker:
+    def of(cls, generation: dict[str, Any], context: list[dict[str, Any]] | None = None, media_root: Path = Path()) -> PromptMaker:
         context = context or []
         try:
-            return cls(generation, *(generation_config(generation) if generation else (None, None)), context, None, text_tokens(turn_texts(context)))
+            config = generation_config(generation) if generation else (None, None)
+            return cls(generation, *config, context, None, text_tokens(turn_texts(context)), media_root)
         except ValueError as exc:
             raise PipelineError(f"generation settings: {exc}") from None
 
@@ -1160,13 +1214,14 @@ class PromptMaker:
         fields = {k: v for k, v in row.items() if k not in ("prompt", "id", "system_instruction", "config")}
         prompt_id, origin = own_id(row.get("id"), where)
         prompt, instruction, own = row.get("prompt"), row.get("system_instruction"), row.get("config") or {}
-        if problem := row_problem(prompt, instruction, own):
+        media, unfit = media_files(row.get("files"), self.media_root)
+        if problem := row_problem(prompt, instruction, own) or unfit:
             shown = prompt if isinstance(prompt, str) else json.dumps(prompt)
             return Prompt(prompt_id, shown, error=f"{problem} ({where})", fields=fields or None, origin=origin)
         own = camel_keys(own)
         if instruction is not None:
             own["systemInstruction"] = instruction_content(instruction)
-        return self.prompt(prompt_id, prompt, own, fields=fields or None, origin=origin)
+        return self.prompt(prompt_id, prompt, own, fields=fields or None, origin=origin, **({"media": media} if media else {}))
 
     def from_batch_row(self, row: dict[str, Any], where: str) -> Prompt:
         """A line of a Gemini Batch API file: its request's contents go as they are."""
@@ -1180,6 +1235,28 @@ class PromptMaker:
             return Prompt(prompt_id, "", error=f"{problem} ({where})", fields=fields or None, origin=origin)
         own = {**camel_keys(request.get("generationConfig") or {}), **{k: request[k] for k in REQUEST_LEVEL if k in request}}
         return self.prompt(prompt_id, last_user_text(contents), own, contents=contents, fields=fields or None, origin=origin)
+
+
+def media_files(value: Any, root: Path) -> tuple[tuple[MediaFile, ...], str | None]:
+    """The files a row's `files` names (a list of names, or one string with `|` between
+    several), and why they cannot be sent, if they cannot: a type Gemini does not take, a
+    URL it cannot read. Whether a local one can be read is Media.resolve's to say."""
+    if value is None or value == "" or value == []:
+        return (), None
+    names = value.split("|") if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(name, str) and name.strip() for name in names):
+        return (), "files is not a list of file names"
+    media = []
+    for name in (name.strip() for name in names):
+        scheme = urllib.parse.urlsplit(name).scheme.lower() if "://" in name else ""
+        guessed = mimetypes.guess_type(name, strict=False)[0]
+        mime = MIME_TYPES.get(guessed, guessed) if guessed else None
+        if mime is None or not mime.startswith(MEDIA_TYPES):
+            return (), f"file {name}: " + (f"Gemini does not take {mime}" if mime else "its type is unknown (by its extension)")
+        if scheme not in ("", "https", "gs") or (scheme == "gs" and not on_vertex()):
+            return (), f"file {name}: " + ("gs:// URIs need Vertex AI" if scheme == "gs" else "a URL must be https:// (or gs:// on Vertex AI)")
+        media.append(MediaFile(name, mime, None if scheme else root / name))
+    return tuple(media), None
 
 
 def row_digest(own: dict[str, Any] | None, contents: list[Any] | None) -> str:
@@ -1359,6 +1436,7 @@ def request_generation(settings: Settings, generation: dict[str, Any]) -> dict[s
 AS_SENT: dict[str, Callable[[Any], Any]] = {  # the GENERATION_FIELDS whose setting is not sent as it is
     "systemInstruction": lambda text: instruction_content(text),
     "responseJsonSchema": lambda path: load_json_object(path, "--response-schema"),
+    "mediaResolution": lambda level: f"MEDIA_RESOLUTION_{level.upper()}",
 }
 
 
@@ -1448,10 +1526,11 @@ async def list_input_files(input_dir: Path) -> list[Path]:
 
 
 def is_input_file(entry: os.DirEntry[str]) -> bool:
-    """Whether a folder entry is a file to read: a regular file, or a link to one. A link
-    that cannot be followed (a loop, say) stops the run with one line naming it."""
+    """Whether a folder entry is a file to read: a regular file, or a link to one, that is
+    not an image, a recording or a PDF (rows name those: lines of bytes are no prompts). A
+    link that cannot be followed (a loop, say) stops the run with one line naming it."""
     try:
-        return entry.is_file()
+        return entry.is_file() and not (mimetypes.guess_type(entry.name, strict=False)[0] or "").startswith(MEDIA_ONLY)
     except OSError as exc:
         raise PipelineError(f"input file {entry.path}: {exc.strerror or exc}") from None
 
@@ -1772,6 +1851,9 @@ async def ask(run: Run, prompt: Prompt, tokens: int) -> Any:
     outage, places = run.outage, run.concurrency
     if outage.episode is not None or outage.given_up is not None:  # no coroutine per request otherwise
         await outage.passed()
+    contents = run.maker.contents(prompt)
+    if prompt.media:  # its files, inline or uploaded (before it takes a place: an upload may take long)
+        contents = await run.media.contents(prompt, contents)
     if not places.take():
         await places.wait_for_place()
     try:
@@ -1779,7 +1861,7 @@ async def ask(run: Run, prompt: Prompt, tokens: int) -> Any:
             return None
         try:
             reply = await run.client.aio.models.generate_content(  # --timeout-s is the client's own (see connect)
-                model=run.settings.model, contents=run.maker.contents(prompt), config=prompt.config
+                model=run.settings.model, contents=contents, config=prompt.config
             )
         except Exception as exc:
             run.gate.landed(tokens)
@@ -2467,7 +2549,18 @@ def estimated_tokens(prompt: Prompt) -> int:
         texts.append(instruction)
     elif instruction is not None:
         texts += [part.text or "" for part in instruction.parts or []]
-    return sum(map(len, texts)) // CHARS_PER_TOKEN + 1 + NON_TEXT_PART_TOKENS * others
+    return sum(map(len, texts)) // CHARS_PER_TOKEN + 1 + NON_TEXT_PART_TOKENS * others + media_tokens(prompt)
+
+
+def media_tokens(prompt: Prompt) -> int:
+    """Its files' input tokens, before the API counts them: an image's by --media-resolution
+    (MEDIA_TOKENS, medium if unset); any other file's NON_TEXT_PART_TOKENS (a PDF page's or a
+    few seconds of audio's), until the answers' counts correct the estimate (Gate's token ratio)."""
+    if not prompt.media:
+        return 0
+    level = enum_text(getattr(prompt.config, "media_resolution", None)) or "medium"
+    per_image = MEDIA_TOKENS.get(level.removeprefix("MEDIA_RESOLUTION_").lower(), MEDIA_TOKENS["medium"])
+    return sum(per_image if file.mime_type.startswith("image/") else NON_TEXT_PART_TOKENS for file in prompt.media)
 
 
 # ------------------------------------------------------------------- cache --
@@ -2575,7 +2668,214 @@ def cache_minimum(model: str) -> int:
 
 def cache_display_name(identity: str) -> str:
     """A job's cache's name: the job's identity (model, settings, context, output folder) hashed."""
-    return CACHE_NAME_PREFIX + hashlib.sha256(identity.encode()).hexdigest()[:32]
+    return CACHE_NAME_PREFIX + job_tag(identity)
+
+
+def job_tag(identity: str) -> str:
+    """The job's identity (see job_identity) hashed: what names its cache and its uploads."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+# ------------------------------------------------------------------- files --
+@dataclass(frozen=True)
+class Upload:
+    """A file uploaded through the Files API, as UPLOADS_FILE records it."""
+
+    sha256: str  # of its bytes: one upload per content
+    size: int
+    name: str  # "files/...": what deletes it
+    uri: str  # what a request's file_data names
+    mime_type: str
+    expires: float  # time.time() when the API deletes it by itself (48 h after it was made)
+
+
+class UnsendableFile(ValueError):
+    """A file a row names that cannot be sent: its row fails, naming it and why."""
+
+
+class Media:
+    """The files rows name. Each local file is read once for its SHA-256, part of its row's
+    fingerprint (an edited image is an edited input), and sent inline while its request
+    stays under INLINE_LIMIT_MB; a file past that is uploaded through the Files API once per
+    content, however many rows name it, recorded in OUTPUT_DIR/uploads.jsonl and used again
+    by reruns until UPLOAD_MARGIN_S before it expires. An upload is named after the job and
+    its file's hash: once no queued row needs it, the run deletes it, and the run that ends
+    the job finds and deletes every upload of the job, those a killed run left included."""
+
+    def __init__(self, client: Any, output_dir: Path, tag: str, limit_mb: float) -> None:
+        self.client = client  # the run's genai client: its Files API
+        self.journal = output_dir / UPLOADS_FILE  # each upload started, made, and deleted
+        self.tag = tag  # the job's, in each upload's display name
+        self.limit_bytes = limit_mb * 1e6  # INLINE_LIMIT_MB
+        self.hashes: dict[tuple[Path, int, int], str] = {}  # (path, size, mtime_ns) -> SHA-256: read once however many rows name it
+        self.uploads: dict[str, Upload] = {}  # by SHA-256: made by this run, or recorded by earlier ones
+        self.uploading: dict[str, asyncio.Task[Upload]] = {}  # by SHA-256: in flight, awaited by each prompt that needs it
+        self.needed: Counter[str] = Counter()  # SHA-256 -> prompts queued with that file that are not done with it
+        self.slots = asyncio.Semaphore(UPLOADS_AT_ONCE)  # uploads in flight at once
+        self.journaled = False  # the journal holds lines: this job has uploaded, so the end looks for what is left
+        self.inputs_read = False  # every input is read: an upload no queued prompt needs is needed by none
+        self.made = 0  # uploads this run made
+
+    async def resolve(self, prompt: Prompt) -> None:
+        """Read the local files `prompt` names (in a thread): their sizes and hashes, folded
+        into its digest; or, if one cannot be sent, its error naming the file."""
+        try:
+            media = await asyncio.to_thread(self.read_all, prompt.media)
+            if self.client is not None and on_vertex() and not all(self.inline(prompt.text, media)):
+                raise UnsendableFile("its files are over --inline-limit-mb, and Vertex AI has no Files API: name gs:// copies instead")
+        except UnsendableFile as exc:
+            prompt.error = f"{exc} ({prompt.origin or prompt.id})"
+            return
+        prompt.media = media
+        prompt.digest = hashlib.sha256(" ".join([prompt.digest, *(file.sha256 for file in media)]).encode()).hexdigest()[:32]
+
+    def needs(self, prompt: Prompt) -> None:
+        """`prompt` is queued to be asked: its files' uploads are needed until it is settled."""
+        self.needed.update(file.sha256 for file in prompt.media if file.path)
+
+    def read_all(self, media: tuple[MediaFile, ...]) -> tuple[MediaFile, ...]:
+        """In a thread: each local file's size and SHA-256 (a file read before, unchanged, is not read again)."""
+        read = []
+        for file in media:
+            if file.path is None:
+                read.append(file)
+                continue
+            try:
+                stat = file.path.stat()
+                if not S_ISREG(stat.st_mode) or stat.st_size > FILES_API_MAX_BYTES:
+                    raise UnsendableFile(f"file {file.name}: " + ("not a file" if not S_ISREG(stat.st_mode) else "over the Files API's 2 GB"))
+                key = (file.path, stat.st_size, stat.st_mtime_ns)
+                if (digest := self.hashes.get(key)) is None:
+                    digest = self.hashes[key] = file_sha256(file.path)
+            except OSError as exc:
+                raise UnsendableFile(f"file {file.name}: {exc.strerror or exc}") from None
+            read.append(dataclasses.replace(file, size=stat.st_size, sha256=digest))
+        return tuple(read)
+
+    def inline(self, text: str, media: tuple[MediaFile, ...]) -> list[bool]:
+        """Which files a request carries inline: local ones, in order, while the request (its
+        text, and its inline files as base64: 4 bytes for 3) stays under INLINE_LIMIT_MB."""
+        room, carried = self.limit_bytes - len(text.encode()), []
+        for file in media:
+            size = -(-file.size // 3) * 4
+            carried.append(file.path is not None and size <= room)
+            room -= size if carried[-1] else 0
+        return carried
+
+    async def contents(self, prompt: Prompt, asked: str | list[Any], inline: bool = True) -> list[Any]:
+        """`asked` (its turns, or its text) with `prompt`'s files after its text: inline, or as
+        the URI of their upload (made now if need be; with inline=False, all of them: --batch)."""
+        turns = asked if isinstance(asked, list) else [user_turn(asked)]
+        carried = self.inline(prompt.text, prompt.media) if inline else [False] * len(prompt.media)
+        data = iter(await asyncio.to_thread(read_files, [file.path for file, now in zip(prompt.media, carried) if now]))
+        parts = []
+        for file, now in zip(prompt.media, carried):
+            if now:
+                parts.append({"inline_data": {"mime_type": file.mime_type, "data": next(data)}})
+            else:
+                uri = await self.uri_of(file) if file.path else file.name
+                parts.append({"file_data": {"file_uri": uri, "mime_type": file.mime_type}})
+        return [*turns[:-1], {**turns[-1], "parts": [*turns[-1]["parts"], *parts]}]
+
+    async def uri_of(self, file: MediaFile) -> str:
+        """The URI of `file`'s upload: one still fresh, one in flight, or one made now. A
+        failed upload fails the requests waiting on it (answer() retries them)."""
+        known = self.uploads.get(file.sha256)
+        if known is not None and known.expires - time.time() > UPLOAD_MARGIN_S:
+            return known.uri
+        task = self.uploading.get(file.sha256)
+        if task is None:
+            task = self.uploading[file.sha256] = asyncio.ensure_future(self.upload(file))
+            task.add_done_callback(lambda _: self.uploading.pop(file.sha256, None))
+        return (await asyncio.shield(task)).uri  # one waiter stopping stops no other's upload
+
+    async def upload(self, file: MediaFile) -> Upload:
+        """Upload `file` (journaled before and after: a rerun knows to look for it)."""
+        assert file.path is not None
+        async with self.slots:
+            await self.write({"uploading": file.sha256, "file": file.name})
+            config = {"mime_type": file.mime_type, "display_name": f"{UPLOAD_NAME_PREFIX}{self.tag} {file.sha256}"}
+            made = await self.client.aio.files.upload(file=file.path, config=config)
+            made = await processed(self.client, made)
+        expires = made.expiration_time.timestamp() if made.expiration_time else time.time() + 47 * 3600
+        upload = self.uploads[file.sha256] = Upload(file.sha256, file.size, str(made.name), str(made.uri), file.mime_type, expires)
+        await self.write(dataclasses.asdict(upload))
+        self.made += 1
+        log.debug("uploaded %s as %s", file.name, made.name)
+        return upload
+
+    def settled(self, outcome: Outcome) -> None:
+        """`outcome`'s prompt will not be asked again (answered, or refused for good): it needs its files no more."""
+        if outcome.prompt.media and (isinstance(outcome, Response) or outcome.permanent):
+            self.needed.subtract(file.sha256 for file in outcome.prompt.media if file.path)
+
+    async def write(self, line: dict[str, Any]) -> None:
+        self.journaled = True
+        await asyncio.to_thread(append_synced, self.journal, json_line(line))
+
+    async def load(self) -> None:
+        """The uploads earlier runs recorded and did not delete (a torn last line is ignored)."""
+        with contextlib.suppress(FileNotFoundError):
+            lines = (await asyncio.to_thread(self.journal.read_text, encoding="utf-8")).splitlines()
+            self.journaled = True
+            for number, line in enumerate(lines, 1):
+                try:
+                    entry = json.loads(line)
+                    if "deleted" in entry:
+                        self.uploads.pop(entry["deleted"], None)
+                    elif "uri" in entry:
+                        self.uploads[entry["sha256"]] = Upload(**entry)
+                except (ValueError, TypeError, KeyError):
+                    if number < len(lines):
+                        raise PipelineError(f"{self.journal}, line {number}, is not a line this pipeline wrote; {MOVE_IT_AWAY}") from None
+
+    async def close(self) -> None:
+        """At the run's end: stop the uploads in flight, and delete those no row needs any
+        more: with every input read, any upload of the job, a killed run's too, whose file
+        no queued prompt still needs (a failed one's stays, for the rerun)."""
+        await stop(*self.uploading.values())
+        if not self.journaled or not self.inputs_read or self.client is None:
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(UPLOAD_CLEANUP_S):
+                async for made in await self.client.aio.files.list(config={"page_size": 100}):
+                    sha256 = str(made.display_name or "").removeprefix(f"{UPLOAD_NAME_PREFIX}{self.tag} ")
+                    if sha256 != made.display_name and self.needed[sha256] <= 0:
+                        await self.client.aio.files.delete(name=made.name)
+                        self.uploads.pop(sha256, None)
+                        await self.write({"deleted": sha256})
+
+
+async def processed(client: Any, made: Any) -> Any:
+    """An upload once the Files API has processed it (a video takes a while): ACTIVE, or an error."""
+    for _ in range(UPLOAD_PROCESSING_POLLS):
+        state = str(getattr(made.state, "value", made.state) or "ACTIVE")
+        if state != "PROCESSING":
+            if state == "FAILED":
+                raise UnsendableFile(f"the Files API could not process {made.name}")
+            return made
+        await asyncio.sleep(1.0)
+        made = await client.aio.files.get(name=made.name)
+    raise UnsendableFile(f"the Files API still processes {made.name}")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(READ_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_files(paths: list[Path | None]) -> list[bytes]:
+    return [path.read_bytes() for path in paths if path is not None]
+
+
+def append_synced(path: Path, line: str) -> None:
+    with path.open("a", encoding="utf-8") as file:
+        file.write(line)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 # ------------------------------------------------------------------- batch --
@@ -2632,6 +2932,7 @@ async def run_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal) ->
     else:
         results = await collect_job(run, job)
     for outcome in results:
+        run.media.settled(outcome)
         await run.outcomes.put(outcome)
         run.prompts.task_done()
 
@@ -2675,7 +2976,8 @@ async def submit_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal)
 async def upload_requests(run: Run, job_prompts: list[Prompt]) -> str:
     """Upload a job's requests as a JSONL file through the Files API; returns its name."""
     rest: dict[int, dict[str, Any]] = {}  # each config's REST form, made once (most prompts share the run's)
-    data = "".join(json_line({"key": p.id, "request": rest_request(p, rest, run.maker)}) for p in job_prompts).encode()
+    uploaded = {p.id: await run.media.contents(p, run.maker.contents(p), inline=False) for p in job_prompts if p.media}  # never inline in a job
+    data = "".join(json_line({"key": p.id, "request": rest_request(p, rest, run.maker, uploaded.get(p.id))}) for p in job_prompts).encode()
     config = {"mime_type": "jsonl", "display_name": f"pipeline {job_prompts[0].id}"}
     uploaded = await api_call(run, lambda: run.client.aio.files.upload(file=io.BytesIO(data), config=config), timed=False)
     return str(uploaded.name)
@@ -2739,10 +3041,11 @@ async def job_outcomes(run: Run, job: BatchJob, ended: Any) -> list[Outcome]:
     return [job_outcome(prompt, *results.get(prompt.id, (None, None)), job, run.settings.model) for prompt in job.prompts]
 
 
-def rest_request(prompt: Prompt, rest: dict[int, dict[str, Any]], maker: PromptMaker) -> dict[str, Any]:
+def rest_request(prompt: Prompt, rest: dict[int, dict[str, Any]], maker: PromptMaker, contents: list[Any] | None = None) -> dict[str, Any]:
     """The prompt as a GenerateContentRequest in the REST API's JSON: what an interactive
-    call sends, settings and all (google-genai's own dump of its config, by the API's names)."""
-    contents = maker.contents(prompt)
+    call sends, settings and all (google-genai's own dump of its config, by the API's names).
+    `contents`: its turns with its files, when it has files."""
+    contents = contents or maker.contents(prompt)
     request: dict[str, Any] = {"contents": [user_turn(contents)] if isinstance(contents, str) else contents}
     if prompt.config is None:
         return request
@@ -3690,11 +3993,12 @@ class Estimate:
     own_tokens: float = 0.0  # their own input tokens: the characters of all, scaled by the API's count of a sample
     prefix_tokens: int = 0  # the shared prefix each request sends (system instruction, context), as the API counts it
     sampled: int = 0  # prompts whose tokens the API counted
+    media_tokens: int = 0  # their files' tokens, estimated by type (and an image's by --media-resolution: see media_tokens)
     output_tokens: float = 0.0  # the answers' tokens: --max-output-tokens each, or as many as their prompt's own
 
     @property
     def input_tokens(self) -> float:
-        return self.own_tokens + self.prompts * self.prefix_tokens
+        return self.own_tokens + self.media_tokens + self.prompts * self.prefix_tokens
 
 
 async def estimate(settings: Settings) -> Estimate:
@@ -3703,7 +4007,7 @@ async def estimate(settings: Settings) -> Estimate:
     the inputs, are counted by the API's countTokens (free), and their ratio of tokens to
     characters scales the characters of all; the shared prefix is counted once."""
     generation, context = job_generation(settings), context_turns(settings.context)
-    maker = PromptMaker.of(request_generation(settings, generation), context)
+    maker = PromptMaker.of(request_generation(settings, generation), context, settings.input_dir)
     files = await table_headers_checked(await list_input_files(settings.input_dir))
     every = max(1, -(-sum([await count_rows(path) for path in files]) // (ESTIMATE_SAMPLE - 1)))  # one count is the prefix's
     found, sample, chars = Estimate(), {}, 0
@@ -3713,7 +4017,7 @@ async def estimate(settings: Settings) -> Estimate:
                 for prompt in (p for p in prompts if not p.error):
                     if found.prompts % every == 0 and len(sample) < ESTIMATE_SAMPLE - 1:
                         sample.setdefault(prompt.text, prompt)
-                    found.prompts, chars = found.prompts + 1, chars + own_chars(prompt)
+                    found.prompts, chars, found.media_tokens = found.prompts + 1, chars + own_chars(prompt), found.media_tokens + media_tokens(prompt)
     client = connect(settings)
     try:
         found.prefix_tokens = await counted_tokens(client, settings, prefix_contents(maker.context, generation))
@@ -3896,7 +4200,7 @@ class Progress:
             f"{tally.rate_limited} rate-limited, {held_s:.1f} s held by limits, "
             f"tokens {tally.prompt_tokens} in ({tally.cached_tokens} cached{self.hit_rate()}) / {tally.response_tokens} out "
             f"+ {tally.thinking_tokens} thinking{f', {self.cost()} estimated' if self.cost() else ''}, "
-            f"{seconds:.2f} s, {rate:.1f} prompts/s{self.tiers()}{self.jobs()}{self.network()}"
+            f"{seconds:.2f} s, {rate:.1f} prompts/s{self.tiers()}{self.jobs()}{self.uploaded()}{self.network()}"
         )
 
     def hit_rate(self) -> str:
@@ -3918,6 +4222,11 @@ class Progress:
         if concurrency.refusals:
             parts.append(f"{concurrency.refusals} server-full answers, {concurrency.shown()} at the end")
         return "".join(f", {part}" for part in parts if part)
+
+    def uploaded(self) -> str:
+        """The files this run uploaded through the Files API, if any."""
+        made = self.run.media.made if self.run is not None else 0
+        return f", {plural(made, 'file')} uploaded" if made else ""
 
     def jobs(self) -> str:
         jobs = self.tally.jobs
@@ -3975,7 +4284,7 @@ class OfflineClient:
         self.latency_s = latency_s
         self.model = f"{model} (offline)"
         self.timeout_s = timeout_s  # a latency above it times out, as a real request would
-        self.aio = SimpleNamespace(models=self, aclose=self.aclose)
+        self.aio = SimpleNamespace(models=self, files=OfflineFiles(), aclose=self.aclose)
 
     async def generate_content(self, model: str, contents: str | list[Any], config: Any = None) -> Any:
         """Settings are ignored, but for JSON: asked for it, the answer has the schema's shape."""
@@ -3986,6 +4295,8 @@ class OfflineClient:
         prompt = contents if isinstance(contents, str) else last_user_text(contents)
         match = TWO_TIMES.search(prompt)
         text = f"Two times {match[1]} is {2 * int(match[1])}." if match else f"You said: {prompt}"
+        if files := [] if isinstance(contents, str) else files_sent(contents[-1]):
+            text += f" ({plural(len(files), 'file')}: {', '.join(files)})"
         if config is not None and config.response_mime_type == "application/json":
             text = JSON_ENCODER.encode(shaped_like(config.response_json_schema or {"required": ["answer"]}, text))
         usage = SimpleNamespace(
@@ -4008,6 +4319,43 @@ class OfflineClient:
 
     async def aclose(self) -> None:
         pass
+
+
+class OfflineFiles:
+    """Stands in for the Files API (client.aio.files): uploads kept as names, in memory."""
+
+    def __init__(self) -> None:
+        self.made: dict[str, Any] = {}  # by name
+
+    async def upload(self, file: Path, config: dict[str, Any]) -> Any:
+        name = f"files/offline-{len(self.made) + 1}"
+        expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=48)
+        self.made[name] = SimpleNamespace(name=name, uri=f"offline:{name}", display_name=config["display_name"], state="ACTIVE", expiration_time=expires)
+        return self.made[name]
+
+    async def get(self, name: str) -> Any:
+        return self.made[name]
+
+    async def list(self, config: Any = None) -> AsyncIterator[Any]:
+        return self.listed()
+
+    async def listed(self) -> AsyncIterator[Any]:
+        for made in list(self.made.values()):
+            yield made
+
+    async def delete(self, name: str) -> None:
+        self.made.pop(name, None)
+
+
+def files_sent(turn: dict[str, Any]) -> list[str]:
+    """The files in a turn, as the offline model describes them: type and size, or type and URI."""
+    said = []
+    for part in turn.get("parts") or []:
+        if "inline_data" in part:
+            said.append(f"{part['inline_data']['mime_type']} of {len(part['inline_data']['data'])} bytes")
+        elif "file_data" in part:
+            said.append(f"{part['file_data']['mime_type']} at {part['file_data']['file_uri']}")
+    return said
 
 
 def shaped_like(schema: Any, text: str) -> Any:

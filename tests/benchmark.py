@@ -44,6 +44,7 @@ peak RSS from wait4(). The sections:
              alternating: the machinery's three configurations and the ceiling's pipeline CPU
   costs      a flex request held 90 s by the server; --estimate against the full run's spend
              (10,000 prompts); a 5,000-token --context over 1,000 prompts with and without --cache
+  media      1,000 rows each naming a 1 MB image, inline at 50 workers: pipeline vs the bare SDK
   transport  500 workers at 1 s latency on google-genai's two transports: httpx2 (the
              SDK's default; its pool holds 100 connections) and aiohttp (requirements.txt)
 """
@@ -240,6 +241,36 @@ def child_ceiling(prompts: int, workers: int) -> None:
     started = os.times(), time.perf_counter()
     asyncio.run(main())
     report(*started, 0, stalls[0])
+
+
+def child_media(rows_csv: str, workers: int) -> None:
+    """The media ceiling: each row's prompt and its image, inline, by the same SDK calls at the
+    same concurrency, the file read in a thread as the pipeline reads it, and nothing else."""
+    import csv as csv_module
+
+    from google import genai
+    from google.genai import types
+
+    folder = Path(rows_csv).parent
+    with open(rows_csv, newline="", encoding="utf-8") as file:
+        rows = iter([(row["prompt"], folder / row["files"]) for row in csv_module.DictReader(file)])
+
+    async def main() -> None:
+        client = genai.Client(http_options=types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1)))
+
+        async def worker() -> None:
+            for text, path in rows:
+                data = await asyncio.to_thread(path.read_bytes)
+                parts = [{"text": text}, {"inline_data": {"mime_type": "image/png", "data": data}}]
+                reply = await client.aio.models.generate_content(model="gemini-flash-latest", contents=[{"role": "user", "parts": parts}])
+                assert reply.text
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        await client.aio.aclose()
+
+    started = os.times(), time.perf_counter()
+    asyncio.run(main())
+    report(*started, 0)
 
 
 def report(times: os.times_result, wall: float, code: int, stall_s: float = 0.0, journal_cpu_s: float = 0.0) -> None:
@@ -866,7 +897,32 @@ def costs(scratch: Path, prompts: int) -> None:
     )
 
 
-SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline", "csv", "capacity", "outage", "scattered", "versus", "costs"]
+def media(scratch: Path, prompts: int, reps: int) -> None:
+    """Rows naming 1 MB images, sent inline at 50 workers, 0 ms: the pipeline against the
+    bare SDK sending the same parts (child_media), alternating."""
+    inputs = scratch / "media_inputs"
+    (inputs / "images").mkdir(parents=True)
+    for i in range(100):
+        (inputs / "images" / f"image_{i:03d}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(1_000_000))
+    (inputs / "rows.csv").write_text("id,prompt,files\n" + "".join(f"r{i},describe picture {i},images/image_{i % 100:03d}.png\n" for i in range(prompts)))
+    contenders = {"sdk": ["media", str(inputs / "rows.csv"), "50"], "pipeline": None}
+    with FakeServer(latency_ms=0) as server:
+        def args_of(kind: str) -> list[str]:
+            return contenders[kind] or pipeline_args(inputs, scratch, "--workers", "50", "--queue-size", "100", "--shard-size", "1000")
+
+        runs = alternating(list(contenders), reps, args_of, server.env)
+    p, c = runs["pipeline"], runs["sdk"]
+    print(
+        f"| media, {prompts} rows each naming a 1 MB image (100 distinct), inline, 50 workers, 0 ms | wall "
+        f"{median([a.wall_s / b.wall_s for a, b in zip(p, c, strict=True)]):.3f}x the bare SDK's, CPU "
+        f"{median([a.cpu_s / b.cpu_s for a, b in zip(p, c, strict=True)]):.3f}x | pipeline {median([m.wall_s for m in p]):.2f} s wall, "
+        f"{median([m.cpu_s for m in p]):.2f} s CPU; the SDK alone {median([m.wall_s for m in c]):.2f} s, {median([m.cpu_s for m in c]):.2f} s; medians of {reps} |",
+        flush=True,
+    )
+    shutil.rmtree(inputs)
+
+
+SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline", "csv", "capacity", "outage", "scattered", "versus", "costs", "media"]
 
 
 def main() -> None:
@@ -914,6 +970,8 @@ def main() -> None:
             outage(scratch, 2000, 1, args.baseline)
         if "scattered" in only:
             scattered(scratch, 400, 1 if quick else 4, args.baseline)
+        if "media" in only:
+            media(scratch, 200 if quick else 1000, 1 if quick else 3)
         if "costs" in only:
             costs(scratch, 2000 if quick else 10_000)
         if "versus" in only and args.baseline:
@@ -931,6 +989,8 @@ if __name__ == "__main__":
         child_csv(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "plain_restart":
         child_plain_restart(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "media":
+        child_media(sys.argv[2], int(sys.argv[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "ceiling":
         child_ceiling(int(sys.argv[2]), int(sys.argv[3]))
     else:

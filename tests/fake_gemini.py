@@ -21,9 +21,11 @@ request it saw. Run alone for manual runs and benchmarks:
 from __future__ import annotations
 
 import argparse
+import base64
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import random
@@ -53,6 +55,7 @@ class Request:
     path: str = ""  # e.g. /v1beta/models/m:generateContent, or Vertex AI's /v1beta1/projects/p/locations/l/...
     authorization: str | None = None  # Vertex AI's "Bearer <token>"
     server_timeout: str | None = None  # the X-Server-Timeout header: the client's deadline, in whole seconds
+    media: tuple[tuple[str, str, str], ...] = ()  # the last turn's files, in order: ("inline", SHA-256 of the bytes, MIME) or ("file", URI, MIME)
 
 
 @dataclass(frozen=True)
@@ -321,6 +324,10 @@ class FakeGemini:
     batch_lists: int = 0
     files: dict[str, bytes] = field(default_factory=dict)  # uploaded and result files, by name
     _uploads: dict[str, bytearray] = field(default_factory=dict)
+    _upload_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    file_meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # uploads' File resources, by name
+    upload_log: list[tuple[str, str]] = field(default_factory=list)  # (display name, SHA-256) of each upload, in order
+    deleted_files: list[str] = field(default_factory=list)  # names deleted through the Files API, in order
     _upload_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _attempts: Counter[str] = field(default_factory=Counter)
     _seen: threading.Condition = field(default_factory=threading.Condition)
@@ -461,6 +468,8 @@ class FakeGemini:
             return self._get_batch(match[1], api_key)
         if method == "POST" and route.startswith("/upload/"):
             return self._upload(headers, query, body)
+        if re.fullmatch(r"/v1\w*/files(/[^/:]+)?", route):
+            return self._files(method, route.partition("/files")[2].strip("/"), dict(part.partition("=")[::2] for part in query.split("&") if part))
         if method == "GET" and (match := re.fullmatch(r"/v1\w*/files/([^/:]+):download", route)):
             data = self.files.get(f"files/{match[1]}")
             return Reply(200, data) if data is not None else error(404, f"File files/{match[1]} not found.")
@@ -472,12 +481,12 @@ class FakeGemini:
         with self._seen:
             self._attempts[prompt] += 1
             request = Request(
-                model, prompt, api_key, self._attempts[prompt], time.monotonic(), body, path,
-                headers.get("authorization"), headers.get("x-server-timeout"),
+                model, prompt, api_key, self._attempts[prompt], time.monotonic(), without_inline_data(body), path,
+                headers.get("authorization"), headers.get("x-server-timeout"), media_of(body),
             )  # fmt: skip
             self.requests.append(request)
             self._seen.notify_all()
-        if (refused := self._cache_refusal(model, body)) is not None:
+        if (refused := self._cache_refusal(model, body) or self._file_refusal(request)) is not None:
             return refused
         reply = self.behaviour(request)
         if reply.status == 200 and isinstance(reply.body, dict):
@@ -672,6 +681,7 @@ class FakeGemini:
         if command == "start":
             upload_id = str(next(self._upload_ids))  # never reused: uploads run concurrently
             self._uploads[upload_id] = bytearray()
+            self._upload_meta[upload_id] = (json.loads(body) if body else {}).get("file", {})
             url = f"{self.base_url}/upload/v1beta/files?upload_id={upload_id}&upload_protocol=resumable"
             return Reply(200, {}, headers={"x-goog-upload-url": url, "x-goog-upload-status": "active"})
         upload_id = dict(part.partition("=")[::2] for part in query.split("&"))["upload_id"]
@@ -680,8 +690,65 @@ class FakeGemini:
             return Reply(200, {}, headers={"x-goog-upload-status": "active"})
         name = f"files/upload{upload_id}"
         self.files[name] = bytes(self._uploads.pop(upload_id))
-        file = {"name": name, "mimeType": "application/jsonl", "sizeBytes": str(len(self.files[name])), "state": "ACTIVE"}
+        meta = self._upload_meta.pop(upload_id)
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 48 * 3600))
+        file = {
+            "name": name, "displayName": meta.get("displayName") or meta.get("display_name") or "",  # google-genai sends snake_case here
+            "mimeType": meta.get("mimeType") or meta.get("mime_type") or "application/jsonl",
+            "sizeBytes": str(len(self.files[name])), "state": "ACTIVE", "uri": f"{self.base_url}/v1beta/{name}", "expirationTime": expires,
+            "sha256Hash": hashlib.sha256(self.files[name]).hexdigest(),
+        }  # fmt: skip
+        self.file_meta[name] = file
+        self.upload_log.append((file["displayName"], file["sha256Hash"]))
         return Reply(200, {"file": file}, headers={"x-goog-upload-status": "final"})
+
+    def _files(self, method: str, file_id: str, query: dict[str, str]) -> Reply:
+        """files: list (GET), and get or delete by name."""
+        if not file_id and method == "GET":
+            files = [meta for name, meta in self.file_meta.items() if name in self.files]
+            start, size = int(query.get("pageToken") or 0), int(query.get("pageSize") or 10)
+            page: dict[str, Any] = {"files": files[start : start + size]}
+            if start + size < len(files):
+                page["nextPageToken"] = str(start + size)
+            return Reply(200, page)
+        name = f"files/{file_id}"
+        if name not in self.files:
+            return error(403, f"You do not have permission to access the File {file_id} or it may not exist.")
+        if method == "DELETE":
+            del self.files[name]
+            self.deleted_files.append(name)
+            return Reply(200, {})
+        return Reply(200, self.file_meta.get(name, {"name": name, "state": "ACTIVE"}))
+
+    def _file_refusal(self, request: Request) -> Reply | None:
+        """A request naming an upload that does not exist (deleted, expired): the API's 403."""
+        for kind, uri, _ in request.media:
+            if kind == "file" and uri.startswith(self.base_url) and uri.removeprefix(f"{self.base_url}/v1beta/") not in self.files:
+                return error(403, f"You do not have permission to access the File {uri.rpartition('/')[2]} or it may not exist.")
+        return None
+
+
+def media_of(body: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
+    """The files of a request's last turn: inline bytes by their SHA-256, uploads and URLs by URI."""
+    media = []
+    for part in (body.get("contents") or [{}])[-1].get("parts") or []:
+        if inline := part.get("inlineData") or part.get("inline_data"):
+            data = base64.urlsafe_b64decode(inline["data"].replace("+", "-").replace("/", "_"))  # google-genai sends the URL-safe alphabet
+            media.append(("inline", hashlib.sha256(data).hexdigest(), inline.get("mimeType") or inline.get("mime_type")))
+        elif file := part.get("fileData") or part.get("file_data"):
+            media.append(("file", file.get("fileUri") or file.get("file_uri"), file.get("mimeType") or file.get("mime_type")))
+    return tuple(media)
+
+
+def without_inline_data(body: dict[str, Any]) -> dict[str, Any]:
+    """The request as kept in `requests`: inline bytes over 64 KB left out (Request.media has
+    their hashes), so that a run of a thousand 1 MB images does not keep a gigabyte."""
+    last = (body.get("contents") or [{}])[-1]
+    inline = ("inline_data", "inlineData")
+    if not any(len(part[key].get("data", "")) > 65536 for part in last.get("parts") or [] for key in inline if key in part):
+        return body
+    parts = [{key: {**value, "data": "(left out)"} if key in inline and len(value.get("data", "")) > 65536 else value for key, value in part.items()} for part in last["parts"]]
+    return {**body, "contents": [*body["contents"][:-1], {**last, "parts": parts}]}
 
 
 def words_of(contents: list[Any]) -> int:

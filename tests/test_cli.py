@@ -49,8 +49,9 @@ def test_offline_does_not_import_the_sdk(tmp_path: Path) -> None:
 
 
 def test_sample_inputs_are_as_specified() -> None:
-    files = sorted((ROOT / "inputs").iterdir())
+    files = sorted(path for path in (ROOT / "inputs").iterdir() if path.is_file())
     assert [f.name for f in files] == sorted(f"shard_{s}.txt" for s in range(10))
+    assert sorted(path.name for path in (ROOT / "inputs" / "pictures").iterdir()) == ["blue.png", "pictures.csv", "red.png"]
     for shard in range(10):
         lines = (ROOT / "inputs" / f"shard_{shard}.txt").read_text().splitlines()
         assert lines == [f"What is two times {shard * 3 + i}?" for i in range(3)]

@@ -1,0 +1,221 @@
+"""Files in prompts: the images, PDFs and recordings rows name go inline while a request
+stays small, else through the Files API once per content, recorded so that reruns reuse
+them, and deleted once the job needs them no more."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+from conftest import ROOT
+from fake_gemini import FakeGemini, echo, error
+from test_resume import start_pipeline, wait_for_writes
+
+import pipeline
+
+LIMIT_MB = 0.02  # the inline limit these tests set: 20 KB, so that images of 24 KB and more are uploaded
+
+
+def images(folder: Path, count: int, small: int = 2_000, large: int = 24_000) -> list[Path]:
+    """`count` PNG files of distinct bytes, every other one over LIMIT_MB once base64."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, paths = random.Random(count), []
+    for i in range(count):
+        path = folder / f"image_{i:03d}.png"
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + rng.randbytes(large if i % 2 else small))
+        paths.append(path)
+    return paths
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def our_uploads(server: FakeGemini) -> Counter[str]:
+    """The server's uploads of files rows named (not batch request files), by the file's SHA-256."""
+    return Counter(digest for name, digest in server.upload_log if name.startswith(pipeline.UPLOAD_NAME_PREFIX))
+
+
+def left_on_server(server: FakeGemini) -> list[str]:
+    return [name for name, meta in server.file_meta.items() if name in server.files and meta["displayName"].startswith(pipeline.UPLOAD_NAME_PREFIX)]
+
+
+def csv_of(inputs: Path, rows: list[tuple[str, str, list[Path]]]) -> None:
+    lines = ["id,prompt,files"] + [f"{row_id},{prompt},{'|'.join(str(p.relative_to(inputs)) for p in files)}" for row_id, prompt, files in rows]
+    (inputs / "rows.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_a_thousand_rows_naming_200_images_get_their_own_images_and_each_large_one_is_uploaded_once(tmp_path, fake_gemini, run) -> None:
+    inputs = tmp_path / "inputs"
+    pictures = images(inputs / "photos", 200)
+    rows = [(f"r{i}", f"describe picture {i}", [pictures[i % 200]]) for i in range(1000)]  # each named by 5 rows
+    csv_of(inputs, rows)
+    server = fake_gemini()
+    result = run(inputs, "--inline-limit-mb", str(LIMIT_MB), "--workers", "20", "--shard-size", "100")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(server.answered.values()) == [1] * 1000 and len(result.records()) == 1000
+    uploaded = {meta["uri"]: meta["sha256Hash"] for meta in server.file_meta.values()}
+    expected = {prompt: [sha(path) for path in files] for _, prompt, files in rows}
+    for request in server.requests:
+        sent = [digest if kind == "inline" else uploaded[digest] for kind, digest, _ in request.media]
+        assert sent == expected[request.prompt], request.prompt
+        assert [kind for kind, _, _ in request.media] == ["file" if path.stat().st_size > 15_000 else "inline" for path in rows[int(request.prompt.split()[-1])][2]]
+    assert our_uploads(server) == Counter({sha(path): 1 for path in pictures[1::2]})  # each large image once
+    assert "100 files uploaded" in result.stderr
+    assert left_on_server(server) == []  # and none left once every row is answered
+
+
+def test_a_rows_files_go_after_its_text_in_order_and_urls_as_they_are(tmp_path, fake_gemini, run) -> None:
+    inputs = tmp_path / "inputs"
+    small, large, other = images(inputs / "photos", 3, small=1_000, large=30_000)
+    (inputs / "rows.jsonl").write_text(json.dumps({"id": "a", "prompt": "compare", "files": [str(large.relative_to(inputs)), "https://example.com/spec.pdf", str(small.relative_to(inputs))]}) + "\n")
+    server = fake_gemini()
+    result = run(inputs, "--inline-limit-mb", str(LIMIT_MB))
+    assert result.exit_code == 0, result.stderr
+    [request] = server.requests
+    assert request.body["contents"][-1]["parts"][0] == {"text": "compare"}
+    [(first, uri, _), (second, url, pdf), (third, digest, _)] = request.media
+    assert (first, second, third) == ("file", "file", "inline") and (url, pdf) == ("https://example.com/spec.pdf", "application/pdf")
+    assert server.file_meta[uri.partition("/v1beta/")[2]]["sha256Hash"] == sha(large) and digest == sha(small)
+
+
+def test_a_file_that_cannot_be_sent_fails_its_row_alone_before_anything_is_sent(tmp_path, fake_gemini, run, monkeypatch) -> None:
+    monkeypatch.setattr(pipeline, "FILES_API_MAX_BYTES", 10_000)  # a 2 GB file, as far as the check can tell
+    inputs = tmp_path / "inputs"
+    images(inputs / "photos", 2, small=2_000, large=20_000)
+    (inputs / "photos" / "folder.png").mkdir()
+    rows = [
+        {"id": "fine", "prompt": "p", "files": "photos/image_000.png"},
+        {"id": "missing", "prompt": "p", "files": ["photos/nope.png"]},
+        {"id": "unknown", "prompt": "p", "files": "photos/data.qqq"},
+        {"id": "not-taken", "prompt": "p", "files": "photos/tool.exe"},
+        {"id": "folder", "prompt": "p", "files": "photos/folder.png"},
+        {"id": "plain-http", "prompt": "p", "files": "http://example.com/a.png"},
+        {"id": "gs-off-vertex", "prompt": "p", "files": "gs://bucket/a.png"},
+        {"id": "not-names", "prompt": "p", "files": [1, 2]},
+        {"id": "too-large", "prompt": "p", "files": "photos/image_001.png"},
+    ]
+    (inputs / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    server = fake_gemini()
+    result = run(inputs)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert [r.prompt for r in server.requests] == ["p"] and server.upload_log == []
+    reasons = {f["id"]: f["error"] for f in result.failures()}
+    assert reasons["missing"] == "file photos/nope.png: No such file or directory (rows.jsonl:2)"
+    assert "its type is unknown" in reasons["unknown"] and "does not take application/" in reasons["not-taken"]
+    assert "not a file" in reasons["folder"] and "https://" in reasons["plain-http"] and "Vertex AI" in reasons["gs-off-vertex"]
+    assert "not a list of file names" in reasons["not-names"] and "over the Files API's 2 GB" in reasons["too-large"]
+    assert set(reasons) == {row["id"] for row in rows} - {"fine"}
+    assert all(f["permanent"] for f in result.failures())
+
+
+def test_an_edited_image_is_an_edited_input(tmp_path, fake_gemini, run) -> None:
+    inputs = tmp_path / "inputs"
+    pictures = images(inputs / "photos", 2)
+    csv_of(inputs, [("a", "describe", [pictures[0]]), ("b", "describe", [pictures[1]])])
+    fake_gemini()
+    assert run(inputs, "--inline-limit-mb", str(LIMIT_MB)).exit_code == 0
+    pictures[1].write_bytes(pictures[1].read_bytes() + b"edited")
+    server = fake_gemini()
+    edited = run(inputs, "--inline-limit-mb", str(LIMIT_MB))
+    assert edited.exit_code == 2 and "b is not the prompt" in edited.stderr and not server.requests
+
+
+def test_after_kill_9_a_rerun_uploads_again_only_what_was_in_flight_and_leaves_nothing(tmp_path, fake_gemini, run) -> None:
+    inputs = tmp_path / "inputs"
+    pictures = images(inputs / "photos", 40)
+    rows = [(f"r{i}", f"describe picture {i}", [pictures[i % 40]]) for i in range(120)]
+    csv_of(inputs, rows)
+    with FakeGemini(echo, latency_s=0.05) as server:
+        process = start_pipeline(tmp_path, server, "--inline-limit-mb", str(LIMIT_MB), "--workers", "4")
+        assert wait_for_writes(process, 30)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=30)
+    journal = [json.loads(line) for line in (tmp_path / "outputs" / "uploads.jsonl").read_text().splitlines() if line.strip()]
+    recorded = {line["sha256"] for line in journal if "uri" in line}
+    in_flight = {line["uploading"] for line in journal if "uploading" in line} - recorded
+    assert recorded, "the kill came before any upload: this test would prove nothing"
+    rerun_server = fake_gemini()
+    rerun_server.files, rerun_server.file_meta = server.files, server.file_meta  # the same project
+    result = run(inputs, "--inline-limit-mb", str(LIMIT_MB), "--workers", "4", output_dir=tmp_path / "outputs")
+    assert result.exit_code == 0, result.stderr
+    assert set(our_uploads(rerun_server)) & recorded == set()  # nothing recorded is uploaded again
+    assert set(our_uploads(rerun_server)) - in_flight == {sha(p) for p in pictures[1::2]} - recorded - in_flight  # only what was never uploaded, or in flight
+    assert left_on_server(rerun_server) == []  # the kill's uploads too, found by their names
+    ids = Counter(r["id"] for r in result.records())
+    assert len(ids) == 120 and set(ids.values()) == {1}
+
+
+def test_batch_jobs_name_uploads_never_inline_data(tmp_path, fake_gemini, run) -> None:
+    inputs = tmp_path / "inputs"
+    pictures = images(inputs / "photos", 10)
+    rows = [(f"r{i}", f"describe picture {i}", [pictures[i % 10]]) for i in range(30)]
+    csv_of(inputs, rows)
+    server = fake_gemini()
+    result = run(inputs, "--batch", "--batch-poll-s", "0.01", "--inline-limit-mb", str(LIMIT_MB))
+    assert result.exit_code == 0, result.stderr
+    requests = [request for job in server.batches.values() for _, request in job.requests]
+    assert len(requests) == 30 and all("inline_data" not in json.dumps(r) and "inlineData" not in json.dumps(r) for r in requests)
+    assert our_uploads(server) == Counter({sha(p): 1 for p in pictures})  # small ones too: a job file carries no bytes
+    by_id = {r["id"]: r["prompt"] for r in result.records()}
+    assert by_id == {row_id: prompt for row_id, prompt, _ in rows} and left_on_server(server) == []
+
+
+def test_offline_answers_say_what_files_came(tmp_path, run) -> None:
+    inputs = tmp_path / "inputs"
+    pictures = images(inputs / "photos", 2)
+    csv_of(inputs, [("a", "describe", pictures)])
+    result = run(inputs, "--offline", "--inline-limit-mb", str(LIMIT_MB))
+    assert result.exit_code == 0, result.stderr
+    [record] = result.records()
+    assert "(2 files: image/png of 2008 bytes, image/png at offline:files/offline-1)" in record["response"]
+
+
+def test_media_resolution_is_asked_and_is_part_of_the_jobs_identity(tmp_path, fake_gemini, run) -> None:
+    inputs = tmp_path / "inputs"
+    pictures = images(inputs / "photos", 1)
+    csv_of(inputs, [("a", "describe", pictures)])
+    server = fake_gemini()
+    assert run(inputs, "--media-resolution", "low").exit_code == 0
+    assert server.requests[0].body["generationConfig"]["mediaResolution"] == "MEDIA_RESOLUTION_LOW"
+    changed = run(inputs, "--media-resolution", "high")
+    assert changed.exit_code == 2 and "--media-resolution changed" in changed.stderr
+
+
+def test_the_sample_pictures_run_offline_and_their_images_are_not_read_as_prompts(tmp_path, run) -> None:
+    shutil.copytree(ROOT / "inputs" / "pictures", tmp_path / "pictures")
+    result = run(tmp_path / "pictures", "--offline")
+    assert result.exit_code == 0, result.stderr
+    answers = {r["id"]: r["response"] for r in result.records()}
+    assert answers == {
+        "red": "You said: What colour is this square? (1 file: image/png of 74 bytes)",
+        "both": "You said: Which of these two squares is darker? (2 files: image/png of 74 bytes, image/png of 74 bytes)",
+    }
+
+
+def test_a_rerun_reuses_an_upload_until_an_hour_before_it_expires_and_uploads_it_again_after(tmp_path, fake_gemini, run) -> None:
+    inputs = tmp_path / "inputs"
+    pictures = images(inputs / "photos", 4)  # two of them large: uploaded
+    csv_of(inputs, [(f"r{i}", f"describe picture {i}", [pictures[i]]) for i in range(4)])
+    server = fake_gemini(lambda request: error(503, "not today"))
+    first = run(inputs, "--inline-limit-mb", str(LIMIT_MB), "--max-attempts", "1")
+    assert first.exit_code == 1 and len(first.failures()) == 4  # failed, but may pass: their uploads stay
+    assert left_on_server(server) and set(our_uploads(server)) == {sha(pictures[1]), sha(pictures[3])}
+    journal = tmp_path / "outputs" / "uploads.jsonl"
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    for line in lines:
+        if line.get("sha256") == sha(pictures[3]):
+            line["expires"] = time.time() + pipeline.UPLOAD_MARGIN_S - 60  # within the last hour of its life
+    journal.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rerun = fake_gemini()
+    rerun.files, rerun.file_meta = server.files, server.file_meta
+    second = run(inputs, "--inline-limit-mb", str(LIMIT_MB))
+    assert second.exit_code == 0, second.stderr
+    assert our_uploads(rerun) == Counter({sha(pictures[3]): 1})  # the other upload was used as it was
+    assert left_on_server(rerun) == []

@@ -1255,6 +1255,8 @@ def media_files(value: Any, root: Path) -> tuple[tuple[MediaFile, ...], str | No
             return (), f"file {name}: " + (f"Gemini does not take {mime}" if mime else "its type is unknown (by its extension)")
         if scheme not in ("", "https", "gs") or (scheme == "gs" and not on_vertex()):
             return (), f"file {name}: " + ("gs:// URIs need Vertex AI" if scheme == "gs" else "a URL must be https:// (or gs:// on Vertex AI)")
+        if not scheme and (Path(name).is_absolute() or ".." in Path(name).parts):  # a row must not send files from elsewhere
+            return (), f"file {name}: not inside the input folder (name it relative to {root}, without ..)"
         media.append(MediaFile(name, mime, None if scheme else root / name))
     return tuple(media), None
 
@@ -1803,6 +1805,8 @@ async def answer(run: Run, prompt: Prompt) -> Outcome | None:
     while True:
         try:
             reply = await ask(run, prompt, tokens)
+        except PipelineError:  # the run's to stop (an upload's journal on a full disk, say), not this prompt's
+            raise
         except Exception as exc:  # noqa: BLE001 (the SDK's and the network's errors: classify() sorts them)
             if (cause := unreachable(exc)) and await run.outage.wait_out(cause):
                 continue  # the host was down: not this prompt's attempt
@@ -2749,6 +2753,10 @@ class Media:
                     digest = self.hashes[key] = file_sha256(file.path)
             except OSError as exc:
                 raise UnsendableFile(f"file {file.name}: {exc.strerror or exc}") from None
+            except UnsendableFile:
+                raise
+            except ValueError:  # a NUL in its name, say
+                raise UnsendableFile(f"file {file.name!r}: not a name a file can have") from None
             read.append(dataclasses.replace(file, size=stat.st_size, sha256=digest))
         return tuple(read)
 
@@ -2811,7 +2819,8 @@ class Media:
 
     async def write(self, line: dict[str, Any]) -> None:
         self.journaled = True
-        await asyncio.to_thread(append_synced, self.journal, json_line(line))
+        with stop_on_os_error(f"cannot write {self.journal}"):  # a full disk stops the run, as the writer's would
+            await asyncio.to_thread(append_synced, self.journal, json_line(line))
 
     async def load(self) -> None:
         """The uploads earlier runs recorded and did not delete (a torn last line is ignored)."""

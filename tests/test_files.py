@@ -4,6 +4,7 @@ them, and deleted once the job needs them no more."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import random
@@ -14,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from conftest import ROOT
-from fake_gemini import FakeGemini, echo, error
+from fake_gemini import FakeGemini, away_once, echo, error
 from test_resume import start_pipeline, wait_for_writes
 
 import pipeline
@@ -100,6 +101,9 @@ def test_a_file_that_cannot_be_sent_fails_its_row_alone_before_anything_is_sent(
         {"id": "gs-off-vertex", "prompt": "p", "files": "gs://bucket/a.png"},
         {"id": "not-names", "prompt": "p", "files": [1, 2]},
         {"id": "too-large", "prompt": "p", "files": "photos/image_001.png"},
+        {"id": "outside", "prompt": "p", "files": "../secret.txt"},
+        {"id": "absolute", "prompt": "p", "files": "/etc/hostname.txt"},
+        {"id": "nul", "prompt": "p", "files": "photos/a\u0000b.png"},
     ]
     (inputs / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     server = fake_gemini()
@@ -111,6 +115,8 @@ def test_a_file_that_cannot_be_sent_fails_its_row_alone_before_anything_is_sent(
     assert "its type is unknown" in reasons["unknown"] and "does not take application/" in reasons["not-taken"]
     assert "not a file" in reasons["folder"] and "https://" in reasons["plain-http"] and "Vertex AI" in reasons["gs-off-vertex"]
     assert "not a list of file names" in reasons["not-names"] and "over the Files API's 2 GB" in reasons["too-large"]
+    assert "not inside the input folder" in reasons["outside"] and "not inside the input folder" in reasons["absolute"]
+    assert "not a name a file can have" in reasons["nul"]
     assert set(reasons) == {row["id"] for row in rows} - {"fine"}
     assert all(f["permanent"] for f in result.failures())
 
@@ -219,3 +225,31 @@ def test_a_rerun_reuses_an_upload_until_an_hour_before_it_expires_and_uploads_it
     assert second.exit_code == 0, second.stderr
     assert our_uploads(rerun) == Counter({sha(pictures[3]): 1})  # the other upload was used as it was
     assert left_on_server(rerun) == []
+
+
+def test_a_full_disk_while_recording_an_upload_stops_the_run_in_one_line(tmp_path, fake_gemini, run, monkeypatch) -> None:
+    inputs = tmp_path / "inputs"
+    pictures = images(inputs / "photos", 4)
+    csv_of(inputs, [(f"r{i}", f"describe picture {i}", [pictures[i]]) for i in range(4)])
+
+    def full(path, line):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "append_synced", full)
+    fake_gemini()
+    result = run(inputs, "--inline-limit-mb", str(LIMIT_MB), "--workers", "1")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: cannot write {tmp_path / 'outputs' / 'uploads.jsonl'}: No space left on device"
+
+
+def test_uploads_ride_out_a_server_that_goes_away(tmp_path, fake_gemini, run) -> None:
+    inputs = tmp_path / "inputs"
+    pictures = images(inputs / "photos", 40)
+    csv_of(inputs, [(f"r{i}", f"describe picture {i}", [pictures[i]]) for i in range(40)])
+    server = fake_gemini()
+    server.behaviour = away_once(server, after=6, seconds=1.0)
+    result = run(inputs, "--inline-limit-mb", str(LIMIT_MB), "--workers", "4")
+    assert result.exit_code == 0, result.stderr
+    assert server.gone_at is not None and server.back_at is not None  # it did go away, and came back
+    assert len(result.records()) == 40 and not result.failures()
+    assert set(our_uploads(server)) == {sha(p) for p in pictures[1::2]} and left_on_server(server) == []

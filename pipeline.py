@@ -225,7 +225,11 @@ TIER_PRICES = {"standard": 1.0, "flex": 0.5, "priority": 2.0}
 TIMEOUT_S_BY_TIER = {"flex": 900.0}  # a request's timeout when --timeout-s is unset: a flex answer may queue 15 minutes
 DEFAULT_TIMEOUT_S = 60.0  # ...and for the other tiers
 CHARS_PER_TOKEN = 4  # a request's input tokens are estimated as its characters / 4, until answers say better
-MEDIA_TOKENS = {"low": 280, "medium": 560, "high": 1120}  # an image's tokens by --media-resolution (ai.google.dev media-resolution, read 2026-11-29)
+MEDIA_TOKENS = {"low": 280, "medium": 560, "high": 1120}  # an image's or a PDF page's tokens by --media-resolution (ai.google.dev media-resolution, read 2026-11-29)
+TOKENS_PER_SECOND = {"audio": 32, "video": 263}  # audio, and video with its sound at 1 frame a second (ai.google.dev audio, video-understanding)
+AUDIO_BYTES_PER_S = 16_000  # a recording's seconds, when its header does not say, from its size at 128 kbit/s...
+VIDEO_BYTES_PER_S = 250_000  # ...and a video's at 2 Mbit/s: rough, until the answers' token counts correct them
+PDF_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")  # a PDF's page objects (not /Pages, their tree)
 MEDIA_TYPES = ("image/", "audio/", "video/", "text/", "application/pdf")  # the files Gemini takes, by MIME type (or its start)
 MEDIA_ONLY = ("image/", "audio/", "video/", "application/pdf")  # files in INPUT_DIR that are not read as prompts, only named by rows
 MIME_TYPES = {"audio/x-wav": "audio/wav", "audio/x-flac": "audio/flac"}  # the names mimetypes gives that the API spells otherwise
@@ -446,6 +450,7 @@ class MediaFile:
     path: Path | None = None  # where a local file is (relative names: to INPUT_DIR); None: a URL
     size: int = 0  # bytes, once read
     sha256: str = ""  # of its bytes, once read: the file's identity (one upload per content)
+    units: float = 0.0  # once read, its length as its tokens are counted: pages (an image is one), seconds (audio, video), or tokens (text)
 
 
 @dataclass(slots=True)
@@ -2557,14 +2562,16 @@ def estimated_tokens(prompt: Prompt) -> int:
 
 
 def media_tokens(prompt: Prompt) -> int:
-    """Its files' input tokens, before the API counts them: an image's by --media-resolution
-    (MEDIA_TOKENS, medium if unset); any other file's NON_TEXT_PART_TOKENS (a PDF page's or a
-    few seconds of audio's), until the answers' counts correct the estimate (Gate's token ratio)."""
+    """Its files' input tokens, before the API counts them, by the docs' figures: an image or
+    a PDF page by --media-resolution (MEDIA_TOKENS, medium if unset), audio and video by the
+    second (TOKENS_PER_SECOND), text by its characters; a URL, unread, NON_TEXT_PART_TOKENS.
+    The answers' counts correct the estimate as they come (Gate's token ratio)."""
     if not prompt.media:
         return 0
     level = enum_text(getattr(prompt.config, "media_resolution", None)) or "medium"
-    per_image = MEDIA_TOKENS.get(level.removeprefix("MEDIA_RESOLUTION_").lower(), MEDIA_TOKENS["medium"])
-    return sum(per_image if file.mime_type.startswith("image/") else NON_TEXT_PART_TOKENS for file in prompt.media)
+    per_page = MEDIA_TOKENS.get(level.removeprefix("MEDIA_RESOLUTION_").lower(), MEDIA_TOKENS["medium"])
+    per_unit = {"image": per_page, "application": per_page, **TOKENS_PER_SECOND, "text": 1}
+    return sum(round(file.units * per_unit[file.mime_type.partition("/")[0]]) if file.units else NON_TEXT_PART_TOKENS for file in prompt.media)
 
 
 # ------------------------------------------------------------------- cache --
@@ -2711,7 +2718,7 @@ class Media:
         self.journal = output_dir / UPLOADS_FILE  # each upload started, made, and deleted
         self.tag = tag  # the job's, in each upload's display name
         self.limit_bytes = limit_mb * 1e6  # INLINE_LIMIT_MB
-        self.hashes: dict[tuple[Path, int, int], str] = {}  # (path, size, mtime_ns) -> SHA-256: read once however many rows name it
+        self.hashes: dict[tuple[Path, int, int], tuple[str, float]] = {}  # (path, size, mtime_ns) -> SHA-256 and units: read once however many rows name it
         self.uploads: dict[str, Upload] = {}  # by SHA-256: made by this run, or recorded by earlier ones
         self.uploading: dict[str, asyncio.Task[Upload]] = {}  # by SHA-256: in flight, awaited by each prompt that needs it
         self.needed: Counter[str] = Counter()  # SHA-256 -> prompts queued with that file that are not done with it
@@ -2749,15 +2756,15 @@ class Media:
                 if not S_ISREG(stat.st_mode) or stat.st_size > FILES_API_MAX_BYTES:
                     raise UnsendableFile(f"file {file.name}: " + ("not a file" if not S_ISREG(stat.st_mode) else "over the Files API's 2 GB"))
                 key = (file.path, stat.st_size, stat.st_mtime_ns)
-                if (digest := self.hashes.get(key)) is None:
-                    digest = self.hashes[key] = file_sha256(file.path)
+                if (known := self.hashes.get(key)) is None:
+                    known = self.hashes[key] = file_digest(file.path, file.mime_type)
             except OSError as exc:
                 raise UnsendableFile(f"file {file.name}: {exc.strerror or exc}") from None
             except UnsendableFile:
                 raise
             except ValueError:  # a NUL in its name, say
                 raise UnsendableFile(f"file {file.name!r}: not a name a file can have") from None
-            read.append(dataclasses.replace(file, size=stat.st_size, sha256=digest))
+            read.append(dataclasses.replace(file, size=stat.st_size, sha256=known[0], units=known[1]))
         return tuple(read)
 
     def inline(self, text: str, media: tuple[MediaFile, ...]) -> list[bool]:
@@ -2847,9 +2854,11 @@ class Media:
             return
         with contextlib.suppress(Exception):
             async with asyncio.timeout(UPLOAD_CLEANUP_S):
-                async for made in await self.client.aio.files.list(config={"page_size": 100}):
-                    sha256 = str(made.display_name or "").removeprefix(f"{UPLOAD_NAME_PREFIX}{self.tag} ")
-                    if sha256 != made.display_name and self.needed[sha256] <= 0:
+                ours = f"{UPLOAD_NAME_PREFIX}{self.tag} "
+                listed = [made async for made in await self.client.aio.files.list(config={"page_size": 100})]  # all, then delete: pages shift
+                for made in listed:
+                    sha256 = str(made.display_name or "").removeprefix(ours)
+                    if str(made.display_name or "").startswith(ours) and self.needed[sha256] <= 0:
                         await self.client.aio.files.delete(name=made.name)
                         self.uploads.pop(sha256, None)
                         await self.write({"deleted": sha256})
@@ -2868,12 +2877,28 @@ async def processed(client: Any, made: Any) -> Any:
     raise UnsendableFile(f"the Files API still processes {made.name}")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path, mime_type: str) -> tuple[str, float]:
+    """A file's SHA-256, and its length in the units its tokens are counted by (see media_units), in one read."""
+    digest, pages, first, tail = hashlib.sha256(), 0, b"", b""
     with path.open("rb") as file:
         while chunk := file.read(READ_CHUNK_BYTES):
             digest.update(chunk)
-    return digest.hexdigest()
+            if mime_type == "application/pdf":
+                pages += len(PDF_PAGE.findall(tail + chunk)) - len(PDF_PAGE.findall(tail))  # a page object across two chunks counts once
+                tail = chunk[-64:]
+            first = first or chunk[:64]
+    return digest.hexdigest(), media_units(mime_type, path.stat().st_size, first, pages)
+
+
+def media_units(mime_type: str, size: int, first: bytes, pages: int) -> float:
+    """A file's length as its tokens are counted: a PDF's pages (its /Type /Page objects), an
+    image as one page, a WAV's seconds from its header and other audio's or video's from their
+    size at a typical bitrate (AUDIO_BYTES_PER_S, VIDEO_BYTES_PER_S), text's tokens (CHARS_PER_TOKEN)."""
+    kind = mime_type.partition("/")[0]
+    if kind == "audio" and first[:4] == b"RIFF" and first[8:12] == b"WAVE" and len(first) >= 32:
+        return size / max(1, int.from_bytes(first[28:32], "little"))  # the header's bytes per second
+    return {"image": 1.0, "application": float(max(pages, 1)), "audio": size / AUDIO_BYTES_PER_S,
+            "video": size / VIDEO_BYTES_PER_S, "text": size / CHARS_PER_TOKEN}[kind]  # fmt: skip
 
 
 def read_files(paths: list[Path | None]) -> list[bytes]:

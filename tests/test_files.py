@@ -4,6 +4,7 @@ them, and deleted once the job needs them no more."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -53,12 +54,14 @@ def csv_of(inputs: Path, rows: list[tuple[str, str, list[Path]]]) -> None:
 
 
 def test_a_thousand_rows_naming_200_images_get_their_own_images_and_each_large_one_is_uploaded_once(tmp_path, fake_gemini, run) -> None:
+    """The issue's own figures: 1,000 rows, 200 images each named by 5, half of them over a
+    1 MB inline limit (760 KB is over 1 MB in base64); then the same rows with --batch."""
     inputs = tmp_path / "inputs"
-    pictures = images(inputs / "photos", 200)
-    rows = [(f"r{i}", f"describe picture {i}", [pictures[i % 200]]) for i in range(1000)]  # each named by 5 rows
+    pictures = images(inputs / "photos", 200, small=10_000, large=760_000)
+    rows = [(f"r{i}", f"describe picture {i}", [pictures[i % 200]]) for i in range(1000)]
     csv_of(inputs, rows)
     server = fake_gemini()
-    result = run(inputs, "--inline-limit-mb", str(LIMIT_MB), "--workers", "20", "--shard-size", "100")
+    result = run(inputs, "--inline-limit-mb", "1", "--workers", "20", "--shard-size", "100")
     assert result.exit_code == 0, result.stderr
     assert sorted(server.answered.values()) == [1] * 1000 and len(result.records()) == 1000
     uploaded = {meta["uri"]: meta["sha256Hash"] for meta in server.file_meta.values()}
@@ -70,6 +73,13 @@ def test_a_thousand_rows_naming_200_images_get_their_own_images_and_each_large_o
     assert our_uploads(server) == Counter({sha(path): 1 for path in pictures[1::2]})  # each large image once
     assert "100 files uploaded" in result.stderr
     assert left_on_server(server) == []  # and none left once every row is answered
+
+    batch = run(inputs, "--batch", "--batch-poll-s", "0.01", "--inline-limit-mb", "1", output_dir=tmp_path / "batch")
+    assert batch.exit_code == 0, batch.stderr
+    requests = [request for job in server.batches.values() for _, request in job.requests]
+    assert len(requests) == 1000 and not any("inline_data" in part or "inlineData" in part for r in requests for part in r["contents"][-1]["parts"])
+    assert {r["id"]: r["response"] for r in batch.records()} == {r["id"]: r["response"] for r in result.records()}  # by key
+    assert left_on_server(server) == []
 
 
 def test_a_rows_files_go_after_its_text_in_order_and_urls_as_they_are(tmp_path, fake_gemini, run) -> None:
@@ -253,3 +263,20 @@ def test_uploads_ride_out_a_server_that_goes_away(tmp_path, fake_gemini, run) ->
     assert server.gone_at is not None and server.back_at is not None  # it did go away, and came back
     assert len(result.records()) == 40 and not result.failures()
     assert set(our_uploads(server)) == {sha(p) for p in pictures[1::2]} and left_on_server(server) == []
+
+
+def test_a_files_tokens_are_estimated_by_the_docs_figures(tmp_path) -> None:
+    pdf = tmp_path / "three_pages.pdf"
+    pdf.write_bytes(b"%PDF-1.4\n1 0 obj << /Type /Pages /Count 3 >>\n" + b"".join(b"obj << /Type /Page /Parent 1 0 R >>\n" for _ in range(3)))
+    wav = tmp_path / "two_seconds.wav"
+    header = b"RIFF" + (36 + 64_000).to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little") + bytes(8) + (32_000).to_bytes(4, "little") + bytes(8)
+    wav.write_bytes(header + bytes(64_000))  # 32,000 bytes a second, by its header
+    note = tmp_path / "note.txt"
+    note.write_text("x" * 400)
+    media = pipeline.Media(None, tmp_path, "", 20).read_all(tuple(pipeline.media_files([str(p.name) for p in (pdf, wav, note)], tmp_path)[0]))
+    seconds = wav.stat().st_size / 32_000  # the header's bytes count too
+    assert [file.units for file in media] == [3, seconds, 100]  # pages, seconds, tokens
+    prompt = pipeline.Prompt("a", "p", media=media)
+    assert pipeline.media_tokens(prompt) == 3 * 560 + round(seconds * 32) + 100
+    low = dataclasses.replace(prompt, config=pipeline.generation_config({"mediaResolution": "MEDIA_RESOLUTION_LOW"})[0])
+    assert pipeline.media_tokens(low) == 3 * 280 + round(seconds * 32) + 100

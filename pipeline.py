@@ -64,7 +64,7 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
 
 from __future__ import annotations
 
-__version__ = "0.13.0"  # --version prints it
+__version__ = "0.14.0"  # --version prints it
 
 import argparse
 import array

@@ -2732,7 +2732,7 @@ class Media:
         into its digest; or, if one cannot be sent, its error naming the file."""
         try:
             media = await asyncio.to_thread(self.read_all, prompt.media)
-            if self.client is not None and on_vertex() and not all(self.inline(prompt.text, media)):
+            if self.client is not None and on_vertex() and not all(now for file, now in zip(media, self.inline(prompt.text, media)) if file.path):
                 raise UnsendableFile("its files are over --inline-limit-mb, and Vertex AI has no Files API: name gs:// copies instead")
         except UnsendableFile as exc:
             prompt.error = f"{exc} ({prompt.origin or prompt.id})"
@@ -4202,8 +4202,8 @@ class Progress:
         return spend if spend is not None and spend.price is not None else None
 
     def postfix(self) -> str:
-        """What the bar shows after its count: the spend, failures, batch jobs, the server's state."""
-        parts = (self.cost(), f"{self.tally.failed} failed" if self.tally.failed else "", self.jobs()[2:], *self.server_state())
+        """What the bar shows after its count: the spend, failures, batch jobs, uploads, the server's state."""
+        parts = (self.cost(), f"{self.tally.failed} failed" if self.tally.failed else "", self.jobs()[2:], self.uploaded()[2:], *self.server_state())
         return "; ".join(part for part in parts if part)
 
     def server_state(self) -> tuple[str, str]:
@@ -4219,7 +4219,7 @@ class Progress:
         tally = self.tally
         done = tally.answered + tally.failed + tally.skipped
         rate = (tally.answered + tally.failed) / max(time.monotonic() - tally.started, 1e-9)
-        spent = "".join(f", {part}" for part in (self.cost(), *self.server_state()) if part)
+        spent = "".join(f", {part}" for part in (self.cost(), self.uploaded()[2:], *self.server_state()) if part)
         if tally.total is None:
             return f"{done}/? prompts, {tally.failed} failed, {rate:.1f}/s{spent}"
         eta = duration(max(tally.total - done, 0) / rate) if rate else "?"

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import random
+import re
 import shutil
 import signal
 import time
@@ -280,3 +281,14 @@ def test_a_files_tokens_are_estimated_by_the_docs_figures(tmp_path) -> None:
     assert pipeline.media_tokens(prompt) == 3 * 560 + round(seconds * 32) + 100
     low = dataclasses.replace(prompt, config=pipeline.generation_config({"mediaResolution": "MEDIA_RESOLUTION_LOW"})[0])
     assert pipeline.media_tokens(low) == 3 * 280 + round(seconds * 32) + 100
+
+
+def test_the_progress_counts_the_uploads(tmp_path, fake_gemini, run) -> None:
+    inputs = tmp_path / "inputs"
+    pictures = images(inputs / "photos", 12)
+    csv_of(inputs, [(f"r{i}", f"describe picture {i}", [pictures[i]]) for i in range(12)])
+    fake_gemini(latency_s=0.05)
+    result = run(inputs, "--inline-limit-mb", str(LIMIT_MB), "--workers", "1", "--progress-every-s", "0.1")
+    assert result.exit_code == 0, result.stderr
+    counts = [int(n) for n in re.findall(r"^\d+/12 prompts .*, (\d+) files? uploaded", result.stderr, re.MULTILINE)]
+    assert counts and counts == sorted(counts) and "6 files uploaded" in result.stderr.splitlines()[-2]

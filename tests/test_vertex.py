@@ -92,3 +92,22 @@ def test_vertex_ai_probes_a_host_that_went_away_with_the_models_own_path(tmp_pat
     result = run(write_prompts(tmp_path / "inputs", prompts), "--workers", "2")
     assert result.exit_code == 0, result.stderr
     assert vertex.model_gets >= 1  # the probe's models.get reached the fake server on Vertex AI's path
+
+
+def test_on_vertex_ai_gs_uris_go_as_they_are_and_a_file_too_large_to_carry_fails_its_row(tmp_path, vertex, run) -> None:
+    inputs = tmp_path / "inputs"
+    (inputs / "photos").mkdir(parents=True)
+    (inputs / "photos" / "small.png").write_bytes(b"\x89PNG" + bytes(1000))
+    (inputs / "photos" / "large.png").write_bytes(b"\x89PNG" + bytes(30_000))
+    rows = [
+        {"id": "gs", "prompt": "describe", "files": ["gs://bucket/photo.png", "photos/small.png"]},
+        {"id": "large", "prompt": "describe", "files": "photos/large.png"},
+    ]
+    (inputs / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = run(inputs, "--inline-limit-mb", "0.02")
+    assert result.exit_code == 1, result.stderr
+    [request] = vertex.requests
+    assert [(kind, mime) for kind, _, mime in request.media] == [("file", "image/png"), ("inline", "image/png")]
+    assert request.media[0][1] == "gs://bucket/photo.png" and vertex.upload_log == []
+    [failure] = result.failures()
+    assert failure["id"] == "large" and "Vertex AI has no Files API" in failure["error"]

@@ -2655,13 +2655,16 @@ async def open_cache(run: Run, generation: dict[str, Any], identity: str) -> Con
         log.info("using the context cache %s an earlier run of this job left", alive[0].name)
         await api_call(run, lambda: renewed(client, str(alive[0].name), CACHE_TTL_S))
         return ContextCache(client, str(alive[0].name), tokens, run.gate.spend)
-    created = await create_cache(run, generation, display_name)
+    if (created := await create_cache(run, generation, display_name)) is None:
+        return None
     log.info("created the context cache %s: %s tokens", created.name, f"{tokens:,}")
     return ContextCache(client, str(created.name), tokens, run.gate.spend)
 
 
 async def create_cache(run: Run, generation: dict[str, Any], display_name: str) -> Any:
-    """caches.create with the run's instruction, tools and context; a refusal stops the run."""
+    """caches.create with the run's instruction, tools and context. A prefix the API finds too
+    small (its minimum above CACHE_MIN_TOKENS's): None, and it is sent first instead; any other
+    refusal stops the run."""
     held = {k: generation[k] for k in CACHED_FIELDS if k in generation}
     config = {**held, "contents": run.maker.context or None, "ttl": f"{CACHE_TTL_S:.0f}s", "displayName": display_name}
     try:
@@ -2669,6 +2672,9 @@ async def create_cache(run: Run, generation: dict[str, Any], display_name: str) 
     except Exception as exc:
         if api_error_code(exc) is None:
             raise
+        if api_error_code(exc) == 400 and "too small" in str(getattr(exc, "message", "")).lower():
+            log.warning("--cache: the API finds the prefix too small to cache (%s): sent first in each request instead", describe(exc, run.settings))
+            return None
         raise PipelineError(f"--cache: the API would not create the cache ({describe(exc, run.settings)})") from None
 
 

@@ -238,3 +238,14 @@ def test_a_run_stopped_by_an_error_deletes_its_cache(tmp_path, fake_gemini, run)
     result = run(inputs, "--context", str(context_of(tmp_path, 2000)), "--cache")
     assert result.exit_code == 2 and "named twice" in result.stderr
     assert [event for event, _ in server.cache_events] == ["create", "delete"] and server.caches == {}
+
+
+def test_a_prefix_the_api_finds_too_small_to_cache_is_sent_first_instead(tmp_path, fake_gemini, run) -> None:
+    """CACHE_MIN_TOKENS says 1,024 for this model; an API that wants 4,096 says so, and the run goes on."""
+    inputs = write_prompts(tmp_path / "inputs", [f"question {i}" for i in range(5)], per_file=5)
+    server = fake_gemini()
+    server.cache_min_tokens = 4096
+    result = run(inputs, "--context", str(context_of(tmp_path, 2000)), "--cache")
+    assert result.exit_code == 0, result.stderr
+    assert "too small to cache" in result.stderr and server.caches == {} and server.cache_events == []
+    assert all(len(r.body["contents"]) == 2 and "cachedContent" not in r.body for r in server.requests)

@@ -4,7 +4,7 @@
     GEMINI_API_KEY=... python pipeline.py # the real thing
 
 Each *.jsonl or *.csv file in INPUT_DIR holds a request per row (its own id, system
-instruction, generation settings, fields of yours); in any other file each
+instruction, generation settings, the files it asks about, fields of yours); in any other file each
 non-blank line is one prompt, known by the id "<file name>:<line number>".
 Answers go to OUTPUT_DIR/shard_00000.jsonl,
 shard_00001.jsonl, ... (SHARD_SIZE records each); prompts that failed for good
@@ -4445,14 +4445,16 @@ environment:
                           key instead, Vertex AI express mode
 inputs:
   *.jsonl  a request per line: {"prompt": ..., "id": ..., "system_instruction": ...,
-           "config": {...}, other fields...}, or the Batch API's {"key", "request"}
-  *.csv    a header naming a prompt column (and optionally id, system_instruction),
-  *.tsv    comma- or tab-separated, as Excel writes them
+           "config": {...}, "files": [...], other fields...}, or the Batch API's {"key", "request"}
+  *.csv    a header naming a prompt column (and optionally id, system_instruction,
+  *.tsv    files: names separated by |), comma- or tab-separated, as Excel writes them
   others   a prompt per non-blank line, known as "<file name>:<line number>"
+           (images, PDFs, audio and video are not: rows name them, relative to INPUT_DIR)
 output:
   OUTPUT_DIR/shard_NNNNN.jsonl  one answer per line
   OUTPUT_DIR/failed.jsonl       prompts that failed for good
   OUTPUT_DIR/batch_jobs.jsonl   --batch: the jobs submitted, and their prompts
+  OUTPUT_DIR/uploads.jsonl      files rows named that went through the Files API, for reruns
   OUTPUT_DIR/job.json           the model and settings the folder's answers were asked with
 records: these fields in order, then the row's other fields (and postprocess()'s)
   a shard's:        {answer_fields}

@@ -327,6 +327,8 @@ class FakeGemini:
     _upload_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
     file_meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # uploads' File resources, by name
     upload_log: list[tuple[str, str]] = field(default_factory=list)  # (display name, SHA-256) of each upload, in order
+    processing_gets: int = 0  # an upload is PROCESSING for this many GETs of it, then ACTIVE (as a video is)
+    file_gets: Counter[str] = field(default_factory=Counter)  # GETs of each file, by name
     deleted_files: list[str] = field(default_factory=list)  # names deleted through the Files API, in order
     _upload_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _attempts: Counter[str] = field(default_factory=Counter)
@@ -695,7 +697,8 @@ class FakeGemini:
         file = {
             "name": name, "displayName": meta.get("displayName") or meta.get("display_name") or "",  # google-genai sends snake_case here
             "mimeType": meta.get("mimeType") or meta.get("mime_type") or "application/jsonl",
-            "sizeBytes": str(len(self.files[name])), "state": "ACTIVE", "uri": f"{self.base_url}/v1beta/{name}", "expirationTime": expires,
+            "sizeBytes": str(len(self.files[name])), "state": "PROCESSING" if self.processing_gets else "ACTIVE",
+            "uri": f"{self.base_url}/v1beta/{name}", "expirationTime": expires,
             "sha256Hash": hashlib.sha256(self.files[name]).hexdigest(),
         }  # fmt: skip
         self.file_meta[name] = file
@@ -718,7 +721,11 @@ class FakeGemini:
             del self.files[name]
             self.deleted_files.append(name)
             return Reply(200, {})
-        return Reply(200, self.file_meta.get(name, {"name": name, "state": "ACTIVE"}))
+        meta = self.file_meta.get(name, {"name": name, "state": "ACTIVE"})
+        self.file_gets[name] += 1
+        if self.file_gets[name] >= self.processing_gets:
+            meta["state"] = "ACTIVE"
+        return Reply(200, meta)
 
     def _file_refusal(self, request: Request) -> Reply | None:
         """A request naming an upload that does not exist (deleted, expired): the API's 403."""

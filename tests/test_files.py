@@ -292,3 +292,18 @@ def test_the_progress_counts_the_uploads(tmp_path, fake_gemini, run) -> None:
     assert result.exit_code == 0, result.stderr
     counts = [int(n) for n in re.findall(r"^\d+/12 prompts .*, (\d+) files? uploaded", result.stderr, re.MULTILINE)]
     assert counts and counts == sorted(counts) and "6 files uploaded" in result.stderr.splitlines()[-2]
+
+
+def test_a_video_is_asked_about_once_the_files_api_has_processed_it(tmp_path, fake_gemini, run) -> None:
+    inputs = tmp_path / "inputs"
+    (inputs / "clips").mkdir(parents=True)
+    (inputs / "clips" / "clip.mp4").write_bytes(bytes(30_000))
+    csv_of(inputs, [("a", "what happens", [inputs / "clips" / "clip.mp4"])])
+    server = fake_gemini()
+    server.processing_gets = 2
+    result = run(inputs, "--inline-limit-mb", str(LIMIT_MB))
+    assert result.exit_code == 0, result.stderr
+    [name] = list(server.file_gets)
+    assert server.file_gets[name] == 2 and server.file_meta[name]["mimeType"] == "video/mp4"  # polled until ACTIVE
+    [request] = server.requests
+    assert request.media == (("file", server.file_meta[name]["uri"], "video/mp4"),)

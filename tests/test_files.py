@@ -145,13 +145,14 @@ def test_an_edited_image_is_an_edited_input(tmp_path, fake_gemini, run) -> None:
 
 
 def test_after_kill_9_a_rerun_uploads_again_only_what_was_in_flight_and_leaves_nothing(tmp_path, fake_gemini, run) -> None:
+    """The issue's figures again: 1,000 rows, 200 images, half over a 1 MB inline limit."""
     inputs = tmp_path / "inputs"
-    pictures = images(inputs / "photos", 40)
-    rows = [(f"r{i}", f"describe picture {i}", [pictures[i % 40]]) for i in range(120)]
+    pictures = images(inputs / "photos", 200, small=10_000, large=760_000)
+    rows = [(f"r{i}", f"describe picture {i}", [pictures[i % 200]]) for i in range(1000)]
     csv_of(inputs, rows)
     with FakeGemini(echo, latency_s=0.05) as server:
-        process = start_pipeline(tmp_path, server, "--inline-limit-mb", str(LIMIT_MB), "--workers", "4")
-        assert wait_for_writes(process, 30)
+        process = start_pipeline(tmp_path, server, "--inline-limit-mb", "1", "--workers", "8")
+        assert wait_for_writes(process, 60)
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=30)
     journal = [json.loads(line) for line in (tmp_path / "outputs" / "uploads.jsonl").read_text().splitlines() if line.strip()]
@@ -160,13 +161,15 @@ def test_after_kill_9_a_rerun_uploads_again_only_what_was_in_flight_and_leaves_n
     assert recorded, "the kill came before any upload: this test would prove nothing"
     rerun_server = fake_gemini()
     rerun_server.files, rerun_server.file_meta = server.files, server.file_meta  # the same project
-    result = run(inputs, "--inline-limit-mb", str(LIMIT_MB), "--workers", "4", output_dir=tmp_path / "outputs")
+    result = run(inputs, "--inline-limit-mb", "1", "--workers", "20", output_dir=tmp_path / "outputs")
     assert result.exit_code == 0, result.stderr
     assert set(our_uploads(rerun_server)) & recorded == set()  # nothing recorded is uploaded again
     assert set(our_uploads(rerun_server)) - in_flight == {sha(p) for p in pictures[1::2]} - recorded - in_flight  # only what was never uploaded, or in flight
+    assert max(our_uploads(rerun_server).values()) == 1 and max(our_uploads(server).values()) == 1
     assert left_on_server(rerun_server) == []  # the kill's uploads too, found by their names
     ids = Counter(r["id"] for r in result.records())
-    assert len(ids) == 120 and set(ids.values()) == {1}
+    assert len(ids) == 1000 and set(ids.values()) == {1}
+    print(f"\nkill -9: {len(recorded)} uploads recorded, {len(in_flight)} in flight at the kill; the rerun made {len(our_uploads(rerun_server))}")
 
 
 def test_batch_jobs_name_uploads_never_inline_data(tmp_path, fake_gemini, run) -> None:

@@ -4051,13 +4051,10 @@ async def estimate(settings: Settings) -> Estimate:
     files = await table_headers_checked(await list_input_files(settings.input_dir))
     every = max(1, -(-sum([await count_rows(path) for path in files]) // (ESTIMATE_SAMPLE - 1)))  # one count is the prefix's
     found, sample, chars = Estimate(), {}, 0
-    for path in files:
-        with cannot_read(path):
-            async for prompts in read_prompts(path, maker):
-                for prompt in (p for p in prompts if not p.error):
-                    if found.prompts % every == 0 and len(sample) < ESTIMATE_SAMPLE - 1:
-                        sample.setdefault(prompt.text, prompt)
-                    found.prompts, chars, found.media_tokens = found.prompts + 1, chars + own_chars(prompt), found.media_tokens + media_tokens(prompt)
+    async for prompt in sendable_prompts(files, maker):
+        if found.prompts % every == 0 and len(sample) < ESTIMATE_SAMPLE - 1:
+            sample.setdefault(prompt.text, prompt)
+        found.prompts, chars, found.media_tokens = found.prompts + 1, chars + own_chars(prompt), found.media_tokens + media_tokens(prompt)
     client = connect(settings)
     try:
         found.prefix_tokens = await counted_tokens(client, settings, prefix_contents(maker.context, generation))
@@ -4068,6 +4065,20 @@ async def estimate(settings: Settings) -> Estimate:
     found.sampled, found.own_tokens = len(sample), chars * sum(counts) / sampled_chars if sampled_chars else 0.0
     found.output_tokens = found.prompts * settings.max_output_tokens if settings.max_output_tokens else found.own_tokens
     return found
+
+
+async def sendable_prompts(files: list[Path], maker: PromptMaker) -> AsyncIterator[Prompt]:
+    """The prompts of `files` that could be sent, the files they name read (for their
+    pages and seconds: see media_units) as a run would; those that could not are left out."""
+    media = Media(None, Path(), "", INLINE_LIMIT_MB)
+    for path in files:
+        with cannot_read(path):
+            async for prompts in read_prompts(path, maker):
+                for prompt in prompts:
+                    if prompt.media and not prompt.error:
+                        await media.resolve(prompt)
+                    if not prompt.error:
+                        yield prompt
 
 
 def own_chars(prompt: Prompt) -> int:
@@ -4101,7 +4112,7 @@ def estimate_table(settings: Settings, found: Estimate) -> str:
     price, minimum = price_of(settings.model), cache_minimum(settings.model)
     output_said = f"{settings.max_output_tokens:,} each at most (--max-output-tokens)" if settings.max_output_tokens else "assumed as many as each prompt's own (set --max-output-tokens for a bound)"
     lines = [
-        f"estimate for {settings.model}: {found.prompts:,} prompts (countTokens asked for {found.sampled:,} of them, scaled to all)",
+        f"estimate for {settings.model}: {found.prompts:,} prompt{'' if found.prompts == 1 else 's'} (countTokens asked for {found.sampled:,} of them, scaled to all)",
         f"  input tokens   {found.input_tokens:,.0f}, the shared prefix {found.prompts * found.prefix_tokens:,.0f} of them ({found.prefix_tokens:,} a request; a cache needs {minimum:,})",
         f"  output tokens  {found.output_tokens:,.0f}: {output_said}",
     ]

@@ -310,3 +310,15 @@ def test_a_video_is_asked_about_once_the_files_api_has_processed_it(tmp_path, fa
     assert server.file_gets[name] == 2 and server.file_meta[name]["mimeType"] == "video/mp4"  # polled until ACTIVE
     [request] = server.requests
     assert request.media == (("file", server.file_meta[name]["uri"], "video/mp4"),)
+
+
+def test_estimate_counts_a_pdfs_pages(tmp_path, run) -> None:
+    inputs = tmp_path / "inputs"
+    (inputs / "docs").mkdir(parents=True)
+    (inputs / "docs" / "report.pdf").write_bytes(b"%PDF-1.4\n" + b"".join(b"<< /Type /Page >>\n" for _ in range(10)))
+    csv_of(inputs, [("a", "summarise", [inputs / "docs" / "report.pdf"]), ("b", "summarise", [inputs / "docs" / "missing.pdf"])])
+    result = run(inputs, "--estimate", "--offline", "--media-resolution", "low")
+    assert result.exit_code == 0, result.stderr
+    assert ": 1 prompt (" in result.stdout  # the row naming a missing file is left out
+    own = len("summarise") // 4  # the offline count: characters / 4
+    assert f"input tokens   {10 * 280 + own:,}," in result.stdout  # ten pages at 280 tokens each

@@ -10,7 +10,6 @@ import math
 import re
 import types
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -156,7 +155,7 @@ def shown_run(spend: pipeline.Spend) -> pipeline.Progress:
     """A Progress showing a run whose Gate has this Spend, its host reachable, never full."""
     progress = pipeline.Progress()
     outage = pipeline.Outage(lambda: None, "example.test", 60, asyncio.Event())
-    progress.run = types.SimpleNamespace(gate=pipeline.Gate(None, None, spend), outage=outage, concurrency=pipeline.Concurrency(1), media=pipeline.Media(None, Path(), "", 20))
+    progress.run = types.SimpleNamespace(gate=pipeline.Gate(None, None, spend), outage=outage, concurrency=pipeline.Concurrency(1), media=pipeline.Media(None, None, "", 20))
     return progress
 
 

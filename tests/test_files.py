@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -277,7 +278,7 @@ def test_a_files_tokens_are_estimated_by_the_docs_figures(tmp_path) -> None:
     wav.write_bytes(header + bytes(64_000))  # 32,000 bytes a second, by its header
     note = tmp_path / "note.txt"
     note.write_text("x" * 400)
-    media = pipeline.Media(None, tmp_path, "", 20).read_all(tuple(pipeline.media_files([str(p.name) for p in (pdf, wav, note)], tmp_path)[0]))
+    media = pipeline.Media(None, None, "", 20).read_all(tuple(pipeline.media_files([str(p.name) for p in (pdf, wav, note)], tmp_path)[0]))
     seconds = wav.stat().st_size / 32_000  # the header's bytes count too
     assert [file.units for file in media] == [3, seconds, 100]  # pages, seconds, tokens
     prompt = pipeline.Prompt("a", "p", media=media)
@@ -322,3 +323,19 @@ def test_estimate_counts_a_pdfs_pages(tmp_path, run) -> None:
     assert ": 1 prompt (" in result.stdout  # the row naming a missing file is left out
     own = len("summarise") // 4  # the offline count: characters / 4
     assert f"input tokens   {10 * 280 + own:,}," in result.stdout  # ten pages at 280 tokens each
+
+
+def test_a_rerun_reads_no_file_again_unless_it_changed(tmp_path, fake_gemini, run, monkeypatch) -> None:
+    inputs = tmp_path / "inputs"
+    pictures = images(inputs / "photos", 6)
+    csv_of(inputs, [(f"r{i}", f"describe picture {i}", [pictures[i]]) for i in range(6)])
+    fake_gemini()
+    assert run(inputs, "--inline-limit-mb", str(LIMIT_MB)).exit_code == 0
+    read: list[Path] = []
+    real_digest = pipeline.file_digest
+    monkeypatch.setattr(pipeline, "file_digest", lambda path, mime_type: read.append(path) or real_digest(path, mime_type))
+    again = run(inputs, "--inline-limit-mb", str(LIMIT_MB))
+    assert again.exit_code == 0 and "all 6 prompts were answered before" in again.stderr
+    assert read == []  # each file known by its path, size and mtime (file_digests.jsonl)
+    os.utime(pictures[2], ns=(1, 1))  # touched, not edited: read again, and found the same
+    assert run(inputs, "--inline-limit-mb", str(LIMIT_MB)).exit_code == 0 and read == [pictures[2]]

@@ -9,7 +9,6 @@ import json
 import socket
 import time
 import types
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -199,7 +198,7 @@ def test_the_progress_line_says_what_the_run_waits_for(tmp_path) -> None:
     outage.episode = pipeline.Episode(time.monotonic() - 80, "connection refused", confirmed=True)
     concurrency = pipeline.Concurrency(400)
     concurrency.refusals, concurrency.limit = 1, 96.5
-    progress.run = types.SimpleNamespace(gate=pipeline.Gate(None), outage=outage, concurrency=concurrency, media=pipeline.Media(None, Path(), "", 20))
+    progress.run = types.SimpleNamespace(gate=pipeline.Gate(None), outage=outage, concurrency=concurrency, media=pipeline.Media(None, None, "", 20))
     line = progress.line()
     assert "waiting for example.test: connection refused, unreachable for 1m20s" in line
     assert "in flight: 96 of 400 allowed by the server" in line

@@ -2783,13 +2783,8 @@ class Media:
         """In the reading thread: append a file's hash to DIGESTS_FILE (one write, O_APPEND: whole
         lines; not synced, a lost one is read again)."""
         if self.digests is not None:
-            line = json_line({"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": known[0], "units": known[1]})
             with stop_on_os_error(f"cannot write {self.digests}"):
-                descriptor = os.open(self.digests, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                try:
-                    os.write(descriptor, line.encode())
-                finally:
-                    os.close(descriptor)
+                append_line(self.digests, {"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": known[0], "units": known[1]}, synced=False)
 
     def inline(self, text: str, media: tuple[MediaFile, ...]) -> list[bool]:
         """Which files a request carries inline: local ones, in order, while the request (its
@@ -2852,7 +2847,7 @@ class Media:
         assert self.journal is not None, "uploads are a run's, which has an output dir"
         self.journaled = True
         with stop_on_os_error(f"cannot write {self.journal}"):  # a full disk stops the run, as the writer's would
-            await asyncio.to_thread(append_synced, self.journal, json_line(line))
+            await asyncio.to_thread(append_line, self.journal, line)
 
     async def load(self) -> None:
         """The uploads earlier runs recorded and did not delete, and the hashes they read."""
@@ -2888,22 +2883,19 @@ class Media:
 
 
 async def journal_lines(path: Path | None) -> list[dict[str, Any]]:
-    """The JSON objects of a journal this pipeline appends to (none if it is not there); a
-    torn last line, left by a kill, is skipped; any other line not ours stops the run."""
-    try:
-        lines = (await asyncio.to_thread(path.read_text, encoding="utf-8")).splitlines() if path else []
-    except FileNotFoundError:
+    """The JSON objects of a journal this pipeline appends to (none if it is not there), its
+    torn last line removed (see complete_lines); a line not ours stops the run."""
+    if path is None or not ours(path).exists():
         return []
     entries = []
-    for number, line in enumerate(lines, 1):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            entry = None
-        if isinstance(entry, dict):
-            entries.append(entry)
-        elif number < len(lines):
-            raise PipelineError(f"{path}, line {number}, is not a line this pipeline wrote; {MOVE_IT_AWAY}")
+    async for first, lines in complete_lines(path, b'{"'):
+        for number, line in enumerate(lines, first):
+            try:
+                entries.append(entry := json.loads(line))
+                if not isinstance(entry, dict):
+                    raise TypeError
+            except (ValueError, TypeError):
+                raise PipelineError(f"{path}, line {number}, is not a line this pipeline wrote; {MOVE_IT_AWAY}") from None
     return entries
 
 
@@ -2948,11 +2940,16 @@ def read_files(paths: list[Path | None]) -> list[bytes]:
     return [path.read_bytes() for path in paths if path is not None]
 
 
-def append_synced(path: Path, line: str) -> None:
-    with path.open("a", encoding="utf-8") as file:
-        file.write(line)
-        file.flush()
-        os.fsync(file.fileno())
+def append_line(path: Path, record: dict[str, Any], synced: bool = True) -> None:
+    """Append `record` to a journal as one line: O_APPEND, the whole line written; fsynced
+    unless `synced` is False (a journal whose lost line costs only work done again)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:
+        write_all(fd, json_line(record).encode())
+        if synced:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------- batch --
@@ -3204,12 +3201,7 @@ class BatchJournal:
 
     def append(self, record: dict[str, Any]) -> None:
         with stop_on_os_error(f"cannot write to {self.path}"):
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-            try:
-                write_all(fd, json_line(record).encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_line(self.path, record)
 
     async def load(self) -> tuple[list[BatchJob], dict[str, list[Prompt]]]:
         """The jobs created; and the submissions whose fate is unknown, by display name."""
@@ -4130,7 +4122,7 @@ def prefix_contents(context: list[dict[str, Any]], generation: dict[str, Any]) -
 
 
 async def counted_tokens(client: Any, settings: Settings, contents: str | list[Any]) -> int:
-    """countTokens of `contents` (0 for none), a transient error tried again after a second."""
+    """countTokens of `contents` (0 for none), a transient error tried again after backoff_s."""
     if not contents:
         return 0
     for attempt in range(1, ESTIMATE_ATTEMPTS + 1):
@@ -4140,7 +4132,7 @@ async def counted_tokens(client: Any, settings: Settings, contents: str | list[A
             stop_if_fatal(kind := classify(exc), exc, settings)
             if kind == "permanent" or attempt == ESTIMATE_ATTEMPTS:
                 raise PipelineError(f"--estimate: countTokens failed ({describe(exc, settings)})") from None
-            await asyncio.sleep(attempt)
+            await asyncio.sleep(backoff_s(attempt, exc, settings))
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -247,10 +247,14 @@ def test_a_full_disk_while_recording_an_upload_stops_the_run_in_one_line(tmp_pat
     pictures = images(inputs / "photos", 4)
     csv_of(inputs, [(f"r{i}", f"describe picture {i}", [pictures[i]]) for i in range(4)])
 
-    def full(path, line):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real_append = pipeline.append_line
 
-    monkeypatch.setattr(pipeline, "append_synced", full)
+    def full(path, record, synced=True):  # the disk fills as the first upload is journaled
+        if path.name == pipeline.UPLOADS_FILE:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_append(path, record, synced)
+
+    monkeypatch.setattr(pipeline, "append_line", full)
     fake_gemini()
     result = run(inputs, "--inline-limit-mb", str(LIMIT_MB), "--workers", "1")
     assert result.exit_code == 2 and "Traceback" not in result.stderr
@@ -339,3 +343,18 @@ def test_a_rerun_reads_no_file_again_unless_it_changed(tmp_path, fake_gemini, ru
     assert read == []  # each file known by its path, size and mtime (file_digests.jsonl)
     os.utime(pictures[2], ns=(1, 1))  # touched, not edited: read again, and found the same
     assert run(inputs, "--inline-limit-mb", str(LIMIT_MB)).exit_code == 0 and read == [pictures[2]]
+
+
+def test_a_journal_line_torn_by_a_kill_is_removed_before_the_next_append(tmp_path, fake_gemini, run) -> None:
+    inputs = tmp_path / "inputs"
+    pictures = images(inputs / "photos", 4)
+    csv_of(inputs, [(f"r{i}", f"describe picture {i}", [pictures[i]]) for i in range(2)])
+    fake_gemini()
+    assert run(inputs, "--inline-limit-mb", str(LIMIT_MB)).exit_code == 0
+    digests = tmp_path / "outputs" / pipeline.DIGESTS_FILE
+    with digests.open("a") as file:
+        file.write('{"path": "half a li')  # a kill in the middle of a write
+    csv_of(inputs, [(f"r{i}", f"describe picture {i}", [pictures[i]]) for i in range(4)])  # two rows more: two lines appended
+    assert run(inputs, "--inline-limit-mb", str(LIMIT_MB)).exit_code == 0
+    assert run(inputs, "--inline-limit-mb", str(LIMIT_MB)).exit_code == 0  # the journal reads whole again
+    assert [json.loads(line)["path"] for line in digests.read_text().splitlines()] == [str(p) for p in pictures]

@@ -105,7 +105,7 @@ import dataclasses
 from dataclasses import dataclass, field, make_dataclass
 from json.decoder import scanstring
 from pathlib import Path
-from stat import S_ISREG
+from stat import S_ISDIR, S_ISREG
 from types import SimpleNamespace
 from typing import Annotated, Any, BinaryIO
 
@@ -117,6 +117,7 @@ import aiofiles.os
 # kind (defined below) says what a value must be; the comment is its --help. Every one is
 # also the flag --name-in-lower-case (WORKERS is --workers), whose default is the value.
 INPUT_DIR: Folder = "inputs"  # folder of prompt files: *.jsonl and *.csv a request per row, other files a prompt per line
+FILES_DIR: Folder | None = None  # the folder the files rows name are relative to, and the only one they are read from (unset: INPUT_DIR)
 OUTPUT_DIR: Folder = "outputs"  # where shards and failed.jsonl are written (created if missing)
 MODEL: Text = "gemini-flash-latest"  # the Gemini model that answers every prompt
 SYSTEM_INSTRUCTION: Text | None = None  # system instruction for every request (a row's own replaces it)
@@ -136,7 +137,7 @@ MAX_ATTEMPTS: AtLeastOne = 5  # tries per prompt, the first included, before it 
 TIMEOUT_S: Positive | None = None  # seconds before one request is abandoned and retried (unset: 60, or 900 with --service-tier flex)
 RETRY_BASE_S: Positive = 1.0  # first back-off after a transient failure, in seconds; doubles each attempt
 RETRY_MAX_S: Positive = 60.0  # longest back-off between two attempts, in seconds (server-given delays excepted)
-OUTAGE_LIMIT_S: Positive = 900.0  # how long the API's host may stay unreachable before the run stops, to be rerun (30 s if it never answered)
+OUTAGE_LIMIT_S: Positive = 900.0  # how long the API's host may stay unreachable before the run stops, to be rerun (25 s if it never answered)
 RPM: Positive | None = None  # requests per minute your quota allows: requests start evenly spaced below it (unset: no limit)
 TPM: Positive | None = None  # input tokens per minute your quota allows: requests start so as to stay below it (unset: no limit)
 MAX_COST_USD: Positive | None = None  # stop starting requests before the estimated spend passes this many US dollars (unset: no limit)
@@ -234,6 +235,7 @@ MEDIA_TYPES = ("image/", "audio/", "video/", "text/", "application/pdf")  # the 
 MEDIA_ONLY = ("image/", "audio/", "video/", "application/pdf")  # files in INPUT_DIR that are not read as prompts, only named by rows
 MIME_TYPES = {"audio/x-wav": "audio/wav", "audio/x-flac": "audio/flac"}  # the names mimetypes gives that the API spells otherwise
 FILES_API_MAX_BYTES = 2 << 30  # the Files API takes a file up to 2 GB
+RACY_S = 2.0  # a file changed this close to its hashing is hashed again at each send: a coarse clock may hide an edit
 UPLOADS_AT_ONCE = 8  # uploads to the Files API in flight at once, at most
 UPLOAD_MARGIN_S = 3600.0  # an upload is used again until this long before it expires (48 h after it was made)
 UPLOADS_FILE = "uploads.jsonl"  # in OUTPUT_DIR: each upload made (hash, size, name, uri, expiry), and each deleted
@@ -244,7 +246,7 @@ UPLOAD_PROCESSING_POLLS = 600  # an upload still PROCESSING after this many look
 NON_TEXT_PART_TOKENS = 258  # an image or file part, estimated as one image tile (Gemini's documented cost per tile)
 MAX_NESTING = 64  # a JSONL row nested deeper is refused: every JSON reader can take it back
 FAIL_FAST_OUTCOMES = 20  # when this many first outcomes are all one permanent error, the run stops
-OUTAGE_AT_START_S = 30.0  # a host that never answered and stays unreachable this long: a wrong address, or no network
+OUTAGE_AT_START_S = 25.0  # a host that never answered and stays unreachable this long: a wrong address, or no network (a stop within 30 s)
 PROBE_FIRST_S = 0.5  # during an outage the probe asks at once, then after this long, doubling...
 PROBE_MAX_S = 5.0  # ...to at most this: the run notices within seconds that the way is open again
 PROBE_TIMEOUT_S = 10.0  # a probe unanswered this long counts as the host unreachable
@@ -755,7 +757,7 @@ class Run:
     name: str = field(default_factory=lambda: os.urandom(3).hex())  # names this run's journal files
     fail_fast: FailFast = field(default_factory=lambda: FailFast())  # stops a run whose every prompt fails alike
     leftovers: list[asyncio.Task[None]] = field(default_factory=list)  # an earlier run's work this one finishes
-    media: Media = field(default_factory=lambda: Media(None, None, "", INLINE_LIMIT_MB))  # the files rows name: read, inline or uploaded
+    media: Media = field(default_factory=lambda: Media(FilesFolder(Path()), INLINE_LIMIT_MB))  # the files rows name: read, inline or uploaded
 
     @property
     def tally(self) -> Tally:
@@ -806,22 +808,21 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
         cleanup.enter_context(stopped_by_signals(asyncio.current_task()))  # a long start-up scan too
         generation, context = job_generation(settings), context_turns(settings.context)
         identity = job_identity(settings, generation, context)
+        files = await table_headers_checked(await list_input_files(settings.input_dir))
+        client, gate, outage = await reach_host(settings, progress, cleanup)  # before any file is made
+        cleanup.enter_context(output_dir_locked(made_output_dir(settings.output_dir)))
         with stop_on_os_error(f"cannot read {settings.output_dir}"):
             past = await load_past_runs(settings.output_dir)
         if record_job(settings, job_settings(generation, context), answered=bool(past.answered or past.journaled)) or settings.retry_failed:
             past.refused.clear()
         progress.tally.skipped = len(past.answered)
         cleanup.push_async_callback(stop, *progress.start(settings))
-        client = connect(settings)
-        cleanup.push_async_callback(client.aio.aclose)
-        depth, maker = queue_depth(settings), PromptMaker.of(request_generation(settings, generation), context, settings.input_dir)
-        files = await table_headers_checked(await list_input_files(settings.input_dir))
-        gate = open_gate(settings)
+        depth, maker = queue_depth(settings), PromptMaker.of(request_generation(settings, generation), context, files_dir(settings))
         run = Run(
-            settings, progress, client, gate, watch_host(settings, client, gate, progress), Concurrency(settings.workers),
+            settings, progress, client, gate, outage, Concurrency(settings.workers),
             maker, past, postprocessor, prompts=asyncio.Queue(maxsize=depth), outcomes=asyncio.Queue(maxsize=depth),
             files=iter(files), shard_numbers=itertools.count(past.next_shard), ids=Ids({path.name: path for path in files}, maker),
-            media=Media(client, settings.output_dir, job_tag(identity), settings.inline_limit_mb),
+            media=Media(FilesFolder(files_dir(settings)), settings.inline_limit_mb, client, settings.output_dir, job_tag(identity)),
         )  # fmt: skip
         progress.run = run
         await hold_on_google(run, generation, identity, cleanup)
@@ -834,6 +835,18 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
             progress.tally.left_alone = past.left_alone
         for path in past.arrival_files:  # the run is complete: what they held is in synced shards now
             path.unlink()
+
+
+async def reach_host(settings: Settings, progress: Progress, cleanup: contextlib.AsyncExitStack) -> tuple[Any, Gate, Outage]:
+    """The client, its gate and its host's watch, once the host has answered: a start
+    refused for no network or a wrong address leaves nothing behind (no output folder)."""
+    client = connect(settings)
+    cleanup.push_async_callback(client.aio.aclose)
+    gate = open_gate(settings)
+    outage = watch_host(settings, client, gate.closed_event, progress)
+    if not settings.offline:
+        await outage.first_answer()
+    return client, gate, outage
 
 
 async def hold_on_google(run: Run, generation: dict[str, Any], identity: str, cleanup: contextlib.AsyncExitStack) -> None:
@@ -856,13 +869,14 @@ def open_gate(settings: Settings) -> Gate:
     return Gate(settings.rpm, settings.tpm, spend)
 
 
-def watch_host(settings: Settings, client: Any, gate: Gate, progress: Progress) -> Outage:
+def watch_host(settings: Settings, client: Any, closed: asyncio.Event, progress: Progress | None = None) -> Outage:
     """The Outage watch of the host the client talks to; its probe asks for the model's card."""
     options = getattr(getattr(client, "_api_client", None), "_http_options", None)  # the SDK's resolved base URL
     url = urllib.parse.urlsplit(str(getattr(options, "base_url", None) or ""))
     host = f"{url.hostname}{f':{url.port}' if url.port else ''}" if url.hostname else "the API"
-    outage = Outage(lambda: client.aio.models.get(model=settings.model), host, settings.outage_limit_s, gate.closed_event)
-    outage.changed = progress.refresh
+    outage = Outage(lambda: client.aio.models.get(model=settings.model), host, settings.outage_limit_s, closed)
+    if progress is not None:
+        outage.changed = progress.refresh
     return outage
 
 
@@ -1006,6 +1020,11 @@ def connect(settings: Settings) -> Any:
         return genai.Client(vertexai=True, api_key=key, http_options=options)
     project, location = os.environ["GOOGLE_CLOUD_PROJECT"], os.environ["GOOGLE_CLOUD_LOCATION"]  # see check_credentials
     return genai.Client(vertexai=True, project=project, location=location, http_options=options)
+
+
+def files_dir(settings: Settings) -> Path:
+    """FILES_DIR, the folder rows' files are named from; unset, the input folder."""
+    return settings.files_dir or settings.input_dir
 
 
 def request_timeout_s(settings: Settings) -> float:
@@ -1152,7 +1171,7 @@ class PromptMaker:
     context: list[dict[str, Any]] = field(default_factory=list)  # CONTEXT, one user turn sent before each prompt's own; []: none
     cached: dict[str, Any] | None = None  # with a cache (see naming): `generation` less what went into the cache, plus its name
     prefix_tokens: int = 0  # estimated input tokens each request sends or names besides its own: the context (and a cached instruction)
-    media_root: Path = Path()  # INPUT_DIR: the folder the names of the files rows name are relative to
+    media_root: Path = Path()  # FILES_DIR: the folder the names of the files rows name are relative to
 
     @classmethod
     def of(cls, generation: dict[str, Any], context: list[dict[str, Any]] | None = None, media_root: Path = Path()) -> PromptMaker:
@@ -1262,7 +1281,7 @@ def media_files(value: Any, root: Path) -> tuple[tuple[MediaFile, ...], str | No
         if scheme not in ("", "https", "gs") or (scheme == "gs" and not on_vertex()):
             return (), f"file {name}: " + ("gs:// URIs need Vertex AI" if scheme == "gs" else "a URL must be https:// (or gs:// on Vertex AI)")
         if not scheme and (Path(name).is_absolute() or ".." in Path(name).parts):  # a row must not send files from elsewhere
-            return (), f"file {name}: not inside the input folder (name it relative to {root}, without ..)"
+            return (), f"file {name}: not inside the files folder (name it relative to {root}, without ..)"
         media.append(MediaFile(name, mime, None if scheme else root / name))
     return tuple(media), None
 
@@ -1535,12 +1554,22 @@ async def list_input_files(input_dir: Path) -> list[Path]:
 
 def is_input_file(entry: os.DirEntry[str]) -> bool:
     """Whether a folder entry is a file to read: a regular file, or a link to one, that is
-    not an image, a recording or a PDF (rows name those: lines of bytes are no prompts). A
-    link that cannot be followed (a loop, say) stops the run with one line naming it."""
+    not an image, a recording or a PDF (rows name those: lines of bytes are no prompts).
+    Folders are passed over; a FIFO, socket or device (reading one could hang the run or
+    never end), or a link that cannot be followed (a loop, say), stops the run with one line."""
+    if (mimetypes.guess_type(entry.name, strict=False)[0] or "").startswith(MEDIA_ONLY):
+        return False  # a row's file, checked when a row names it (FilesFolder)
     try:
-        return entry.is_file() and not (mimetypes.guess_type(entry.name, strict=False)[0] or "").startswith(MEDIA_ONLY)
+        mode = entry.stat().st_mode
+    except FileNotFoundError:
+        return False  # a link to nothing, or a file gone since the listing
     except OSError as exc:
         raise PipelineError(f"input file {entry.path}: {exc.strerror or exc}") from None
+    if S_ISDIR(mode):
+        return False
+    if not S_ISREG(mode):
+        raise PipelineError(f"input file {entry.path} is not a regular file (a FIFO, socket or device): move it out of the input folder")
+    return True
 
 
 def natural_key(name: str) -> list[Any]:
@@ -1899,7 +1928,7 @@ def final_failure(exc: Exception, kind: str, prompt: Prompt, attempt: int, run: 
         raise PipelineError(f"the API refuses the setting {setting}: {describe(exc, settings)}")
     if api_error_code(exc) == 429:
         run.tally.rate_limited += 1
-    if kind == "permanent" or attempt == settings.max_attempts:
+    if kind in ("permanent", "edited") or attempt == settings.max_attempts:
         return Failure(prompt, describe(exc, settings), attempt, permanent=kind == "permanent")
     return None
 
@@ -1978,13 +2007,16 @@ def enum_text(value: Any) -> str | None:
 
 
 def classify(exc: BaseException) -> str:
-    """What a failed request means: 'auth', 'daily quota' and 'cache gone' (the run's cache was deleted) stop the run; 'rate limit'
+    """What a failed request means: 'auth', 'daily quota' and 'cache gone' (the run's cache was deleted) stop the run; 'edited' (a
+    file changed after its row was read) fails its prompt, not for good; 'rate limit'
     (a 429 naming a per-minute quota) pauses every generator; 'capacity' (a 429 naming
     none, a 503 "overloaded": the server is full) lowers the requests in flight (see
     Concurrency); 'transient' is retried; 'permanent' fails the prompt.
 
     google-genai raises APIError carrying the HTTP status as `.code`; it is read
     here without importing the SDK, so that --offline starts fast."""
+    if isinstance(exc, EditedFile):  # a file changed under the run: not sent, and no retry sends it
+        return "edited"
     if type(exc).__module__.startswith("google.auth"):  # Vertex AI: credentials that cannot be refreshed...
         return "transient" if type(exc).__name__ == "TransportError" else "auth"  # ...or not now: the network
     if (code := api_error_code(exc)) is not None:
@@ -2126,7 +2158,7 @@ def describe(exc: BaseException, settings: Settings) -> str:
         message = getattr(exc, "message", None) or (body.get("error") if isinstance(body, dict) else body) or ""
         text = f"{' '.join(str(part) for part in (code, getattr(exc, 'status', None)) if part)}: {message}"
     else:
-        text = f"{type(exc).__name__}: {exc}"
+        text = str(exc) if isinstance(exc, UnsendableFile) else f"{type(exc).__name__}: {exc}"
     text = redact(" ".join(writable(text).split()))  # an HTML error page would otherwise fill the screen; before the cut,
     return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"  # which could leave part of a key
 
@@ -2464,6 +2496,11 @@ class Outage:
         await self.passed()
         return episode.confirmed
 
+    async def first_answer(self) -> None:
+        """Before the run writes anything: return once the host has answered the probe;
+        raise the one-line error if it does not within OUTAGE_AT_START_S (or --outage-limit-s)."""
+        await self.wait_out("no answer")  # passed() raises the error, if it comes to that
+
     def never_reached(self) -> bool:
         """Whether the host has been unreachable since the run began: a wrong address, or no network."""
         return not self.reached and self.episode is not None
@@ -2711,6 +2748,128 @@ class UnsendableFile(ValueError):
     """A file a row names that cannot be sent: its row fails, naming it and why."""
 
 
+class EditedFile(UnsendableFile):
+    """A file whose bytes changed after its row was read (and hashed): its row fails, not for
+    good, and is never sent with the new bytes under the old hash; a rerun reads it anew."""
+
+
+class FilesFolder:
+    """FILES_DIR, the one folder the files rows name are read from. Rows are data, often
+    written by someone else: a name must not make the run read and send what the user did
+    not put there, through `..`, a link out of the folder, or a link into /proc (the process
+    environment holds the API key). Each name is resolved once a run, links followed, and
+    its real path must lie inside the folder's; the file is then opened there without
+    following a link, and the open file itself is checked: it is the file at that real path
+    (so nothing was swapped between the check and the read) and a regular file (no device,
+    FIFO or socket). Its bytes are counted against its size as they are read (see
+    file_digest, read_checked): a /proc or /sys file, or one that grows, does not match."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root  # as the settings give it: relative names are joined to it (media_files)
+        self.real_root = os.path.realpath(root)  # where it really is: every file must be inside
+        self.resolved: dict[Path, str] = {}  # a file's path as named -> its real path, once checked to be inside
+        self.verified: dict[str, tuple[str | int, ...]] = {}  # real path -> the SHA-256 its bytes last hashed to, and its stat then (read_checked)
+
+    def real_path(self, file: MediaFile) -> str:
+        """Where `file` really is, links followed; UnsendableFile if that is outside the folder."""
+        assert file.path is not None
+        if (real := self.resolved.get(file.path)) is None:
+            real = os.path.realpath(file.path)
+            if os.path.commonpath([real, self.real_root]) != self.real_root:
+                raise UnsendableFile(f"file {file.name}: resolves outside {self.root} (to {shown_path(real, self.real_root)})")
+            self.resolved[file.path] = real
+        return real
+
+    def open(self, file: MediaFile) -> tuple[BinaryIO, os.stat_result]:
+        """`file`, opened read-only where it was checked to be, and its fstat: a regular file's.
+        In a thread: it touches the disk."""
+        real = self.real_path(file)
+        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: no link swapped in since
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            unusual = exc.errno in (errno.ENXIO, errno.ELOOP, errno.EOPNOTSUPP)  # a socket; a link swapped in
+            raise UnsendableFile(f"file {file.name}: " + ("not a regular file" if unusual else exc.strerror or str(exc))) from None
+        try:
+            stat = os.fstat(fd)
+            if not S_ISREG(stat.st_mode):
+                raise UnsendableFile(f"file {file.name}: not a regular file")
+            if opened_path(fd) not in (real, None):
+                raise UnsendableFile(f"file {file.name}: moved while it was opened")
+            if stat.st_size > FILES_API_MAX_BYTES:
+                raise UnsendableFile(f"file {file.name}: over the Files API's 2 GB")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        stream = os.fdopen(fd, "rb", buffering=0)
+        return stream, stat
+
+    def read_checked(self, file: MediaFile) -> bytes:
+        """In a thread: `file`'s bytes, as they were when its row was read (EditedFile if not).
+        Hashed again unless the open file's stat, taken after the read, is the one seen when
+        these bytes last hashed to file.sha256 (a write changes its ctime, which no user can
+        set back); a file whose ctime was within RACY_S of that hash is hashed every time, as
+        git does, for file systems whose clocks tick too coarsely to show a quick edit."""
+        stream, _ = self.open(file)
+        started_ns = time.time_ns()
+        with stream:
+            data = stream.read(file.size + 1)
+            stat = os.fstat(stream.fileno())
+        seen = (file.sha256, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        if self.verified.get(self.real_path(file)) == seen:
+            return data
+        if len(data) != file.size or hashlib.sha256(data).hexdigest() != file.sha256:
+            raise EditedFile(f"file {file.name} changed after its row was read: not sent (a rerun reads it again)")
+        if started_ns - max(stat.st_mtime_ns, stat.st_ctime_ns) > RACY_S * 1e9:
+            self.verified[self.real_path(file)] = seen
+        return data
+
+
+def opened_path(fd: int) -> str | None:
+    """The path of the file open as `fd`, as the kernel knows it (None where it cannot say)."""
+    with contextlib.suppress(OSError):
+        return os.readlink(f"/proc/self/fd/{fd}")
+    return None
+
+
+def shown_path(real: str, root: str) -> str:
+    """`real` for a message: relative to `root` when it is next to it, else as it is."""
+    relative = os.path.relpath(real, root)
+    return relative if relative.count("..") <= 1 else real
+
+
+class CheckedUpload(io.RawIOBase):
+    """A file as an upload reads it: front to back, hashed as it goes. The read that would
+    hand over its last bytes raises EditedFile instead when they are not the bytes hashed
+    when its row was read, so an edited file's upload never completes (nothing is made)."""
+
+    def __init__(self, stream: BinaryIO, file: MediaFile) -> None:
+        self.stream = stream  # opened by FilesFolder.open
+        self.file = file  # its size and SHA-256 as hashed
+        self.digest = hashlib.sha256()  # of what was read so far
+        self.count = 0  # bytes read so far
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True  # the SDK seeks to the end and back for the size
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.stream.read(size)
+        self.digest.update(chunk)
+        self.count += len(chunk)
+        if (self.count >= self.file.size or not chunk) and (self.count, self.digest.hexdigest()) != (self.file.size, self.file.sha256):
+            raise EditedFile(f"file {self.file.name} changed after its row was read: not uploaded (a rerun reads it again)")
+        return chunk
+
+
 class Media:
     """The files rows name. Each local file is read once for its SHA-256, part of its row's
     fingerprint (an edited image is an edited input), and sent inline while its request
@@ -2723,8 +2882,9 @@ class Media:
     rerun reads again only a file that changed (hashing runs at about 1.2 GB/s here: a rerun
     of 200,000 photos of 1 MB would otherwise read them all before it could skip one)."""
 
-    def __init__(self, client: Any, output_dir: Path | None, tag: str, limit_mb: float) -> None:
+    def __init__(self, folder: FilesFolder, limit_mb: float, client: Any = None, output_dir: Path | None = None, tag: str = "") -> None:
         self.client = client  # the run's genai client: its Files API
+        self.folder = folder  # FILES_DIR: the only place the files are read from
         self.journal = output_dir / UPLOADS_FILE if output_dir else None  # each upload started, made, and deleted
         self.digests = output_dir / DIGESTS_FILE if output_dir else None  # each file's hash once read (None: an estimate, keeping nothing)
         self.tag = tag  # the job's, in each upload's display name
@@ -2763,13 +2923,12 @@ class Media:
                 read.append(file)
                 continue
             try:
-                stat = file.path.stat()
-                if not S_ISREG(stat.st_mode) or stat.st_size > FILES_API_MAX_BYTES:
-                    raise UnsendableFile(f"file {file.name}: " + ("not a file" if not S_ISREG(stat.st_mode) else "over the Files API's 2 GB"))
-                key = (str(file.path), stat.st_size, stat.st_mtime_ns)
-                if (known := self.hashes.get(key)) is None:
-                    known = self.hashes[key] = file_digest(file.path, file.mime_type)
-                    self.keep_digest(key, known)
+                stream, stat = self.folder.open(file)
+                with stream:
+                    key = (self.folder.real_path(file), stat.st_size, stat.st_mtime_ns)
+                    if (known := self.hashes.get(key)) is None:
+                        known = self.hashes[key] = file_digest(stream, file, stat.st_size)
+                        self.keep_digest(key, known)
             except OSError as exc:
                 raise UnsendableFile(f"file {file.name}: {exc.strerror or exc}") from None
             except UnsendableFile:
@@ -2796,12 +2955,16 @@ class Media:
             room -= size if carried[-1] else 0
         return carried
 
+    def read_inline(self, files: list[MediaFile]) -> list[bytes]:
+        """In a thread: the bytes of files going inline, each as it was hashed (see FilesFolder.read_checked)."""
+        return [self.folder.read_checked(file) for file in files]
+
     async def contents(self, prompt: Prompt, asked: str | list[Any], inline: bool = True) -> list[Any]:
         """`asked` (its turns, or its text) with `prompt`'s files after its text: inline, or as
         the URI of their upload (made now if need be; with inline=False, all of them: --batch)."""
         turns = asked if isinstance(asked, list) else [user_turn(asked)]
         carried = self.inline(prompt.text, prompt.media) if inline else [False] * len(prompt.media)
-        data = iter(await asyncio.to_thread(read_files, [file.path for file, now in zip(prompt.media, carried) if now]))
+        data = iter(await asyncio.to_thread(self.read_inline, [file for file, now in zip(prompt.media, carried) if now]))
         parts = []
         for file, now in zip(prompt.media, carried):
             if now:
@@ -2829,7 +2992,9 @@ class Media:
         async with self.slots:
             await self.write({"uploading": file.sha256, "file": file.name})
             config = {"mime_type": file.mime_type, "display_name": f"{UPLOAD_NAME_PREFIX}{self.tag} {file.sha256}"}
-            made = await self.client.aio.files.upload(file=file.path, config=config)
+            stream, _ = await asyncio.to_thread(self.folder.open, file)  # the file checked, read by the upload itself
+            with stream:
+                made = await self.client.aio.files.upload(file=CheckedUpload(stream, file), config=config)
             made = await processed(self.client, made)
         expires = made.expiration_time.timestamp() if made.expiration_time else time.time() + 47 * 3600
         upload = self.uploads[file.sha256] = Upload(file.sha256, file.size, str(made.name), str(made.uri), file.mime_type, expires)
@@ -2912,17 +3077,21 @@ async def processed(client: Any, made: Any) -> Any:
     raise UnsendableFile(f"the Files API still processes {made.name}")
 
 
-def file_digest(path: Path, mime_type: str) -> tuple[str, float]:
-    """A file's SHA-256, and its length in the units its tokens are counted by (see media_units), in one read."""
-    digest, pages, first, tail = hashlib.sha256(), 0, b"", b""
-    with path.open("rb") as file:
-        while chunk := file.read(READ_CHUNK_BYTES):
-            digest.update(chunk)
-            if mime_type == "application/pdf":
-                pages += len(PDF_PAGE.findall(tail + chunk)) - len(PDF_PAGE.findall(tail))  # a page object across two chunks counts once
-                tail = chunk[-64:]
-            first = first or chunk[:64]
-    return digest.hexdigest(), media_units(mime_type, path.stat().st_size, first, pages)
+def file_digest(stream: BinaryIO, file: MediaFile, size: int) -> tuple[str, float]:
+    """A file's SHA-256, and its length in the units its tokens are counted by (see media_units),
+    in one read. UnsendableFile if it reads more or fewer bytes than its size (/proc, /sys, a
+    file being written): those bytes are not what the folder holds."""
+    digest, pages, first, tail, count = hashlib.sha256(), 0, b"", b"", 0
+    while chunk := stream.read(READ_CHUNK_BYTES):
+        digest.update(chunk)
+        count += len(chunk)
+        if file.mime_type == "application/pdf":
+            pages += len(PDF_PAGE.findall(tail + chunk)) - len(PDF_PAGE.findall(tail))  # a page object across two chunks counts once
+            tail = chunk[-64:]
+        first = first or chunk[:64]
+    if count != size:
+        raise UnsendableFile(f"file {file.name}: read {count:,} bytes where its size says {size:,} (not a plain file, or one being written)")
+    return digest.hexdigest(), media_units(file.mime_type, size, first, pages)
 
 
 def media_units(mime_type: str, size: int, first: bytes, pages: int) -> float:
@@ -2934,10 +3103,6 @@ def media_units(mime_type: str, size: int, first: bytes, pages: int) -> float:
         return size / max(1, int.from_bytes(first[28:32], "little"))  # the header's bytes per second
     return {"image": 1.0, "application": float(max(pages, 1)), "audio": size / AUDIO_BYTES_PER_S,
             "video": size / VIDEO_BYTES_PER_S, "text": size / CHARS_PER_TOKEN}[kind]  # fmt: skip
-
-
-def read_files(paths: list[Path | None]) -> list[bytes]:
-    return [path.read_bytes() for path in paths if path is not None]
 
 
 def append_line(path: Path, record: dict[str, Any], synced: bool = True) -> None:
@@ -2996,19 +3161,35 @@ async def gather_job(run: Run) -> list[Prompt]:
 
 
 async def run_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal) -> None:
-    """Submit a job, wait for it to end, and queue an outcome for each of its prompts."""
+    """Submit a job, wait for it to end, and queue an outcome for each of its prompts. A
+    prompt whose file cannot be uploaded (it changed since it was read) fails alone."""
+    with_files, results = await files_uploaded(run, job_prompts)
+    sendable = [prompt for prompt in job_prompts if prompt.id not in {failure.prompt.id for failure in results}]
     try:
-        job = await submit_job(run, job_prompts, journal)
+        job = await submit_job(run, sendable, journal, with_files) if sendable else None
     except PipelineError:
         raise
     except Exception as exc:  # noqa: BLE001 (the API refused the job: its prompts fail, with the reason)
-        results: list[Outcome] = all_failed(job_prompts, f"batch job not created: {describe(exc, run.settings)}")
+        results += all_failed(sendable, f"batch job not created: {describe(exc, run.settings)}")
     else:
-        results = await collect_job(run, job)
+        results += await collect_job(run, job) if job else []
     for outcome in results:
         run.media.settled(outcome)
         await run.outcomes.put(outcome)
         run.prompts.task_done()
+
+
+async def files_uploaded(run: Run, job_prompts: list[Prompt]) -> tuple[dict[str, list[Any]], list[Outcome]]:
+    """The contents of a job's prompts that name files, their files uploaded (never inline in a
+    job), by id; and a Failure for each prompt a file of which cannot be sent."""
+    contents: dict[str, list[Any]] = {}
+    failed: list[Outcome] = []
+    for prompt in (p for p in job_prompts if p.media):
+        try:
+            contents[prompt.id] = await run.media.contents(prompt, run.maker.contents(prompt), inline=False)
+        except UnsendableFile as exc:
+            failed.append(Failure(prompt, str(exc), attempts=1, permanent=not isinstance(exc, EditedFile)))
+    return contents, failed
 
 
 async def collect_earlier_jobs(run: Run) -> None:
@@ -3026,11 +3207,11 @@ async def resume_job(run: Run, job: BatchJob) -> None:
             await run.outcomes.put(outcome)
 
 
-async def submit_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal) -> BatchJob:
+async def submit_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal, with_files: dict[str, list[Any]]) -> BatchJob:
     """Create a batch job from an uploaded JSONL file of keyed requests. Never inline: the
     API has been seen to return inline results out of order and without the metadata
     sent (googleapis/python-genai#1909, #1886, #2008), while a file's results are keyed."""
-    source = await upload_requests(run, job_prompts)
+    source = await upload_requests(run, job_prompts, with_files)
     display_name = f"pipeline {job_prompts[0].id} {os.urandom(4).hex()}"  # unique: a rerun may look it up
     config = {"display_name": display_name}
     journal.submitting(display_name, job_prompts)  # before the job exists: a rerun must find it, never pay twice
@@ -3047,11 +3228,10 @@ async def submit_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal)
     return job
 
 
-async def upload_requests(run: Run, job_prompts: list[Prompt]) -> str:
+async def upload_requests(run: Run, job_prompts: list[Prompt], with_files: dict[str, list[Any]]) -> str:
     """Upload a job's requests as a JSONL file through the Files API; returns its name."""
     rest: dict[int, dict[str, Any]] = {}  # each config's REST form, made once (most prompts share the run's)
-    uploaded = {p.id: await run.media.contents(p, run.maker.contents(p), inline=False) for p in job_prompts if p.media}  # never inline in a job
-    data = "".join(json_line({"key": p.id, "request": rest_request(p, rest, run.maker, uploaded.get(p.id))}) for p in job_prompts).encode()
+    data = "".join(json_line({"key": p.id, "request": rest_request(p, rest, run.maker, with_files.get(p.id))}) for p in job_prompts).encode()
     config = {"mime_type": "jsonl", "display_name": f"pipeline {job_prompts[0].id}"}
     uploaded = await api_call(run, lambda: run.client.aio.files.upload(file=io.BytesIO(data), config=config), timed=False)
     return str(uploaded.name)
@@ -4076,7 +4256,7 @@ async def estimate(settings: Settings) -> Estimate:
     the inputs, are counted by the API's countTokens (free), and their ratio of tokens to
     characters scales the characters of all; the shared prefix is counted once."""
     generation, context = job_generation(settings), context_turns(settings.context)
-    maker = PromptMaker.of(request_generation(settings, generation), context, settings.input_dir)
+    maker = PromptMaker.of(request_generation(settings, generation), context, files_dir(settings))
     files = await table_headers_checked(await list_input_files(settings.input_dir))
     every = max(1, -(-sum([await count_rows(path) for path in files]) // (ESTIMATE_SAMPLE - 1)))  # one count is the prefix's
     found, sample, chars = Estimate(), {}, 0
@@ -4086,6 +4266,8 @@ async def estimate(settings: Settings) -> Estimate:
         found.prompts, chars, found.media_tokens = found.prompts + 1, chars + own_chars(prompt), found.media_tokens + media_tokens(prompt)
     client = connect(settings)
     try:
+        if not settings.offline:
+            await watch_host(settings, client, asyncio.Event()).first_answer()  # a host never reached: one line
         found.prefix_tokens = await counted_tokens(client, settings, prefix_contents(maker.context, generation))
         counts = await asyncio.gather(*(counted_tokens(client, settings, p.contents or p.text) for p in sample.values()))
     finally:
@@ -4099,7 +4281,7 @@ async def estimate(settings: Settings) -> Estimate:
 async def sendable_prompts(files: list[Path], maker: PromptMaker) -> AsyncIterator[Prompt]:
     """The prompts of `files` that could be sent, the files they name read (for their
     pages and seconds: see media_units) as a run would; those that could not are left out."""
-    media = Media(None, None, "", INLINE_LIMIT_MB)  # an estimate keeps nothing
+    media = Media(FilesFolder(maker.media_root), INLINE_LIMIT_MB)  # an estimate keeps nothing
     for path in files:
         with cannot_read(path):
             async for prompts in read_prompts(path, maker):
@@ -4507,7 +4689,7 @@ exit status:
     host was unreachable past --outage-limit-s, or an internal error: what was
     answered is kept; run again to continue
   2 refused at start-up, nothing sent: bad flag, setting, input folder, CSV
-    header, output dir or key, or a host never reached in 30 s. Or stopped mid-run, keeping every answer, by
+    header, output dir or key, or a host never reached in 25 s. Or stopped mid-run, keeping every answer, by
     what no retry fixes: an id given twice, inputs edited since their
     answers, a setting or model the API refuses for every prompt, the same
     refusal for the first 20 prompts, a full disk or other file error
@@ -4594,12 +4776,20 @@ def check_setup(settings: Settings) -> None:
         raise PipelineError("--cache needs the API: the offline model keeps no caches (leave out --cache, or --offline)")
     if settings.cache and not (settings.context or settings.system_instruction or settings.generation_config):
         raise PipelineError("--cache: nothing to cache: give --context files or --system-instruction")
-    try:  # last: a refused start leaves no folder behind
-        settings.output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PipelineError(f"cannot create output dir {settings.output_dir}: {exc.strerror or exc}") from None
-    if not os.access(settings.output_dir, os.W_OK | os.X_OK):
+    if settings.output_dir.exists() and not os.access(settings.output_dir, os.W_OK | os.X_OK):
         raise PipelineError(f"output dir {settings.output_dir} is not writable (see --output-dir)")
+
+
+def made_output_dir(output_dir: Path) -> Path:
+    """OUTPUT_DIR, made if missing: only once the run is sure to start (the host answered),
+    so that a refused start leaves no folder behind."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"cannot create output dir {output_dir}: {exc.strerror or exc}") from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise PipelineError(f"output dir {output_dir} is not writable (see --output-dir)")
+    return output_dir
 
 
 @contextlib.contextmanager
@@ -4635,16 +4825,14 @@ def cli(argv: list[str] | None = None) -> int:
     """Run from the command line; returns the exit status."""
     settings = parse_args(argv)
     configure_logging(settings.verbose)
-    with contextlib.ExitStack() as held:
-        try:
-            check_setup(settings)
-            if settings.estimate:
-                return printed(estimate_table(settings, asyncio.run(estimate(settings))))
-            held.enter_context(output_dir_locked(settings.output_dir))
-        except PipelineError as exc:
-            print(redact(f"error: {exc}"), file=sys.stderr)
-            return exc.exit_code
-        return run_and_report(settings)
+    try:
+        check_setup(settings)
+        if settings.estimate:
+            return printed(estimate_table(settings, asyncio.run(estimate(settings))))
+    except PipelineError as exc:
+        print(redact(f"error: {exc}"), file=sys.stderr)
+        return exc.exit_code
+    return run_and_report(settings)
 
 
 def printed(report: str) -> int:

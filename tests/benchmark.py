@@ -39,7 +39,7 @@ peak RSS from wait4(). The sections:
   outage     2,000 prompts at 50 ms, 20 workers; the server goes away for 20 s halfway:
              how long after its return the run ends, ids once, nothing failed
   scattered  400 prompts at 50 ms, 20 workers, 5% of requests a per-minute 429 asking 1 s
-             (these three: --baseline DIR runs DIR/pipeline.py too, e.g. a worktree of the old main)
+             (these three and media: --baseline DIR runs DIR/pipeline.py too, e.g. a worktree of the old main)
   versus     with --baseline DIR only: this pipeline.py against DIR's, both run by this benchmark,
              alternating: the machinery's three configurations and the ceiling's pipeline CPU
   costs      a flex request held 90 s by the server; --estimate against the full run's spend
@@ -897,28 +897,32 @@ def costs(scratch: Path, prompts: int) -> None:
     )
 
 
-def media(scratch: Path, prompts: int, reps: int) -> None:
+def media(scratch: Path, prompts: int, reps: int, baseline: str | None) -> None:
     """Rows naming 1 MB images, sent inline at 50 workers, 0 ms: the pipeline against the
-    bare SDK sending the same parts (child_media), alternating."""
+    bare SDK sending the same parts (child_media), and --baseline's pipeline, alternating."""
     inputs = scratch / "media_inputs"
     (inputs / "images").mkdir(parents=True)
     for i in range(100):
         (inputs / "images" / f"image_{i:03d}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(1_000_000))
     (inputs / "rows.csv").write_text("id,prompt,files\n" + "".join(f"r{i},describe picture {i},images/image_{i % 100:03d}.png\n" for i in range(prompts)))
-    contenders = {"sdk": ["media", str(inputs / "rows.csv"), "50"], "pipeline": None}
+    sides = {name: {"BENCH_PIPELINE_DIR": str(path)} for name, path in checkouts(baseline).items()}
     with FakeServer(latency_ms=0) as server:
         def args_of(kind: str) -> list[str]:
-            return contenders[kind] or pipeline_args(inputs, scratch, "--workers", "50", "--queue-size", "100", "--shard-size", "1000")
+            if kind == "sdk":
+                return ["media", str(inputs / "rows.csv"), "50"]
+            return pipeline_args(inputs, scratch, "--workers", "50", "--queue-size", "100", "--shard-size", "1000")
 
-        runs = alternating(list(contenders), reps, args_of, server.env)
-    p, c = runs["pipeline"], runs["sdk"]
-    print(
-        f"| media, {prompts} rows each naming a 1 MB image (100 distinct), inline, 50 workers, 0 ms | wall "
-        f"{median([a.wall_s / b.wall_s for a, b in zip(p, c, strict=True)]):.3f}x the bare SDK's, CPU "
-        f"{median([a.cpu_s / b.cpu_s for a, b in zip(p, c, strict=True)]):.3f}x | pipeline {median([m.wall_s for m in p]):.2f} s wall, "
-        f"{median([m.cpu_s for m in p]):.2f} s CPU; the SDK alone {median([m.wall_s for m in c]):.2f} s, {median([m.cpu_s for m in c]):.2f} s; medians of {reps} |",
-        flush=True,
-    )
+        runs = alternating(["sdk", *sides], reps, args_of, server.env, env_of=sides)
+    c = runs["sdk"]
+    for name in sides:
+        p = runs[name]
+        print(
+            f"| media, {name}, {prompts} rows each naming a 1 MB image (100 distinct), inline, 50 workers, 0 ms | wall "
+            f"{median([a.wall_s / b.wall_s for a, b in zip(p, c, strict=True)]):.3f}x the bare SDK's, CPU "
+            f"{median([a.cpu_s / b.cpu_s for a, b in zip(p, c, strict=True)]):.3f}x | pipeline {median([m.wall_s for m in p]):.2f} s wall, "
+            f"{median([m.cpu_s for m in p]):.2f} s CPU; the SDK alone {median([m.wall_s for m in c]):.2f} s, {median([m.cpu_s for m in c]):.2f} s; medians of {reps} |",
+            flush=True,
+        )
     shutil.rmtree(inputs)
 
 
@@ -929,7 +933,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer prompts and repetitions")
     parser.add_argument("--only", choices=[*SECTIONS], action="append")
-    parser.add_argument("--baseline", help="capacity, outage, scattered, versus: also run the pipeline.py of this checkout (a git worktree of an older commit)")
+    parser.add_argument("--baseline", help="capacity, outage, scattered, versus, media: also run the pipeline.py of this checkout (a git worktree of an older commit)")
     args = parser.parse_args()
     quick = args.quick
     only = set(args.only or SECTIONS)
@@ -971,7 +975,7 @@ def main() -> None:
         if "scattered" in only:
             scattered(scratch, 400, 1 if quick else 4, args.baseline)
         if "media" in only:
-            media(scratch, 200 if quick else 1000, 1 if quick else 3)
+            media(scratch, 200 if quick else 1000, 1 if quick else 3, args.baseline)
         if "costs" in only:
             costs(scratch, 2000 if quick else 10_000)
         if "versus" in only and args.baseline:

@@ -331,6 +331,11 @@ class FakeGemini:
     file_gets: Counter[str] = field(default_factory=Counter)  # GETs of each file, by name
     deleted_files: list[str] = field(default_factory=list)  # names deleted through the Files API, in order
     _upload_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    # Byte strings a test must never see reach the server (a secret file's, the environment's):
+    # every request body, upload chunks included, is searched for each, as it is and in
+    # base64 (inline data), and `watched_seen` counts the bodies that held one.
+    watched: list[bytes] = field(default_factory=list)
+    watched_seen: int = 0
     _attempts: Counter[str] = field(default_factory=Counter)
     _seen: threading.Condition = field(default_factory=threading.Condition)
 
@@ -416,6 +421,7 @@ class FakeGemini:
                     name, _, value = line.decode().partition(":")
                     headers[name.strip().lower()] = value.strip()
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
+                self.watched_seen += any(holds(body, secret) for secret in self.watched)
                 reply = await self._reply(method, path, headers, body)
                 if reply.status == 0:
                     break
@@ -745,6 +751,17 @@ def media_of(body: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
         elif file := part.get("fileData") or part.get("file_data"):
             media.append(("file", file.get("fileUri") or file.get("file_uri"), file.get("mimeType") or file.get("mime_type")))
     return tuple(media)
+
+
+def holds(body: bytes, secret: bytes) -> bool:
+    """Whether `body` carries `secret`: as it is, or base64-encoded (either alphabet) at any of the three alignments."""
+    if secret in body:
+        return True
+    for skip in range(3):
+        encoded = base64.b64encode(secret[skip:])[4:-4]  # the middle: independent of what precedes it
+        if encoded and (encoded in body or encoded.translate(bytes.maketrans(b"+/", b"-_")) in body):
+            return True
+    return False
 
 
 def without_inline_data(body: dict[str, Any]) -> dict[str, Any]:

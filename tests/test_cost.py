@@ -155,7 +155,7 @@ def shown_run(spend: pipeline.Spend) -> pipeline.Progress:
     """A Progress showing a run whose Gate has this Spend, its host reachable, never full."""
     progress = pipeline.Progress()
     outage = pipeline.Outage(lambda: None, "example.test", 60, asyncio.Event())
-    progress.run = types.SimpleNamespace(gate=pipeline.Gate(None, None, spend), outage=outage, concurrency=pipeline.Concurrency(1), media=pipeline.Media(None, None, "", 20))
+    progress.run = types.SimpleNamespace(gate=pipeline.Gate(None, None, spend), outage=outage, concurrency=pipeline.Concurrency(1), media=pipeline.Media(pipeline.FilesFolder(pipeline.Path()), 20))
     return progress
 
 

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 from fake_gemini import FakeGemini, away_once, echo, error
 from test_resume import start_pipeline, wait_for_writes
@@ -125,9 +126,9 @@ def test_a_file_that_cannot_be_sent_fails_its_row_alone_before_anything_is_sent(
     reasons = {f["id"]: f["error"] for f in result.failures()}
     assert reasons["missing"] == "file photos/nope.png: No such file or directory (rows.jsonl:2)"
     assert "its type is unknown" in reasons["unknown"] and "does not take application/" in reasons["not-taken"]
-    assert "not a file" in reasons["folder"] and "https://" in reasons["plain-http"] and "Vertex AI" in reasons["gs-off-vertex"]
+    assert "not a regular file" in reasons["folder"] and "https://" in reasons["plain-http"] and "Vertex AI" in reasons["gs-off-vertex"]
     assert "not a list of file names" in reasons["not-names"] and "over the Files API's 2 GB" in reasons["too-large"]
-    assert "not inside the input folder" in reasons["outside"] and "not inside the input folder" in reasons["absolute"]
+    assert "not inside the files folder" in reasons["outside"] and "not inside the files folder" in reasons["absolute"]
     assert "not a name a file can have" in reasons["nul"]
     assert set(reasons) == {row["id"] for row in rows} - {"fine"}
     assert all(f["permanent"] for f in result.failures())
@@ -282,7 +283,7 @@ def test_a_files_tokens_are_estimated_by_the_docs_figures(tmp_path) -> None:
     wav.write_bytes(header + bytes(64_000))  # 32,000 bytes a second, by its header
     note = tmp_path / "note.txt"
     note.write_text("x" * 400)
-    media = pipeline.Media(None, None, "", 20).read_all(tuple(pipeline.media_files([str(p.name) for p in (pdf, wav, note)], tmp_path)[0]))
+    media = pipeline.Media(pipeline.FilesFolder(tmp_path), 20).read_all(tuple(pipeline.media_files([str(p.name) for p in (pdf, wav, note)], tmp_path)[0]))
     seconds = wav.stat().st_size / 32_000  # the header's bytes count too
     assert [file.units for file in media] == [3, seconds, 100]  # pages, seconds, tokens
     prompt = pipeline.Prompt("a", "p", media=media)
@@ -337,7 +338,7 @@ def test_a_rerun_reads_no_file_again_unless_it_changed(tmp_path, fake_gemini, ru
     assert run(inputs, "--inline-limit-mb", str(LIMIT_MB)).exit_code == 0
     read: list[Path] = []
     real_digest = pipeline.file_digest
-    monkeypatch.setattr(pipeline, "file_digest", lambda path, mime_type: read.append(path) or real_digest(path, mime_type))
+    monkeypatch.setattr(pipeline, "file_digest", lambda stream, file, size: read.append(file.path) or real_digest(stream, file, size))
     again = run(inputs, "--inline-limit-mb", str(LIMIT_MB))
     assert again.exit_code == 0 and "all 6 prompts were answered before" in again.stderr
     assert read == []  # each file known by its path, size and mtime (file_digests.jsonl)
@@ -358,3 +359,131 @@ def test_a_journal_line_torn_by_a_kill_is_removed_before_the_next_append(tmp_pat
     assert run(inputs, "--inline-limit-mb", str(LIMIT_MB)).exit_code == 0
     assert run(inputs, "--inline-limit-mb", str(LIMIT_MB)).exit_code == 0  # the journal reads whole again
     assert [json.loads(line)["path"] for line in digests.read_text().splitlines()] == [str(p) for p in pictures]
+
+
+def test_a_row_sends_only_files_really_inside_the_files_folder_links_followed(tmp_path, fake_gemini, run) -> None:
+    """Issue 33: links out of the folder (a folder link, a file link, one into /proc) and a
+    FIFO fail their rows alone, naming the file; links that stay inside are answered."""
+    inputs, secret = tmp_path / "inputs", tmp_path / "secret"
+    secret.mkdir()
+    secret_bytes = b"the neighbour's notes, never to be sent " * 20
+    (secret / "notes.txt").write_bytes(secret_bytes)
+    [inside] = images(inputs / "photos", 1)
+    (inputs / "sub").symlink_to(secret, target_is_directory=True)  # the usual way to bring a folder in
+    (inputs / "linked.png").symlink_to(secret / "notes.txt")
+    (inputs / "env.png").symlink_to("/proc/self/environ")
+    os.mkfifo(inputs / "pipe.png")
+    (inputs / "alias.png").symlink_to("photos/image_000.png")  # stays inside: fine
+    (inputs / "more").symlink_to(inputs / "photos", target_is_directory=True)
+    rows = {
+        "folder-link": "sub/notes.txt", "file-link": "linked.png", "proc": "env.png", "fifo": "pipe.png",
+        "plain": "photos/image_000.png", "alias": "alias.png", "inner-folder-link": "more/image_000.png",
+    }  # fmt: skip
+    (inputs / "rows.jsonl").write_text("".join(json.dumps({"id": k, "prompt": f"about {k}", "files": v}) + "\n" for k, v in rows.items()))
+    server = fake_gemini()
+    server.watched = [secret_bytes[:200], pipeline.api_key_from_env().encode(), b"GEMINI_API_KEY="]
+    result = run(inputs)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert sorted(result.ids()) == ["alias", "inner-folder-link", "plain"]
+    assert sorted(r.prompt for r in server.requests) == ["about alias", "about inner-folder-link", "about plain"]
+    assert {digest for r in server.requests for _, digest, _ in r.media} == {sha(inside)}
+    assert server.watched_seen == 0 and server.upload_log == []  # nothing of theirs reached the server
+    reasons = {f["id"]: f["error"] for f in result.failures()}
+    assert reasons["folder-link"] == f"file sub/notes.txt: resolves outside {inputs} (to ../secret/notes.txt) (rows.jsonl:1)"
+    assert reasons["file-link"] == f"file linked.png: resolves outside {inputs} (to ../secret/notes.txt) (rows.jsonl:2)"
+    assert reasons["proc"].startswith(f"file env.png: resolves outside {inputs} (to /proc/")
+    assert reasons["fifo"] == "file pipe.png: not a regular file (rows.jsonl:4)"
+    digests = [json.loads(line)["path"] for line in (result.output_dir / pipeline.DIGESTS_FILE).read_text().splitlines()]
+    assert digests == [os.path.realpath(inside)]  # by its real path, once: the links name the same file
+
+
+def test_a_file_whose_bytes_do_not_match_its_size_is_not_sent() -> None:
+    """With the files folder at /proc/self (a user's odd choice), the environment is inside
+    it, yet its size (0) is not what it reads: refused all the same, never hashed as a file."""
+    folder = pipeline.FilesFolder(Path("/proc/self"))
+    media = pipeline.Media(folder, 20)
+    environ = pipeline.MediaFile("environ", "text/plain", Path("/proc/self/environ"))
+    with pytest.raises(pipeline.UnsendableFile, match=r"^file environ: read [\d,]+ bytes where its size says 0 "):
+        media.read_all((environ,))
+    assert media.hashes == {}
+
+
+def test_the_files_folder_can_be_elsewhere_and_nothing_leaves_it(tmp_path, fake_gemini, run) -> None:
+    inputs, photos = tmp_path / "inputs", tmp_path / "photos"
+    inputs.mkdir()
+    [first, second] = images(photos / "cats", 2, large=2_000)
+    (tmp_path / "outside.png").write_bytes(b"\x89PNG not in the files folder")
+    rows = [("a", "cats/image_000.png"), ("b", "cats/image_001.png"), ("c", "../outside.png"), ("d", "cats/../../outside.png")]
+    (inputs / "rows.jsonl").write_text("".join(json.dumps({"id": i, "prompt": f"describe {i}", "files": f}) + "\n" for i, f in rows))
+    server = fake_gemini()
+    result = run(inputs, "--files-dir", str(photos))
+    assert result.exit_code == 1 and sorted(result.ids()) == ["a", "b"]
+    assert sorted(digest for r in server.requests for _, digest, _ in r.media) == sorted([sha(first), sha(second)])
+    assert {f["id"]: "not inside the files folder" in f["error"] for f in result.failures()} == {"c": True, "d": True}
+
+
+def edited_after_hashing(monkeypatch, path: Path) -> None:
+    """`path` gains bytes the moment after the run has hashed it (its row read)."""
+    real_read_all = pipeline.Media.read_all
+
+    def read_all(self, media):
+        read = real_read_all(self, media)
+        if any(file.path == path for file in media):
+            with path.open("ab") as file:
+                file.write(b"edited while the run went on")
+        return read
+
+    monkeypatch.setattr(pipeline.Media, "read_all", read_all)
+
+
+def test_a_file_edited_between_hashing_and_sending_is_never_sent_under_its_old_hash(tmp_path, fake_gemini, run) -> None:
+    """Inline, uploaded and in a batch job: the row fails, not for good, with nothing of the
+    new bytes sent or uploaded; a rerun sends the file as it is now."""
+    inputs = tmp_path / "inputs"
+    small, large = images(inputs / "photos", 2, small=2_000, large=30_000)
+    csv_of(inputs, [("inline", "describe", [small]), ("upload", "describe", [large])])
+    for flags, output in (((), "interactive"), (("--batch", "--batch-poll-s", "0.01"), "batch")):
+        server = fake_gemini()
+        with pytest.MonkeyPatch.context() as editing:
+            for path in (small, large):
+                edited_after_hashing(editing, path)
+            result = run(inputs, "--inline-limit-mb", str(LIMIT_MB), *flags, output_dir=tmp_path / output)
+        assert result.exit_code == 1, result.stderr
+        failures = {f["id"]: f for f in result.failures()}
+        assert set(failures) == {"inline", "upload"} and not any(f["permanent"] for f in failures.values())
+        assert all("changed after its row was read" in f["error"] for f in failures.values())
+        assert not [r for r in server.requests if r.media] and our_uploads(server) == Counter()
+        again = run(inputs, "--inline-limit-mb", str(LIMIT_MB), *flags, output_dir=tmp_path / output)
+        assert again.exit_code == 0, again.stderr
+        assert sorted(again.ids()) == ["inline", "upload"] and not again.failures()
+
+
+def test_a_file_sent_again_is_hashed_again_unless_its_stat_shows_no_write_since(tmp_path, monkeypatch) -> None:
+    """The second send of an unchanged file skips the hash (its stat is the one hashed);
+    a same-size edit with its mtime set back still changes its ctime, and is caught."""
+    monkeypatch.setattr(pipeline, "RACY_S", -1e9)  # as if the file had been written long before it was hashed
+    [photo] = images(tmp_path / "photos", 1, small=2_000)
+    media = pipeline.Media(pipeline.FilesFolder(tmp_path), 20)
+    [file] = media.read_all(tuple(pipeline.media_files(["photos/image_000.png"], tmp_path)[0]))
+    assert media.folder.read_checked(file) == photo.read_bytes()
+    hashed = []
+    monkeypatch.setattr(pipeline.hashlib, "sha256", lambda data=b"", real=hashlib.sha256: hashed.append(data) or real(data))
+    assert media.folder.read_checked(file) == photo.read_bytes() and hashed == []
+    before = photo.stat()
+    photo.write_bytes(bytes(reversed(photo.read_bytes())))
+    os.utime(photo, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(pipeline.EditedFile, match=r"^file photos/image_000.png changed after its row was read"):
+        media.folder.read_checked(file)
+    assert len(hashed) == 1
+
+
+def test_a_file_written_just_before_it_was_hashed_is_hashed_at_every_send(tmp_path, monkeypatch) -> None:
+    """Within RACY_S of its last write a coarse clock could hide an edit: no stat is trusted."""
+    [photo] = images(tmp_path / "photos", 1, small=2_000)
+    media = pipeline.Media(pipeline.FilesFolder(tmp_path), 20)
+    [file] = media.read_all(tuple(pipeline.media_files(["photos/image_000.png"], tmp_path)[0]))
+    hashed = []
+    monkeypatch.setattr(pipeline.hashlib, "sha256", lambda data=b"", real=hashlib.sha256: hashed.append(data) or real(data))
+    for _ in range(2):
+        assert media.folder.read_checked(file) == photo.read_bytes()
+    assert len(hashed) == 2

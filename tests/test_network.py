@@ -12,7 +12,7 @@ import types
 
 import aiohttp
 import pytest
-from conftest import sample_prompts, write_prompts
+from conftest import run_subprocess, sample_prompts, write_prompts
 from fake_gemini import Reply, away_once, echo, error, rate_limited
 from google.genai import errors
 
@@ -41,6 +41,53 @@ def test_a_host_that_never_answers_stops_the_run_at_start_in_one_line(tmp_path, 
     assert result.stderr.strip().splitlines() == [f"error: cannot reach 127.0.0.1:{port}: connection refused"]
     assert not (result.output_dir / "failed.jsonl").exists() and not result.shard_names()
     assert time.monotonic() - started < 10  # the limit is 1 s here (30 s by default)
+
+
+def closed_host(monkeypatch, tmp_path, backend: str) -> int:
+    """The environment of `backend` (gemini, express or adc: Vertex AI's two) pointed at a closed port."""
+    port = closed_port()
+    for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("GOOGLE_VERTEX_BASE_URL", f"http://127.0.0.1:{port}")
+    if backend == "gemini":
+        monkeypatch.setenv("GEMINI_API_KEY", "test-key-5f2c9e")
+        return port
+    monkeypatch.setenv("GOOGLE_GENAI_USE_VERTEXAI", "true")
+    if backend == "express":
+        monkeypatch.setenv("GOOGLE_API_KEY", "test-key-5f2c9e")
+        return port
+    adc = tmp_path / "adc.json"  # a token valid for ever: never refreshed, no Google host asked
+    adc.write_text(json.dumps({"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r", "token": "t", "expiry": "2999-01-01T00:00:00Z"}))
+    for name, value in {"GOOGLE_CLOUD_PROJECT": "p", "GOOGLE_CLOUD_LOCATION": "us-central1", "GOOGLE_APPLICATION_CREDENTIALS": str(adc),
+                        "NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:9"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    return port
+
+
+@pytest.mark.parametrize(
+    "backend, flags",
+    [("gemini", ()), ("express", ()), ("adc", ()), ("gemini", ("--batch",)), ("gemini", ("--cache", "--system-instruction", "be brief")),
+     ("gemini", ("--estimate",)), ("express", ("--estimate",))],
+)  # fmt: skip
+def test_a_start_refused_for_a_host_never_reached_writes_nothing_on_every_path(tmp_path, monkeypatch, run, backend, flags) -> None:
+    port = closed_host(monkeypatch, tmp_path, backend)
+    started = time.monotonic()
+    result = run(write_prompts(tmp_path / "inputs", sample_prompts(4)), "--outage-limit-s", "1", *flags)
+    assert (result.exit_code, result.stderr.splitlines(), result.stdout) == (2, [f"error: cannot reach 127.0.0.1:{port}: connection refused"], "")
+    assert not result.output_dir.exists()  # no folder, no job.json
+    assert time.monotonic() - started < 10  # the limit is 1 s here
+
+
+def test_express_mode_with_no_network_stops_within_30_s_by_default(tmp_path, monkeypatch) -> None:
+    """The issue's own case, as a user runs it: the default limits, a subprocess."""
+    port = closed_host(monkeypatch, tmp_path, "express")
+    write_prompts(tmp_path / "inputs", sample_prompts(4))
+    started = time.monotonic()
+    result = run_subprocess([], cwd=tmp_path, env={"GOOGLE_API_KEY": "test-key-5f2c9e"})
+    assert time.monotonic() - started < 30
+    assert (result.exit_code, result.stderr.splitlines()) == (2, [f"error: cannot reach 127.0.0.1:{port}: connection refused"])
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_an_outage_in_the_middle_is_waited_out_and_costs_no_attempt(tmp_path, fake_gemini, run) -> None:
@@ -198,7 +245,7 @@ def test_the_progress_line_says_what_the_run_waits_for(tmp_path) -> None:
     outage.episode = pipeline.Episode(time.monotonic() - 80, "connection refused", confirmed=True)
     concurrency = pipeline.Concurrency(400)
     concurrency.refusals, concurrency.limit = 1, 96.5
-    progress.run = types.SimpleNamespace(gate=pipeline.Gate(None), outage=outage, concurrency=concurrency, media=pipeline.Media(None, None, "", 20))
+    progress.run = types.SimpleNamespace(gate=pipeline.Gate(None), outage=outage, concurrency=concurrency, media=pipeline.Media(pipeline.FilesFolder(pipeline.Path()), 20))
     line = progress.line()
     assert "waiting for example.test: connection refused, unreachable for 1m20s" in line
     assert "in flight: 96 of 400 allowed by the server" in line

@@ -391,6 +391,25 @@ def test_a_symlink_loop_in_the_input_folder_is_one_line(tmp_path, fake_gemini, r
     assert "loop.txt: Too many levels of symbolic links" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.timeout(20)
+def test_a_fifo_among_the_inputs_is_refused_at_start_and_a_linked_input_file_is_read(tmp_path, fake_gemini, run) -> None:
+    """A FIFO would hang the reader (or feed it without end): one line, nothing written. A
+    link to a regular file elsewhere is the user's own choice: its prompts are asked."""
+    server = fake_gemini()
+    inputs = write_prompts(tmp_path / "inputs", sample_prompts(3))
+    elsewhere = write_prompts(tmp_path / "elsewhere", ["a linked prompt"])
+    [linked] = list(elsewhere.iterdir())
+    os.symlink(linked, inputs / "linked.txt")
+    os.mkfifo(inputs / "pipe.jsonl")
+    refused = run(inputs)
+    assert refused.exit_code == 2 and not server.requests and not refused.output_dir.exists()
+    assert refused.stderr.strip().splitlines() == [f"error: input file {inputs / 'pipe.jsonl'} is not a regular file (a FIFO, socket or device): move it out of the input folder"]
+    (inputs / "pipe.jsonl").unlink()
+    result = run(inputs)
+    assert result.exit_code == 0, result.stderr
+    assert "a linked prompt" in {r["prompt"] for r in result.records()}
+
+
 def test_a_torn_shard_that_cannot_be_repaired_is_one_line(tmp_path, fake_gemini, run, monkeypatch) -> None:
     server = fake_gemini()
     outputs = tmp_path / "outputs"

@@ -15,8 +15,9 @@ key, 130 interrupted (143 by SIGTERM).
 
 How it is built: what you edit, the shape of a run, then the machinery each stage leans on.
   settings   the constants below: each declared once (value, kind, comment), and each also
-             a flag (SETTINGS, read into Settings); GENERATION_FIELDS and REQUEST_FIELDS, the
-             ones every request carries; PRICES, TIER_PRICES; and postprocess(), yours to edit
+             a flag (SETTINGS, read into Settings); GENERATION_FIELDS, REQUEST_FIELDS and
+             BUDGET_FIELDS, the ones every request carries (the job's, the run's, and what
+             bounds an answer's length); PRICES, TIER_PRICES; and postprocess(), yours to edit
   records    Prompt in; Response or Failure out; RECORD, their fields in the output files,
              declared once; AnswerFormat, the JSON an answer must be; Tally, the counts of
              what happened; Run, what the stages of one run share
@@ -33,7 +34,10 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
   reader     each input file as its InputFormat says (INPUT_FORMATS: lines, JSONL rows, CSV
              and TSV rows), streaming
   asking     answer(): one prompt's attempts, retried in place with back-off (final_failure,
-             wait_to_retry, classify, backoff_s), never re-queued, so never deadlocked; FailFast.
+             wait_to_retry, classify, backoff_s), never re-queued, so never deadlocked; an answer
+             cut short at its budget (to_outcome) or not the JSON asked for (not_as_asked) is a
+             Failure that keeps it; FailFast stops a run whose first answers all fail alike;
+             CutShortWarning says early when most are cut short.
              Every request (ask) waits out an Outage, takes a place of Concurrency, passes the Gate
   limits     Gate (--rpm, --tpm, a per-minute 429's shared back-off, --max-cost-usd); Spend,
              the estimated cost from PRICES; Concurrency, fewer requests in flight while the
@@ -52,8 +56,8 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
              FailureLog: the files one writer owns
   resume     load_past_runs: what the output dir already holds (PastRuns: answered prompts,
              Answered, 8 bytes each by place or 16 as Fingerprints; failures, those refused for
-             good left alone); repairs torn lines; record_job: one folder, one model and one set
-             of settings
+             good left alone, and those cut short at this run's budget); repairs torn lines;
+             record_job: one folder, one model and one set of settings (and each run's budget)
   estimate   --estimate: the job's tokens (countTokens on a sample, scaled), its cost at each
              price and its time (estimate, estimate_table), without a generateContent
   progress   Progress: the bar, or a line every PROGRESS_EVERY_S, and the summary line
@@ -122,7 +126,10 @@ OUTPUT_DIR: Folder = "outputs"  # where shards and failed.jsonl are written (cre
 MODEL: Text = "gemini-flash-latest"  # the Gemini model that answers every prompt
 SYSTEM_INSTRUCTION: Text | None = None  # system instruction for every request (a row's own replaces it)
 TEMPERATURE: NonNegative | None = None  # sampling temperature, 0 to 2 (unset: the model's default)
-MAX_OUTPUT_TOKENS: AtLeastOne | None = None  # longest answer, in tokens (unset: the model's default)
+MAX_OUTPUT_TOKENS: AtLeastOne | None = None  # longest answer, in tokens, its thinking included (unset: the model's default); a rerun may raise it
+THINKING_BUDGET: ThinkingBudget | None = None  # tokens the model may think before it answers (Gemini 2.5): 0 no thinking where the model allows, -1 its own choice
+THINKING_LEVEL: ThinkingLevel | None = None  # minimal, low, medium or high: how much the model thinks (Gemini 3; not with THINKING_BUDGET)
+ACCEPT_CUT_SHORT: Switch = False  # write answers cut short at MAX_OUTPUT_TOKENS as answers (finish_reason MAX_TOKENS), not as failures
 RESPONSE_SCHEMA: File | None = None  # a JSON Schema file: answers are asked as JSON, checked against it, and decoded into "parsed"
 GENERATION_CONFIG: File | None = None  # a JSON file of other GenerateContentConfig fields (top_p, seed, safety_settings, thinking_config...)
 CONTEXT: Files | None = None  # text files placed before every prompt, in this order (a document, a codebook, examples): the shared prefix, sent first
@@ -141,7 +148,7 @@ OUTAGE_LIMIT_S: Positive = 900.0  # how long the API's host may stay unreachable
 RPM: Positive | None = None  # requests per minute your quota allows: requests start evenly spaced below it (unset: no limit)
 TPM: Positive | None = None  # input tokens per minute your quota allows: requests start so as to stay below it (unset: no limit)
 MAX_COST_USD: Positive | None = None  # stop starting requests before the estimated spend passes this many US dollars (unset: no limit)
-RETRY_FAILED: Switch = False  # a rerun also asks again the prompts the API refused for good (400s, safety blocks)
+RETRY_FAILED: Switch = False  # a rerun also asks again the prompts the API refused for good (400s, safety blocks), and those cut short at this budget
 POSTPROCESS_WORKERS: Processes = os.cpu_count() or 1  # processes running postprocess() once it is too slow for the event loop, by default the CPU count (at most 256); 0: never
 READERS: Tasks = 1  # tasks reading input files, each taking the next unread file (at most 64)
 WRITERS: Tasks = 1  # tasks writing outputs, each into shards of its own (at most 64)
@@ -151,6 +158,7 @@ BATCH_SIZE: AtLeastOne = 10_000  # prompts per batch job, at most
 BATCH_POLL_S: Positive = 30.0  # seconds between two looks at a running batch job (up to 600 while pending)
 PROGRESS_EVERY_S: Positive = 30.0  # when stderr is not a terminal (a log file, CI, a scheduler), seconds between two progress lines
 ESTIMATE: Switch = False  # ask nothing: count the input tokens (free) and print what the job would cost and take at each price
+LIMIT: AtLeastOne | None = None  # take only the job's first N prompts, in reading order, to try it on a few; the same command without it continues
 
 # The settings above that every request carries, by the GenerateContentConfig field each fills
 # (GENERATION_CONFIG's fields go under them). A new one, say TOP_P: NonNegative | None = None,
@@ -159,12 +167,19 @@ ESTIMATE: Switch = False  # ask nothing: count the input tokens (free) and print
 GENERATION_FIELDS = {
     "system_instruction": "systemInstruction",
     "temperature": "temperature",
-    "max_output_tokens": "maxOutputTokens",
     "response_schema": "responseJsonSchema",
     "media_resolution": "mediaResolution",
 }
 REQUEST_FIELDS = {  # the same for settings every request carries that are not the job's: a rerun may change them
     "service_tier": "serviceTier",
+}
+# The settings that bound how long an answer may be, by where they go in the request (a dot:
+# nested). Not the job's identity: a rerun with a larger budget asks again what was cut short
+# and leaves the answers alone. job.json lists each run's; each record says its own (budget).
+BUDGET_FIELDS = {
+    "max_output_tokens": "maxOutputTokens",
+    "thinking_budget": "thinkingConfig.thinkingBudget",
+    "thinking_level": "thinkingConfig.thinkingLevel",
 }
 
 # What a model costs, in US dollars per million tokens: input, output (thinking included),
@@ -246,6 +261,9 @@ UPLOAD_PROCESSING_POLLS = 600  # an upload still PROCESSING after this many look
 NON_TEXT_PART_TOKENS = 258  # an image or file part, estimated as one image tile (Gemini's documented cost per tile)
 MAX_NESTING = 64  # a JSONL row nested deeper is refused: every JSON reader can take it back
 FAIL_FAST_OUTCOMES = 20  # when this many first outcomes are all one permanent error, the run stops
+CUT_SHORT_WARN = 20  # when this many of the first CUT_SHORT_OF answers are cut short at their budget, a warning says so
+CUT_SHORT_OF = 50
+POSTPROCESS_FAILED = "postprocess failed: "  # how a failure of postprocess() begins
 OUTAGE_AT_START_S = 25.0  # a host that never answered and stays unreachable this long: a wrong address, or no network (a stop within 30 s)
 PROBE_FIRST_S = 0.5  # during an outage the probe asks at once, then after this long, doubling...
 PROBE_MAX_S = 5.0  # ...to at most this: the run notices within seconds that the way is open again
@@ -330,6 +348,8 @@ def one_of(*choices: str) -> Callable[[str], str]:
 
 
 Tier = Annotated[str, Check(one_of(*TIER_PRICES), "TIER")]
+ThinkingBudget = Annotated[int, Check(at_least(-1), "N")]  # -1: the model decides
+ThinkingLevel = Annotated[str, Check(one_of("minimal", "low", "medium", "high"), "LEVEL")]
 Resolution = Annotated[str, Check(one_of(*MEDIA_TOKENS), "LEVEL")]
 
 
@@ -470,6 +490,7 @@ class Response:
     thinking_tokens: int = 0  # billed as output
     cached_tokens: int = 0  # of prompt_tokens, those read from a context cache (billed less)
     service_tier: str | None = None  # the tier that served it (flex, standard, priority), when the reply says
+    budget: dict[str, Any] | None = None  # what bounded its length (see budget_of): the record's "budget"
     extra: str = ""  # what postprocess() returned, as a JSON object (encoded in the pool, see extra_fields)
     parsed: Any = None  # the answer decoded, when it must be JSON (see parse)
     line: str | None = None  # its record without postprocess()'s fields, encoded once (see record_line)
@@ -521,8 +542,10 @@ class Failure:
     prompt: Prompt
     error: str
     attempts: int
-    response: str | None = None  # an answer that postprocess() failed on: paid for, so kept
+    response: str | None = None  # an answer not as asked (cut short, not the JSON asked, postprocess() failed on it): paid for, so kept
     permanent: bool = False  # refused for good (a 400, a safety block): a rerun leaves it, unless --retry-failed
+    usage: dict[str, Any] | None = None  # the tokens of the reply it keeps, as an answer's record says them (usage_of)
+    cut_short: bool = False  # cut at its budget: a rerun with the same budget leaves it, one with another asks it
 
     def to_json(self) -> str:
         """Its line in failed.jsonl (see RECORD)."""
@@ -566,7 +589,7 @@ RECORD = (
     prompt_field("id", "the row's id, or <file name>:<line number>", lambda prompt: prompt.id),
     prompt_field("prompt", "the prompt's text (a multi-turn row: its last user turn)", lambda prompt: prompt.text),
     prompt_field("row_sha256", "a row with settings or parts of its own: their digest", lambda prompt: prompt.digest or OMITTED),
-    Field("response", "the answer's text (in failed.jsonl: an answer postprocess() failed on)", lambda r: r.text,
+    Field("response", "the answer's text (in failed.jsonl: an answer cut short, not as asked, or that postprocess() failed on)", lambda r: r.text,
           lambda f: OMITTED if f.response is None else f.response, lambda text: {"text": str(text)}),
     Field("model", "the model that answered", lambda r: r.model, None, lambda model: {"model": str(model)}),
     Field("finish_reason", "why the answer ended: STOP, MAX_TOKENS, ...", lambda r: r.finish_reason, None,
@@ -574,8 +597,11 @@ RECORD = (
     Field("error", "why the prompt failed for good", None, lambda f: redact(f.error)),
     Field("attempts", "requests made for it", lambda r: r.attempts, lambda f: f.attempts, lambda n: {"attempts": int(n)}),
     Field("permanent", "true: refused for good (a rerun asks it again only with --retry-failed)", None, lambda f: f.permanent),
+    Field("cut_short", "true: cut short at its budget (a rerun with a larger one asks it again)", None, lambda f: f.cut_short or OMITTED),
     Field("usage", "prompt_tokens, response_tokens, thinking_tokens, cached_tokens; service_tier, the tier that served it",
-          usage_of, None, usage_from),
+          usage_of, lambda f: f.usage or OMITTED, usage_from),
+    Field("budget", "what bounded its length, when set: max_output_tokens, thinking_budget, thinking_level", lambda r: r.budget or OMITTED,
+          lambda f: budget_of(f.prompt.config) or OMITTED, lambda budget: {"budget": dict(budget)}),
     Field("parsed", "the answer decoded, when a JSON schema was asked for", lambda r: r.parsed if r.prompt.answer_format else OMITTED,
           None, lambda parsed: {"parsed": parsed}),
 )  # fmt: skip
@@ -699,9 +725,11 @@ class Tally:
     failed: int = 0
     skipped: int = 0  # answered by an earlier run
     left_alone: int = 0  # failed for good in an earlier run, not asked again (see --retry-failed)
+    cut_left: int = 0  # cut short in an earlier run at this run's budget, not asked again
+    cut_short: int = 0  # answers cut short at their budget: failed, or written with --accept-cut-short
     retries: int = 0
     rate_limited: int = 0  # 429 answers
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # the tokens of every reply billed this run (see bill), failures' and retried ones' too
     response_tokens: int = 0
     thinking_tokens: int = 0  # billed as output
     cached_tokens: int = 0
@@ -715,14 +743,19 @@ class Tally:
         for outcome in written:
             if isinstance(outcome, Response):
                 self.answered += 1
-                self.prompt_tokens += outcome.prompt_tokens
-                self.response_tokens += outcome.response_tokens
-                self.thinking_tokens += outcome.thinking_tokens
-                self.cached_tokens += outcome.cached_tokens
+                self.cut_short += outcome.finish_reason == "MAX_TOKENS"
                 if outcome.service_tier:
                     self.tiers[outcome.service_tier] += 1
             else:
                 self.failed += 1
+                self.cut_short += outcome.cut_short
+
+    def bill(self, usage: Any) -> None:
+        """A reply's tokens (its usage_metadata), counted as it lands: what the spend counts too."""
+        self.prompt_tokens += token_count(usage, "prompt_token_count")
+        self.response_tokens += token_count(usage, "candidates_token_count")
+        self.thinking_tokens += token_count(usage, "thoughts_token_count")
+        self.cached_tokens += token_count(usage, "cached_content_token_count")
 
     def count_job(self, event: str, ends: str | None = None) -> None:
         """A batch job was submitted or resumed, is seen running, or is done (`ends` its running)."""
@@ -756,12 +789,23 @@ class Run:
     ids: Ids = field(default_factory=lambda: Ids())  # every id the inputs name
     name: str = field(default_factory=lambda: os.urandom(3).hex())  # names this run's journal files
     fail_fast: FailFast = field(default_factory=lambda: FailFast())  # stops a run whose every prompt fails alike
+    cut_short: CutShortWarning = field(default_factory=lambda: CutShortWarning())  # says when most answers are cut short
     leftovers: list[asyncio.Task[None]] = field(default_factory=list)  # an earlier run's work this one finishes
     media: Media = field(default_factory=lambda: Media(FilesFolder(Path()), INLINE_LIMIT_MB))  # the files rows name: read, inline or uploaded
+    taken: int = 0  # prompts of the job the readers have taken, answered before or not (see LIMIT)
+    limited: bool = False  # a reader found more prompts than --limit: the job goes on past this run
 
     @property
     def tally(self) -> Tally:
         return self.progress.tally
+
+    def take(self) -> bool:
+        """Whether a reader may take one more prompt of the job (all, unless --limit)."""
+        if self.settings.limit is not None and self.taken >= self.settings.limit:
+            self.limited = True
+            return False
+        self.taken += 1
+        return True
 
 
 # -------------------------------------------------------------------- main --
@@ -815,6 +859,7 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
             past = await load_past_runs(settings.output_dir)
         if record_job(settings, job_settings(generation, context), answered=bool(past.answered or past.journaled)) or settings.retry_failed:
             past.refused.clear()
+            past.cut_at.clear()
         progress.tally.skipped = len(past.answered)
         cleanup.push_async_callback(stop, *progress.start(settings))
         depth, maker = queue_depth(settings), PromptMaker.of(request_generation(settings, generation), context, files_dir(settings))
@@ -832,7 +877,7 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
             yield run
         finally:
             await finish_failures(settings.output_dir, past.failures)
-            progress.tally.left_alone = past.left_alone
+            progress.tally.left_alone, progress.tally.cut_left = past.left_alone, past.cut_left
         for path in past.arrival_files:  # the run is complete: what they held is in synced shards now
             path.unlink()
 
@@ -1095,14 +1140,18 @@ async def read_inputs(run: Run) -> None:
     READERS > 1 the readers share run.files, each taking the next file when it finishes one."""
     for path in run.files:
         with cannot_read(path):
-            await queue_prompts_of(run, path)
+            if not await queue_prompts_of(run, path):
+                return  # --limit: the job's first prompts are all taken
 
 
-async def queue_prompts_of(run: Run, path: Path) -> None:
-    """Queue the prompts of one input file, unless an earlier run answered them."""
+async def queue_prompts_of(run: Run, path: Path) -> bool:
+    """Queue the prompts of one input file, unless an earlier run answered them; False once
+    the readers have taken the job's first --limit prompts."""
     async with contextlib.aclosing(read_prompts(path, run.maker, run.past.answered)) as file_prompts:
         async for prompts in file_prompts:
             for prompt in prompts:
+                if not run.take():
+                    return False
                 if prompt.origin:  # a named id (a default one is its own place: see Ids)
                     await run.ids.claim(prompt)
                 if prompt.media and not prompt.error:
@@ -1114,6 +1163,7 @@ async def queue_prompts_of(run: Run, path: Path) -> None:
                         run.media.needs(prompt)
                     await run.prompts.put(prompt)
                     log.debug("enqueued %s", prompt.id)
+    return True
 
 
 async def generate_content(run: Run) -> None:
@@ -1125,6 +1175,7 @@ async def generate_content(run: Run) -> None:
             if outcome := await answer(run, prompt):
                 run.media.settled(outcome)
                 await run.outcomes.put(outcome)
+                run.fail_fast.check()  # every prompt fails alike: stop, this outcome kept
         except PipelineError:  # this ends the run: no other request starts from now on
             run.gate.close()
             raise
@@ -1150,6 +1201,8 @@ async def write_outputs(run: Run, writer: int) -> None:
                 for _ in done:
                     run.outcomes.task_done()
                 await shards.settle()
+                run.fail_fast.watch_postprocessed(done)
+                run.fail_fast.check()
 
 
 # ---------------------------------------------------------------- requests --
@@ -1455,9 +1508,33 @@ def job_generation(settings: Settings) -> dict[str, Any]:
 
 
 def request_generation(settings: Settings, generation: dict[str, Any]) -> dict[str, Any]:
-    """What every request carries: the job's generation settings and REQUEST_FIELDS'."""
+    """What every request carries: the job's generation settings, REQUEST_FIELDS' and BUDGET_FIELDS'."""
     asked = {api_field: value for attribute, api_field in REQUEST_FIELDS.items() if (value := getattr(settings, attribute)) is not None}
-    return {**generation, **asked}
+    generation = {**generation, **asked}
+    for attribute, place in BUDGET_FIELDS.items():
+        if (value := getattr(settings, attribute)) is None:
+            continue
+        outer, _, name = place.rpartition(".")
+        value = value.upper() if name == "thinkingLevel" else value
+        if outer:  # GENERATION_CONFIG's thinkingConfig keeps its other fields (includeThoughts)
+            generation[outer] = {**generation.get(outer, {}), name: value}
+        else:
+            generation[name] = value
+    return generation
+
+
+BUDGET_KEYS = {place.split(".")[0] for place in BUDGET_FIELDS.values()}  # the generation fields that are no part of a job's identity
+
+
+def budget_of(config: Any) -> dict[str, Any]:
+    """The budget a request was asked with (a GenerateContentConfig, or None), by setting: the record's `budget`."""
+    thinking = getattr(config, "thinking_config", None)
+    values = {
+        "max_output_tokens": getattr(config, "max_output_tokens", None),
+        "thinking_budget": getattr(thinking, "thinking_budget", None),
+        "thinking_level": (enum_text(thinking.thinking_level) or "").lower() or None if thinking else None,
+    }
+    return {name: value for name, value in values.items() if value is not None}
 
 
 AS_SENT: dict[str, Callable[[Any], Any]] = {  # the GENERATION_FIELDS whose setting is not sent as it is
@@ -1481,8 +1558,10 @@ def context_turns(paths: list[Path] | None) -> list[dict[str, Any]]:
 
 
 def job_settings(generation: dict[str, Any], context: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the job's answers depend on besides the model: its generation settings, and its context (hashed)."""
+    """What the job's answers depend on besides the model: its generation settings but
+    their budget (BUDGET_FIELDS, GENERATION_CONFIG's included), and its context (hashed)."""
     digests = [hashlib.sha256(text.encode()).hexdigest() for text in turn_texts(context)]
+    generation = {name: value for name, value in generation.items() if name not in BUDGET_KEYS}
     return {**generation, "context": digests} if digests else generation
 
 
@@ -1847,41 +1926,116 @@ async def answer(run: Run, prompt: Prompt) -> Outcome | None:
                 continue  # the host was down: not this prompt's attempt
             kind = classify(exc)
             if failure := final_failure(exc, kind, prompt, attempt, run):
-                return run.fail_fast.watch(failure)
+                run.fail_fast.watch(failure)
+                return failure
             await wait_to_retry(run, exc, kind, attempt, prompt.id)
             attempt += 1
             continue
         if reply is None:
             return None
-        outcome = to_outcome(prompt, reply, attempt, settings.model)
-        if (unfit := not_as_asked(outcome)) and attempt < settings.max_attempts:  # e.g. JSON cut short at MAX_TOKENS
+        outcome = to_outcome(prompt, reply, attempt, settings)
+        unfit = not_as_asked(outcome)
+        run.fail_fast.watch(unfit or outcome)  # each reply, one about to be asked again too
+        run.cut_short.watch(outcome)
+        if unfit and attempt < settings.max_attempts and worth_asking_again(outcome) and not run.fail_fast.stop:
             tally.retries += 1
             log.debug("retry %s after attempt %d: %s", prompt.id, attempt, unfit.error)
             attempt += 1
             continue
         log.debug("generated %s (attempt %d)", prompt.id, attempt)
-        return run.fail_fast.watch(unfit or outcome)
+        return unfit or outcome
 
 
 @dataclass
 class FailFast:
-    """Stops a run that would fail every prompt alike: if its first FAIL_FAST_OUTCOMES
-    outcomes are all one error that no retry fixes (a setting the API refuses), the rest
-    would fail the same way, each paid for."""
+    """Stops a run that would fail every prompt alike: when its first FAIL_FAST_OUTCOMES
+    replies (a reply about to be asked again included) or refusals all fail one way that
+    no retry fixes (a setting the API refuses, answers that are not the JSON asked for,
+    answers cut short at their budget), or postprocess() fails on the first answers it is
+    given, the rest would fail the same way, each paid for. The stop comes once the
+    outcome that completed the opening is on its way to the writers: nothing paid is lost."""
 
-    opening: list[str] = field(default_factory=list)  # the first outcomes: "" or a permanent error
+    openings: dict[str, list[str]] = field(default_factory=lambda: {"asked": [], "postprocessed": []})  # the first verdicts: "" or a failure's kind
+    examples: dict[str, str] = field(default_factory=dict)  # by opening: its first failure's own words, for the message
+    stop: PipelineError | None = None  # once an opening is all one failure: the error that ends the run
 
-    def watch(self, outcome: Outcome) -> Outcome:
-        """`outcome`, unless it completes such an opening: then the error that stops the run."""
-        if len(self.opening) < FAIL_FAST_OUTCOMES:
-            self.opening.append(outcome.error if isinstance(outcome, Failure) and outcome.permanent else "")
-            if len(self.opening) == FAIL_FAST_OUTCOMES and self.opening[0] and len(set(self.opening)) == 1:
-                blocked = self.opening[0].startswith("response has no text")  # the model declined: the prompts' doing
-                raise PipelineError(
-                    f"the first {FAIL_FAST_OUTCOMES} prompts all failed the same way, which no retry fixes: {self.opening[0]}; "
-                    + ("check the prompts, or safety_settings in --generation-config" if blocked else "check --model and the settings")
-                )
-        return outcome
+    def watch(self, outcome: Outcome) -> None:
+        """A reply, or a prompt's refusal, judged (see failure_kind)."""
+        self.judge("asked", failure_kind(outcome), outcome)
+
+    def watch_postprocessed(self, done: list[Outcome]) -> None:
+        """The writers' outcomes after postprocess(): answers it took, and those it failed on."""
+        for outcome in done:
+            if isinstance(outcome, Response) or outcome.error.startswith(POSTPROCESS_FAILED):
+                self.judge("postprocessed", "" if isinstance(outcome, Response) else "postprocess", outcome)
+
+    def judge(self, stage: str, kind: str, outcome: Outcome) -> None:
+        opening = self.openings[stage]
+        if len(opening) >= FAIL_FAST_OUTCOMES:
+            return
+        opening.append(kind)
+        if kind and isinstance(outcome, Failure):
+            self.examples.setdefault(stage, outcome.error)
+        if len(opening) == FAIL_FAST_OUTCOMES and opening[0] and len(set(opening)) == 1 and self.stop is None:
+            self.stop = PipelineError(stop_message(kind, self.examples[stage]))
+
+    def check(self) -> None:
+        """Raise the error that ends the run, once there is one."""
+        if self.stop is not None:
+            raise self.stop
+
+
+def failure_kind(outcome: Outcome) -> str:
+    """What a reply or refusal failed of, the same for all alike: "" if it did not (or a retry may help)."""
+    if isinstance(outcome, Response):
+        return ""
+    if outcome.cut_short:
+        return "cut short"
+    if outcome.permanent:
+        return "not as asked" if outcome.response is not None else outcome.error
+    return ""
+
+
+def stop_message(kind: str, example: str) -> str:
+    first = f"the first {FAIL_FAST_OUTCOMES}"
+    if kind == "not as asked":
+        return f"{first} answers were all not the JSON asked for (the first: {example}): check --response-schema and the prompts; the answers are in {FAILED_FILE}"
+    if kind == "cut short":
+        return f"{first} answers were all cut short (the first: {example}); the answers are in {FAILED_FILE}"
+    if kind == "postprocess":
+        return f"postprocess() failed on {first} answers (the first: {example}): fix it; the answers are in {FAILED_FILE}"
+    blocked = kind.startswith("response has no text")  # the model declined: the prompts' doing
+    return f"{first} prompts all failed the same way, which no retry fixes: {kind}; " + (
+        "check the prompts, or safety_settings in --generation-config" if blocked else "check --model and the settings"
+    )
+
+
+@dataclass
+class CutShortWarning:
+    """Says once, early, when most answers are cut short at their budget: with thinking
+    models, thoughts come first out of max_output_tokens, and a budget that fits the answer
+    alone leaves none of it. Better said after 20 answers than found in the morning."""
+
+    seen: int = 0  # replies among the first CUT_SHORT_OF
+    thinking: list[int] = field(default_factory=list)  # the thinking tokens of each cut short among them
+
+    def watch(self, outcome: Outcome) -> None:
+        if self.seen >= CUT_SHORT_OF or len(self.thinking) >= CUT_SHORT_WARN:
+            return
+        self.seen += 1
+        if isinstance(outcome, Failure) and outcome.cut_short or isinstance(outcome, Response) and outcome.finish_reason == "MAX_TOKENS":
+            self.thinking.append(int((outcome.usage or {}).get("thinking_tokens", 0)) if isinstance(outcome, Failure) else outcome.thinking_tokens)
+            if len(self.thinking) == CUT_SHORT_WARN:
+                log.warning("%s", self.said(budget_of(outcome.prompt.config).get("max_output_tokens")))
+
+    def said(self, limit: int | None) -> str:
+        at = f"max_output_tokens {limit:,}" if limit else "the model's longest answer"
+        mean = sum(self.thinking) / len(self.thinking)
+        return (
+            f"{len(self.thinking)} of the first {self.seen} answers were cut short at {at}: thinking averaged {mean:,.0f}"
+            f"{f' of {limit:,}' if limit else ''} tokens; raise --max-output-tokens or lower --thinking-budget (or --thinking-level): "
+            "a rerun with a larger budget asks them again"
+        )
 
 
 async def ask(run: Run, prompt: Prompt, tokens: int) -> Any:
@@ -1911,6 +2065,7 @@ async def ask(run: Run, prompt: Prompt, tokens: int) -> Any:
     finally:
         places.leave()
     run.gate.landed(tokens, reply.usage_metadata, served_tier(reply))
+    run.tally.bill(reply.usage_metadata)
     outage.reached = True
     places.answered()
     return reply
@@ -1962,28 +2117,39 @@ def stop_if_fatal(kind: str, exc: BaseException, settings: Settings) -> None:
         raise StopForNow(f"the server asks to wait {asked / 3600:.1f} h before the next request")
 
 
-def to_outcome(prompt: Prompt, reply: Any, attempts: int, model: str) -> Outcome:
-    """A Response, or a Failure when the reply has no text (e.g. blocked for safety)."""
+def to_outcome(prompt: Prompt, reply: Any, attempts: int, settings: Settings) -> Outcome:
+    """A Response; or a Failure keeping what was paid for, when the reply has no text (e.g.
+    blocked for safety) or was cut short at its budget (unless --accept-cut-short)."""
     candidate = reply.candidates[0] if reply.candidates else None
-    finish_reason = enum_text(candidate.finish_reason) if candidate else None
-    text = writable(reply.text or "")
-    if not text:
-        block = reply.prompt_feedback.block_reason if reply.prompt_feedback else None
-        reason = f"blocked: {enum_text(block)}" if block else f"finish_reason {finish_reason}"
-        return Failure(prompt, f"response has no text ({reason})", attempts, permanent=True)
     usage = reply.usage_metadata  # None, or with the counts of 0 left out: token_count reads either as 0
-    return Response(
+    response = Response(
         prompt=prompt,
-        text=text,
-        model=writable(reply.model_version or model),
-        finish_reason=finish_reason,
+        text=writable(reply.text or ""),
+        model=writable(reply.model_version or settings.model),
+        finish_reason=enum_text(candidate.finish_reason) if candidate else None,
         attempts=attempts,
         prompt_tokens=token_count(usage, "prompt_token_count"),
         response_tokens=token_count(usage, "candidates_token_count"),
         thinking_tokens=token_count(usage, "thoughts_token_count"),
         cached_tokens=token_count(usage, "cached_content_token_count"),
         service_tier=served_tier(reply),
+        budget=budget_of(prompt.config) or None,
     )
+    if response.finish_reason == "MAX_TOKENS" and not settings.accept_cut_short:
+        return Failure(prompt, cut_short(response), attempts, response=response.text or None, usage=usage_of(response), cut_short=True)
+    if not response.text:
+        block = reply.prompt_feedback.block_reason if reply.prompt_feedback else None
+        reason = f"blocked: {enum_text(block)}" if block else f"finish_reason {response.finish_reason}"
+        return Failure(prompt, f"response has no text ({reason})", attempts, permanent=True, usage=usage_of(response))
+    return response
+
+
+def cut_short(response: Response) -> str:
+    """Why an answer stopped at MAX_TOKENS, in words and the reply's own figures."""
+    limit = (response.budget or {}).get("max_output_tokens")
+    at = f"max_output_tokens {limit:,}" if limit else "the model's longest answer"
+    fix = "raise --max-output-tokens or lower --thinking-budget (or --thinking-level)" if response.thinking_tokens else "raise --max-output-tokens"
+    return f"cut short at {at}: thinking took {response.thinking_tokens:,}, the answer {response.response_tokens:,}; {fix}"
 
 
 def served_tier(reply: Any) -> str | None:
@@ -1997,8 +2163,15 @@ def served_tier(reply: Any) -> str | None:
 def not_as_asked(outcome: Outcome) -> Failure | None:
     """An answer that is not the JSON asked for, as a Failure that keeps it (it was paid for)."""
     if isinstance(outcome, Response) and (problem := outcome.parse()):
-        return Failure(outcome.prompt, problem, outcome.attempts, response=outcome.text, permanent=True)
+        return Failure(outcome.prompt, problem, outcome.attempts, response=outcome.text, permanent=True, usage=usage_of(outcome))
     return None
+
+
+def worth_asking_again(outcome: Response) -> bool:
+    """Whether asking again may give the JSON an answer was not: when the model samples (a
+    temperature above 0, or unset: the models' default is 1), or the answer was cut short."""
+    temperature = getattr(outcome.prompt.config, "temperature", None)
+    return temperature is None or temperature > 0 or outcome.finish_reason == "MAX_TOKENS"
 
 
 def enum_text(value: Any) -> str | None:
@@ -3292,7 +3465,8 @@ async def job_outcomes(run: Run, job: BatchJob, ended: Any) -> list[Outcome]:
     results = results_by_key(data)
     for response, _ in results.values():
         run.gate.spend.bill(getattr(response, "usage_metadata", None))
-    return [job_outcome(prompt, *results.get(prompt.id, (None, None)), job, run.settings.model) for prompt in job.prompts]
+        run.tally.bill(getattr(response, "usage_metadata", None))
+    return [job_outcome(prompt, *results.get(prompt.id, (None, None)), job, run.settings) for prompt in job.prompts]
 
 
 def rest_request(prompt: Prompt, rest: dict[int, dict[str, Any]], maker: PromptMaker, contents: list[Any] | None = None) -> dict[str, Any]:
@@ -3323,13 +3497,13 @@ def results_by_key(data: bytes) -> dict[str, tuple[Any, Any]]:
     return results
 
 
-def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, model: str) -> Outcome:
+def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, settings: Settings) -> Outcome:
     if error is not None:  # a google.rpc.Status: its code is gRPC's (3 is INVALID_ARGUMENT), not HTTP's
         reason = f"batch request failed, code {getattr(error, 'code', '?')}: {getattr(error, 'message', '')}"
         return Failure(prompt, " ".join(reason.split()), attempts=1)
     if response is None:
         return Failure(prompt, f"batch job {job.name} returned nothing for this prompt", attempts=1)
-    outcome = to_outcome(prompt, response, 1, model)
+    outcome = to_outcome(prompt, response, 1, settings)
     return not_as_asked(outcome) or outcome  # one attempt in a job: no retry
 
 
@@ -3584,7 +3758,7 @@ def extra_fields(function: Callable[[str, str], dict[str, Any]], prompt: str, re
             raise ValueError(f"returned {taken[0]!r}, a field the record has: name it otherwise")
         return json_line(extra)[:-1]  # encoded here, in the pool: the event loop only splices it on
     except Exception as exc:  # noqa: BLE001 (the user's code: any error fails just this answer)
-        return f"postprocess failed: {' '.join(f'{type(exc).__name__}: {exc}'.split())}"
+        return POSTPROCESS_FAILED + " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def with_extra(response: Response, extra: str) -> Outcome:
@@ -3996,7 +4170,9 @@ class PastRuns:
     answered: Answered = field(default_factory=Answered)
     failures: dict[str, str] = field(default_factory=dict)  # prompt id -> its failed.jsonl line, if still unanswered
     refused: set[str] = field(default_factory=set)  # ...of those, the ids the API refused for good: not asked again
+    cut_at: dict[str, dict[str, Any]] = field(default_factory=dict)  # ...and those cut short, by id: the budget they were cut at
     left_alone: int = 0  # refused prompts the readers skipped
+    cut_left: int = 0  # prompts cut short before, at the budget they would be asked with now, that the readers skipped
     next_shard: int = 0
     batch_jobs: list[BatchJob] = field(default_factory=list)  # --batch jobs submitted, not yet all written
     in_batch_jobs: set[str] = field(default_factory=set)  # the ids of their prompts
@@ -4017,6 +4193,9 @@ class PastRuns:
             return True
         if prompt.id in self.refused:
             self.left_alone += 1
+            return True
+        if prompt.id in self.cut_at and self.cut_at[prompt.id] == budget_of(prompt.config):  # it would be cut again
+            self.cut_left += 1
             return True
         if held is False:
             raise PipelineError(
@@ -4068,7 +4247,12 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
     for path in failure_journals(output_dir):  # appended to while running, so an id may repeat: the last line wins
         async for fronts, lines in read_records(path):
             past.failures.update((prompt_id, line + "\n") for (prompt_id, _, _), line in zip(fronts, lines) if prompt_id not in past.answered)
-    past.refused = {prompt_id for prompt_id, line in past.failures.items() if json.loads(line).get("permanent") is True}
+    for prompt_id, line in past.failures.items():
+        failure = json.loads(line)
+        if failure.get("permanent") is True:
+            past.refused.add(prompt_id)
+        elif failure.get("cut_short") is True:
+            past.cut_at[prompt_id] = failure.get("budget") or {}
     journaled: dict[str, Response] = {}
     for path in sorted(files_named(output_dir, ARRIVALS)):
         past.arrival_files.append(path)
@@ -4101,9 +4285,11 @@ def record_job(settings: Settings, generation: dict[str, Any], answered: bool) -
     """One folder, one job: its answers were all asked with one model and one set of settings.
     The first run records them in JOB_FILE; a rerun with others stops before any request,
     unless the folder holds no answer yet (a mistyped --model, say, is simply corrected).
+    Each run's budget (BUDGET_FIELDS) is listed there too: a rerun may change it.
     True when the job recorded is replaced: what an earlier job was refused says nothing now."""
     path = ours(settings.output_dir / JOB_FILE)
     job = {"model": f"{settings.model} (offline)" if settings.offline else settings.model, "settings": generation}
+    budget = {attribute: value for attribute in BUDGET_FIELDS if (value := getattr(settings, attribute)) is not None}
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -4112,14 +4298,19 @@ def record_job(settings: Settings, generation: dict[str, Any], answered: bool) -
         raise PipelineError(f"cannot read {path}: {exc.strerror or exc}") from None
     except ValueError:
         raise PipelineError(f"{path} is not a job this pipeline recorded; {MOVE_IT_AWAY}") from None
-    if recorded == job:
+    known = recorded if isinstance(recorded, dict) else {}
+    before = {k: v for k, v in known["settings"].items() if k not in BUDGET_KEYS} if isinstance(known.get("settings"), dict) else {}
+    if recorded is not None and known.get("model") == job["model"] and before == generation:
+        budgets = known["budgets"] if isinstance(known.get("budgets"), list) else []
+        if budgets[-1:] != [budget]:
+            with stop_on_os_error(f"cannot write {path}"):
+                replace_file(path, json_line({**job, "budgets": [*budgets, budget]}))
         return False
     if recorded is None or not answered:
         with stop_on_os_error(f"cannot write {path}"):
-            replace_file(path, json_line(job))
+            replace_file(path, json_line({**job, "budgets": [budget]}))
         return recorded is not None
-    before = recorded.get("settings") if isinstance(recorded, dict) and isinstance(recorded.get("settings"), dict) else {}
-    changed = ["--model or --offline"] if not isinstance(recorded, dict) or recorded.get("model") != job["model"] else []
+    changed = ["--model or --offline"] if known.get("model") != job["model"] else []
     changed += sorted(SETTING_FLAGS.get(k, k) for k in before.keys() | generation.keys() if before.get(k) != generation.get(k))
     raise PipelineError(
         f"{settings.output_dir} holds answers asked with other settings ({', '.join(changed)} changed since, see {path}): "
@@ -4261,6 +4452,8 @@ async def estimate(settings: Settings) -> Estimate:
     every = max(1, -(-sum([await count_rows(path) for path in files]) // (ESTIMATE_SAMPLE - 1)))  # one count is the prefix's
     found, sample, chars = Estimate(), {}, 0
     async for prompt in sendable_prompts(files, maker):
+        if found.prompts == (settings.limit or math.inf):
+            break
         if found.prompts % every == 0 and len(sample) < ESTIMATE_SAMPLE - 1:
             sample.setdefault(prompt.text, prompt)
         found.prompts, chars, found.media_tokens = found.prompts + 1, chars + own_chars(prompt), found.media_tokens + media_tokens(prompt)
@@ -4274,7 +4467,8 @@ async def estimate(settings: Settings) -> Estimate:
         await client.aio.aclose()
     sampled_chars = sum(map(own_chars, sample.values()))
     found.sampled, found.own_tokens = len(sample), chars * sum(counts) / sampled_chars if sampled_chars else 0.0
-    found.output_tokens = found.prompts * settings.max_output_tokens if settings.max_output_tokens else found.own_tokens
+    thinking = max(settings.thinking_budget or 0, 0)  # -1, the model's own choice: not known before
+    found.output_tokens = found.prompts * settings.max_output_tokens if settings.max_output_tokens else found.own_tokens + found.prompts * thinking
     return found
 
 
@@ -4321,7 +4515,11 @@ async def counted_tokens(client: Any, settings: Settings, contents: str | list[A
 def estimate_table(settings: Settings, found: Estimate) -> str:
     """--estimate's report: the job's tokens, then its cost at each price and its time."""
     price, minimum = price_of(settings.model), cache_minimum(settings.model)
-    output_said = f"{settings.max_output_tokens:,} each at most (--max-output-tokens)" if settings.max_output_tokens else "assumed as many as each prompt's own (set --max-output-tokens for a bound)"
+    output_said = (
+        f"{settings.max_output_tokens:,} each at most, thinking included (--max-output-tokens bounds both)" if settings.max_output_tokens
+        else f"assumed as many as each prompt's own, plus {settings.thinking_budget:,} of thinking each (--thinking-budget)" if (settings.thinking_budget or 0) > 0
+        else "assumed as many as each prompt's own, thinking not counted (set --max-output-tokens for a bound: it includes thinking)"
+    )  # fmt: skip
     lines = [
         f"estimate for {settings.model}: {found.prompts:,} prompt{'' if found.prompts == 1 else 's'} (countTokens asked for {found.sampled:,} of them, scaled to all)",
         f"  input tokens   {found.input_tokens:,.0f}, the shared prefix {found.prompts * found.prefix_tokens:,.0f} of them ({found.prefix_tokens:,} a request; a cache needs {minimum:,})",
@@ -4382,7 +4580,7 @@ class Progress:
         if self.bar is not None:
             log.handlers[:] = [BarHandler(self.bar, log.handlers[0].formatter if log.handlers else None)]
         tasks = [] if self.bar is not None else [asyncio.create_task(self.report(settings.progress_every_s))]
-        return [*tasks, asyncio.create_task(self.count_total(settings.input_dir))]
+        return [*tasks, asyncio.create_task(self.count_total(settings.input_dir, settings.limit))]
 
     async def report(self, every_s: float) -> None:
         """Where nobody watches a terminal (nohup, CI, a scheduler's log): a line every `every_s`."""
@@ -4391,9 +4589,10 @@ class Progress:
             if not (self.run and self.run.outage.never_reached()):  # then the run's one line is the error at the end
                 log.info("%s", self.line())
 
-    async def count_total(self, input_dir: Path) -> None:
+    async def count_total(self, input_dir: Path, limit: int | None) -> None:
         with contextlib.suppress(PipelineError, OSError):  # an input that cannot be read: the reader says so
-            self.tally.total = sum([await count_rows(path) for path in await list_input_files(input_dir)])
+            total = sum([await count_rows(path) for path in await list_input_files(input_dir)])
+            self.tally.total = min(total, limit or total)
             if self.bar is not None:
                 self.bar.total = self.tally.total
                 self.bar.refresh()
@@ -4431,7 +4630,8 @@ class Progress:
 
     def postfix(self) -> str:
         """What the bar shows after its count: the spend, failures, batch jobs, uploads, the server's state."""
-        parts = (self.cost(), f"{self.tally.failed} failed" if self.tally.failed else "", self.jobs()[2:], self.uploaded()[2:], *self.server_state())
+        cut = f"{self.tally.cut_short} cut short" if self.tally.cut_short else ""
+        parts = (self.cost(), f"{self.tally.failed} failed" if self.tally.failed else "", cut, self.jobs()[2:], self.uploaded()[2:], *self.server_state())
         return "; ".join(part for part in parts if part)
 
     def server_state(self) -> tuple[str, str]:
@@ -4447,7 +4647,8 @@ class Progress:
         tally = self.tally
         done = tally.answered + tally.failed + tally.skipped
         rate = (tally.answered + tally.failed) / max(time.monotonic() - tally.started, 1e-9)
-        spent = "".join(f", {part}" for part in (self.cost(), self.uploaded()[2:], *self.server_state()) if part)
+        cut = f"{tally.cut_short} cut short" if tally.cut_short else ""
+        spent = "".join(f", {part}" for part in (self.cost(), cut, self.uploaded()[2:], *self.server_state()) if part)
         if tally.total is None:
             return f"{done}/? prompts, {tally.failed} failed, {rate:.1f}/s{spent}"
         eta = duration(max(tally.total - done, 0) / rate) if rate else "?"
@@ -4458,7 +4659,8 @@ class Progress:
         seconds = time.monotonic() - tally.started
         rate = (tally.answered + tally.failed) / seconds if seconds > 0 else 0.0
         return (
-            f"{tally.answered} answered, {tally.failed} failed, {tally.skipped} already done, {tally.retries} retries, "
+            f"{tally.answered} answered, {tally.failed} failed{f', {tally.cut_short} cut short' if tally.cut_short else ''}, "
+            f"{tally.skipped} already done, {tally.retries} retries, "
             f"{tally.rate_limited} rate-limited, {held_s:.1f} s held by limits, "
             f"tokens {tally.prompt_tokens} in ({tally.cached_tokens} cached{self.hit_rate()}) / {tally.response_tokens} out "
             f"+ {tally.thinking_tokens} thinking{f', {self.cost()} estimated' if self.cost() else ''}, "
@@ -4769,6 +4971,8 @@ def check_setup(settings: Settings) -> None:
         check_credentials(settings)
     if settings.batch and settings.service_tier:
         raise PipelineError("--service-tier does not apply to --batch: the Batch API has a price of its own (half)")
+    if settings.thinking_budget is not None and settings.thinking_level is not None:  # the API refuses a request with both
+        raise PipelineError("--thinking-budget and --thinking-level: set one (--thinking-level for Gemini 3, --thinking-budget for 2.5)")
     PromptMaker.of(request_generation(settings, job_generation(settings)), context_turns(settings.context))  # a misspelt setting stops the run here
     if settings.estimate:
         return  # it writes nothing
@@ -4880,12 +5084,18 @@ def how_it_ended(settings: Settings, progress: Progress) -> tuple[str, int]:
         f"; {plural(tally.left_alone, 'prompt')} refused for good before {'was' if tally.left_alone == 1 else 'were'} "
         "not asked again (--retry-failed asks them)" if tally.left_alone else ""
     )  # fmt: skip
-    if tally.failed or tally.left_alone:
+    cut_left = (
+        f"; {plural(tally.cut_left, 'prompt')} cut short before at this budget {'was' if tally.cut_left == 1 else 'were'} "
+        "not asked again (a larger --max-output-tokens asks them)" if tally.cut_left else ""
+    )  # fmt: skip
+    if tally.failed or tally.left_alone or tally.cut_left:
         failed = f"{plural(tally.failed, 'prompt')} failed" if tally.failed else "nothing failed this time"
-        return f"{failed}: see {settings.output_dir / FAILED_FILE}{left_alone}", 1
+        return f"{failed}: see {settings.output_dir / FAILED_FILE}{left_alone}{cut_left}", 1
     if tally.answered + tally.failed == 0:
         done_before = f"all {plural(tally.skipped, 'prompt')} {'was' if tally.skipped == 1 else 'were'} answered before" if tally.skipped else "no prompts"
         return f"nothing to do: {done_before} in {settings.input_dir}", 0
+    if progress.run is not None and progress.run.limited:
+        return f"done: the job's first {plural(settings.limit, 'prompt')} (--limit) answered in {settings.output_dir}; the same command without --limit asks the rest", 0
     return f"done: answers in {settings.output_dir}", 0
 
 

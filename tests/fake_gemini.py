@@ -117,6 +117,35 @@ def echo(request: Request) -> Reply:
     return answer(f"echo: {request.prompt}", request.prompt)
 
 
+def thinker(thoughts: Callable[[Request], int], then: Callable[[Request], Reply] = echo) -> Callable[[Request], Reply]:
+    """Thinking as Gemini 2.5 and 3 do it (python-genai#811, langchain-google#1020): a
+    request thinks `thoughts(request)` tokens (at most thinkingConfig.thinkingBudget, none
+    at 0) before it answers what `then` would, and thoughts come first out of
+    maxOutputTokens. What is left bounds the answer (a word a token here): cut there with
+    finishReason MAX_TOKENS, and with nothing left a candidate whose content has no parts."""
+
+    def behaviour(request: Request) -> Reply:
+        reply = then(request)
+        if reply.status != 200 or not isinstance(reply.body, dict):
+            return reply
+        config = request.body.get("generationConfig", {})
+        thinking = config.get("thinkingConfig", {})  # google-genai sends its fields in snake_case, as the API also reads them
+        budget, limit = thinking.get("thinkingBudget", thinking.get("thinking_budget")), config.get("maxOutputTokens")
+        thought = thoughts(request) if budget is None or budget < 0 else min(thoughts(request), budget)
+        text = "".join(part.get("text", "") for part in reply.body["candidates"][0]["content"]["parts"])
+        if limit is None or thought + len(text.split()) <= limit:
+            return answer(text, request.prompt, thinking=thought)
+        thought = min(thought, limit)
+        if thought == limit:
+            usage = {"promptTokenCount": prompt_tokens_of(request.prompt), "thoughtsTokenCount": thought}
+            candidate = {"content": {"role": "model"}, "finishReason": "MAX_TOKENS", "index": 0}
+            body = {"candidates": [candidate], "usageMetadata": {**usage, "totalTokenCount": sum(usage.values())}, "modelVersion": MODEL_VERSION}
+            return Reply(200, body)
+        return answer(" ".join(text.split()[: limit - thought]) + " ", request.prompt, finish_reason="MAX_TOKENS", thinking=thought)
+
+    return behaviour
+
+
 def safety_block() -> Reply:
     """A 200 whose only candidate was stopped for safety: no content, no text."""
     ratings = [{"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}]
@@ -787,22 +816,64 @@ def prompt_of(request: dict[str, Any]) -> str:
 
 
 def cli() -> None:
-    parser = argparse.ArgumentParser(description="Run the fake Gemini server in the foreground.")
+    parser = argparse.ArgumentParser(
+        description="Run the fake Gemini server in the foreground, on 127.0.0.1. Point the pipeline at it with "
+        "GOOGLE_GEMINI_BASE_URL=http://127.0.0.1:PORT and any GEMINI_API_KEY (it takes any string)."
+    )
     parser.add_argument("--port", type=int, default=8765, help="0: any free port")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--capacity", type=int, help="requests in flight beyond which it answers 429 with no details")
     parser.add_argument("--away-after", type=int, help="go away (refuse connections) once this many requests arrived...")
     parser.add_argument("--away-s", type=float, default=20.0, help="...for this long, then listen again on the same port")
     parser.add_argument("--per-minute-429s", type=float, help="this share of requests (0.05: 5%%) answered with a per-minute 429 asking for 1 s")
+    parser.add_argument("--unavailable", type=float, help="this share of requests (0.1: 10%%) answered 503 UNAVAILABLE, which the pipeline retries")
     args = parser.parse_args()
-    server = FakeGemini(latency_s=args.latency_ms / 1000, port=args.port, capacity=args.capacity)
+    server = FakeGemini(as_asked, latency_s=args.latency_ms / 1000, port=args.port, capacity=args.capacity)
     if args.away_after:
         server.behaviour = away_once(server, args.away_after, args.away_s)
     if args.per_minute_429s:
         server.behaviour = scattered_429s(args.per_minute_429s)
+    if args.unavailable:
+        server.behaviour = unavailable_at_times(args.unavailable, server.behaviour)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_until_terminated(server))
     print(json.dumps(server.counts()), flush=True)
+
+
+def as_asked(request: Request) -> Reply:
+    """The command line's default: echo, but JSON of the request's response schema when it
+    asks for one (every README example runs against it)."""
+    config = request.body.get("generationConfig", {})
+    schema = next((config[k] for k in ("responseJsonSchema", "response_json_schema", "responseSchema", "response_schema") if k in config), None)
+    if schema is None:
+        return echo(request)
+    return answer(json.dumps(of_shape(schema, request.prompt)), request.prompt)
+
+
+def of_shape(schema: Any, text: str) -> Any:
+    """A value of a JSON Schema's shape: an enum's first value, `text` for strings, 1 for numbers."""
+    if not isinstance(schema, dict):
+        return text
+    if schema.get("enum"):
+        return schema["enum"][0]
+    kind = str(schema.get("type", "object" if "properties" in schema else "string")).lower()
+    if kind == "object":
+        names = [*schema.get("properties", {}), *(n for n in schema.get("required", []) if n not in schema.get("properties", {}))]
+        return {name: of_shape(schema.get("properties", {}).get(name), text) for name in names}
+    if kind == "array":
+        return [of_shape(schema.get("items"), text)]
+    return {"integer": 1, "number": 1, "boolean": True, "null": None}.get(kind, text)
+
+
+def unavailable_at_times(share: float, then: Callable[[Request], Reply]) -> Callable[[Request], Reply]:
+    """`then`, but `share` of requests (by a hash of prompt and attempt) get a 503 UNAVAILABLE, which clients retry."""
+
+    def behaviour(request: Request) -> Reply:
+        if zlib.crc32(f"503/{request.prompt}/{request.attempt}".encode()) % 10_000 < share * 10_000:
+            return error(503, "The service is currently unavailable.")
+        return then(request)
+
+    return behaviour
 
 
 def away_once(server: FakeGemini, after: int, seconds: float | None) -> Callable[[Request], Reply]:

@@ -195,7 +195,9 @@ def test_a_changed_model_or_setting_is_refused_on_the_same_folder(tmp_path, fake
 
 
 # ------------------------------------------------------- structured output --
-def test_a_schema_with_answers_cut_short_ends_with_every_parsed_right(tmp_path, fake_gemini, run) -> None:
+def test_a_schema_with_answers_cut_short_fails_them_as_cut_short_and_a_larger_budget_finishes_the_job(tmp_path, fake_gemini, run) -> None:
+    """Issue 34: JSON cut at MAX_TOKENS is cut short (the cause), not "not JSON" (the symptom);
+    a plain rerun leaves it (the same budget would cut it again), a larger budget asks it."""
     prompts = [f"review {i}: {'good' if i % 3 else 'bad'} product" for i in range(40)]
 
     def cut_short_a_quarter(request: Request) -> Reply:
@@ -206,13 +208,22 @@ def test_a_schema_with_answers_cut_short_ends_with_every_parsed_right(tmp_path, 
     server = fake_gemini(cut_short_a_quarter)
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps(SCHEMA))
-    result = run(write_prompts(tmp_path / "inputs", prompts, per_file=10), "--response-schema", str(schema))
-    assert result.exit_code == 0, result.stderr
-    records = result.records()
-    assert len(records) == 40
+    inputs = write_prompts(tmp_path / "inputs", prompts, per_file=10)
+    result = run(inputs, "--response-schema", str(schema), "--max-output-tokens", "8")
+    assert result.exit_code == 1 and "10 cut short" in result.stderr
+    failures = result.failures()
+    assert len(result.records()) == 30 and len(failures) == 10 and len(server.requests) == 40
+    assert all(f["cut_short"] and not f["permanent"] and f["response"] == '{"label": "posi' and f["budget"] == {"max_output_tokens": 8} for f in failures)
+    assert all(f["error"].startswith("cut short at max_output_tokens 8: thinking took 0, the answer 2; raise --max-output-tokens") for f in failures)
+    again = run(inputs, "--response-schema", str(schema), "--max-output-tokens", "8")
+    assert again.exit_code == 1 and len(server.requests) == 40 and "10 prompts cut short before at this budget were not asked again" in again.stderr
+    larger = run(inputs, "--response-schema", str(schema), "--max-output-tokens", "100")
+    assert larger.exit_code == 0, larger.stderr
+    records = larger.records()
+    assert len(records) == 40 and not larger.failures() and len(server.requests) == 50
     for record in records:
         assert record["parsed"] == {"label": "positive" if "good" in record["prompt"] else "negative", "confidence": 0.9}
-    assert sorted(r["attempts"] for r in records) == [1] * 30 + [2] * 10
+    assert sorted(r["budget"]["max_output_tokens"] for r in records) == [8] * 30 + [100] * 10
     body = server.requests[0].body["generationConfig"]
     assert body["responseMimeType"] == "application/json" and body["responseJsonSchema"] == SCHEMA
 

@@ -45,6 +45,8 @@ peak RSS from wait4(). The sections:
   costs      a flex request held 90 s by the server; --estimate against the full run's spend
              (10,000 prompts); a 5,000-token --context over 1,000 prompts with and without --cache
   media      1,000 rows each naming a 1 MB image, inline at 50 workers: pipeline vs the bare SDK
+  notjson    200 rows with a response schema, a server answering prose: requests paid before
+             the run stops (with --baseline DIR, DIR's pipeline.py too)
   transport  500 workers at 1 s latency on google-genai's two transports: httpx2 (the
              SDK's default; its pool holds 100 connections) and aiohttp (requirements.txt)
 """
@@ -926,14 +928,36 @@ def media(scratch: Path, prompts: int, reps: int, baseline: str | None) -> None:
     shutil.rmtree(inputs)
 
 
-SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline", "csv", "capacity", "outage", "scattered", "versus", "costs", "media"]
+def notjson(scratch: Path, baseline: str | None) -> None:
+    """Issue 34's run: 200 rows with a response schema against a server answering prose.
+    Each checkout's pipeline.py as a user runs it: requests paid, exit status, seconds."""
+    inputs = scratch / "notjson_inputs"
+    inputs.mkdir()
+    (inputs / "rows.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"label review {i}"}) + "\n" for i in range(200)))
+    schema = scratch / "label_schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}))
+    for name, tree in checkouts(baseline).items():
+        with FakeServer(0, "--prose") as server:
+            started = time.monotonic()
+            args = [sys.executable, str(tree / "pipeline.py"), "--input-dir", str(inputs), "--output-dir", tempfile.mkdtemp(dir=scratch),
+                    "--response-schema", str(schema), "--retry-base-s", "0.01"]  # fmt: skip
+            done = subprocess.run(args, env={**os.environ, **server.env}, capture_output=True, text=True, check=False)
+            wall = time.monotonic() - started
+        print(
+            f"| not JSON, {name}: 200 rows with a schema, a server answering prose | {server.counts['requests']} requests, exit "
+            f"{done.returncode} | {wall:.1f} s; its last line: {done.stderr.strip().splitlines()[-1][:120]} |",
+            flush=True,
+        )
+
+
+SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline", "csv", "capacity", "outage", "scattered", "versus", "costs", "media", "notjson"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer prompts and repetitions")
     parser.add_argument("--only", choices=[*SECTIONS], action="append")
-    parser.add_argument("--baseline", help="capacity, outage, scattered, versus, media: also run the pipeline.py of this checkout (a git worktree of an older commit)")
+    parser.add_argument("--baseline", help="capacity, outage, scattered, versus, media, notjson: also run the pipeline.py of this checkout (a git worktree of an older commit)")
     args = parser.parse_args()
     quick = args.quick
     only = set(args.only or SECTIONS)
@@ -976,6 +1000,8 @@ def main() -> None:
             scattered(scratch, 400, 1 if quick else 4, args.baseline)
         if "media" in only:
             media(scratch, 200 if quick else 1000, 1 if quick else 3, args.baseline)
+        if "notjson" in only:
+            notjson(scratch, args.baseline)
         if "costs" in only:
             costs(scratch, 2000 if quick else 10_000)
         if "versus" in only and args.baseline:

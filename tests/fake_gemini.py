@@ -826,9 +826,10 @@ def cli() -> None:
     parser.add_argument("--away-after", type=int, help="go away (refuse connections) once this many requests arrived...")
     parser.add_argument("--away-s", type=float, default=20.0, help="...for this long, then listen again on the same port")
     parser.add_argument("--per-minute-429s", type=float, help="this share of requests (0.05: 5%%) answered with a per-minute 429 asking for 1 s")
+    parser.add_argument("--prose", action="store_true", help="answer text even where a schema asks for JSON (a model that ignores it)")
     parser.add_argument("--unavailable", type=float, help="this share of requests (0.1: 10%%) answered 503 UNAVAILABLE, which the pipeline retries")
     args = parser.parse_args()
-    server = FakeGemini(as_asked, latency_s=args.latency_ms / 1000, port=args.port, capacity=args.capacity)
+    server = FakeGemini(prose if args.prose else as_asked, latency_s=args.latency_ms / 1000, port=args.port, capacity=args.capacity)
     if args.away_after:
         server.behaviour = away_once(server, args.away_after, args.away_s)
     if args.per_minute_429s:
@@ -848,6 +849,11 @@ def as_asked(request: Request) -> Reply:
     if schema is None:
         return echo(request)
     return answer(json.dumps(of_shape(schema, request.prompt)), request.prompt)
+
+
+def prose(request: Request) -> Reply:
+    """Text that is not JSON, however the request asks, and whose JSON error differs by prompt (as prose answers' do)."""
+    return answer(f"{request.prompt.split()[-1]} stars, positive", request.prompt)
 
 
 def of_shape(schema: Any, text: str) -> Any:

@@ -250,6 +250,8 @@ MEDIA_TYPES = ("image/", "audio/", "video/", "text/", "application/pdf")  # the 
 MEDIA_ONLY = ("image/", "audio/", "video/", "application/pdf")  # files in INPUT_DIR that are not read as prompts, only named by rows
 MIME_TYPES = {"audio/x-wav": "audio/wav", "audio/x-flac": "audio/flac"}  # the names mimetypes gives that the API spells otherwise
 FILES_API_MAX_BYTES = 2 << 30  # the Files API takes a file up to 2 GB
+API_VERSION_GEMINI = "v1beta"  # the Gemini API version asked: the one with every method and field the pipeline uses (see connect)
+API_VERSION_VERTEX = "v1beta1"  # ...and Vertex AI's (google-genai's own default there)
 RACY_S = 2.0  # a file changed this close to its hashing is hashed again at each send: a coarse clock may hide an edit
 UPLOADS_AT_ONCE = 8  # uploads to the Files API in flight at once, at most
 UPLOAD_MARGIN_S = 3600.0  # an upload is used again until this long before it expires (48 h after it was made)
@@ -1054,7 +1056,11 @@ def connect(settings: Settings) -> Any:
     # The request timeout is the transport's (aiohttp's total timeout, which the SDK also
     # sends as X-Server-Timeout, so the server knows when an answer is no longer awaited),
     # not a second timer around each call; batch mode's uploads and downloads have none.
+    # The API version is pinned: google-genai 3 asks the Gemini API's v1 unless told, whose
+    # messages have no systemInstruction, cachedContent, responseJsonSchema or thinkingConfig,
+    # and no Files, Batch or caching API (a 400 "Unknown name" for every prompt that sends one).
     options = types.HttpOptions(
+        api_version=API_VERSION_VERTEX if on_vertex() else API_VERSION_GEMINI,
         timeout=None if settings.batch else max(1, round(request_timeout_s(settings) * 1000)),  # in ms
         retry_options=types.HttpRetryOptions(attempts=1),
         async_client_args={"follow_redirects": False, "allow_redirects": False},  # httpx's name, aiohttp's name
@@ -1097,6 +1103,8 @@ def check_credentials(settings: Settings) -> None:
         return
     if settings.batch:
         raise PipelineError("--batch on Vertex AI reads and writes Cloud Storage or BigQuery, which this tool does not handle: run without --batch")
+    if settings.service_tier:  # Vertex AI refuses serviceTier in the body (googleapis/python-genai#2433): it takes a header
+        raise PipelineError("--service-tier on Vertex AI: its Flex and Priority PayGo are chosen by a header on the global endpoint, not this setting: run without it")
     if api_key_from_env():
         return
     if missing := [name for name in ("GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION") if not os.environ.get(name)]:

@@ -39,6 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+import api_contract
+
 MODEL_VERSION = "fake-gemini-001"
 
 
@@ -139,7 +141,7 @@ def thinker(thoughts: Callable[[Request], int], then: Callable[[Request], Reply]
         if thought == limit:
             usage = {"promptTokenCount": prompt_tokens_of(request.prompt), "thoughtsTokenCount": thought}
             candidate = {"content": {"role": "model"}, "finishReason": "MAX_TOKENS", "index": 0}
-            body = {"candidates": [candidate], "usageMetadata": {**usage, "totalTokenCount": sum(usage.values())}, "modelVersion": MODEL_VERSION}
+            body = {"candidates": [candidate], "usageMetadata": {**usage, "totalTokenCount": sum(usage.values())}, "modelVersion": MODEL_VERSION, "responseId": "fake-response"}
             return Reply(200, body)
         return answer(" ".join(text.split()[: limit - thought]) + " ", request.prompt, finish_reason="MAX_TOKENS", thinking=thought)
 
@@ -155,6 +157,7 @@ def safety_block() -> Reply:
             "candidates": [{"finishReason": "SAFETY", "index": 0, "safetyRatings": ratings}],
             "usageMetadata": {"promptTokenCount": 4, "totalTokenCount": 4},
             "modelVersion": MODEL_VERSION,
+            "responseId": "fake-response",
         },
     )
 
@@ -365,6 +368,12 @@ class FakeGemini:
     # base64 (inline data), and `watched_seen` counts the bodies that held one.
     watched: list[bytes] = field(default_factory=list)
     watched_seen: int = 0
+    # The real API's contract (api_contract.py): a request its published messages do not
+    # parse is answered as the API answers it (400 INVALID_ARGUMENT, 404), and kept here.
+    strict: bool = True
+    refused_by_contract: list[str] = field(default_factory=list)
+    expect_refusals: bool = False  # a test sending them (or serving odd replies) on purpose; otherwise leaving the server with any fails
+    reply_problems: list[str] = field(default_factory=list)  # replies of its own that are not the method's response message
     _attempts: Counter[str] = field(default_factory=Counter)
     _seen: threading.Condition = field(default_factory=threading.Condition)
 
@@ -388,6 +397,11 @@ class FakeGemini:
     def __exit__(self, *exc_info: object) -> None:
         self._loop.call_soon_threadsafe(self._stopped.set)
         self._thread.join(10)
+        if exc_info[0] is None and self.refused_by_contract and not self.expect_refusals:
+            # a request the real API's published messages do not parse: the pipeline is wrong, not the test
+            raise AssertionError(f"the real API would refuse: {self.refused_by_contract[:3]}")
+        if exc_info[0] is None and self.reply_problems and not self.expect_refusals:
+            raise AssertionError(f"the fake served what the real API never sends: {self.reply_problems[:3]}")
 
     def go_away(self) -> None:
         """Close the listening socket and every open connection, as a host that goes down
@@ -474,6 +488,19 @@ class FakeGemini:
     async def _reply(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
         route, _, query = path.partition("?")
         api_key = headers.get("x-goog-api-key")
+        if self.strict and (refused := contract_refusal(method, route, query, headers, body)) is not None:
+            self.refused_by_contract.append(f"{method} {route}: {refused.body['error']['message']}")  # type: ignore[index]
+            return refused
+        reply = await self._serve_method(method, route, query, headers, body)
+        if self.strict and reply.status == 200 and isinstance(reply.body, dict):
+            response = api_contract.route_of(method, route)
+            must_have = MUST_HAVE.get(response[1].response or "", ()) if response else ()
+            if problem := api_contract.response_problem(method, route, reply.body, must_have):
+                self.reply_problems.append(f"{method} {route}: {problem}")
+        return reply
+
+    async def _serve_method(self, method: str, route: str, query: str, headers: dict[str, str], body: bytes) -> Reply:
+        path, api_key = f"{route}?{query}" if query else route, headers.get("x-goog-api-key")
         if method == "POST" and route.endswith(":generateContent"):
             if self.capacity is not None and self.in_flight >= self.capacity:
                 self.refused_full += 1
@@ -496,6 +523,8 @@ class FakeGemini:
             return self._cached_contents(method, route.partition("/cachedContents")[2].strip("/"), dict(part.partition("=")[::2] for part in query.split("&") if part), body)
         if method == "GET" and (match := re.fullmatch(r"/v1\w*/(?:projects/[^/]+/locations/[^/]+/)?(?:publishers/google/)?models/([^/:]+)", route)):
             self.model_gets += 1
+            if "/publishers/" in route:  # Vertex AI's PublisherModel
+                return Reply(200, {"name": f"publishers/google/models/{match[1]}", "versionId": "001", "launchStage": "GA"})
             return Reply(200, {"name": f"models/{match[1]}", "displayName": match[1], "inputTokenLimit": 1048576, "outputTokenLimit": 65536})
         if method == "POST" and route.endswith(":batchGenerateContent"):
             return self._create_batch(route.rpartition("/models/")[2].partition(":")[0], json.loads(body))
@@ -624,6 +653,11 @@ class FakeGemini:
         if "fileName" in source:
             lines = self.files[source["fileName"]].decode().splitlines()
             items = [json.loads(line) for line in lines if line.strip()]
+            schema = api_contract.gemini()
+            for number, item in enumerate(items, 1):
+                if self.strict and (problem := api_contract.problem_in(schema, schema.message("BatchFileLine"), item, "")):
+                    self.refused_by_contract.append(f"{source['fileName']} line {number}: {problem}")
+                    return error(400, f"{source['fileName']} line {number}: {problem}")
             requests = [(item["key"], item["request"]) for item in items]
         else:
             items = source["requests"]["requests"]
@@ -729,15 +763,17 @@ class FakeGemini:
         self.files[name] = bytes(self._uploads.pop(upload_id))
         meta = self._upload_meta.pop(upload_id)
         expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 48 * 3600))
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        digest = hashlib.sha256(self.files[name]).digest()
         file = {
             "name": name, "displayName": meta.get("displayName") or meta.get("display_name") or "",  # google-genai sends snake_case here
             "mimeType": meta.get("mimeType") or meta.get("mime_type") or "application/jsonl",
             "sizeBytes": str(len(self.files[name])), "state": "PROCESSING" if self.processing_gets else "ACTIVE",
-            "uri": f"{self.base_url}/v1beta/{name}", "expirationTime": expires,
-            "sha256Hash": hashlib.sha256(self.files[name]).hexdigest(),
+            "uri": f"{self.base_url}/v1beta/{name}", "createTime": now, "updateTime": now, "expirationTime": expires,
+            "sha256Hash": base64.b64encode(digest).decode(), "source": "UPLOADED",  # bytes in the File message: base64, as the API sends it
         }  # fmt: skip
         self.file_meta[name] = file
-        self.upload_log.append((file["displayName"], file["sha256Hash"]))
+        self.upload_log.append((file["displayName"], digest.hex()))
         return Reply(200, {"file": file}, headers={"x-goog-upload-status": "final"})
 
     def _files(self, method: str, file_id: str, query: dict[str, str]) -> Reply:
@@ -768,6 +804,35 @@ class FakeGemini:
             if kind == "file" and uri.startswith(self.base_url) and uri.removeprefix(f"{self.base_url}/v1beta/") not in self.files:
                 return error(403, f"You do not have permission to access the File {uri.rpartition('/')[2]} or it may not exist.")
         return None
+
+
+# What the real API always puts in a reply, beyond what its message requires (checked with
+# reply_problems): a response's id and model version and its total tokens; a file's and a
+# cache's name and times; a file's state.
+MUST_HAVE = {
+    "GenerateContentResponse": ("responseId", "modelVersion", "usageMetadata.totalTokenCount"),
+    "CountTokensResponse": ("totalTokens",),
+    "File": ("name", "createTime", "expirationTime", "state", "uri", "sizeBytes", "sha256Hash"),
+    "CachedContent": ("name", "createTime", "expireTime", "model"),
+}
+
+
+def contract_refusal(method: str, route: str, query: str, headers: dict[str, str], body: bytes) -> Reply | None:
+    """What the real API answers a request its published messages do not parse (see
+    api_contract), or None. An upload's chunks are bytes, not a message: not checked."""
+    if route.startswith("/upload/") and "start" not in headers.get("x-goog-upload-command", "start"):
+        return None
+    params = dict(part.partition("=")[::2] for part in query.split("&") if part)
+    try:
+        parsed = json.loads(body) if body.strip() else {}
+    except ValueError:
+        return error(400, "Invalid JSON payload received. Unexpected token.")
+    found = api_contract.request_problem(method, route, params, parsed)
+    if found is None:
+        return None
+    code, message = found
+    violation = {"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": [{"description": message}]}
+    return error(code, message, violation) if code == 400 else error(code, message)
 
 
 def media_of(body: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:

@@ -4,6 +4,7 @@ them, and deleted once the job needs them no more."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import errno
 import hashlib
@@ -67,7 +68,7 @@ def test_a_thousand_rows_naming_200_images_get_their_own_images_and_each_large_o
     result = run(inputs, "--inline-limit-mb", "1", "--workers", "20", "--shard-size", "100")
     assert result.exit_code == 0, result.stderr
     assert sorted(server.answered.values()) == [1] * 1000 and len(result.records()) == 1000
-    uploaded = {meta["uri"]: meta["sha256Hash"] for meta in server.file_meta.values()}
+    uploaded = {meta["uri"]: base64.b64decode(meta["sha256Hash"]).hex() for meta in server.file_meta.values()}
     expected = {prompt: [sha(path) for path in files] for _, prompt, files in rows}
     for request in server.requests:
         sent = [digest if kind == "inline" else uploaded[digest] for kind, digest, _ in request.media]
@@ -96,7 +97,7 @@ def test_a_rows_files_go_after_its_text_in_order_and_urls_as_they_are(tmp_path, 
     assert request.body["contents"][-1]["parts"][0] == {"text": "compare"}
     [(first, uri, _), (second, url, pdf), (third, digest, _)] = request.media
     assert (first, second, third) == ("file", "file", "inline") and (url, pdf) == ("https://example.com/spec.pdf", "application/pdf")
-    assert server.file_meta[uri.partition("/v1beta/")[2]]["sha256Hash"] == sha(large) and digest == sha(small)
+    assert base64.b64decode(server.file_meta[uri.partition("/v1beta/")[2]]["sha256Hash"]).hex() == sha(large) and digest == sha(small)
 
 
 def test_a_file_that_cannot_be_sent_fails_its_row_alone_before_anything_is_sent(tmp_path, fake_gemini, run, monkeypatch) -> None:

@@ -62,6 +62,7 @@ def test_vertex_ai_express_mode_takes_an_api_key(tmp_path, vertex, run, monkeypa
         ("GOOGLE_CLOUD_LOCATION", [], "GOOGLE_CLOUD_LOCATION"),
         ("GOOGLE_APPLICATION_CREDENTIALS", [], "Application Default Credentials"),
         (None, ["--batch"], "--batch on Vertex AI"),
+        (None, ["--service-tier", "flex"], "--service-tier on Vertex AI"),  # a 400 for every prompt (python-genai#2433)
     ],
 )
 def test_what_vertex_ai_lacks_is_one_line_before_any_request(tmp_path, vertex, run, monkeypatch, unset, flags, named) -> None:

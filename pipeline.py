@@ -855,8 +855,7 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
         generation, context = job_generation(settings), context_turns(settings.context)
         identity = job_identity(settings, generation, context)
         files = await table_headers_checked(await list_input_files(settings.input_dir))
-        client, gate, outage = await reach_host(settings, progress, cleanup)  # before any file is made
-        cleanup.enter_context(output_dir_locked(made_output_dir(settings.output_dir)))
+        client, gate, outage = await reach_host_and_lock(settings, progress, cleanup)
         with stop_on_os_error(f"cannot read {settings.output_dir}"):
             past = await load_past_runs(settings.output_dir)
         if record_job(settings, job_settings(generation, context), answered=bool(past.answered or past.journaled)) or settings.retry_failed:
@@ -882,6 +881,19 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
             progress.tally.left_alone, progress.tally.cut_left = past.left_alone, past.cut_left
         for path in past.arrival_files:  # the run is complete: what they held is in synced shards now
             path.unlink()
+
+
+async def reach_host_and_lock(settings: Settings, progress: Progress, cleanup: contextlib.AsyncExitStack) -> tuple[Any, Gate, Outage]:
+    """reach_host, and the output folder locked, in the order that makes nothing on a refused
+    start: a folder that exists is locked first (a second run on it stops at once, before
+    asking the host), a new one is made only once the host has answered."""
+    existing = settings.output_dir.is_dir()
+    if existing:
+        cleanup.enter_context(output_dir_locked(settings.output_dir))
+    reached = await reach_host(settings, progress, cleanup)
+    if not existing:
+        cleanup.enter_context(output_dir_locked(made_output_dir(settings.output_dir)))
+    return reached
 
 
 async def reach_host(settings: Settings, progress: Progress, cleanup: contextlib.AsyncExitStack) -> tuple[Any, Gate, Outage]:

@@ -519,8 +519,8 @@ class FakeGemini:
             body_json = json.loads(body)
             self.count_tokens_requests.append(body_json)
             return Reply(200, {"totalTokens": words_of(body_json.get("contents") or [])})
-        if re.fullmatch(r"/v1\w*/cachedContents(/[^/]+)?", route):
-            return self._cached_contents(method, route.partition("/cachedContents")[2].strip("/"), dict(part.partition("=")[::2] for part in query.split("&") if part), body)
+        if match := re.fullmatch(r"/v1\w*/((?:projects/[^/]+/locations/[^/]+/)?)cachedContents(/[^/]+)?", route):  # Vertex AI's within its project
+            return self._cached_contents(method, match[1], (match[2] or "").strip("/"), dict(part.partition("=")[::2] for part in query.split("&") if part), body)
         if method == "GET" and (match := re.fullmatch(r"/v1\w*/(?:projects/[^/]+/locations/[^/]+/)?(?:publishers/google/)?models/([^/:]+)", route)):
             self.model_gets += 1
             if "/publishers/" in route:  # Vertex AI's PublisherModel
@@ -569,11 +569,12 @@ class FakeGemini:
         return reply
 
     # ----------------------------------------------------- context caching --
-    def _cached_contents(self, method: str, cache_id: str, query: dict[str, str], body: bytes) -> Reply:
-        """cachedContents: create (POST), list (GET), and get, update (PATCH ttl), delete by name."""
-        name = f"cachedContents/{cache_id}"
+    def _cached_contents(self, method: str, within: str, cache_id: str, query: dict[str, str], body: bytes) -> Reply:
+        """cachedContents: create (POST), list (GET), and get, update (PATCH ttl), delete by
+        name; `within` is Vertex AI's projects/{p}/locations/{l}/, which names its caches too."""
+        name = f"{within}cachedContents/{cache_id}"
         if method == "POST" and not cache_id:
-            return self._create_cache(json.loads(body))
+            return self._create_cache(json.loads(body), within)
         if method == "GET" and not cache_id:
             caches = list(self.caches.values())
             start, size = int(query.get("pageToken") or 0), int(query.get("pageSize") or 50)
@@ -595,11 +596,11 @@ class FakeGemini:
             return Reply(200, {})
         return error(404, f"Method not found: {method} {name}")
 
-    def _create_cache(self, body: dict[str, Any]) -> Reply:
+    def _create_cache(self, body: dict[str, Any], within: str = "") -> Reply:
         tokens = words_of([*(body.get("contents") or []), body.get("systemInstruction") or {}])
         if tokens < self.cache_min_tokens:
             return error(400, f"Cached content is too small. total_token_count={tokens}, min_total_token_count={self.cache_min_tokens}")
-        name = f"cachedContents/fake{next(self._cache_ids)}"
+        name = f"{within}cachedContents/fake{next(self._cache_ids)}"
         self.caches[name] = {**body, "name": name, "tokens": tokens, "ttl_s": float(str(body.get("ttl", "3600s")).removesuffix("s"))}
         self.cache_events.append(("create", name))
         return Reply(200, self._cache_view(self.caches[name]))

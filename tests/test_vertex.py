@@ -112,3 +112,18 @@ def test_on_vertex_ai_gs_uris_go_as_they_are_and_a_file_too_large_to_carry_fails
     assert request.media[0][1] == "gs://bucket/photo.png" and vertex.upload_log == []
     [failure] = result.failures()
     assert failure["id"] == "large" and "Vertex AI has no Files API" in failure["error"]
+
+
+def test_on_vertex_ai_a_cache_and_an_estimate_ask_what_its_discovery_document_takes(tmp_path, vertex, run) -> None:
+    """Issue 35: cachedContents and countTokens on Vertex AI's paths, each request held to
+    aiplatform.v1beta1.json by the fake (a refusal would fail this test)."""
+    (tmp_path / "context.txt").write_text("word " * 2000)
+    inputs = write_prompts(tmp_path / "inputs", sample_prompts(4))
+    cached = run(inputs, "--context", str(tmp_path / "context.txt"), "--cache")
+    assert cached.exit_code == 0, cached.stderr
+    assert [event for event, _ in vertex.cache_events] == ["create", "delete"]
+    assert all(name.startswith("projects/my-project/locations/us-central1/cachedContents/") for _, name in vertex.cache_events)
+    assert {r.body.get("cachedContent") for r in vertex.requests} == {vertex.cache_events[0][1]}
+    estimate = run(inputs, "--estimate", output_dir=tmp_path / "estimate")
+    assert estimate.exit_code == 0, estimate.stderr
+    assert vertex.count_tokens_requests and not vertex.refused_by_contract and not vertex.reply_problems

@@ -226,6 +226,7 @@ POOL_NICENESS = 10  # the pool's processes run at a lower priority than the even
 BATCH_JOURNAL = "batch_jobs.jsonl"  # in OUTPUT_DIR: every batch job submitted, and its prompts
 BATCH_GATHER_S = 0.5  # a job is submitted before it is full once no prompt came for this long
 BATCH_POLL_MAX_S = 600.0  # longest wait between two looks at a job still pending
+BATCH_AGAIN_CODES = {2, 4, 8, 13, 14}  # google.rpc codes of a batch result worth asking again: UNKNOWN, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE
 ARRIVALS_PER_FILE = 1024  # answers per arrivals journal file (see ArrivalJournal)...
 ARRIVALS_FILE_BYTES = 1 << 20  # ...and the space reserved for it at first (it doubles as needed)
 ROUND_TRIP_S = 0.001  # work worth one more trip to the pool: a trip costs a few hundred µs of CPU here
@@ -548,6 +549,7 @@ class Failure:
     permanent: bool = False  # refused for good (a 400, a safety block): a rerun leaves it, unless --retry-failed
     usage: dict[str, Any] | None = None  # the tokens of the reply it keeps, as an answer's record says them (usage_of)
     cut_short: bool = False  # cut at its budget: a rerun with the same budget leaves it, one with another asks it
+    again: bool = False  # a batch result that may pass if asked again (see BATCH_AGAIN_CODES): resubmitted while attempts remain
 
     def to_json(self) -> str:
         """Its line in failed.jsonl (see RECORD)."""
@@ -729,6 +731,7 @@ class Tally:
     left_alone: int = 0  # failed for good in an earlier run, not asked again (see --retry-failed)
     cut_left: int = 0  # cut short in an earlier run at this run's budget, not asked again
     cut_short: int = 0  # answers cut short at their budget: failed, or written with --accept-cut-short
+    resubmitted: int = 0  # --batch: results that may pass again, put to a later job
     retries: int = 0
     rate_limited: int = 0  # 429 answers
     prompt_tokens: int = 0  # the tokens of every reply billed this run (see bill), failures' and retried ones' too
@@ -795,6 +798,7 @@ class Run:
     leftovers: list[asyncio.Task[None]] = field(default_factory=list)  # an earlier run's work this one finishes
     media: Media = field(default_factory=lambda: Media(FilesFolder(Path()), INLINE_LIMIT_MB))  # the files rows name: read, inline or uploaded
     taken: int = 0  # prompts of the job the readers have taken, answered before or not (see LIMIT)
+    resubmit: Resubmissions = field(default_factory=lambda: Resubmissions())  # --batch: the prompts to be asked again in a later job
     limited: bool = False  # a reader found more prompts than --limit: the job goes on past this run
 
     @property
@@ -3334,28 +3338,29 @@ async def generate_in_batches(run: Run) -> None:
 
 
 async def gather_job(run: Run) -> list[Prompt]:
-    """The prompts of the next job: up to BATCH_SIZE, or fewer once none came for BATCH_GATHER_S.
-    A prompt that cannot be sent (not UTF-8) is failed here, not put in a job."""
+    """The prompts of the next job: those due again first (see Resubmissions), then new ones,
+    up to BATCH_SIZE, or fewer once none came for BATCH_GATHER_S. A prompt that cannot be
+    sent (not UTF-8) is failed here, not put in a job."""
     job: list[Prompt] = []
     while len(job) < run.settings.batch_size:
-        try:
-            async with asyncio.timeout(BATCH_GATHER_S if job else None):
-                prompt = await run.prompts.get()
-        except TimeoutError:
+        prompt = await run.resubmit.next_prompt(run.prompts, BATCH_GATHER_S if job else None)
+        if prompt is None:
             break
-        if prompt.id in run.past.in_batch_jobs:  # queued before find_unknown_jobs found its job
-            run.prompts.task_done()
+        if prompt.id in run.past.in_batch_jobs and prompt.id not in run.resubmit.held:  # queued before find_unknown_jobs found its job
+            run.resubmit.done(prompt.id, run.prompts)
         elif prompt.error:
             await run.outcomes.put(Failure(prompt, prompt.error, attempts=0))
-            run.prompts.task_done()
+            run.resubmit.done(prompt.id, run.prompts)
         else:
             job.append(prompt)
     return job
 
 
 async def run_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal) -> None:
-    """Submit a job, wait for it to end, and queue an outcome for each of its prompts. A
+    """Submit a job, wait for it to end, and queue an outcome for each of its prompts, or,
+    for those that may pass if asked again, put them to a later job (Resubmissions). A
     prompt whose file cannot be uploaded (it changed since it was read) fails alone."""
+    run.resubmit.tries.update(prompt.id for prompt in job_prompts)
     with_files, results = await files_uploaded(run, job_prompts)
     sendable = [prompt for prompt in job_prompts if prompt.id not in {failure.prompt.id for failure in results}]
     try:
@@ -3363,13 +3368,83 @@ async def run_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal) ->
     except PipelineError:
         raise
     except Exception as exc:  # noqa: BLE001 (the API refused the job: its prompts fail, with the reason)
-        results += all_failed(sendable, f"batch job not created: {describe(exc, run.settings)}")
+        results += all_failed(sendable, f"batch job not created: {describe(exc, run.settings)}", run)
     else:
         results += await collect_job(run, job) if job else []
-    for outcome in results:
-        run.media.settled(outcome)
-        await run.outcomes.put(outcome)
-        run.prompts.task_done()
+    await settle_job_outcomes(run, results)
+
+
+async def settle_job_outcomes(run: Run, outcomes: list[Outcome]) -> None:
+    """A job's outcomes: to the writers; but the results that may pass if asked again, with
+    attempts left, go to a later job once their back-off is over (Resubmissions)."""
+    again = [o for o in outcomes if isinstance(o, Failure) and o.again and run.resubmit.tries[o.prompt.id] < run.settings.max_attempts]
+    held = {id(outcome) for outcome in again}
+    for outcome in outcomes:
+        if id(outcome) not in held:
+            run.media.settled(outcome)
+            await run.outcomes.put(outcome)
+            run.resubmit.done(outcome.prompt.id, run.prompts)
+    if again:
+        run.resubmit.hold(again, run.tally)
+        await run.gate.sleep(backoff_s(max(run.resubmit.tries[o.prompt.id] for o in again), Exception(), run.settings))
+        for outcome in again:
+            run.resubmit.due.put_nowait(outcome.prompt)
+
+
+class Resubmissions:
+    """The prompts of ended batch jobs whose results may pass if asked again (a quota or a
+    server error for that request, BATCH_AGAIN_CODES; an expired job): each waits its
+    back-off, as an interactive retry does, then goes into the next job gathered, until it
+    has been in MAX_ATTEMPTS jobs this run; only then is its failure written. A prompt taken
+    from run.prompts owes it a task_done, given with its last outcome (all_answered waits
+    for those); an earlier run's jobs (resume_job) wait until none is held (idle)."""
+
+    def __init__(self) -> None:
+        self.due: asyncio.Queue[Prompt] = asyncio.Queue()  # their back-off waited out: into the next job
+        self.tries: Counter[str] = Counter()  # prompt id -> jobs it has been in, this run
+        self.owed: set[str] = set()  # ids taken from run.prompts whose last outcome is not yet queued
+        self.held: set[str] = set()  # ids to be asked again, or in a job again
+        self.idle = asyncio.Event()  # set while none is held
+        self.idle.set()
+
+    async def next_prompt(self, prompts: asyncio.Queue[Prompt], timeout: float | None) -> Prompt | None:
+        """A prompt due again, else the next new one; None if neither comes within `timeout`."""
+        if not self.due.empty():
+            return self.due.get_nowait()
+        if not prompts.empty():
+            return self.taken(prompts.get_nowait())
+        getters = [asyncio.ensure_future(self.due.get()), asyncio.ensure_future(prompts.get())]
+        try:
+            done, _ = await asyncio.wait(getters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for getter in getters:
+                getter.cancel()
+        again, new = (getter.result() if getter in done else None for getter in getters)
+        if new is not None:
+            self.taken(new)
+            if again is not None:  # both came at once: the new one waits its turn as if due
+                self.due.put_nowait(new)
+        return again or new
+
+    def taken(self, prompt: Prompt) -> Prompt:
+        self.owed.add(prompt.id)
+        return prompt
+
+    def hold(self, failures: list[Failure], tally: Tally) -> None:
+        """These prompts will be asked again: none of them is done."""
+        self.held.update(failure.prompt.id for failure in failures)
+        self.idle.clear()
+        tally.resubmitted += len(failures)
+        log.debug("resubmitting %d prompts, e.g. %s: %s", len(failures), failures[0].prompt.id, failures[0].error)
+
+    def done(self, prompt_id: str, prompts: asyncio.Queue[Prompt]) -> None:
+        """`prompt_id`'s last outcome is queued."""
+        self.held.discard(prompt_id)
+        if not self.held:
+            self.idle.set()
+        if prompt_id in self.owed:
+            self.owed.discard(prompt_id)
+            prompts.task_done()
 
 
 async def files_uploaded(run: Run, job_prompts: list[Prompt]) -> tuple[dict[str, list[Any]], list[Outcome]]:
@@ -3395,9 +3470,9 @@ async def resume_job(run: Run, job: BatchJob) -> None:
     """A job an earlier run submitted: look at it at once (it may have ended long ago) and
     queue the outcomes of its prompts not yet written."""
     run.progress.job("resumed")
-    for outcome in await collect_job(run, job, first_look_s=0.0):
-        if outcome.prompt.id not in run.past.answered:
-            await run.outcomes.put(outcome)
+    outcomes = await collect_job(run, job, first_look_s=0.0)
+    await settle_job_outcomes(run, [outcome for outcome in outcomes if outcome.prompt.id not in run.past.answered])
+    await run.resubmit.idle.wait()  # those asked again are asked by this run's jobs
 
 
 async def submit_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal, with_files: dict[str, list[Any]]) -> BatchJob:
@@ -3477,8 +3552,8 @@ async def job_outcomes(run: Run, job: BatchJob, ended: Any) -> list[Outcome]:
     """An outcome per prompt of an ended job: its answer or its own error if the job
     succeeded, else the job's state as the reason."""
     state = enum_text(ended.state)
-    if state not in ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED"):
-        return all_failed(job.prompts, f"batch job {job.name} ended {state}")
+    if state not in ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED"):  # an expired job's prompts may pass in another
+        return all_failed(job.prompts, f"batch job {job.name} ended {state}", run, again=state == "JOB_STATE_EXPIRED")
     if not (ended.dest and ended.dest.file_name):  # jobs are sent as files, so their results come as one
         return all_failed(job.prompts, f"batch job {job.name} returned no responses file")
     data = await api_call(run, lambda: run.client.aio.files.download(file=ended.dest.file_name), timed=False)
@@ -3486,7 +3561,7 @@ async def job_outcomes(run: Run, job: BatchJob, ended: Any) -> list[Outcome]:
     for response, _ in results.values():
         run.gate.spend.bill(getattr(response, "usage_metadata", None))
         run.tally.bill(getattr(response, "usage_metadata", None))
-    return [job_outcome(prompt, *results.get(prompt.id, (None, None)), job, run.settings) for prompt in job.prompts]
+    return [job_outcome(prompt, *results.get(prompt.id, (None, None)), job, run) for prompt in job.prompts]
 
 
 def rest_request(prompt: Prompt, rest: dict[int, dict[str, Any]], maker: PromptMaker, contents: list[Any] | None = None) -> dict[str, Any]:
@@ -3517,19 +3592,20 @@ def results_by_key(data: bytes) -> dict[str, tuple[Any, Any]]:
     return results
 
 
-def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, settings: Settings) -> Outcome:
+def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, run: Run) -> Outcome:
+    attempt = run.resubmit.tries[prompt.id] or 1
     if error is not None:  # a google.rpc.Status: its code is gRPC's (3 is INVALID_ARGUMENT), not HTTP's
         reason = f"batch request failed, code {getattr(error, 'code', '?')}: {getattr(error, 'message', '')}"
-        return Failure(prompt, " ".join(reason.split()), attempts=1)
+        return Failure(prompt, " ".join(reason.split()), attempt, again=getattr(error, "code", None) in BATCH_AGAIN_CODES)
     if response is None:
-        return Failure(prompt, f"batch job {job.name} returned nothing for this prompt", attempts=1)
-    outcome = to_outcome(prompt, response, 1, settings)
-    return not_as_asked(outcome) or outcome  # one attempt in a job: no retry
+        return Failure(prompt, f"batch job {job.name} returned nothing for this prompt", attempt, again=True)
+    outcome = to_outcome(prompt, response, attempt, run.settings)
+    return not_as_asked(outcome) or outcome  # a job asks each prompt once: not asked again for its JSON
 
 
-def all_failed(prompts: list[Prompt], error: str) -> list[Outcome]:
-    """The outcome of each prompt of a job that failed as a whole: the job was their one attempt."""
-    return [Failure(prompt, error, attempts=1) for prompt in prompts]
+def all_failed(prompts: list[Prompt], error: str, run: Run | None = None, again: bool = False) -> list[Outcome]:
+    """The outcome of each prompt of a job that failed as a whole (`again`: one that expired, worth submitting again)."""
+    return [Failure(prompt, error, (run.resubmit.tries[prompt.id] if run else 0) or 1, again=again) for prompt in prompts]
 
 
 async def api_call(run: Run, call: Callable[[], Awaitable[Any]], retry_forever: bool = False, timed: bool = True) -> Any:
@@ -3578,21 +3654,33 @@ class BatchJournal:
             append_line(self.path, record)
 
     async def load(self) -> tuple[list[BatchJob], dict[str, list[Prompt]]]:
-        """The jobs created; and the submissions whose fate is unknown, by display name."""
-        jobs: list[BatchJob] = []
-        unknown: dict[str, list[Prompt]] = {}
+        """The jobs created; and the submissions whose fate is unknown, by display name. A
+        prompt submitted again (its result may pass in another job) belongs to its last
+        submission only: an earlier job's result for it is not its outcome."""
+        submissions: dict[str, list[Prompt]] = {}  # by display name, in the order submitted
+        names: dict[str, str | None] = {}  # display name -> the job's name; None: never created; absent: unknown
         if ours(self.path).exists():
             async for first, lines in complete_lines(self.path, b'{"submit'):
                 for number, line in enumerate(lines, first):
                     try:
                         record = json.loads(line)
                         if "submitting" in record:
-                            unknown[str(record["submitting"])] = [unjournaled(*p) for p in record["prompts"]]
-                        elif (job_prompts := unknown.pop(str(record["submitted"]))) and record["job"]:
-                            jobs.append(BatchJob(str(record["job"]), job_prompts))
+                            submissions[str(record["submitting"])] = [unjournaled(*p) for p in record["prompts"]]
+                        else:
+                            names[str(record["submitted"])] = str(record["job"]) if record["job"] else None
                     except (ValueError, KeyError, TypeError):
                         raise PipelineError(f"{self.path}, line {number}, is not a batch job this pipeline recorded; {MOVE_IT_AWAY}") from None
-        return jobs, unknown
+        jobs: list[BatchJob] = []
+        unknown: dict[str, list[Prompt]] = {}
+        later: set[str] = set()  # ids submitted after the submission at hand
+        for display_name, job_prompts in reversed(submissions.items()):
+            own = [prompt for prompt in job_prompts if prompt.id not in later]
+            later.update(prompt.id for prompt in job_prompts)
+            if display_name not in names:
+                unknown[display_name] = own
+            elif (name := names[display_name]) and own:
+                jobs.append(BatchJob(name, own))
+        return jobs[::-1], dict(reversed(unknown.items()))
 
 
 def journaled(prompt: Prompt) -> list[dict[str, Any]]:
@@ -4631,7 +4719,7 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(self.postfix())
         else:
-            log.info("batch jobs:%s; %d prompts written so far", self.jobs()[1:], self.tally.answered + self.tally.failed)
+            log.info("%s; %d prompts written so far", self.jobs()[2:], self.tally.answered + self.tally.failed)
 
     def refresh(self) -> None:
         """Something the bar shows changed (an outage began, goes on or ended): shown now."""
@@ -4677,15 +4765,22 @@ class Progress:
     def summary(self) -> str:
         tally, held_s = self.tally, self.run.gate.held_s if self.run is not None else 0.0
         seconds = time.monotonic() - tally.started
-        rate = (tally.answered + tally.failed) / seconds if seconds > 0 else 0.0
         return (
             f"{tally.answered} answered, {tally.failed} failed{f', {tally.cut_short} cut short' if tally.cut_short else ''}, "
             f"{tally.skipped} already done, {tally.retries} retries, "
             f"{tally.rate_limited} rate-limited, {held_s:.1f} s held by limits, "
             f"tokens {tally.prompt_tokens} in ({tally.cached_tokens} cached{self.hit_rate()}) / {tally.response_tokens} out "
             f"+ {tally.thinking_tokens} thinking{f', {self.cost()} estimated' if self.cost() else ''}, "
-            f"{seconds:.2f} s, {rate:.1f} prompts/s{self.tiers()}{self.jobs()}{self.uploaded()}{self.network()}"
+            f"{self.pace(seconds)}{self.tiers()}{self.jobs()}{self.uploaded()}{self.network()}"
         )
+
+    def pace(self, seconds: float) -> str:
+        """How long it took, and how fast; a batch run's rate says nothing (Google answers within a day)."""
+        tally = self.tally
+        if not tally.jobs:
+            return f"{seconds:.2f} s, {(tally.answered + tally.failed) / seconds if seconds > 0 else 0.0:.1f} prompts/s"
+        again = f", {tally.resubmitted} results resubmitted" if tally.resubmitted else ""
+        return f"{duration(seconds)} wall{again}"
 
     def hit_rate(self) -> str:
         """The share of input tokens read from a cache (explicit, or implicit: a repeated prefix), if any."""

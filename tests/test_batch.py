@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 from conftest import API_KEY, ROOT, Run, run_subprocess, sample_prompts, write_prompts
-from fake_gemini import FakeGemini, Reply, echo, error, prompt_of
+from fake_gemini import FakeGemini, Reply, echo, error, prompt_of, scattered_429s
+
+import pipeline
 
 FAST = ("--batch-poll-s", "0.01")
 
@@ -64,13 +66,16 @@ def test_per_request_errors_and_failed_jobs_land_in_failed_jsonl(tmp_path, fake_
     assert sorted(rerun.ids()) == sorted(set(rerun.ids())) and len(rerun.ids()) == 40
 
 
-@pytest.mark.parametrize("state", ["BATCH_STATE_EXPIRED", "BATCH_STATE_CANCELLED"])
-def test_an_expired_or_cancelled_job_fails_its_prompts(tmp_path, fake_gemini, run, state) -> None:
+@pytest.mark.parametrize(("state", "jobs"), [("BATCH_STATE_EXPIRED", pipeline.MAX_ATTEMPTS), ("BATCH_STATE_CANCELLED", 1)])
+def test_an_expired_job_is_submitted_again_and_a_cancelled_one_fails_its_prompts(tmp_path, fake_gemini, run, state, jobs) -> None:
+    """Issue 39: an expired job's prompts may pass in another (up to --max-attempts jobs); a cancelled one's were stopped on purpose."""
     server = fake_gemini()
     server.batch_outcome = lambda job: state
-    result = run(write_prompts(tmp_path / "inputs", sample_prompts(6)), "--batch", *FAST)
-    assert result.exit_code == 1
-    assert {f["error"] for f in result.failures()} == {f"batch job batches/fake0001 ended {state.replace('BATCH', 'JOB')}"}
+    result = run(write_prompts(tmp_path / "inputs", sample_prompts(6)), "--batch", *FAST, "--retry-base-s", "0.01")
+    assert result.exit_code == 1 and len(server.batches) == jobs
+    failures = result.failures()
+    assert {f["error"] for f in failures} == {f"batch job batches/fake{jobs:04d} ended {state.replace('BATCH', 'JOB')}"}
+    assert {f["attempts"] for f in failures} == {jobs} and not any(f["permanent"] for f in failures) and len(failures) == 6
 
 
 def test_results_out_of_order_and_without_metadata_still_reach_their_prompts(tmp_path, fake_gemini, run) -> None:
@@ -123,10 +128,10 @@ def test_results_the_sdk_cannot_read_stop_the_run_and_stay_collectable(tmp_path,
     assert len(server.batches) == 1 and sorted(server.answered.values()) == [1] * 9  # collected, not asked again
 
 
-def start_batch_run(cwd: Path, server: FakeGemini) -> subprocess.Popen[str]:
+def start_batch_run(cwd: Path, server: FakeGemini, *flags: str) -> subprocess.Popen[str]:
     env = {**os.environ, "GEMINI_API_KEY": API_KEY, "GOOGLE_GEMINI_BASE_URL": server.base_url}
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "pipeline.py"), "-v", "--batch", "--batch-size", "100", "--batch-poll-s", "0.05"],
+        [sys.executable, str(ROOT / "pipeline.py"), "-v", "--batch", "--batch-size", "100", "--batch-poll-s", "0.05", *flags],
         cwd=cwd, env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -202,3 +207,57 @@ def test_a_submission_the_api_never_received_is_asked_again(tmp_path, fake_gemin
 def test_batch_and_offline_do_not_mix(tmp_path) -> None:
     result = run_subprocess(["--batch", "--offline"], tmp_path)
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "--batch" in result.stderr
+
+
+def test_results_that_may_pass_again_are_submitted_again_in_the_same_run(tmp_path, fake_gemini, run) -> None:
+    """Issue 39: 1,000 prompts in jobs of 250, 5% of results a per-request RESOURCE_EXHAUSTED
+    (gRPC code 8): one run answers all, each once, with no failure left for the morning."""
+    server = fake_gemini(scattered_429s(0.05))
+    inputs = write_prompts(tmp_path / "inputs", [f"prompt {i}" for i in range(1000)], per_file=100)
+    result = run(inputs, "--batch", "--batch-size", "250", *FAST, "--retry-base-s", "0.01")
+    assert result.exit_code == 0, result.stderr
+    ids = result.ids()
+    assert len(ids) == len(set(ids)) == 1000 and not result.failures()
+    assert sorted(server.answered.values()) == [1] * 1000  # none answered twice
+    again = [prompt for prompt, jobs in jobs_per_prompt(server).items() if jobs > 1]
+    assert again and len(server.batches) > 4  # some were in a later job (their results were code 8 first)
+    assert {r["attempts"] for r in result.records() if r["prompt"] in again} - {1} and f"{len(again)}" in result.stderr
+    summary = result.stderr.strip().splitlines()[-2]
+    assert "prompts/s" not in summary and "resubmitted" in summary
+
+
+def test_with_max_attempts_1_a_result_that_may_pass_again_fails_not_for_good_and_a_rerun_answers_it(tmp_path, fake_gemini, run) -> None:
+    server = fake_gemini(scattered_429s(0.05))
+    inputs = write_prompts(tmp_path / "inputs", [f"prompt {i}" for i in range(200)], per_file=100)
+    result = run(inputs, "--batch", *FAST, "--max-attempts", "1")
+    assert result.exit_code == 1 and len(server.batches) == 1
+    failures = result.failures()
+    assert failures and all(f["error"].startswith("batch request failed, code 8:") and not f["permanent"] for f in failures)
+    again = run(inputs, "--batch", *FAST)
+    assert again.exit_code == 0, again.stderr
+    assert not again.failures() and len(again.ids()) == 200
+    assert [len(job.requests) for job in server.batches.values()] == [200, len(failures)]  # the rerun asked only those
+
+
+def test_a_kill_9_with_resubmissions_in_flight_pays_nothing_twice(tmp_path) -> None:
+    write_prompts(tmp_path / "inputs", [f"prompt {i}" for i in range(1000)], per_file=100)
+    with FakeGemini(scattered_429s(0.05), batch_polls=(0, 1)) as server:
+        process = start_batch_run(tmp_path, server, "--retry-base-s", "0.01", "--batch-size", "250", "--batch-poll-s", "0.3")
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "resubmitting" in line:  # a job ended with results worth asking again: they are on their way to another
+                break
+        for line in process.stderr:
+            if " submitted batches/" in line:  # ...which is now created, its results not yet in
+                break
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=10)
+        jobs_before = len(server.batches)
+        server.batch_polls = (0, 30)  # the resubmitted job outlasts a back-off and a gathering: its prompts must not go in a third job
+        rerun = start_batch_run(tmp_path, server, "--retry-base-s", "0.01", "--batch-size", "250")
+        _, stderr = rerun.communicate(timeout=60)
+    assert rerun.returncode == 0, stderr
+    assert jobs_before >= 5 and sorted(server.answered.values()) == [1] * 1000  # no prompt paid for twice
+    assert len(server.batches) == jobs_before and "0 submitted" in stderr  # each resubmitted one belongs to its later job only
+    ids = Run(0, "", stderr, tmp_path / "outputs").ids()
+    assert len(ids) == len(set(ids)) == 1000

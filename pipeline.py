@@ -794,21 +794,30 @@ class Run:
     ids: Ids = field(default_factory=lambda: Ids())  # every id the inputs name
     name: str = field(default_factory=lambda: os.urandom(3).hex())  # names this run's journal files
     fail_fast: FailFast = field(default_factory=lambda: FailFast())  # stops a run whose every prompt fails alike
-    cut_short: CutShortWarning = field(default_factory=lambda: CutShortWarning())  # says when most answers are cut short
     leftovers: list[asyncio.Task[None]] = field(default_factory=list)  # an earlier run's work this one finishes
     media: Media = field(default_factory=lambda: Media(FilesFolder(Path()), INLINE_LIMIT_MB))  # the files rows name: read, inline or uploaded
-    taken: int = 0  # prompts of the job the readers have taken, answered before or not (see LIMIT)
+    limit: Limit = field(default_factory=lambda: Limit(None))  # --limit: how many of the job's prompts the readers may take
     resubmit: Resubmissions = field(default_factory=lambda: Resubmissions())  # --batch: the prompts to be asked again in a later job
-    limited: bool = False  # a reader found more prompts than --limit: the job goes on past this run
 
     @property
     def tally(self) -> Tally:
         return self.progress.tally
 
+
+
+@dataclass
+class Limit:
+    """--limit N: the readers take only the job's first N prompts (those answered before
+    count: the same command without it continues the job where this one stopped)."""
+
+    most: int | None  # N; None: no limit
+    taken: int = 0  # prompts taken so far
+    reached: bool = False  # a reader found an N+1st: the job goes on past this run
+
     def take(self) -> bool:
-        """Whether a reader may take one more prompt of the job (all, unless --limit)."""
-        if self.settings.limit is not None and self.taken >= self.settings.limit:
-            self.limited = True
+        """Whether a reader may take one more prompt of the job."""
+        if self.most is not None and self.taken >= self.most:
+            self.reached = True
             return False
         self.taken += 1
         return True
@@ -872,7 +881,7 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
             settings, progress, client, gate, outage, Concurrency(settings.workers),
             maker, past, postprocessor, prompts=asyncio.Queue(maxsize=depth), outcomes=asyncio.Queue(maxsize=depth),
             files=iter(files), shard_numbers=itertools.count(past.next_shard), ids=Ids({path.name: path for path in files}, maker),
-            media=Media(FilesFolder(files_dir(settings)), settings.inline_limit_mb, client, settings.output_dir, job_tag(identity)),
+            media=Media(FilesFolder(files_dir(settings)), settings.inline_limit_mb, client, settings.output_dir, job_tag(identity)), limit=Limit(settings.limit),
         )  # fmt: skip
         progress.run = run
         await hold_on_google(run, generation, identity, cleanup)
@@ -1174,7 +1183,7 @@ async def queue_prompts_of(run: Run, path: Path) -> bool:
     async with contextlib.aclosing(read_prompts(path, run.maker, run.past.answered)) as file_prompts:
         async for prompts in file_prompts:
             for prompt in prompts:
-                if not run.take():
+                if not run.limit.take():
                     return False
                 if prompt.origin:  # a named id (a default one is its own place: see Ids)
                     await run.ids.claim(prompt)
@@ -1960,7 +1969,7 @@ async def answer(run: Run, prompt: Prompt) -> Outcome | None:
         outcome = to_outcome(prompt, reply, attempt, settings)
         unfit = not_as_asked(outcome)
         run.fail_fast.watch(unfit or outcome)  # each reply, one about to be asked again too
-        run.cut_short.watch(outcome)
+        run.fail_fast.cut_short.watch(outcome)
         if unfit and attempt < settings.max_attempts and worth_asking_again(outcome) and not run.fail_fast.stop:
             tally.retries += 1
             log.debug("retry %s after attempt %d: %s", prompt.id, attempt, unfit.error)
@@ -1982,6 +1991,7 @@ class FailFast:
     openings: dict[str, list[str]] = field(default_factory=lambda: {"asked": [], "postprocessed": []})  # the first verdicts: "" or a failure's kind
     examples: dict[str, str] = field(default_factory=dict)  # by opening: its first failure's own words, for the message
     stop: PipelineError | None = None  # once an opening is all one failure: the error that ends the run
+    cut_short: CutShortWarning = field(default_factory=lambda: CutShortWarning())  # stops nothing, but says it: most answers cut short
 
     def watch(self, outcome: Outcome) -> None:
         """A reply, or a prompt's refusal, judged (see failure_kind)."""
@@ -5209,7 +5219,7 @@ def how_it_ended(settings: Settings, progress: Progress) -> tuple[str, int]:
     if tally.answered + tally.failed == 0:
         done_before = f"all {plural(tally.skipped, 'prompt')} {'was' if tally.skipped == 1 else 'were'} answered before" if tally.skipped else "no prompts"
         return f"nothing to do: {done_before} in {settings.input_dir}", 0
-    if progress.run is not None and progress.run.limited:
+    if progress.run is not None and progress.run.limit.reached:
         return f"done: the job's first {plural(settings.limit, 'prompt')} (--limit) answered in {settings.output_dir}; the same command without --limit asks the rest", 0
     return f"done: answers in {settings.output_dir}", 0
 

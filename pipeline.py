@@ -1994,8 +1994,9 @@ class FailFast:
     cut_short: CutShortWarning = field(default_factory=lambda: CutShortWarning())  # stops nothing, but says it: most answers cut short
 
     def watch(self, outcome: Outcome) -> None:
-        """A reply, or a prompt's refusal, judged (see failure_kind)."""
-        self.judge("asked", failure_kind(outcome), outcome)
+        """A reply, or a prompt's refusal, judged (see failure_kind), while the opening lasts."""
+        if len(self.openings["asked"]) < FAIL_FAST_OUTCOMES:
+            self.judge("asked", failure_kind(outcome), outcome)
 
     def watch_postprocessed(self, done: list[Outcome]) -> None:
         """The writers' outcomes after postprocess(): answers it took, and those it failed on."""

@@ -804,7 +804,6 @@ class Run:
         return self.progress.tally
 
 
-
 @dataclass
 class Limit:
     """--limit N: the readers take only the job's first N prompts (those answered before
@@ -2064,12 +2063,10 @@ class CutShortWarning:
                 log.warning("%s", self.said(budget_of(outcome.prompt.config).get("max_output_tokens")))
 
     def said(self, limit: int | None) -> str:
-        at = f"max_output_tokens {limit:,}" if limit else "the model's longest answer"
         mean = sum(self.thinking) / len(self.thinking)
         return (
-            f"{len(self.thinking)} of the first {self.seen} answers were cut short at {at}: thinking averaged {mean:,.0f}"
-            f"{f' of {limit:,}' if limit else ''} tokens; raise --max-output-tokens or lower --thinking-budget (or --thinking-level): "
-            "a rerun with a larger budget asks them again"
+            f"{len(self.thinking)} of the first {self.seen} answers were cut short at {cut_at(limit)}: thinking averaged {mean:,.0f}"
+            f"{f' of {limit:,}' if limit else ''} tokens; {LESS_THINKING}: a rerun with a larger budget asks them again"
         )
 
 
@@ -2171,7 +2168,7 @@ def to_outcome(prompt: Prompt, reply: Any, attempts: int, settings: Settings) ->
         budget=budget_of(prompt.config) or None,
     )
     if response.finish_reason == "MAX_TOKENS" and not settings.accept_cut_short:
-        return Failure(prompt, cut_short(response), attempts, response=response.text or None, usage=usage_of(response), cut_short=True)
+        return Failure(prompt, cut_short_reason(response), attempts, response=response.text or None, usage=usage_of(response), cut_short=True)
     if not response.text:
         block = reply.prompt_feedback.block_reason if reply.prompt_feedback else None
         reason = f"blocked: {enum_text(block)}" if block else f"finish_reason {response.finish_reason}"
@@ -2179,12 +2176,19 @@ def to_outcome(prompt: Prompt, reply: Any, attempts: int, settings: Settings) ->
     return response
 
 
-def cut_short(response: Response) -> str:
+def cut_short_reason(response: Response) -> str:
     """Why an answer stopped at MAX_TOKENS, in words and the reply's own figures."""
     limit = (response.budget or {}).get("max_output_tokens")
-    at = f"max_output_tokens {limit:,}" if limit else "the model's longest answer"
-    fix = "raise --max-output-tokens or lower --thinking-budget (or --thinking-level)" if response.thinking_tokens else "raise --max-output-tokens"
-    return f"cut short at {at}: thinking took {response.thinking_tokens:,}, the answer {response.response_tokens:,}; {fix}"
+    fix = LESS_THINKING if response.thinking_tokens else "raise --max-output-tokens"
+    return f"cut short at {cut_at(limit)}: thinking took {response.thinking_tokens:,}, the answer {response.response_tokens:,}; {fix}"
+
+
+LESS_THINKING = "raise --max-output-tokens or lower --thinking-budget (or --thinking-level)"  # what to do when thinking took the budget
+
+
+def cut_at(limit: int | None) -> str:
+    """Where an answer is cut: its max_output_tokens, or the model's own limit when unset."""
+    return f"max_output_tokens {limit:,}" if limit else "the model's longest answer"
 
 
 def served_tier(reply: Any) -> str | None:
@@ -3023,13 +3027,13 @@ class FilesFolder:
         with stream:
             data = stream.read(file.size + 1)
             stat = os.fstat(stream.fileno())
-        seen = (file.sha256, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-        if self.verified.get(self.real_path(file)) == seen:
+        seen, real = (file.sha256, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns), self.real_path(file)
+        if self.verified.get(real) == seen:
             return data
         if len(data) != file.size or hashlib.sha256(data).hexdigest() != file.sha256:
             raise EditedFile(f"file {file.name} changed after its row was read: not sent (a rerun reads it again)")
         if started_ns - max(stat.st_mtime_ns, stat.st_ctime_ns) > RACY_S * 1e9:
-            self.verified[self.real_path(file)] = seen
+            self.verified[real] = seen
         return data
 
 
@@ -3379,7 +3383,7 @@ async def run_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal) ->
     except PipelineError:
         raise
     except Exception as exc:  # noqa: BLE001 (the API refused the job: its prompts fail, with the reason)
-        results += all_failed(sendable, f"batch job not created: {describe(exc, run.settings)}", run)
+        results += all_failed(run, sendable, f"batch job not created: {describe(exc, run.settings)}")
     else:
         results += await collect_job(run, job) if job else []
     await settle_job_outcomes(run, results)
@@ -3440,6 +3444,10 @@ class Resubmissions:
     def taken(self, prompt: Prompt) -> Prompt:
         self.owed.add(prompt.id)
         return prompt
+
+    def attempt(self, prompt_id: str) -> int:
+        """Which attempt a job's result for `prompt_id` is: the jobs it was in this run (an earlier run's: 1)."""
+        return self.tries[prompt_id] or 1
 
     def hold(self, failures: list[Failure], tally: Tally) -> None:
         """These prompts will be asked again: none of them is done."""
@@ -3527,7 +3535,7 @@ async def collect_job(run: Run, job: BatchJob, first_look_s: float | None = None
         raise
     except Exception as exc:  # noqa: BLE001 (sorted below: the API's refusal, or results we cannot read)
         if api_error_code(exc) is not None:
-            return all_failed(job.prompts, f"batch job {job.name}: {describe(exc, run.settings)}")
+            return all_failed(run, job.prompts, f"batch job {job.name}: {describe(exc, run.settings)}")
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise PipelineError(
             f"cannot read batch job {job.name} ({reason}); its answers stay on Google's side: run the same command "
@@ -3564,9 +3572,9 @@ async def job_outcomes(run: Run, job: BatchJob, ended: Any) -> list[Outcome]:
     succeeded, else the job's state as the reason."""
     state = enum_text(ended.state)
     if state not in ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED"):  # an expired job's prompts may pass in another
-        return all_failed(job.prompts, f"batch job {job.name} ended {state}", run, again=state == "JOB_STATE_EXPIRED")
+        return all_failed(run, job.prompts, f"batch job {job.name} ended {state}", again=state == "JOB_STATE_EXPIRED")
     if not (ended.dest and ended.dest.file_name):  # jobs are sent as files, so their results come as one
-        return all_failed(job.prompts, f"batch job {job.name} returned no responses file")
+        return all_failed(run, job.prompts, f"batch job {job.name} returned no responses file")
     data = await api_call(run, lambda: run.client.aio.files.download(file=ended.dest.file_name), timed=False)
     results = results_by_key(data)
     for response, _ in results.values():
@@ -3604,7 +3612,7 @@ def results_by_key(data: bytes) -> dict[str, tuple[Any, Any]]:
 
 
 def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, run: Run) -> Outcome:
-    attempt = run.resubmit.tries[prompt.id] or 1
+    attempt = run.resubmit.attempt(prompt.id)
     if error is not None:  # a google.rpc.Status: its code is gRPC's (3 is INVALID_ARGUMENT), not HTTP's
         reason = f"batch request failed, code {getattr(error, 'code', '?')}: {getattr(error, 'message', '')}"
         return Failure(prompt, " ".join(reason.split()), attempt, again=getattr(error, "code", None) in BATCH_AGAIN_CODES)
@@ -3614,9 +3622,9 @@ def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, run: R
     return not_as_asked(outcome) or outcome  # a job asks each prompt once: not asked again for its JSON
 
 
-def all_failed(prompts: list[Prompt], error: str, run: Run | None = None, again: bool = False) -> list[Outcome]:
+def all_failed(run: Run, prompts: list[Prompt], error: str, again: bool = False) -> list[Outcome]:
     """The outcome of each prompt of a job that failed as a whole (`again`: one that expired, worth submitting again)."""
-    return [Failure(prompt, error, (run.resubmit.tries[prompt.id] if run else 0) or 1, again=again) for prompt in prompts]
+    return [Failure(prompt, error, run.resubmit.attempt(prompt.id), again=again) for prompt in prompts]
 
 
 async def api_call(run: Run, call: Callable[[], Awaitable[Any]], retry_forever: bool = False, timed: bool = True) -> Any:
@@ -4749,8 +4757,7 @@ class Progress:
 
     def postfix(self) -> str:
         """What the bar shows after its count: the spend, failures, batch jobs, uploads, the server's state."""
-        cut = f"{self.tally.cut_short} cut short" if self.tally.cut_short else ""
-        parts = (self.cost(), f"{self.tally.failed} failed" if self.tally.failed else "", cut, self.jobs()[2:], self.uploaded()[2:], *self.server_state())
+        parts = (self.cost(), f"{self.tally.failed} failed" if self.tally.failed else "", self.cut(), self.jobs()[2:], self.uploaded()[2:], *self.server_state())
         return "; ".join(part for part in parts if part)
 
     def server_state(self) -> tuple[str, str]:
@@ -4766,8 +4773,7 @@ class Progress:
         tally = self.tally
         done = tally.answered + tally.failed + tally.skipped
         rate = (tally.answered + tally.failed) / max(time.monotonic() - tally.started, 1e-9)
-        cut = f"{tally.cut_short} cut short" if tally.cut_short else ""
-        spent = "".join(f", {part}" for part in (self.cost(), cut, self.uploaded()[2:], *self.server_state()) if part)
+        spent = "".join(f", {part}" for part in (self.cost(), self.cut(), self.uploaded()[2:], *self.server_state()) if part)
         if tally.total is None:
             return f"{done}/? prompts, {tally.failed} failed, {rate:.1f}/s{spent}"
         eta = duration(max(tally.total - done, 0) / rate) if rate else "?"
@@ -4777,13 +4783,17 @@ class Progress:
         tally, held_s = self.tally, self.run.gate.held_s if self.run is not None else 0.0
         seconds = time.monotonic() - tally.started
         return (
-            f"{tally.answered} answered, {tally.failed} failed{f', {tally.cut_short} cut short' if tally.cut_short else ''}, "
+            f"{tally.answered} answered, {tally.failed} failed{f', {self.cut()}' if tally.cut_short else ''}, "
             f"{tally.skipped} already done, {tally.retries} retries, "
             f"{tally.rate_limited} rate-limited, {held_s:.1f} s held by limits, "
             f"tokens {tally.prompt_tokens} in ({tally.cached_tokens} cached{self.hit_rate()}) / {tally.response_tokens} out "
             f"+ {tally.thinking_tokens} thinking{f', {self.cost()} estimated' if self.cost() else ''}, "
             f"{self.pace(seconds)}{self.tiers()}{self.jobs()}{self.uploaded()}{self.network()}"
         )
+
+    def cut(self) -> str:
+        """The answers cut short at their budget, e.g. "20 cut short"; nothing if none."""
+        return f"{self.tally.cut_short} cut short" if self.tally.cut_short else ""
 
     def pace(self, seconds: float) -> str:
         """How long it took, and how fast; a batch run's rate says nothing (Google answers within a day)."""

@@ -98,7 +98,6 @@ import socket
 import sys
 import threading
 import time
-import tokenize
 import typing
 import urllib.parse
 from collections import Counter, deque
@@ -117,48 +116,49 @@ import aiofiles
 import aiofiles.os
 
 # ---------------------------------------------------------------- settings --
-# Each setting is declared here and only here: NAME = value, its kind, and a comment. The
-# kind (defined below) says what a value must be; the comment is its --help. Every one is
-# also the flag --name-in-lower-case (WORKERS is --workers), whose default is the value.
-INPUT_DIR: Folder = "inputs"  # folder of prompt files: *.jsonl and *.csv a request per row, other files a prompt per line
-FILES_DIR: Folder | None = None  # the folder the files rows name are relative to, and the only one they are read from (unset: INPUT_DIR)
-OUTPUT_DIR: Folder = "outputs"  # where shards and failed.jsonl are written (created if missing)
-MODEL: Text = "gemini-flash-latest"  # the Gemini model that answers every prompt
-SYSTEM_INSTRUCTION: Text | None = None  # system instruction for every request (a row's own replaces it)
-TEMPERATURE: NonNegative | None = None  # sampling temperature, 0 to 2 (unset: the model's default)
-MAX_OUTPUT_TOKENS: AtLeastOne | None = None  # longest answer, in tokens, its thinking included (unset: the model's default); a rerun may raise it
-THINKING_BUDGET: ThinkingBudget | None = None  # tokens the model may think before it answers (Gemini 2.5): 0 no thinking where the model allows, -1 its own choice
-THINKING_LEVEL: ThinkingLevel | None = None  # minimal, low, medium or high: how much the model thinks (Gemini 3; not with THINKING_BUDGET)
-ACCEPT_CUT_SHORT: Switch = False  # write answers cut short at MAX_OUTPUT_TOKENS as answers (finish_reason MAX_TOKENS), not as failures
-RESPONSE_SCHEMA: File | None = None  # a JSON Schema file: answers are asked as JSON, checked against it, and decoded into "parsed"
-GENERATION_CONFIG: File | None = None  # a JSON file of other GenerateContentConfig fields (top_p, seed, safety_settings, thinking_config...)
-CONTEXT: Files | None = None  # text files placed before every prompt, in this order (a document, a codebook, examples): the shared prefix, sent first
-CACHE: Switch = False  # put SYSTEM_INSTRUCTION and CONTEXT in one explicit cache for the run: that prefix billed at the cached price, plus storage by the hour
-MEDIA_RESOLUTION: Resolution | None = None  # low, medium or high: how many tokens an image or a video frame costs (unset: the model's default)
-INLINE_LIMIT_MB: Positive = 20.0  # a request carries the files its row names inline up to this many MB in all (the API now takes 100); the others are uploaded once, through the Files API
-SERVICE_TIER: Tier | None = None  # flex: half the price, an answer may take up to 15 minutes; priority: faster, dearer (unset: standard)
-WORKERS: Workers = 5  # requests in flight at once (at most 10,000)
-QUEUE_SIZE: AtLeastOne = 5  # bound of each queue (at least WORKERS): how far reading may run ahead
-SHARD_SIZE: AtLeastOne = 5  # records per output shard (the last shard may hold fewer)
-MAX_ATTEMPTS: AtLeastOne = 5  # tries per prompt, the first included, before it counts as failed
-TIMEOUT_S: Positive | None = None  # seconds before one request is abandoned and retried (unset: 60, or 900 with --service-tier flex)
-RETRY_BASE_S: Positive = 1.0  # first back-off after a transient failure, in seconds; doubles each attempt
-RETRY_MAX_S: Positive = 60.0  # longest back-off between two attempts, in seconds (server-given delays excepted)
-OUTAGE_LIMIT_S: Positive = 900.0  # how long the API's host may stay unreachable before the run stops, to be rerun (25 s if it never answered)
-RPM: Positive | None = None  # requests per minute your quota allows: requests start evenly spaced below it (unset: no limit)
-TPM: Positive | None = None  # input tokens per minute your quota allows: requests start so as to stay below it (unset: no limit)
-MAX_COST_USD: Positive | None = None  # stop starting requests before the estimated spend passes this many US dollars (unset: no limit)
-RETRY_FAILED: Switch = False  # a rerun also asks again the prompts the API refused for good (400s, safety blocks), and those cut short at this budget
-POSTPROCESS_WORKERS: Processes = os.cpu_count() or 1  # processes running postprocess() once it is too slow for the event loop, by default the CPU count (at most 256); 0: never
-READERS: Tasks = 1  # tasks reading input files, each taking the next unread file (at most 64)
-WRITERS: Tasks = 1  # tasks writing outputs, each into shards of its own (at most 64)
-OFFLINE_LATENCY_MS: NonNegative = 50.0  # simulated latency of each --offline answer, in milliseconds
-BATCH: Switch = False  # send the prompts as jobs of Gemini's Batch API: half the price, results within 24 h
-BATCH_SIZE: AtLeastOne = 10_000  # prompts per batch job, at most
-BATCH_POLL_S: Positive = 30.0  # seconds between two looks at a running batch job (up to 600 while pending)
-PROGRESS_EVERY_S: Positive = 30.0  # when stderr is not a terminal (a log file, CI, a scheduler), seconds between two progress lines
-ESTIMATE: Switch = False  # ask nothing: count the input tokens (free) and print what the job would cost and take at each price
-LIMIT: AtLeastOne | None = None  # take only the job's first N prompts, in reading order, to try it on a few; the same command without it continues
+# Each setting is declared here and only here: NAME: Annotated[kind, "its --help"] = value.
+# The kind (defined below) says what a value must be; the text is what --help says of it (as
+# typer reads Annotated). Every one is also the flag --name-in-lower-case (WORKERS is --workers),
+# whose default is the value: edit the value, or give the flag.
+INPUT_DIR: Annotated[Folder, "folder of prompt files: *.jsonl and *.csv a request per row, other files a prompt per line"] = "inputs"
+FILES_DIR: Annotated[Folder | None, "the folder the files rows name are relative to, and the only one they are read from (unset: INPUT_DIR)"] = None
+OUTPUT_DIR: Annotated[Folder, "where shards and failed.jsonl are written (created if missing)"] = "outputs"
+MODEL: Annotated[Text, "the Gemini model that answers every prompt"] = "gemini-flash-latest"
+SYSTEM_INSTRUCTION: Annotated[Text | None, "system instruction for every request (a row's own replaces it)"] = None
+TEMPERATURE: Annotated[NonNegative | None, "sampling temperature, 0 to 2 (unset: the model's default)"] = None
+MAX_OUTPUT_TOKENS: Annotated[AtLeastOne | None, "longest answer, in tokens, its thinking included (unset: the model's default); a rerun may raise it"] = None
+THINKING_BUDGET: Annotated[ThinkingBudget | None, "tokens the model may think before it answers (Gemini 2.5): 0 no thinking where the model allows, -1 its own choice"] = None
+THINKING_LEVEL: Annotated[ThinkingLevel | None, "minimal, low, medium or high: how much the model thinks (Gemini 3; not with THINKING_BUDGET)"] = None
+ACCEPT_CUT_SHORT: Annotated[Switch, "write answers cut short at MAX_OUTPUT_TOKENS as answers (finish_reason MAX_TOKENS), not as failures"] = False
+RESPONSE_SCHEMA: Annotated[File | None, 'a JSON Schema file: answers are asked as JSON, checked against it, and decoded into "parsed"'] = None
+GENERATION_CONFIG: Annotated[File | None, "a JSON file of other GenerateContentConfig fields (top_p, seed, safety_settings, thinking_config...)"] = None
+CONTEXT: Annotated[Files | None, "text files placed before every prompt, in this order (a document, a codebook, examples): the shared prefix, sent first"] = None
+CACHE: Annotated[Switch, "put SYSTEM_INSTRUCTION and CONTEXT in one explicit cache for the run: that prefix billed at the cached price, plus storage by the hour"] = False
+MEDIA_RESOLUTION: Annotated[Resolution | None, "low, medium or high: how many tokens an image or a video frame costs (unset: the model's default)"] = None
+INLINE_LIMIT_MB: Annotated[Positive, "a request carries the files its row names inline up to this many MB in all (the API now takes 100); the others are uploaded once, through the Files API"] = 20.0
+SERVICE_TIER: Annotated[Tier | None, "flex: half the price, an answer may take up to 15 minutes; priority: faster, dearer (unset: standard)"] = None
+WORKERS: Annotated[Workers, "requests in flight at once (at most 10,000)"] = 5
+QUEUE_SIZE: Annotated[AtLeastOne, "bound of each queue (at least WORKERS): how far reading may run ahead"] = 5
+SHARD_SIZE: Annotated[AtLeastOne, "records per output shard (the last shard may hold fewer)"] = 5
+MAX_ATTEMPTS: Annotated[AtLeastOne, "tries per prompt, the first included, before it counts as failed"] = 5
+TIMEOUT_S: Annotated[Positive | None, "seconds before one request is abandoned and retried (unset: 60, or 900 with --service-tier flex)"] = None
+RETRY_BASE_S: Annotated[Positive, "first back-off after a transient failure, in seconds; doubles each attempt"] = 1.0
+RETRY_MAX_S: Annotated[Positive, "longest back-off between two attempts, in seconds (server-given delays excepted)"] = 60.0
+OUTAGE_LIMIT_S: Annotated[Positive, "how long the API's host may stay unreachable before the run stops, to be rerun (25 s if it never answered)"] = 900.0
+RPM: Annotated[Positive | None, "requests per minute your quota allows: requests start evenly spaced below it (unset: no limit)"] = None
+TPM: Annotated[Positive | None, "input tokens per minute your quota allows: requests start so as to stay below it (unset: no limit)"] = None
+MAX_COST_USD: Annotated[Positive | None, "stop starting requests before the estimated spend passes this many US dollars (unset: no limit)"] = None
+RETRY_FAILED: Annotated[Switch, "a rerun also asks again the prompts the API refused for good (400s, safety blocks), and those cut short at this budget"] = False
+POSTPROCESS_WORKERS: Annotated[Processes, "processes running postprocess() once it is too slow for the event loop, by default the CPU count (at most 256); 0: never"] = os.cpu_count() or 1
+READERS: Annotated[Tasks, "tasks reading input files, each taking the next unread file (at most 64)"] = 1
+WRITERS: Annotated[Tasks, "tasks writing outputs, each into shards of its own (at most 64)"] = 1
+OFFLINE_LATENCY_MS: Annotated[NonNegative, "simulated latency of each --offline answer, in milliseconds"] = 50.0
+BATCH: Annotated[Switch, "send the prompts as jobs of Gemini's Batch API: half the price, results within 24 h"] = False
+BATCH_SIZE: Annotated[AtLeastOne, "prompts per batch job, at most"] = 10_000
+BATCH_POLL_S: Annotated[Positive, "seconds between two looks at a running batch job (up to 600 while pending)"] = 30.0
+PROGRESS_EVERY_S: Annotated[Positive, "when stderr is not a terminal (a log file, CI, a scheduler), seconds between two progress lines"] = 30.0
+ESTIMATE: Annotated[Switch, "ask nothing: count the input tokens (free) and print what the job would cost and take at each price"] = False
+LIMIT: Annotated[AtLeastOne | None, "take only the job's first N prompts, in reading order, to try it on a few; the same command without it continues"] = None
 
 # The settings above that every request carries, by the GenerateContentConfig field each fills
 # (GENERATION_CONFIG's fields go under them). A new one, say TOP_P: NonNegative | None = None,
@@ -362,6 +362,7 @@ class Setting:
 
     constant: str  # its name, e.g. "WORKERS"
     check: Check  # from its kind
+    help: str  # what --help says of it: the text in its declaration
 
     @property
     def flag(self) -> str:
@@ -392,14 +393,20 @@ class Setting:
 def declared_settings() -> list[Setting]:
     """The settings block's constants, in order: the module's names whose annotation is a kind."""
     hints = typing.get_type_hints(sys.modules[__name__], include_extras=True)
-    return [Setting(name, check) for name, hint in hints.items() if (check := check_of(hint))]
+    return [Setting(name, check, help_of(hint)) for name, hint in hints.items() if (check := check_of(hint))]
 
 
 def check_of(hint: Any) -> Check | None:
-    """The Check in a kind, or in `kind | None`."""
+    """The Check in a kind, or in `kind | None`, under the declaration's Annotated help."""
     if typing.get_origin(hint) is Annotated:
-        return next((m for m in hint.__metadata__ if isinstance(m, Check)), None)
+        found = next((m for m in hint.__metadata__ if isinstance(m, Check)), None)
+        return found or check_of(hint.__origin__)
     return next(filter(None, map(check_of, typing.get_args(hint))), None)
+
+
+def help_of(hint: Any) -> str:
+    """The help text in a setting's declaration: the Annotated string around its kind."""
+    return next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, str)), "")
 
 
 SETTINGS = declared_settings()
@@ -5048,9 +5055,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     """The settings block's constants (each as its flag's default, checked like a value given
     there), as overridden by `argv`; and the flags that are no setting: --offline, -v."""
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=help_epilog(), formatter_class=HelpFormatter)
-    helps = setting_comments()
     for setting in SETTINGS:
-        p.add_argument(setting.flag, help=helps.get(setting.constant, "").replace("%", "%%"), **flag_reading(setting, p))
+        p.add_argument(setting.flag, help=setting.help.replace("%", "%%"), **flag_reading(setting, p))
     p.add_argument("--offline", action="store_true", help="use a built-in simulated model: no network, no key")
     p.add_argument("-v", "--verbose", action="store_true", help="log every enqueue, answer, retry and write")
     p.add_argument("--version", action="version", version=f"pipeline.py {__version__}")
@@ -5077,24 +5083,6 @@ def flag_reading(setting: Setting, parser: argparse.ArgumentParser) -> dict[str,
     except argparse.ArgumentTypeError as exc:
         parser.error(f"{setting.constant} = {globals()[setting.constant]!r} at the top of pipeline.py: {exc}")
     return {"type": setting.check.read, "metavar": setting.check.metavar, "default": default} | ({"nargs": "+"} if setting.check.many else {})
-
-
-def setting_comments() -> dict[str, str]:
-    """Each constant's comment in the settings block (its --help), read from this file."""
-    try:
-        source = Path(__file__).read_text(encoding="utf-8")
-    except OSError:  # run from somewhere without its source: flags without help
-        return {}
-    block = source.split(" settings --\n", 1)[-1].split("\n\n", 1)[0]
-    comments, name = {}, None
-    for token in tokenize.generate_tokens(io.StringIO(block).readline):
-        if token.type == tokenize.NAME and token.start[1] == 0:
-            name = token.string
-        elif token.type == tokenize.COMMENT and name is not None:
-            comments[name] = token.string.lstrip("# ").strip()
-        elif token.type == tokenize.NEWLINE:
-            name = None
-    return comments
 
 
 def check_setup(settings: Settings) -> None:

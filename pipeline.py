@@ -453,12 +453,11 @@ def stop_on_os_error(what: str) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------- records --
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Prompt:
     """One request to make: a line's text, or a JSONL or CSV row with what else it holds.
-    `error` says why it cannot be sent (it is then failed, not asked). Not frozen, though
-    never changed once made: a frozen dataclass takes 3 µs to make, this one a tenth of
-    that, and a rerun makes one per input line before it knows the line is answered."""
+    `error` says why it cannot be sent (it is then failed, not asked). Made whole (its
+    files read: see Media.resolve) before it is queued, and never changed after."""
 
     id: str
     text: str  # what its record shows as "prompt": for a multi-turn request, the last user turn's text
@@ -1194,7 +1193,7 @@ async def queue_prompts_of(run: Run, path: Path) -> bool:
                 if prompt.origin:  # a named id (a default one is its own place: see Ids)
                     await run.ids.claim(prompt)
                 if prompt.media and not prompt.error:
-                    await run.media.resolve(prompt)  # its files' hashes are part of what it asks
+                    prompt = await run.media.resolve(prompt)  # its files' hashes are part of what it asks
                 if run.past.journaled and (journaled := run.past.journaled_answer(prompt)):
                     await run.outcomes.put(journaled)  # answered before, never written: no request
                 elif not run.past.skips(prompt):
@@ -3117,18 +3116,17 @@ class Media:
         self.inputs_read = False  # every input is read: an upload no queued prompt needs is needed by none
         self.made = 0  # uploads this run made
 
-    async def resolve(self, prompt: Prompt) -> None:
-        """Read the local files `prompt` names (in a thread): their sizes and hashes, folded
-        into its digest; or, if one cannot be sent, its error naming the file."""
+    async def resolve(self, prompt: Prompt) -> Prompt:
+        """`prompt` once the local files it names are read (in a thread): their sizes and hashes,
+        folded into its digest; or, if one cannot be sent, with its error naming the file."""
         try:
             media = await asyncio.to_thread(self.read_all, prompt.media)
             if self.client is not None and on_vertex() and not all(now for file, now in zip(media, self.inline(prompt.text, media)) if file.path):
                 raise UnsendableFile("its files are over --inline-limit-mb, and Vertex AI has no Files API: name gs:// copies instead")
         except UnsendableFile as exc:
-            prompt.error = f"{exc} ({prompt.origin or prompt.id})"
-            return
-        prompt.media = media
-        prompt.digest = hashlib.sha256(" ".join([prompt.digest, *(file.sha256 for file in media)]).encode()).hexdigest()[:32]
+            return dataclasses.replace(prompt, error=f"{exc} ({prompt.origin or prompt.id})")
+        digest = hashlib.sha256(" ".join([prompt.digest, *(file.sha256 for file in media)]).encode()).hexdigest()[:32]
+        return dataclasses.replace(prompt, media=media, digest=digest)
 
     def needs(self, prompt: Prompt) -> None:
         """`prompt` is queued to be asked: its files' uploads are needed until it is settled."""
@@ -4615,7 +4613,7 @@ async def sendable_prompts(files: list[Path], maker: PromptMaker) -> AsyncIterat
             async for prompts in read_prompts(path, maker):
                 for prompt in prompts:
                     if prompt.media and not prompt.error:
-                        await media.resolve(prompt)
+                        prompt = await media.resolve(prompt)
                     if not prompt.error:
                         yield prompt
 

@@ -20,8 +20,9 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
              bounds an answer's length); PRICES, TIER_PRICES; and postprocess(), yours to edit
   records    Prompt in; Response or Failure out; RECORD, their fields in the output files,
              declared once; AnswerFormat, the JSON an answer must be; Tally, the counts of
-             what happened; Run, what the stages of one run share
-  main       main(): open_run, start what an earlier run left (start_leftovers), one reader,
+             what happened; Run, what the stages of one run share (the queues, the settings,
+             the client, the Limits every request passes, the Progress, each stage's own part)
+  main       main(): open_run (in phases: the Job, the host and the lock, the past, the parts), start what an earlier run left (start_leftovers), one reader,
              WORKERS generators and one writer (READERS and WRITERS more), wait until every
              prompt is answered (all_answered), shut down (shut_down) on success, error and
              Ctrl-C alike; stops at once if a stage dies (supervised)
@@ -33,12 +34,14 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
              run's cache named: naming, contents); Ids, one namespace for all
   reader     each input file as its InputFormat says (INPUT_FORMATS: lines, JSONL rows, CSV
              and TSV rows), streaming
-  asking     answer(): one prompt's attempts, retried in place with back-off (final_failure,
-             wait_to_retry, classify, backoff_s), never re-queued, so never deadlocked; an answer
+  asking     answer(): one prompt's attempts, retried in place, never re-queued, so never
+             deadlocked; retried(), the one loop that tries any API call again, as its
+             RetryPolicy says (GENERATION, API_CALL, POLL, COUNT, DELETE...; classify,
+             backoff_s, wait_to_retry), for prompts, caches, files, counts and batches; an answer
              cut short at its budget (to_outcome) or not the JSON asked for (not_as_asked) is a
              Failure that keeps it; FailFast stops a run whose first answers all fail alike;
              CutShortWarning says early when most are cut short.
-             Every request (ask) waits out an Outage, takes a place of Concurrency, passes the Gate
+             Every request (ask) is `async with outage, concurrency, gate.admit(tokens)`
   limits     Gate (--rpm, --tpm, a per-minute 429's shared back-off, --max-cost-usd); Spend,
              the estimated cost from PRICES; Concurrency, fewer requests in flight while the
              server says it is full; Outage, the host unreachable: one probe asks
@@ -79,6 +82,7 @@ import csv
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import itertools
@@ -781,33 +785,72 @@ class Tally:
 
 @dataclass
 class Run:
-    """What the stages of one run share, made once by open_run(): each stage takes the run
-    and uses its parts, instead of six of them travelling together through every call."""
+    """What the stages of one run share, made once by open_run(): the queues between them,
+    what every request needs, and each stage's own part (reading, asking, writing)."""
 
     settings: Settings
-    progress: Progress  # what a person sees: the counts (its Tally), the bar or lines, the summary
     client: Any  # google-genai's Client, or the OfflineClient
-    gate: Gate  # every request passes it first (--rpm, --tpm, 429s, --max-cost-usd)
-    outage: Outage  # holds every request while the API's host cannot be reached
-    concurrency: Concurrency  # how many requests may be in flight (--workers, or fewer if the server is full)
-    maker: PromptMaker  # how rows become prompts (the run's settings, a row's own over them)
+    limits: Limits  # what every request passes (the host's watch, the places in flight, the Gate)
+    progress: Progress  # what a person sees: the counts (its Tally), the bar or lines, the summary
     past: PastRuns  # what earlier runs left in the output dir
-    postprocessor: PostProcessor  # runs postprocess() for the writers, in its pool
     prompts: asyncio.Queue[Prompt]  # reader -> generators
     outcomes: asyncio.Queue[Outcome]  # generators -> writers
-    files: Iterator[Path]  # input files no reader has taken yet (READERS share it)
-    shard_numbers: Iterator[int]  # the next free shard numbers (WRITERS share it)
-    ids: Ids = field(default_factory=lambda: Ids())  # every id the inputs name
-    name: str = field(default_factory=lambda: os.urandom(3).hex())  # names this run's journal files
-    fail_fast: FailFast = field(default_factory=lambda: FailFast())  # stops a run whose every prompt fails alike
-    leftovers: list[asyncio.Task[None]] = field(default_factory=list)  # an earlier run's work this one finishes
-    media: Media = field(default_factory=lambda: Media(FilesFolder(Path()), INLINE_LIMIT_MB))  # the files rows name: read, inline or uploaded
-    limit: Limit = field(default_factory=lambda: Limit(None))  # --limit: how many of the job's prompts the readers may take
-    resubmit: Resubmissions = field(default_factory=lambda: Resubmissions())  # --batch: the prompts to be asked again in a later job
+    reading: Reading  # what only the readers use
+    asking: Asking  # what the generators (or the batch stage) use besides the limits
+    writing: Writing  # what only the writers use
 
-    @property
-    def tally(self) -> Tally:
-        return self.progress.tally
+    async def retried(self, call: Callable[[int], Awaitable[Any]], policy: RetryPolicy) -> Any:
+        """`call(attempt)`, retried as `policy` says, under this run's limits (see retried())."""
+        return await retried(call, policy, self.settings, self.limits, self.progress.tally)
+
+
+@dataclass
+class Limits:
+    """What a request passes on its way, in this order (see ask): the host reachable, a place
+    among those in flight, then the Gate's turn (the rates, a 429's back-off, the budget)."""
+
+    gate: Gate  # when requests may start (--rpm, --tpm, 429s, --max-cost-usd); closed once the run stops asking
+    outage: Outage  # holds every request while the API's host cannot be reached
+    concurrency: Concurrency  # how many requests may be in flight (--workers, or fewer if the server is full)
+
+
+@dataclass(frozen=True)
+class Api:
+    """The API's client, and the one way its calls are tried again (retried(), under the run's
+    limits): for what calls it outside the stages, the Files API's uploads and deletes."""
+
+    client: Any  # google-genai's Client, or the OfflineClient
+    retried: Callable[[Callable[[int], Awaitable[Any]], RetryPolicy], Awaitable[Any]]  # retried() with the run's settings, limits and tally
+
+
+@dataclass
+class Reading:
+    """The readers' own: which files are left, every id named so far, --limit."""
+
+    files: Iterator[Path]  # input files no reader has taken yet (READERS share it)
+    ids: Ids = field(default_factory=lambda: Ids())  # every id the inputs name
+    limit: Limit = field(default_factory=lambda: Limit(None))  # --limit: how many of the job's prompts the readers may take
+
+
+@dataclass
+class Asking:
+    """The generators' own (and the batch stage's): how prompts become requests, and what
+    watches their outcomes."""
+
+    maker: PromptMaker  # how rows become prompts and requests (the run's settings, a row's own over them; the cache named)
+    media: Media = field(default_factory=lambda: Media(FilesFolder(Path()), INLINE_LIMIT_MB))  # the files rows name: read, inline or uploaded
+    fail_fast: FailFast = field(default_factory=lambda: FailFast())  # stops a run whose every prompt fails alike
+    resubmit: Resubmissions = field(default_factory=lambda: Resubmissions())  # --batch: the prompts to be asked again in a later job
+    leftovers: list[asyncio.Task[None]] = field(default_factory=list)  # an earlier run's work this one finishes (its batch jobs)
+
+
+@dataclass
+class Writing:
+    """The writers' own: the post-processing pool, the shard numbers, the journals' name."""
+
+    postprocessor: PostProcessor  # runs postprocess() for the writers, in its pool
+    shard_numbers: Iterator[int]  # the next free shard numbers (WRITERS share it)
+    name: str = field(default_factory=lambda: os.urandom(3).hex())  # names this run's journal files
 
 
 @dataclass
@@ -833,7 +876,7 @@ async def main(settings: Settings, progress: Progress) -> None:
     """Start READERS readers, WORKERS generators (or the batch stage) and WRITERS writers,
     linked by two bounded queues; wait until every prompt is answered, then shut them down."""
     async with open_run(settings, progress) as run:
-        run.leftovers = await start_leftovers(run)  # known before any stage starts: all_answered() awaits them
+        run.asking.leftovers = await start_leftovers(run)  # known before any stage starts: all_answered() awaits them
         generate, copies = generator_stage(settings)
         readers = [asyncio.create_task(read_inputs(run)) for _ in range(settings.readers)]
         generators = [asyncio.create_task(generate(run)) for _ in range(copies)]
@@ -864,36 +907,27 @@ async def start_leftovers(run: Run) -> list[asyncio.Task[None]]:
 
 @contextlib.asynccontextmanager
 async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]:
-    """Everything the stages share, from what earlier runs left in the output dir; closed
-    in reverse order however the run ends (the pool, the client, the progress display)."""
+    """Everything the stages share, in phases: the job and its inputs checked, the host
+    reached and the output folder locked, what earlier runs left, the run's parts, then what
+    it holds on Google's side. What each phase opens is closed in reverse order however the
+    run ends; failures are settled on every exit, the arrival journals dropped once complete."""
     async with contextlib.AsyncExitStack() as cleanup:
-        postprocessor = PostProcessor(settings.postprocess, settings.postprocess_workers)
-        cleanup.push_async_callback(postprocessor.aclose)
         cleanup.enter_context(stopped_by_signals(asyncio.current_task()))  # a long start-up scan too
-        generation, context = job_generation(settings), context_turns(settings.context)
-        identity = job_identity(settings, generation, context)
+        job = Job.of(settings)
         files = await table_headers_checked(await list_input_files(settings.input_dir))
-        client, gate, outage = await reach_host_and_lock(settings, progress, cleanup)
-        with stop_on_os_error(f"cannot read {settings.output_dir}"):
-            past = await load_past_runs(settings.output_dir)
-        if record_job(settings, job_settings(generation, context), answered=bool(past.answered or past.journaled)) or settings.retry_failed:
-            past.refused.clear()
-            past.cut_at.clear()
+        client, limits = await reach_host_and_lock(settings, progress, cleanup)
+        past = await past_of(settings, job)
+        writing = Writing(PostProcessor(settings.postprocess, settings.postprocess_workers), itertools.count(past.next_shard))
+        cleanup.push_async_callback(writing.postprocessor.aclose)
+        reading = Reading(iter(files), Ids({path.name: path for path in files}), Limit(settings.limit))
+        api = Api(client, functools.partial(retried, settings=settings, limits=limits, tally=progress.tally))
+        asking = Asking(job.maker, Media(FilesFolder(files_dir(settings)), settings.inline_limit_mb, api, settings.output_dir, job.tag))
         progress.tally.skipped = len(past.answered)
-        cleanup.push_async_callback(stop, *progress.start(settings))
-        depth, maker = queue_depth(settings), PromptMaker.of(request_generation(settings, generation), context, files_dir(settings))
-        run = Run(
-            settings, progress, client, gate, outage, Concurrency(settings.workers),
-            maker, past, postprocessor, prompts=asyncio.Queue(maxsize=depth), outcomes=asyncio.Queue(maxsize=depth),
-            files=iter(files), shard_numbers=itertools.count(past.next_shard), ids=Ids({path.name: path for path in files}, maker),
-            media=Media(FilesFolder(files_dir(settings)), settings.inline_limit_mb, client, settings.output_dir, job_tag(identity)), limit=Limit(settings.limit),
-        )  # fmt: skip
-        progress.run = run
-        await hold_on_google(run, generation, identity, cleanup)
-        if past.journaled:
-            log.info("%s that an earlier run received but never wrote: written as their prompts are read, with no request", plural(len(past.journaled), "answer"))
+        cleanup.push_async_callback(stop, *progress.start(settings, Shown(limits, asking.media, reading.limit)))
+        depth = queue_depth(settings)
+        run = Run(settings, client, limits, progress, past, asyncio.Queue(maxsize=depth), asyncio.Queue(maxsize=depth), reading, asking, writing)
         try:
-            yield run
+            yield await hold_on_google(run, job, cleanup)
         finally:
             await finish_failures(settings.output_dir, past.failures)
             progress.tally.left_alone, progress.tally.cut_left = past.left_alone, past.cut_left
@@ -901,7 +935,20 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
             path.unlink()
 
 
-async def reach_host_and_lock(settings: Settings, progress: Progress, cleanup: contextlib.AsyncExitStack) -> tuple[Any, Gate, Outage]:
+async def past_of(settings: Settings, job: Job) -> PastRuns:
+    """What earlier runs left in the output folder; their refusals and cut-short answers
+    forgotten when the job's settings changed (or --retry-failed), to be asked again."""
+    with stop_on_os_error(f"cannot read {settings.output_dir}"):
+        past = await load_past_runs(settings.output_dir)
+    if record_job(settings, job.settings, answered=bool(past.answered or past.journaled)) or settings.retry_failed:
+        past.refused.clear()
+        past.cut_at.clear()
+    if past.journaled:
+        log.info("%s that an earlier run received but never wrote: written as their prompts are read, with no request", plural(len(past.journaled), "answer"))
+    return past
+
+
+async def reach_host_and_lock(settings: Settings, progress: Progress, cleanup: contextlib.AsyncExitStack) -> tuple[Any, Limits]:
     """reach_host, and the output folder locked, in the order that makes nothing on a refused
     start: a folder that exists is locked first (a second run on it stops at once, before
     asking the host), a new one is made only once the host has answered."""
@@ -914,8 +961,8 @@ async def reach_host_and_lock(settings: Settings, progress: Progress, cleanup: c
     return reached
 
 
-async def reach_host(settings: Settings, progress: Progress, cleanup: contextlib.AsyncExitStack) -> tuple[Any, Gate, Outage]:
-    """The client, its gate and its host's watch, once the host has answered: a start
+async def reach_host(settings: Settings, progress: Progress, cleanup: contextlib.AsyncExitStack) -> tuple[Any, Limits]:
+    """The client and the limits its requests pass, once the host has answered: a start
     refused for no network or a wrong address leaves nothing behind (no output folder)."""
     client = connect(settings)
     cleanup.push_async_callback(client.aio.aclose)
@@ -923,19 +970,20 @@ async def reach_host(settings: Settings, progress: Progress, cleanup: contextlib
     outage = watch_host(settings, client, gate.closed_event, progress)
     if not settings.offline:
         await outage.first_answer()
-    return client, gate, outage
+    return client, Limits(gate, outage, Concurrency(settings.workers))
 
 
-async def hold_on_google(run: Run, generation: dict[str, Any], identity: str, cleanup: contextlib.AsyncExitStack) -> None:
+async def hold_on_google(run: Run, job: Job, cleanup: contextlib.AsyncExitStack) -> Run:
     """What the run keeps on Google's side besides its requests, each given back at the end:
     the uploads of the files rows name (those earlier runs recorded, first), and with --cache
-    the context cache, which every prompt names from the start (no reader has started yet)."""
-    await run.media.load()
-    cleanup.push_async_callback(run.media.close)
-    if run.settings.cache and (cache := await open_cache(run, generation, identity)):
-        cleanup.push_async_callback(cache.close, run)
-        cleanup.push_async_callback(stop, asyncio.create_task(cache.keep(run)))
-        run.maker = run.maker.naming(cache.name)
+    the context cache. The run its stages get: with a cache, its prompts name it from the start."""
+    await run.asking.media.load()
+    cleanup.push_async_callback(run.asking.media.close)
+    if not run.settings.cache or not (cache := await open_cache(run, job)):
+        return run
+    cleanup.push_async_callback(cache.close, run)
+    cleanup.push_async_callback(stop, asyncio.create_task(cache.keep(run)))
+    return dataclasses.replace(run, asking=dataclasses.replace(run.asking, maker=run.asking.maker.naming(cache.name)))
 
 
 def open_gate(settings: Settings) -> Gate:
@@ -951,10 +999,8 @@ def watch_host(settings: Settings, client: Any, closed: asyncio.Event, progress:
     options = getattr(getattr(client, "_api_client", None), "_http_options", None)  # the SDK's resolved base URL
     url = urllib.parse.urlsplit(str(getattr(options, "base_url", None) or ""))
     host = f"{url.hostname}{f':{url.port}' if url.port else ''}" if url.hostname else "the API"
-    outage = Outage(lambda: client.aio.models.get(model=settings.model), host, settings.outage_limit_s, closed)
-    if progress is not None:
-        outage.changed = progress.refresh
-    return outage
+    changed = progress.refresh if progress is not None else lambda: None
+    return Outage(lambda: client.aio.models.get(model=settings.model), host, settings.outage_limit_s, closed, changed)
 
 
 @contextlib.contextmanager
@@ -1017,22 +1063,22 @@ async def all_answered(run: Run, readers: list[asyncio.Task[None]]) -> None:
         if reader.done():
             reader.result()
     await run.prompts.join()  # every queued prompt has its outcome queued
-    run.media.inputs_read = True  # an upload no queued prompt needs now is needed by none
+    run.asking.media.inputs_read = True  # an upload no queued prompt needs now is needed by none
     run.past.drop_journaled()  # every input is read: what is left answers none of them
-    await asyncio.gather(*run.leftovers)  # and what an earlier run left (see Run.leftovers for when they are known)
+    await asyncio.gather(*run.asking.leftovers)  # and what an earlier run left (see Run.leftovers for when they are known)
 
 
 async def shut_down(run: Run, readers: list[asyncio.Task[None]], generators: list[asyncio.Task[None]], writers: list[asyncio.Task[None]]) -> None:
     """Stop asking, let requests in flight land for a moment, write every answer
     received, then stop every task. A writer's error is raised: the run is not complete."""
-    run.gate.close()  # no request starts from now on
+    run.limits.gate.close()  # no request starts from now on
     for reader in readers:
         reader.cancel()
     while not run.prompts.empty():  # never tried: the next run asks them
         run.prompts.get_nowait()
         run.prompts.task_done()
     await until(run.prompts.join(), writers, timeout=STOP_GRACE_S)  # answers in flight are queued,
-    await stop(*readers, *generators, *run.leftovers, *run.outage.probing)
+    await stop(*readers, *generators, *run.asking.leftovers, *run.limits.outage.probing)
     await until(run.outcomes.join(), writers)  # and written.
     await stop(*writers)
     for writer in writers:
@@ -1175,8 +1221,8 @@ async def read_inputs(run: Run) -> None:
     """Queue every prompt of each input file the reader takes, in order, except those the
     output dir already has (see PastRuns.skips; an answer journaled for exactly that
     request goes to the writers instead); waits while the queue is full. With
-    READERS > 1 the readers share run.files, each taking the next file when it finishes one."""
-    for path in run.files:
+    READERS > 1 the readers share run.reading.files, each taking the next file when it finishes one."""
+    for path in run.reading.files:
         with cannot_read(path):
             if not await queue_prompts_of(run, path):
                 return  # --limit: the job's first prompts are all taken
@@ -1185,20 +1231,20 @@ async def read_inputs(run: Run) -> None:
 async def queue_prompts_of(run: Run, path: Path) -> bool:
     """Queue the prompts of one input file, unless an earlier run answered them; False once
     the readers have taken the job's first --limit prompts."""
-    async with contextlib.aclosing(read_prompts(path, run.maker, run.past.answered)) as file_prompts:
+    async with contextlib.aclosing(read_prompts(path, run.asking.maker, run.past.answered)) as file_prompts:
         async for prompts in file_prompts:
             for prompt in prompts:
-                if not run.limit.take():
+                if not run.reading.limit.take():
                     return False
                 if prompt.origin:  # a named id (a default one is its own place: see Ids)
-                    await run.ids.claim(prompt)
+                    await run.reading.ids.claim(prompt, run.asking.maker)
                 if prompt.media and not prompt.error:
-                    prompt = await run.media.resolve(prompt)  # its files' hashes are part of what it asks
+                    prompt = await run.asking.media.resolve(prompt)  # its files' hashes are part of what it asks
                 if run.past.journaled and (journaled := run.past.journaled_answer(prompt)):
                     await run.outcomes.put(journaled)  # answered before, never written: no request
                 elif not run.past.skips(prompt):
                     if prompt.media:
-                        run.media.needs(prompt)
+                        run.asking.media.needs(prompt)
                     await run.prompts.put(prompt)
                     log.debug("enqueued %s", prompt.id)
     return True
@@ -1211,11 +1257,11 @@ async def generate_content(run: Run) -> None:
         prompt = await run.prompts.get()
         try:
             if outcome := await answer(run, prompt):
-                run.media.settled(outcome)
+                run.asking.media.settled(outcome)
                 await run.outcomes.put(outcome)
-                run.fail_fast.check()  # every prompt fails alike: stop, this outcome kept
+                run.asking.fail_fast.check()  # every prompt fails alike: stop, this outcome kept
         except PipelineError:  # this ends the run: no other request starts from now on
-            run.gate.close()
+            run.limits.gate.close()
             raise
         finally:  # however it ended, so that prompts.join() counts this prompt as handled
             run.prompts.task_done()
@@ -1229,8 +1275,8 @@ async def write_outputs(run: Run, writer: int) -> None:
     with stop_on_os_error(f"cannot write to {shards.output_dir}"):
         async with contextlib.aclosing(shards), contextlib.aclosing(failures):
             while True:
-                batch = await next_batch(run.outcomes, run.postprocessor, shards)
-                done = await run.postprocessor.run(batch)
+                batch = await next_batch(run.outcomes, run.writing.postprocessor, shards)
+                done = await run.writing.postprocessor.run(batch)
                 answered = [o for o in done if isinstance(o, Response)]
                 shards.write(answered, then=run.progress.written)  # counted as written: a full disk may stop it midway
                 failed = [o for o in done if isinstance(o, Failure)]
@@ -1239,8 +1285,8 @@ async def write_outputs(run: Run, writer: int) -> None:
                 for _ in done:
                     run.outcomes.task_done()
                 await shards.settle()
-                run.fail_fast.watch_postprocessed(done)
-                run.fail_fast.check()
+                run.asking.fail_fast.watch_postprocessed(done)
+                run.asking.fail_fast.check()
 
 
 # ---------------------------------------------------------------- requests --
@@ -1393,37 +1439,36 @@ class Ids:
     and only then are that file's default ids listed (read once, a bit per line)."""
 
     files: dict[str, Path] = field(default_factory=dict)  # the input files, by name
-    maker: PromptMaker | None = None  # how their rows are read (see places_of)
     named: dict[str, str] = field(default_factory=dict)  # id -> "file:line" of the row that named it
     places: dict[str, bytearray] = field(default_factory=dict)  # file name -> bit n set: line n is known by its place
 
-    async def claim(self, prompt: Prompt) -> None:
-        """Refuse a row naming an id that another row names, or that is another's default id."""
+    async def claim(self, prompt: Prompt, maker: PromptMaker) -> None:
+        """Refuse a row naming an id that another row names, or that is another's default id
+        (`maker` reads the rows of the file that id names, if it names one: see places_of)."""
         if not prompt.origin:
             return  # known by its place: a row naming that place meets it when it is claimed
         first = self.named.setdefault(prompt.id, prompt.origin)
         if first == prompt.origin:  # named once so far; and naming its own place is no clash
-            if prompt.id == prompt.origin or not await self.is_a_place(prompt.id):
+            if prompt.id == prompt.origin or not await self.is_a_place(prompt.id, maker):
                 return
             first = f"{prompt.id} (a row with no id of its own)"
         raise PipelineError(f"id {prompt.id!r} is named twice in the inputs: {first} and {prompt.origin}; ids must be unique")
 
-    async def is_a_place(self, prompt_id: str) -> bool:
+    async def is_a_place(self, prompt_id: str, maker: PromptMaker) -> bool:
         """Whether `prompt_id` is the default id of a row or line of the inputs."""
         name, _, number = prompt_id.rpartition(":")
         if name not in self.files or not number.isdigit():
             return False
         if name not in self.places:
-            self.places[name] = await self.places_of(self.files[name])
+            self.places[name] = await self.places_of(self.files[name], maker)
         bits, line = self.places[name], int(number)
         return len(bits) > line >> 3 and bool(bits[line >> 3] & 1 << (line & 7))
 
-    async def places_of(self, path: Path) -> bytearray:
+    async def places_of(self, path: Path, maker: PromptMaker) -> bytearray:
         """The lines of an input file whose prompts are known by their place, as bits."""
         bits = bytearray()
-        assert self.maker is not None
         with cannot_read(path):
-            async for prompts in read_prompts(path, self.maker):
+            async for prompts in read_prompts(path, maker):
                 for prompt in prompts:
                     if not prompt.origin:
                         line = int(prompt.id.rpartition(":")[2])
@@ -1606,6 +1651,33 @@ def job_settings(generation: dict[str, Any], context: list[dict[str, Any]]) -> d
 def job_identity(settings: Settings, generation: dict[str, Any], context: list[dict[str, Any]]) -> str:
     """The job, as one string: model, settings, context, and the folder its answers go to."""
     return json_line({"model": settings.model, "settings": job_settings(generation, context), "output": str(settings.output_dir.resolve())})
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a job's answers depend on, made once from the settings: what resume, the cache
+    and the uploads know it by (a rerun with other settings is another job's answers)."""
+
+    generation: dict[str, Any]  # its generation settings, camelCase (job_generation)
+    context: list[dict[str, Any]]  # CONTEXT, as the user turn sent before each prompt
+    maker: PromptMaker  # how its rows become requests
+    identity: str  # model, settings, context and output folder as one string (job_identity)
+
+    @classmethod
+    def of(cls, settings: Settings) -> Job:
+        generation, context = job_generation(settings), context_turns(settings.context)
+        maker = PromptMaker.of(request_generation(settings, generation), context, files_dir(settings))
+        return cls(generation, context, maker, job_identity(settings, generation, context))
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What its answers depend on besides the model (job_settings): what JOB_FILE records."""
+        return job_settings(self.generation, self.context)
+
+    @property
+    def tag(self) -> str:
+        """Its identity hashed: what names its cache and its uploads."""
+        return job_tag(self.identity)
 
 
 def load_json_object(path: Path, flag: str) -> dict[str, Any]:
@@ -1945,43 +2017,54 @@ INPUT_FORMATS = {  # by file extension; "" for any other file
 
 # ------------------------------------------------------------------ asking --
 async def answer(run: Run, prompt: Prompt) -> Outcome | None:
-    """Ask the model once per attempt until it answers, fails for good, or attempts run
-    out. None if the run stops first: the prompt stays unanswered, for the next run."""
-    settings, tally = run.settings, run.tally
+    """Ask the model until it answers, fails for good, or attempts run out (retried, with
+    the GENERATION policy). None if the run stops first: the prompt stays unanswered, for
+    the next run."""
     if prompt.error:
         return Failure(prompt, prompt.error, attempts=0, permanent=True)
-    tokens = estimated_tokens(prompt) + run.maker.prefix_tokens if run.gate.counts_tokens else 0
-    if tokens and (too_large := run.gate.never_admits(tokens)):
+    gate = run.limits.gate
+    tokens = estimated_tokens(prompt) + run.asking.maker.prefix_tokens if gate.counts_tokens else 0
+    if tokens and (too_large := gate.never_admits(tokens)):
         return Failure(prompt, too_large, attempts=0)
-    attempt = 1
-    while True:
-        try:
-            reply = await ask(run, prompt, tokens)
-        except PipelineError:  # the run's to stop (an upload's journal on a full disk, say), not this prompt's
-            raise
-        except Exception as exc:  # noqa: BLE001 (the SDK's and the network's errors: classify() sorts them)
-            if (cause := unreachable(exc)) and await run.outage.wait_out(cause):
-                continue  # the host was down: not this prompt's attempt
-            kind = classify(exc)
-            if failure := final_failure(exc, kind, prompt, attempt, run):
-                run.fail_fast.watch(failure)
-                return failure
-            await wait_to_retry(run, exc, kind, attempt, prompt.id)
-            attempt += 1
-            continue
-        if reply is None:
-            return None
-        outcome = to_outcome(prompt, reply, attempt, settings)
-        unfit = not_as_asked(outcome)
-        run.fail_fast.watch(unfit or outcome)  # each reply, one about to be asked again too
-        run.fail_fast.cut_short.watch(outcome)
-        if unfit and attempt < settings.max_attempts and worth_asking_again(outcome) and not run.fail_fast.stop:
-            tally.retries += 1
-            log.debug("retry %s after attempt %d: %s", prompt.id, attempt, unfit.error)
-            attempt += 1
-            continue
-        log.debug("generated %s (attempt %d)", prompt.id, attempt)
-        return unfit or outcome
+    tried = 0
+
+    async def attempt(number: int) -> Outcome:
+        nonlocal tried
+        tried = number
+        return await attempted(run, prompt, tokens, number)
+
+    try:
+        outcome = await run.retried(attempt, GENERATION)
+    except GateClosed:
+        return None
+    except PipelineError:  # the run's to stop (a refused key, an upload's journal on a full disk), not this prompt's
+        raise
+    except Exception as exc:  # noqa: BLE001 (the SDK's and the network's errors, sorted by classify())
+        outcome = Failure(prompt, describe(exc, run.settings), tried, permanent=classify(exc) == "permanent")
+        run.asking.fail_fast.watch(outcome)
+    log.debug("%s %s (attempt %d)", "generated" if isinstance(outcome, Response) else "failed", prompt.id, tried)
+    return outcome
+
+
+async def attempted(run: Run, prompt: Prompt, tokens: int, attempt: int) -> Outcome:
+    """One attempt at `prompt`: the request, and its reply judged. A reply not as asked that
+    another attempt may fix raises AskAgain; an error no prompt would escape stops the run."""
+    try:
+        reply = await ask(run, prompt, tokens)
+    except Exception as exc:
+        refused_for_every_prompt(exc, prompt, run.settings)
+        raise
+    outcome = to_outcome(prompt, reply, attempt, run.settings)
+    unfit = not_as_asked(outcome)
+    run.asking.fail_fast.watch(unfit or outcome)  # each reply, one about to be asked again too
+    run.asking.fail_fast.cut_short.watch(outcome)
+    if unfit and attempt < run.settings.max_attempts and worth_asking_again(outcome) and not run.asking.fail_fast.stop:
+        raise AskAgain(unfit.error)
+    return unfit or outcome
+
+
+class AskAgain(Exception):  # noqa: N818 (not a fault: a reply that another attempt may better)
+    """A reply not the JSON asked for, from a model that samples: asked again at once."""
 
 
 @dataclass
@@ -2077,68 +2160,104 @@ class CutShortWarning:
 
 
 async def ask(run: Run, prompt: Prompt, tokens: int) -> Any:
-    """One request: once the host is reachable, a place among those in flight, then the
-    Gate's turn. The reply, or None once the run stops asking."""
-    outage, places = run.outage, run.concurrency
-    if outage.episode is not None or outage.given_up is not None:  # no coroutine per request otherwise
-        await outage.passed()
-    contents = run.maker.contents(prompt)
-    if prompt.media:  # its files, inline or uploaded (before it takes a place: an upload may take long)
-        contents = await run.media.contents(prompt, contents)
-    if not places.take():
-        await places.wait_for_place()
-    try:
-        if not await run.gate.admit(tokens):
-            return None
-        try:
-            reply = await run.client.aio.models.generate_content(  # --timeout-s is the client's own (see connect)
+    """One request, through each limit in turn: the host reachable, then its files ready (an
+    upload may take long: before it takes a place), a place among those in flight, the Gate's
+    turn. The reply; GateClosed once the run stops asking."""
+    limits = run.limits
+    async with limits.outage:
+        contents = run.asking.maker.contents(prompt)
+        if prompt.media:
+            contents = await run.asking.media.contents(prompt, contents)
+        async with limits.concurrency, limits.gate.admit(tokens) as admitted:
+            admitted.reply = await run.client.aio.models.generate_content(  # --timeout-s is the client's own (see connect)
                 model=run.settings.model, contents=contents, config=prompt.config
             )
-        except Exception as exc:
-            run.gate.landed(tokens)
-            outage.reached = outage.reached or api_error_code(exc) is not None
-            if classify(exc) == "capacity":
-                places.refused()  # before this request leaves its place, so none takes it meanwhile
-            raise
-    finally:
-        places.leave()
-    run.gate.landed(tokens, reply.usage_metadata, served_tier(reply))
-    run.tally.bill(reply.usage_metadata)
-    outage.reached = True
-    places.answered()
-    return reply
+    run.progress.tally.bill(admitted.reply.usage_metadata)
+    return admitted.reply
 
 
-def final_failure(exc: Exception, kind: str, prompt: Prompt, attempt: int, run: Run) -> Failure | None:
-    """After a failed request (`kind`, as classify() says): the prompt's Failure if no retry
-    can help, or none is left; None if it is worth another attempt. Raises what stops the
-    whole run instead: a refused key, a spent daily quota, a model or setting refused for all."""
-    settings = run.settings
-    stop_if_fatal(kind, exc, settings)
-    if kind == "permanent" and api_error_code(exc) == 404:  # generateContent's only 404: no such model
+def refused_for_every_prompt(exc: Exception, prompt: Prompt, settings: Settings) -> None:
+    """Raise what stops the run when the API refuses what every request sends: the model, or
+    a setting of the run's (a row's own settings fail that row alone)."""
+    if classify(exc) != "permanent":
+        return
+    if api_error_code(exc) == 404:  # generateContent's only 404: no such model
         raise PipelineError(f"the API does not know the model: {describe(exc, settings)} (check --model {settings.model})")
-    if kind == "permanent" and not prompt.own_settings and (setting := refused_setting(exc)):  # every request has it
+    if not prompt.own_settings and (setting := refused_setting(exc)):
         raise PipelineError(f"the API refuses the setting {setting}: {describe(exc, settings)}")
-    if api_error_code(exc) == 429:
-        run.tally.rate_limited += 1
-    if kind in ("permanent", "edited") or attempt == settings.max_attempts:
-        return Failure(prompt, describe(exc, settings), attempt, permanent=kind == "permanent")
-    return None
 
 
-async def wait_to_retry(run: Run, exc: BaseException, kind: str, attempt: int, what: str) -> None:
-    """The wait before another attempt at `what` (a prompt, or a Batch API call): the same for
-    both. As long as the server asked (RetryInfo), else exponential from --retry-base-s with
-    jitter (backoff_s). A 429 naming a per-minute quota holds every request (Gate.pause: each
-    waits it out before its next attempt, in Gate.admit or Gate.unpaused); a server full (see
-    Concurrency) and other errors hold only this one. Ends early once the run stops asking."""
-    delay = backoff_s(attempt, exc, run.settings)
-    run.tally.retries += 1
-    log.debug("retry %s in %.2f s after attempt %d: %s", what, delay, attempt, describe(exc, run.settings))
-    if kind == "rate limit":
-        run.gate.pause(delay)
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How one kind of call is tried again when it fails. Every call to the API goes through
+    retried() with one of these, so a 429's shared back-off, a refused key, a spent daily
+    quota and the run's stop hold alike for prompts, uploads, caches, counts and batch jobs."""
+
+    what: str  # what is tried, for the log
+    attempts: int = 0  # tries in all, the first included; 0: MAX_ATTEMPTS; -1: until the run stops (a poll)
+    timed: bool = True  # each try bounded by the request timeout (not what the transport bounds, nor transfers)
+    host_waits: bool = False  # a connection error waits out the Outage and costs no attempt
+    final: frozenset[str] = frozenset({"permanent"})  # kinds of error (see classify) never tried again
+    waits_out: tuple[type[Exception], ...] = ()  # errors tried again whatever classify says (a state still to change)
+    every_s: float | None = None  # a fixed wait between tries (a poll); None: backoff_s
+    stops_with_run: bool = True  # once the run stops asking, raise the last error rather than wait; False: the call itself finds out
+
+    def gives_up(self, kind: str, attempt: int, settings: Settings) -> bool:
+        most = settings.max_attempts if self.attempts == 0 else self.attempts
+        return kind in self.final or 0 < most <= attempt
+
+
+GENERATION = RetryPolicy("a prompt", timed=False, host_waits=True, final=frozenset({"permanent", "edited"}), stops_with_run=False)
+API_CALL = RetryPolicy("a Files, caching or Batch API call")
+TRANSFER = RetryPolicy("an upload or download", timed=False)
+POLL = RetryPolicy("a look at a batch job", attempts=-1)
+COUNT = RetryPolicy("countTokens", attempts=ESTIMATE_ATTEMPTS)
+DELETE = RetryPolicy("a delete", attempts=3)
+
+
+async def retried(call: Callable[[int], Awaitable[Any]], policy: RetryPolicy, settings: Settings, limits: Limits, tally: Tally) -> Any:
+    """`call(attempt)` until it returns, as `policy` says: the one loop that waits between
+    attempts. A transient error waits backoff_s (or what the server asked); a 429 naming a
+    per-minute quota holds every request (Gate.pause); a refused key or a spent daily quota
+    stops the run (stop_if_fatal); the last error is raised once no attempt is left."""
+    attempt = 1
+    while True:
+        await limits.gate.unpaused()  # a 429's shared back-off, for calls that pass no Gate.admit
+        try:
+            if not policy.timed:  # no timeout object per request where the transport bounds it
+                return await call(attempt)
+            async with asyncio.timeout(request_timeout_s(settings)):
+                return await call(attempt)
+        except AskAgain as again:
+            log.debug("retry %s after attempt %d: %s", policy.what, attempt, again)
+        except (PipelineError, GateClosed):
+            raise
+        except Exception as exc:
+            if policy.host_waits and (cause := unreachable(exc)) and await limits.outage.wait_out(cause):
+                continue  # the host was down: not this call's attempt
+            kind = "transient" if isinstance(exc, policy.waits_out) else classify(exc)
+            stop_if_fatal(kind, exc, settings)
+            tally.rate_limited += api_error_code(exc) == 429
+            if policy.gives_up(kind, attempt, settings) or policy.stops_with_run and limits.gate.closed:
+                raise
+            await wait_to_retry(exc, min(attempt, settings.max_attempts), policy, limits.gate, settings)
+            if policy.stops_with_run and limits.gate.closed:  # the run stopped asking during the wait
+                raise
+        tally.retries += 1
+        attempt += 1
+
+
+async def wait_to_retry(exc: BaseException, attempt: int, policy: RetryPolicy, gate: Gate, settings: Settings) -> None:
+    """The wait before another attempt: as long as the server asked (RetryInfo), else
+    exponential from --retry-base-s with jitter (backoff_s), or the policy's fixed wait. A 429
+    naming a per-minute quota holds every request (Gate.pause: each waits it out in Gate.turn
+    or Gate.unpaused); other errors hold only this one. Ends early once the run stops asking."""
+    delay = policy.every_s if policy.every_s is not None else backoff_s(attempt, exc, settings)
+    log.debug("retry %s in %.2f s after attempt %d: %s", policy.what, delay, attempt, describe(exc, settings))
+    if classify(exc) == "rate limit":
+        gate.pause(delay)
     else:
-        await run.gate.sleep(delay)
+        await gate.sleep(delay)
 
 
 def stop_if_fatal(kind: str, exc: BaseException, settings: Settings) -> None:
@@ -2424,7 +2543,13 @@ class Gate:
     def close(self) -> None:
         self._closed.set()
 
-    async def admit(self, tokens: int = 0) -> bool:
+    def admit(self, tokens: int = 0) -> Admission:
+        """A request's passage, as an async context manager: `async with gate.admit(tokens) as
+        admitted:` waits for its turn (raises GateClosed once the gate is closed), and on leaving
+        counts what `admitted.reply` says it used (or that it got no reply)."""
+        return Admission(self, tokens)
+
+    async def turn(self, tokens: int = 0) -> bool:
         """Wait for the turn of a request of about `tokens` input tokens; False once the gate
         is closed. Each request admitted must be followed by landed()."""
         while not self.closed:
@@ -2508,6 +2633,28 @@ class Gate:
             await asyncio.wait([closing], timeout=seconds)
         finally:
             closing.cancel()
+
+
+class GateClosed(Exception):  # noqa: N818 (a state, not a fault)
+    """The run stopped asking (Ctrl-C, a stop, the budget spent): a request waiting at the Gate is not sent."""
+
+
+@dataclass
+class Admission:
+    """One request's passage through the Gate (see Gate.admit)."""
+
+    gate: Gate
+    tokens: int  # its estimated input tokens (0 when nothing counts them)
+    reply: Any = None  # set by the request once it has its reply: its usage corrects the schedule and the spend
+
+    async def __aenter__(self) -> Admission:
+        if not await self.gate.turn(self.tokens):
+            raise GateClosed
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        reply = self.reply
+        self.gate.landed(self.tokens, getattr(reply, "usage_metadata", None), served_tier(reply) if reply is not None else None)
 
 
 class Spend:
@@ -2614,6 +2761,20 @@ class Concurrency:
         self.refusals = 0  # "server full" answers so far: the summary shows the limit only after one
         self._waiting: deque[asyncio.Future[None]] = deque()  # generators waiting for a place, first come first served
 
+    async def __aenter__(self) -> None:
+        """A place in flight: at once if one is free and nobody waits for it."""
+        if not self.take():
+            await self.wait_for_place()
+
+    async def __aexit__(self, _: object, exc: BaseException | None, __: object) -> None:
+        """The place given back: a "server full" refusal lowers the limit first (while the
+        refused request still holds its place, so none takes it meanwhile); an answer raises it."""
+        if isinstance(exc, Exception) and classify(exc) == "capacity":
+            self.refused()
+        self.leave()
+        if exc is None:
+            self.answered()
+
     def take(self) -> bool:
         """Take a place in flight if one is free and nobody waits for it; else False: then
         wait_for_place(). Each place taken is given back with leave()."""
@@ -2684,7 +2845,7 @@ class Outage:
     is kept; a rerun continues); one of OUTAGE_AT_START_S before the host ever answered is
     a wrong address or no network, and a one-line error."""
 
-    def __init__(self, probe: Callable[[], Awaitable[Any]], host: str, limit_s: float, closed: asyncio.Event) -> None:
+    def __init__(self, probe: Callable[[], Awaitable[Any]], host: str, limit_s: float, closed: asyncio.Event, changed: Callable[[], None] = lambda: None) -> None:
         self.probe = probe  # one small request to the host: any answer, an error included, means it is reachable
         self.host = host  # what cannot be reached, for messages
         self.limit_s = limit_s  # --outage-limit-s
@@ -2693,8 +2854,18 @@ class Outage:
         self.given_up: PipelineError | None = None  # why the run stops: it lasted too long
         self.probing: list[asyncio.Task[None]] = []  # the probe, while it runs (shut_down stops it)
         self.unreachable_s = 0.0  # time during which the host could not be reached (outages that ended)
-        self.changed: Callable[[], None] = lambda: None  # what shows the outage (Progress.refresh)
+        self.changed = changed  # what shows the outage (Progress.refresh)
         self._closed = closed  # the Gate's: the run stops asking
+
+    async def __aenter__(self) -> None:
+        """A request may go: the host is reachable (no coroutine per request then), or answers again."""
+        if self.episode is not None or self.given_up is not None:
+            await self.passed()
+
+    async def __aexit__(self, _: object, exc: BaseException | None, __: object) -> None:
+        """The request got an answer of the host's, an error the API gave included: it is reachable."""
+        if exc is None or api_error_code(exc) is not None:
+            self.reached = True
 
     async def passed(self) -> None:
         """Return at once when the host is reachable; else once it answers again or the run
@@ -2858,7 +3029,7 @@ class ContextCache:
             await asyncio.sleep(CACHE_RENEW_S)
             self.bill_storage()
             try:
-                await api_call(run, lambda: renewed(self.client, self.name, CACHE_TTL_S))
+                await run.retried(lambda _: renewed(self.client, self.name, CACHE_TTL_S), API_CALL)
             except Exception as exc:
                 log.warning("could not renew the context cache %s: %s", self.name, describe(exc, run.settings))
 
@@ -2866,8 +3037,8 @@ class ContextCache:
         """At the run's end, however it ends: delete it; but while batch jobs that name it are
         still on Google's side, keep it as long as they may run, for the rerun that collects them."""
         self.bill_storage()
-        if not (jobs := run.tally.jobs_unfinished):
-            await delete_cache(self.client, self.name)
+        if not (jobs := run.progress.tally.jobs_unfinished):
+            await delete_cache(run, self.name)
             return
         with contextlib.suppress(Exception):
             async with asyncio.timeout(CACHE_DELETE_S):
@@ -2880,41 +3051,41 @@ def renewed(client: Any, name: str, ttl_s: float) -> Awaitable[Any]:
     return client.aio.caches.update(name=name, config={"ttl": f"{ttl_s:.0f}s"})
 
 
-async def delete_cache(client: Any, name: str) -> None:
+async def delete_cache(run: Run, name: str) -> None:
     """Delete a cache, within CACHE_DELETE_S (a host gone away must not hold the exit); if
     that fails it expires by its TTL, and a rerun of the job deletes or uses it first."""
     try:
         async with asyncio.timeout(CACHE_DELETE_S):
-            await client.aio.caches.delete(name=name)
+            await run.retried(lambda _: run.client.aio.caches.delete(name=name), DELETE)
         log.info("deleted the context cache %s", name)
     except Exception as exc:
         log.warning("could not delete the context cache %s (%s): it expires within %s", name, type(exc).__name__, duration(CACHE_TTL_S))
 
 
-async def open_cache(run: Run, generation: dict[str, Any], identity: str) -> ContextCache | None:
+async def open_cache(run: Run, job: Job) -> ContextCache | None:
     """The run's ContextCache: the one an earlier run of this job left, if alive, else a new
     one; None (the prefix is sent first in each request, for implicit caching) when the
     prefix is under the model's minimum for an explicit cache (CACHE_MIN_TOKENS)."""
     settings, client = run.settings, run.client
-    held = prefix_contents(run.maker.context, generation)
-    counted = await api_call(run, lambda: client.aio.models.count_tokens(model=settings.model, contents=held))
+    held = prefix_contents(job.context, job.generation)
+    counted = await run.retried(lambda _: client.aio.models.count_tokens(model=settings.model, contents=held), API_CALL)
     tokens, minimum = int(counted.total_tokens or 0), cache_minimum(settings.model)
     if tokens < minimum:
         log.warning("--cache: the instruction and context hold %s tokens, under %s's minimum of %s for a cache: sent first in each request instead", f"{tokens:,}", settings.model, f"{minimum:,}")
         return None
-    display_name = cache_display_name(identity)
-    found = [c async for c in await api_call(run, lambda: client.aio.caches.list(config={"page_size": 100})) if c.display_name == display_name]
+    display_name = cache_display_name(job.identity)
+    found = [c async for c in await run.retried(lambda _: client.aio.caches.list(config={"page_size": 100}), API_CALL) if c.display_name == display_name]
     alive = [c for c in found if c.model and c.model.endswith(f"/{settings.model}")]
     for gone in [c for c in found if c is not (alive[0] if alive else None)]:  # never two at once: one kept, the others deleted
-        await delete_cache(client, str(gone.name))
+        await delete_cache(run, str(gone.name))
     if alive:
         log.info("using the context cache %s an earlier run of this job left", alive[0].name)
-        await api_call(run, lambda: renewed(client, str(alive[0].name), CACHE_TTL_S))
-        return ContextCache(client, str(alive[0].name), tokens, run.gate.spend)
-    if (created := await create_cache(run, generation, display_name)) is None:
+        await run.retried(lambda _: renewed(client, str(alive[0].name), CACHE_TTL_S), API_CALL)
+        return ContextCache(client, str(alive[0].name), tokens, run.limits.gate.spend)
+    if (created := await create_cache(run, job.generation, display_name)) is None:
         return None
     log.info("created the context cache %s: %s tokens", created.name, f"{tokens:,}")
-    return ContextCache(client, str(created.name), tokens, run.gate.spend)
+    return ContextCache(client, str(created.name), tokens, run.limits.gate.spend)
 
 
 async def create_cache(run: Run, generation: dict[str, Any], display_name: str) -> Any:
@@ -2922,9 +3093,9 @@ async def create_cache(run: Run, generation: dict[str, Any], display_name: str) 
     small (its minimum above CACHE_MIN_TOKENS's): None, and it is sent first instead; any other
     refusal stops the run."""
     held = {k: generation[k] for k in CACHED_FIELDS if k in generation}
-    config = {**held, "contents": run.maker.context or None, "ttl": f"{CACHE_TTL_S:.0f}s", "displayName": display_name}
+    config = {**held, "contents": run.asking.maker.context or None, "ttl": f"{CACHE_TTL_S:.0f}s", "displayName": display_name}
     try:
-        return await api_call(run, lambda: run.client.aio.caches.create(model=run.settings.model, config=config))
+        return await run.retried(lambda _: run.client.aio.caches.create(model=run.settings.model, config=config), API_CALL)
     except Exception as exc:
         if api_error_code(exc) is None:
             raise
@@ -3100,8 +3271,8 @@ class Media:
     rerun reads again only a file that changed (hashing runs at about 1.2 GB/s here: a rerun
     of 200,000 photos of 1 MB would otherwise read them all before it could skip one)."""
 
-    def __init__(self, folder: FilesFolder, limit_mb: float, client: Any = None, output_dir: Path | None = None, tag: str = "") -> None:
-        self.client = client  # the run's genai client: its Files API
+    def __init__(self, folder: FilesFolder, limit_mb: float, api: Api | None = None, output_dir: Path | None = None, tag: str = "") -> None:
+        self.api = api  # the run's Files API, and how its calls are retried; None: an estimate, which uploads nothing
         self.folder = folder  # FILES_DIR: the only place the files are read from
         self.journal = output_dir / UPLOADS_FILE if output_dir else None  # each upload started, made, and deleted
         self.digests = output_dir / DIGESTS_FILE if output_dir else None  # each file's hash once read (None: an estimate, keeping nothing)
@@ -3121,7 +3292,7 @@ class Media:
         folded into its digest; or, if one cannot be sent, with its error naming the file."""
         try:
             media = await asyncio.to_thread(self.read_all, prompt.media)
-            if self.client is not None and on_vertex() and not all(now for file, now in zip(media, self.inline(prompt.text, media)) if file.path):
+            if self.api is not None and on_vertex() and not all(now for file, now in zip(media, self.inline(prompt.text, media)) if file.path):
                 raise UnsendableFile("its files are over --inline-limit-mb, and Vertex AI has no Files API: name gs:// copies instead")
         except UnsendableFile as exc:
             return dataclasses.replace(prompt, error=f"{exc} ({prompt.origin or prompt.id})")
@@ -3205,14 +3376,14 @@ class Media:
 
     async def upload(self, file: MediaFile) -> Upload:
         """Upload `file` (journaled before and after: a rerun knows to look for it)."""
-        assert file.path is not None
+        assert file.path is not None and self.api is not None
         async with self.slots:
             await self.write({"uploading": file.sha256, "file": file.name})
             config = {"mime_type": file.mime_type, "display_name": f"{UPLOAD_NAME_PREFIX}{self.tag} {file.sha256}"}
             stream, _ = await asyncio.to_thread(self.folder.open, file)  # the file checked, read by the upload itself
             with stream:
-                made = await self.client.aio.files.upload(file=CheckedUpload(stream, file), config=config)
-            made = await processed(self.client, made)
+                made = await self.api.client.aio.files.upload(file=CheckedUpload(stream, file), config=config)  # retried as its prompts' attempts
+            made = await self.api.retried(lambda _: processed(self.api.client, made), PROCESSING)
         expires = made.expiration_time.timestamp() if made.expiration_time else time.time() + 47 * 3600
         upload = self.uploads[file.sha256] = Upload(file.sha256, file.size, str(made.name), str(made.uri), file.mime_type, expires)
         await self.write(dataclasses.asdict(upload))
@@ -3250,16 +3421,17 @@ class Media:
         more: with every input read, any upload of the job, a killed run's too, whose file
         no queued prompt still needs (a failed one's stays, for the rerun)."""
         await stop(*self.uploading.values())
-        if not self.journaled or not self.inputs_read or self.client is None:
+        if not self.journaled or not self.inputs_read or self.api is None:
             return
         with contextlib.suppress(Exception):
             async with asyncio.timeout(UPLOAD_CLEANUP_S):
                 ours = f"{UPLOAD_NAME_PREFIX}{self.tag} "
-                listed = [made async for made in await self.client.aio.files.list(config={"page_size": 100})]  # all, then delete: pages shift
+                files = self.api.client.aio.files
+                listed = [made async for made in await self.api.retried(lambda _: files.list(config={"page_size": 100}), API_CALL)]  # all, then delete: pages shift
                 for made in listed:
                     sha256 = str(made.display_name or "").removeprefix(ours)
                     if str(made.display_name or "").startswith(ours) and self.needed[sha256] <= 0:
-                        await self.client.aio.files.delete(name=made.name)
+                        await self.api.retried(lambda _, name=made.name: files.delete(name=name), DELETE)
                         self.uploads.pop(sha256, None)
                         await self.write({"deleted": sha256})
 
@@ -3282,16 +3454,23 @@ async def journal_lines(path: Path | None) -> list[dict[str, Any]]:
 
 
 async def processed(client: Any, made: Any) -> Any:
-    """An upload once the Files API has processed it (a video takes a while): ACTIVE, or an error."""
-    for _ in range(UPLOAD_PROCESSING_POLLS):
-        state = str(getattr(made.state, "value", made.state) or "ACTIVE")
-        if state != "PROCESSING":
-            if state == "FAILED":
-                raise UnsendableFile(f"the Files API could not process {made.name}")
-            return made
-        await asyncio.sleep(1.0)
+    """An upload once the Files API has processed it (a video takes a while): ACTIVE, or an
+    error; StillProcessing while it is not (retried with the PROCESSING policy looks again)."""
+    if str(getattr(made.state, "value", made.state) or "ACTIVE") == "PROCESSING":
         made = await client.aio.files.get(name=made.name)
-    raise UnsendableFile(f"the Files API still processes {made.name}")
+    state = str(getattr(made.state, "value", made.state) or "ACTIVE")
+    if state == "PROCESSING":
+        raise StillProcessing(f"the Files API still processes {made.name}")
+    if state == "FAILED":
+        raise UnsendableFile(f"the Files API could not process {made.name}")
+    return made
+
+
+class StillProcessing(UnsendableFile):
+    """An upload the Files API has not finished processing: looked at again, UPLOAD_PROCESSING_POLLS times at most."""
+
+
+PROCESSING = RetryPolicy("a look at an upload being processed", attempts=UPLOAD_PROCESSING_POLLS, every_s=1.0, waits_out=(StillProcessing,))
 
 
 def file_digest(stream: BinaryIO, file: MediaFile, size: int) -> tuple[str, float]:
@@ -3363,14 +3542,14 @@ async def gather_job(run: Run) -> list[Prompt]:
     sent (not UTF-8) is failed here, not put in a job."""
     job: list[Prompt] = []
     while len(job) < run.settings.batch_size:
-        prompt = await run.resubmit.next_prompt(run.prompts, BATCH_GATHER_S if job else None)
+        prompt = await run.asking.resubmit.next_prompt(run.prompts, BATCH_GATHER_S if job else None)
         if prompt is None:
             break
-        if prompt.id in run.past.in_batch_jobs and prompt.id not in run.resubmit.held:  # queued before find_unknown_jobs found its job
-            run.resubmit.done(prompt.id, run.prompts)
+        if prompt.id in run.past.in_batch_jobs and prompt.id not in run.asking.resubmit.held:  # queued before find_unknown_jobs found its job
+            run.asking.resubmit.done(prompt.id, run.prompts)
         elif prompt.error:
             await run.outcomes.put(Failure(prompt, prompt.error, attempts=0))
-            run.resubmit.done(prompt.id, run.prompts)
+            run.asking.resubmit.done(prompt.id, run.prompts)
         else:
             job.append(prompt)
     return job
@@ -3380,7 +3559,7 @@ async def run_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal) ->
     """Submit a job, wait for it to end, and queue an outcome for each of its prompts, or,
     for those that may pass if asked again, put them to a later job (Resubmissions). A
     prompt whose file cannot be uploaded (it changed since it was read) fails alone."""
-    run.resubmit.tries.update(prompt.id for prompt in job_prompts)
+    run.asking.resubmit.tries.update(prompt.id for prompt in job_prompts)
     with_files, results = await files_uploaded(run, job_prompts)
     sendable = [prompt for prompt in job_prompts if prompt.id not in {failure.prompt.id for failure in results}]
     try:
@@ -3397,18 +3576,18 @@ async def run_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal) ->
 async def settle_job_outcomes(run: Run, outcomes: list[Outcome]) -> None:
     """A job's outcomes: to the writers; but the results that may pass if asked again, with
     attempts left, go to a later job once their back-off is over (Resubmissions)."""
-    again = [o for o in outcomes if isinstance(o, Failure) and o.again and run.resubmit.tries[o.prompt.id] < run.settings.max_attempts]
+    again = [o for o in outcomes if isinstance(o, Failure) and o.again and run.asking.resubmit.tries[o.prompt.id] < run.settings.max_attempts]
     held = {id(outcome) for outcome in again}
     for outcome in outcomes:
         if id(outcome) not in held:
-            run.media.settled(outcome)
+            run.asking.media.settled(outcome)
             await run.outcomes.put(outcome)
-            run.resubmit.done(outcome.prompt.id, run.prompts)
+            run.asking.resubmit.done(outcome.prompt.id, run.prompts)
     if again:
-        run.resubmit.hold(again, run.tally)
-        await run.gate.sleep(backoff_s(max(run.resubmit.tries[o.prompt.id] for o in again), Exception(), run.settings))
+        run.asking.resubmit.hold(again, run.progress.tally)
+        await run.limits.gate.sleep(backoff_s(max(run.asking.resubmit.tries[o.prompt.id] for o in again), Exception(), run.settings))
         for outcome in again:
-            run.resubmit.due.put_nowait(outcome.prompt)
+            run.asking.resubmit.due.put_nowait(outcome.prompt)
 
 
 class Resubmissions:
@@ -3478,7 +3657,7 @@ async def files_uploaded(run: Run, job_prompts: list[Prompt]) -> tuple[dict[str,
     failed: list[Outcome] = []
     for prompt in (p for p in job_prompts if p.media):
         try:
-            contents[prompt.id] = await run.media.contents(prompt, run.maker.contents(prompt), inline=False)
+            contents[prompt.id] = await run.asking.media.contents(prompt, run.asking.maker.contents(prompt), inline=False)
         except UnsendableFile as exc:
             failed.append(Failure(prompt, str(exc), attempts=1, permanent=not isinstance(exc, EditedFile)))
     return contents, failed
@@ -3496,7 +3675,7 @@ async def resume_job(run: Run, job: BatchJob) -> None:
     run.progress.job("resumed")
     outcomes = await collect_job(run, job, first_look_s=0.0)
     await settle_job_outcomes(run, [outcome for outcome in outcomes if outcome.prompt.id not in run.past.answered])
-    await run.resubmit.idle.wait()  # those asked again are asked by this run's jobs
+    await run.asking.resubmit.idle.wait()  # those asked again are asked by this run's jobs
 
 
 async def submit_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal, with_files: dict[str, list[Any]]) -> BatchJob:
@@ -3508,7 +3687,7 @@ async def submit_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal,
     config = {"display_name": display_name}
     journal.submitting(display_name, job_prompts)  # before the job exists: a rerun must find it, never pay twice
     try:
-        created = await api_call(run, lambda: run.client.aio.batches.create(model=run.settings.model, src=source, config=config))
+        created = await run.retried(lambda _: run.client.aio.batches.create(model=run.settings.model, src=source, config=config), API_CALL)
     except Exception as exc:
         if api_error_code(exc) is not None and classify(exc) in ("permanent", "auth"):  # the API said no: no job
             journal.created(display_name, None)
@@ -3523,9 +3702,9 @@ async def submit_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal,
 async def upload_requests(run: Run, job_prompts: list[Prompt], with_files: dict[str, list[Any]]) -> str:
     """Upload a job's requests as a JSONL file through the Files API; returns its name."""
     rest: dict[int, dict[str, Any]] = {}  # each config's REST form, made once (most prompts share the run's)
-    data = "".join(json_line({"key": p.id, "request": rest_request(p, rest, run.maker, with_files.get(p.id))}) for p in job_prompts).encode()
+    data = "".join(json_line({"key": p.id, "request": rest_request(p, rest, run.asking.maker, with_files.get(p.id))}) for p in job_prompts).encode()
     config = {"mime_type": "jsonl", "display_name": f"pipeline {job_prompts[0].id}"}
-    uploaded = await api_call(run, lambda: run.client.aio.files.upload(file=io.BytesIO(data), config=config), timed=False)
+    uploaded = await run.retried(lambda _: run.client.aio.files.upload(file=io.BytesIO(data), config=config), TRANSFER)
     return str(uploaded.name)
 
 
@@ -3557,7 +3736,7 @@ async def wait_for_job(run: Run, job: BatchJob, first_look_s: float | None) -> A
     running = False
     while True:
         await asyncio.sleep(delay)
-        current = await api_call(run, lambda: run.client.aio.batches.get(name=job.name), retry_forever=True)
+        current = await run.retried(lambda _: run.client.aio.batches.get(name=job.name), POLL)
         state = enum_text(current.state)
         log.debug("polled %s: %s", job.name, state)
         if state in JOB_ENDED:
@@ -3580,11 +3759,11 @@ async def job_outcomes(run: Run, job: BatchJob, ended: Any) -> list[Outcome]:
         return all_failed(run, job.prompts, f"batch job {job.name} ended {state}", again=state == "JOB_STATE_EXPIRED")
     if not (ended.dest and ended.dest.file_name):  # jobs are sent as files, so their results come as one
         return all_failed(run, job.prompts, f"batch job {job.name} returned no responses file")
-    data = await api_call(run, lambda: run.client.aio.files.download(file=ended.dest.file_name), timed=False)
+    data = await run.retried(lambda _: run.client.aio.files.download(file=ended.dest.file_name), TRANSFER)
     results = results_by_key(data)
     for response, _ in results.values():
-        run.gate.spend.bill(getattr(response, "usage_metadata", None))
-        run.tally.bill(getattr(response, "usage_metadata", None))
+        run.limits.gate.spend.bill(getattr(response, "usage_metadata", None))
+        run.progress.tally.bill(getattr(response, "usage_metadata", None))
     return [job_outcome(prompt, *results.get(prompt.id, (None, None)), job, run) for prompt in job.prompts]
 
 
@@ -3617,7 +3796,7 @@ def results_by_key(data: bytes) -> dict[str, tuple[Any, Any]]:
 
 
 def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, run: Run) -> Outcome:
-    attempt = run.resubmit.attempt(prompt.id)
+    attempt = run.asking.resubmit.attempt(prompt.id)
     if error is not None:  # a google.rpc.Status: its code is gRPC's (3 is INVALID_ARGUMENT), not HTTP's
         reason = f"batch request failed, code {getattr(error, 'code', '?')}: {getattr(error, 'message', '')}"
         return Failure(prompt, " ".join(reason.split()), attempt, again=getattr(error, "code", None) in BATCH_AGAIN_CODES)
@@ -3629,30 +3808,7 @@ def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, run: R
 
 def all_failed(run: Run, prompts: list[Prompt], error: str, again: bool = False) -> list[Outcome]:
     """The outcome of each prompt of a job that failed as a whole (`again`: one that expired, worth submitting again)."""
-    return [Failure(prompt, error, run.resubmit.attempt(prompt.id), again=again) for prompt in prompts]
-
-
-async def api_call(run: Run, call: Callable[[], Awaitable[Any]], retry_forever: bool = False, timed: bool = True) -> Any:
-    """One Batch or Files API call, retried as a prompt's request is (wait_to_retry): transient
-    errors and 429s back off and try again, MAX_ATTEMPTS times or `retry_forever` (a poll); a
-    refused key or a spent daily quota stop the run; other errors are raised, and so is any
-    once the run stops asking. `timed`: give up after TIMEOUT_S (not for uploads and
-    downloads, which take what they take)."""
-    settings = run.settings
-    for attempt in itertools.count(1):
-        await run.gate.unpaused()
-        try:
-            async with asyncio.timeout(request_timeout_s(settings) if timed else None):
-                return await call()
-        except Exception as exc:
-            kind = classify(exc)
-            stop_if_fatal(kind, exc, settings)
-            if kind == "permanent" or (attempt == settings.max_attempts and not retry_forever) or run.gate.closed:
-                raise
-            await wait_to_retry(run, exc, kind, min(attempt, settings.max_attempts), "a Batch API call")
-            if run.gate.closed:  # the run stopped asking during the wait
-                raise
-    raise AssertionError("unreachable: itertools.count() never ends")  # pragma: no cover
+    return [Failure(prompt, error, run.asking.resubmit.attempt(prompt.id), again=again) for prompt in prompts]
 
 
 class BatchJournal:
@@ -3729,7 +3885,7 @@ async def find_unknown_jobs(run: Run, journal: BatchJournal) -> None:
     if not unknown:
         return
     found = {}
-    async for job in await api_call(run, lambda: run.client.aio.batches.list(config={"page_size": 100})):
+    async for job in await run.retried(lambda _: run.client.aio.batches.list(config={"page_size": 100}), API_CALL):
         if job.display_name in unknown:
             found[job.display_name] = job.name
     for display_name, job_prompts in unknown.items():
@@ -3903,12 +4059,12 @@ def with_extra(response: Response, extra: str) -> Outcome:
 
 # ------------------------------------------------------------------ writer --
 def open_writer_files(run: Run, writer: int) -> tuple[ShardWriter, FailureLog]:
-    """A writer's own shards (numbered from the shared run.shard_numbers), arrivals journal
+    """A writer's own shards (numbered from the shared run.writing.shard_numbers), arrivals journal
     (none when post-processing runs inline: answers then reach the shards with no wait)
     and failure journal (sharing run.past.failures: see FailureLog)."""
     output_dir = run.settings.output_dir
-    journal = ArrivalJournal(output_dir, f"{run.name}.{writer}", needed=run.settings.postprocess_workers > 0)
-    shards = ShardWriter(output_dir, run.settings.shard_size, run.shard_numbers, journal)
+    journal = ArrivalJournal(output_dir, f"{run.writing.name}.{writer}", needed=run.settings.postprocess_workers > 0)
+    shards = ShardWriter(output_dir, run.settings.shard_size, run.writing.shard_numbers, journal)
     return shards, FailureLog(failure_journal(output_dir, writer), run.past.failures)
 
 
@@ -4578,8 +4734,8 @@ async def estimate(settings: Settings) -> Estimate:
     characters are counted; up to ESTIMATE_SAMPLE - 1 distinct prompts, spread evenly over
     the inputs, are counted by the API's countTokens (free), and their ratio of tokens to
     characters scales the characters of all; the shared prefix is counted once."""
-    generation, context = job_generation(settings), context_turns(settings.context)
-    maker = PromptMaker.of(request_generation(settings, generation), context, files_dir(settings))
+    job = Job.of(settings)
+    maker = job.maker
     files = await table_headers_checked(await list_input_files(settings.input_dir))
     every = max(1, -(-sum([await count_rows(path) for path in files]) // (ESTIMATE_SAMPLE - 1)))  # one count is the prefix's
     found, sample, chars = Estimate(), {}, 0
@@ -4591,10 +4747,16 @@ async def estimate(settings: Settings) -> Estimate:
         found.prompts, chars, found.media_tokens = found.prompts + 1, chars + own_chars(prompt), found.media_tokens + media_tokens(prompt)
     client = connect(settings)
     try:
+        outage = watch_host(settings, client, asyncio.Event())
         if not settings.offline:
-            await watch_host(settings, client, asyncio.Event()).first_answer()  # a host never reached: one line
-        found.prefix_tokens = await counted_tokens(client, settings, prefix_contents(maker.context, generation))
-        counts = await asyncio.gather(*(counted_tokens(client, settings, p.contents or p.text) for p in sample.values()))
+            await outage.first_answer()  # a host never reached: one line
+        api = Api(client, functools.partial(retried, settings=settings, limits=Limits(Gate(None), outage, Concurrency(1)), tally=Tally()))
+        found.prefix_tokens = await counted_tokens(api, settings.model, prefix_contents(job.context, job.generation))
+        counts = await asyncio.gather(*(counted_tokens(api, settings.model, p.contents or p.text) for p in sample.values()))
+    except PipelineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (what the COUNT policy gave up on)
+        raise PipelineError(f"--estimate: countTokens failed ({describe(exc, settings)})") from None
     finally:
         await client.aio.aclose()
     sampled_chars = sum(map(own_chars, sample.values()))
@@ -4629,19 +4791,12 @@ def prefix_contents(context: list[dict[str, Any]], generation: dict[str, Any]) -
     return [*context, *map(user_turn, instruction)]
 
 
-async def counted_tokens(client: Any, settings: Settings, contents: str | list[Any]) -> int:
-    """countTokens of `contents` (0 for none), a transient error tried again after backoff_s."""
+async def counted_tokens(api: Api, model: str, contents: str | list[Any]) -> int:
+    """countTokens of `contents` (0 for none), retried with the COUNT policy."""
     if not contents:
         return 0
-    for attempt in range(1, ESTIMATE_ATTEMPTS + 1):
-        try:
-            return int((await client.aio.models.count_tokens(model=settings.model, contents=contents)).total_tokens or 0)
-        except Exception as exc:
-            stop_if_fatal(kind := classify(exc), exc, settings)
-            if kind == "permanent" or attempt == ESTIMATE_ATTEMPTS:
-                raise PipelineError(f"--estimate: countTokens failed ({describe(exc, settings)})") from None
-            await asyncio.sleep(backoff_s(attempt, exc, settings))
-    raise AssertionError("unreachable")  # pragma: no cover
+    counted = await api.retried(lambda _: api.client.aio.models.count_tokens(model=model, contents=contents), COUNT)
+    return int(counted.total_tokens or 0)
 
 
 def estimate_table(settings: Settings, found: Estimate) -> str:
@@ -4694,6 +4849,15 @@ def limits_said(settings: Settings) -> str:
     return "".join(f", --{name} {value:,g}" for name, value in (("rpm", settings.rpm), ("tpm", settings.tpm)) if value)
 
 
+@dataclass(frozen=True)
+class Shown:
+    """What a Progress shows of an open run besides its Tally."""
+
+    limits: Limits  # the spend and the time held (the Gate's), the host's state, the places in flight
+    media: Media  # the files uploaded
+    limit: Limit  # whether --limit stopped the readers before the job's end
+
+
 # ---------------------------------------------------------------- progress --
 class Progress:
     """What a person sees of the run: a bar on a terminal (log lines go above it), else a
@@ -4704,10 +4868,11 @@ class Progress:
     def __init__(self, tally: Tally | None = None) -> None:
         self.tally = tally or Tally()  # what it shows
         self.bar: Any = None  # a tqdm bar when stderr is a terminal
-        self.run: Run | None = None  # the run shown, once open
+        self.shown: Shown | None = None  # what it shows of the run besides the Tally, once the run is open
 
-    def start(self, settings: Settings) -> list[asyncio.Task[None]]:
+    def start(self, settings: Settings, shown: Shown) -> list[asyncio.Task[None]]:
         """Show the run: a bar, or progress lines; and the total, counted meanwhile, streaming."""
+        self.shown = shown
         self.bar = progress_bar(settings, self.tally)
         if self.bar is not None:
             log.handlers[:] = [BarHandler(self.bar, log.handlers[0].formatter if log.handlers else None)]
@@ -4718,7 +4883,7 @@ class Progress:
         """Where nobody watches a terminal (nohup, CI, a scheduler's log): a line every `every_s`."""
         while True:
             await asyncio.sleep(every_s)
-            if not (self.run and self.run.outage.never_reached()):  # then the run's one line is the error at the end
+            if not (self.shown and self.shown.limits.outage.never_reached()):  # then the run's one line is the error at the end
                 log.info("%s", self.line())
 
     async def count_total(self, input_dir: Path, limit: int | None) -> None:
@@ -4757,7 +4922,7 @@ class Progress:
     @property
     def spend(self) -> Spend | None:
         """The run's spend, when its model has a price."""
-        spend = self.run.gate.spend if self.run is not None else None
+        spend = self.shown.limits.gate.spend if self.shown is not None else None
         return spend if spend is not None and spend.price is not None else None
 
     def postfix(self) -> str:
@@ -4767,7 +4932,7 @@ class Progress:
 
     def server_state(self) -> tuple[str, str]:
         """An outage going on, and the requests in flight once the server has said it was full."""
-        return (self.run.outage.waiting(), self.run.concurrency.shown()) if self.run is not None else ("", "")
+        return (self.shown.limits.outage.waiting(), self.shown.limits.concurrency.shown()) if self.shown is not None else ("", "")
 
     def cost(self) -> str:
         """The estimated spend so far, e.g. $0.42; nothing when the model has no price."""
@@ -4785,7 +4950,7 @@ class Progress:
         return f"{done}/{tally.total} prompts ({100 * done // max(tally.total, 1)}%), {tally.failed} failed, {rate:.1f}/s, ETA {eta}{spent}"
 
     def summary(self) -> str:
-        tally, held_s = self.tally, self.run.gate.held_s if self.run is not None else 0.0
+        tally, held_s = self.tally, self.shown.limits.gate.held_s if self.shown is not None else 0.0
         seconds = time.monotonic() - tally.started
         return (
             f"{tally.answered} answered, {tally.failed} failed{f', {self.cut()}' if tally.cut_short else ''}, "
@@ -4820,9 +4985,9 @@ class Progress:
 
     def network(self) -> str:
         """Outages waited out, and the limit on requests in flight, if the server set one."""
-        if self.run is None:
+        if self.shown is None:
             return ""
-        outage, concurrency = self.run.outage, self.run.concurrency
+        outage, concurrency = self.shown.limits.outage, self.shown.limits.concurrency
         parts = [f"{outage.host} unreachable for {duration(outage.unreachable_s)}" if outage.unreachable_s else ""]
         if concurrency.refusals:
             parts.append(f"{concurrency.refusals} server-full answers, {concurrency.shown()} at the end")
@@ -4830,7 +4995,7 @@ class Progress:
 
     def uploaded(self) -> str:
         """The files this run uploaded through the Files API, if any."""
-        made = self.run.media.made if self.run is not None else 0
+        made = self.shown.media.made if self.shown is not None else 0
         return f", {plural(made, 'file')} uploaded" if made else ""
 
     def jobs(self) -> str:
@@ -5095,7 +5260,7 @@ def check_setup(settings: Settings) -> None:
         raise PipelineError("--service-tier does not apply to --batch: the Batch API has a price of its own (half)")
     if settings.thinking_budget is not None and settings.thinking_level is not None:  # the API refuses a request with both
         raise PipelineError("--thinking-budget and --thinking-level: set one (--thinking-level for Gemini 3, --thinking-budget for 2.5)")
-    PromptMaker.of(request_generation(settings, job_generation(settings)), context_turns(settings.context))  # a misspelt setting stops the run here
+    Job.of(settings)  # a misspelt setting stops the run here
     if settings.estimate:
         return  # it writes nothing
     if settings.cache and settings.offline:
@@ -5216,7 +5381,7 @@ def how_it_ended(settings: Settings, progress: Progress) -> tuple[str, int]:
     if tally.answered + tally.failed == 0:
         done_before = f"all {plural(tally.skipped, 'prompt')} {'was' if tally.skipped == 1 else 'were'} answered before" if tally.skipped else "no prompts"
         return f"nothing to do: {done_before} in {settings.input_dir}", 0
-    if progress.run is not None and progress.run.limit.reached:
+    if progress.shown is not None and progress.shown.limit.reached:
         return f"done: the job's first {plural(settings.limit, 'prompt')} (--limit) answered in {settings.output_dir}; the same command without --limit asks the rest", 0
     return f"done: answers in {settings.output_dir}", 0
 

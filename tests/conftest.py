@@ -136,11 +136,14 @@ def run_subprocess(args: list[str], cwd: Path, env: dict[str, str] | None = None
 
 
 def stage_run(output_dir: Path, settings: pipeline.Settings | None = None, **parts) -> pipeline.Run:
-    """A pipeline.Run for calling one stage alone: the parts a test gives, the rest empty."""
+    """A pipeline.Run for calling one stage alone: the parts a test gives (a Run's fields, or
+    `gate` and `files` for its limits and its readers), the rest empty."""
     settings = settings or pipeline.Settings(output_dir=output_dir)
+    gate = parts.pop("gate", None) or pipeline.Gate(None)
     defaults = {
-        "settings": settings, "progress": pipeline.Progress(), "client": None, "gate": None, "outage": None, "concurrency": None, "maker": pipeline.PromptMaker({}),
-        "past": pipeline.PastRuns(output_dir), "postprocessor": pipeline.PostProcessor(pipeline.postprocess, 0),
-        "prompts": asyncio.Queue(), "outcomes": asyncio.Queue(), "files": iter([]), "shard_numbers": itertools.count(),
+        "settings": settings, "client": None, "progress": pipeline.Progress(), "past": pipeline.PastRuns(output_dir),
+        "limits": pipeline.Limits(gate, pipeline.Outage(lambda: None, "example.test", 60, gate.closed_event), pipeline.Concurrency(1)),
+        "prompts": asyncio.Queue(), "outcomes": asyncio.Queue(), "reading": pipeline.Reading(parts.pop("files", iter([]))),
+        "asking": pipeline.Asking(pipeline.PromptMaker({})), "writing": pipeline.Writing(pipeline.PostProcessor(pipeline.postprocess, 0), itertools.count()),
     }  # fmt: skip
     return pipeline.Run(**{**defaults, **parts})

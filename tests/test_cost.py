@@ -8,7 +8,6 @@ import asyncio
 import json
 import math
 import re
-import types
 from collections import Counter
 
 import pytest
@@ -155,7 +154,7 @@ def shown_run(spend: pipeline.Spend) -> pipeline.Progress:
     """A Progress showing a run whose Gate has this Spend, its host reachable, never full."""
     progress = pipeline.Progress()
     outage = pipeline.Outage(lambda: None, "example.test", 60, asyncio.Event())
-    progress.run = types.SimpleNamespace(gate=pipeline.Gate(None, None, spend), outage=outage, concurrency=pipeline.Concurrency(1), media=pipeline.Media(pipeline.FilesFolder(pipeline.Path()), 20))
+    progress.shown = pipeline.Shown(pipeline.Limits(pipeline.Gate(None, None, spend), outage, pipeline.Concurrency(1)), pipeline.Media(pipeline.FilesFolder(pipeline.Path()), 20), pipeline.Limit(None))
     return progress
 
 

@@ -216,7 +216,7 @@ async def test_after_a_full_disk_the_summary_counts_what_was_written(tmp_path, m
     writer = pipeline.write_outputs(run, 0)
     with pytest.raises(pipeline.PipelineError, match="No space left on device"):
         await writer
-    assert run.tally.answered == len(list(tmp_path.glob("shard_*.jsonl"))) == 3  # the fourth never opened
+    assert run.progress.tally.answered == len(list(tmp_path.glob("shard_*.jsonl"))) == 3  # the fourth never opened
 
 
 async def test_a_full_disk_under_the_arrivals_journal_stops_the_writer_with_one_line(tmp_path, monkeypatch) -> None:

@@ -62,7 +62,7 @@ async def test_a_pause_holds_every_request() -> None:
     gate = pipeline.Gate(None)
     started = time.monotonic()
     gate.pause(0.3)
-    admitted = await asyncio.gather(*(gate.admit() for _ in range(5)))
+    admitted = await asyncio.gather(*(gate.turn() for _ in range(5)))
     assert admitted == [True] * 5
     assert time.monotonic() - started >= 0.3
     # Counted from when the first request began to wait, a moment after the pause began (on a
@@ -73,10 +73,16 @@ async def test_a_pause_holds_every_request() -> None:
 async def test_closing_the_gate_ends_waits_and_refuses() -> None:
     gate = pipeline.Gate(None)
     gate.pause(60)
-    waiting = asyncio.gather(*(gate.admit() for _ in range(3)))
+    sent = []
+
+    async def request() -> None:
+        async with gate.admit():
+            sent.append(True)
+
+    waiting = asyncio.gather(*(request() for _ in range(3)), return_exceptions=True)
     await asyncio.sleep(0)  # let them start waiting
     gate.close()
-    assert await asyncio.wait_for(waiting, 1) == [False] * 3
+    assert [type(e) for e in await asyncio.wait_for(waiting, 1)] == [pipeline.GateClosed] * 3 and not sent
 
 
 def test_daily_quota_stops_the_run_and_a_rerun_finishes(tmp_path, fake_gemini, run) -> None:
@@ -140,7 +146,7 @@ async def test_a_batch_api_call_waits_out_the_shared_back_off_and_stops_retrying
         called.set()
         raise TimeoutError  # transient: retried, after 30 to 60 s
 
-    polling = asyncio.create_task(pipeline.api_call(run, poll, retry_forever=True))
+    polling = asyncio.create_task(run.retried(lambda _: poll(), pipeline.POLL))
     await called.wait()
     assert calls[0] >= paused_until  # not before the shared back-off ended
     gate.close()  # Ctrl-C, the budget, the daily quota: the 30 s back-off ends now, and nothing is retried

@@ -8,7 +8,6 @@ import asyncio
 import json
 import socket
 import time
-import types
 
 import aiohttp
 import pytest
@@ -245,7 +244,7 @@ def test_the_progress_line_says_what_the_run_waits_for(tmp_path) -> None:
     outage.episode = pipeline.Episode(time.monotonic() - 80, "connection refused", confirmed=True)
     concurrency = pipeline.Concurrency(400)
     concurrency.refusals, concurrency.limit = 1, 96.5
-    progress.run = types.SimpleNamespace(gate=pipeline.Gate(None), outage=outage, concurrency=concurrency, media=pipeline.Media(pipeline.FilesFolder(pipeline.Path()), 20))
+    progress.shown = pipeline.Shown(pipeline.Limits(pipeline.Gate(None), outage, concurrency), pipeline.Media(pipeline.FilesFolder(pipeline.Path()), 20), pipeline.Limit(None))
     line = progress.line()
     assert "waiting for example.test: connection refused, unreachable for 1m20s" in line
     assert "in flight: 96 of 400 allowed by the server" in line

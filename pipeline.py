@@ -3,7 +3,7 @@
     python pipeline.py --offline          # try it: a built-in simulated model, no key needed
     GEMINI_API_KEY=... python pipeline.py # the real thing
 
-Each *.jsonl or *.csv file in INPUT_DIR holds a request per row (its own id, system
+Each *.jsonl, *.csv or *.parquet file in INPUT_DIR holds a request per row (its own id, system
 instruction, generation settings, the files it asks about, fields of yours); in any other file each
 non-blank line is one prompt, known by the id "<file name>:<line number>".
 Answers go to OUTPUT_DIR/shard_00000.jsonl,
@@ -33,7 +33,8 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
              google-genai's types) with a row's own over them, and CONTEXT sent first (or the
              run's cache named: naming, contents); Ids, one namespace for all
   reader     each input file as its InputFormat says (INPUT_FORMATS: lines, JSONL rows, CSV
-             and TSV rows), streaming
+             and TSV rows, Parquet rows through rows_format), streaming; each checked at
+             start-up (inputs_checked: a table's header, a data file that holds no prompts)
   asking     answer(): one prompt's attempts, retried in place, never re-queued, so never
              deadlocked; retried(), the one loop that tries any API call again, as its
              RetryPolicy says (GENERATION, API_CALL, POLL, COUNT, DELETE...; classify,
@@ -80,6 +81,7 @@ import bisect
 import contextlib
 import csv
 import datetime
+import enum
 import errno
 import fcntl
 import functools
@@ -914,7 +916,7 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
     async with contextlib.AsyncExitStack() as cleanup:
         cleanup.enter_context(stopped_by_signals(asyncio.current_task()))  # a long start-up scan too
         job = Job.of(settings)
-        files = await table_headers_checked(await list_input_files(settings.input_dir))
+        files = await inputs_checked(await list_input_files(settings.input_dir))
         client, limits = await reach_host_and_lock(settings, progress, cleanup)
         past = await past_of(settings, job)
         writing = Writing(PostProcessor(settings.postprocess, settings.postprocess_workers), itertools.count(past.next_shard))
@@ -1240,13 +1242,16 @@ async def queue_prompts_of(run: Run, path: Path) -> bool:
                     await run.reading.ids.claim(prompt, run.asking.maker)
                 if prompt.media and not prompt.error:
                     prompt = await run.asking.media.resolve(prompt)  # its files' hashes are part of what it asks
-                if run.past.journaled and (journaled := run.past.journaled_answer(prompt)):
-                    await run.outcomes.put(journaled)  # answered before, never written: no request
-                elif not run.past.skips(prompt):
-                    if prompt.media:
-                        run.asking.media.needs(prompt)
-                    await run.prompts.put(prompt)
-                    log.debug("enqueued %s", prompt.id)
+                match run.past.route(prompt):
+                    case Route.ASK:
+                        if prompt.media:
+                            run.asking.media.needs(prompt)
+                        await run.prompts.put(prompt)
+                        log.debug("enqueued %s", prompt.id)
+                    case Response() as journaled:  # answered before, never written: to the writers, no request
+                        await run.outcomes.put(journaled)
+                    case Route.DONE:
+                        pass
     return True
 
 
@@ -1267,24 +1272,16 @@ async def generate_content(run: Run) -> None:
             run.prompts.task_done()
 
 
-async def write_outputs(run: Run, writer: int) -> None:
-    """Writer number `writer`: the only task writing its shards, its arrivals journal and
-    its failure journal. Takes the outcomes that are waiting, post-processes them, and
-    hands them to the operating system at once (see ShardWriter for why that matters)."""
-    shards, failures = open_writer_files(run, writer)
-    with stop_on_os_error(f"cannot write to {shards.output_dir}"):
-        async with contextlib.aclosing(shards), contextlib.aclosing(failures):
+async def write_outputs(run: Run, number: int) -> None:
+    """Writer number `number`: the only task writing its shards, its arrivals journal and
+    its failure journal. Takes the outcomes that are waiting (each answer journaled as it
+    is taken), and writes them: post-processed, then handed to the operating system at
+    once (see ShardWriter for why that matters)."""
+    writer = open_writer(run, number)
+    with stop_on_os_error(f"cannot write to {run.settings.output_dir}"):
+        async with contextlib.aclosing(writer):
             while True:
-                batch = await next_batch(run.outcomes, run.writing.postprocessor, shards)
-                done = await run.writing.postprocessor.run(batch)
-                answered = [o for o in done if isinstance(o, Response)]
-                shards.write(answered, then=run.progress.written)  # counted as written: a full disk may stop it midway
-                failed = [o for o in done if isinstance(o, Failure)]
-                failures.write(failed, answered)
-                run.progress.written(failed)
-                for _ in done:
-                    run.outcomes.task_done()
-                await shards.settle()
+                done = await writer.write(await next_batch(run.outcomes, writer))
                 run.asking.fail_fast.watch_postprocessed(done)
                 run.asking.fail_fast.check()
 
@@ -1779,12 +1776,14 @@ def cannot_read(path: Path) -> contextlib.AbstractContextManager[None]:
 
 @dataclass(frozen=True)
 class InputFormat:
-    """How one kind of input file becomes prompts. A new format is a reader, a counter and
-    its line in INPUT_FORMATS; reading, the progress total and the start-up checks follow."""
+    """How one kind of input file becomes prompts. A new format of rows is its rows, a counter
+    and a start-up check (see rows_format: each row becomes a Prompt as a JSONL row does),
+    and its line in INPUT_FORMATS; reading, the progress total and the checks follow."""
 
     prompts: Callable[[Path, PromptMaker, Answered | None], AsyncIterator[list[Prompt]]]  # the file's prompts, in order, in runs
     count: Callable[[Path], Awaitable[int]]  # how many it holds, without making them (the progress total)
-    delimiter: str = ""  # a table's cell separator (its header is checked at start-up); "": not a table
+    check: Callable[[Path], None]  # at start-up, in a thread: PipelineError if no prompt can come from the file
+    delimiter: str = ""  # a table's cell separator; "": not a table
 
 
 def input_format(path: Path) -> InputFormat:
@@ -1872,19 +1871,6 @@ def row_prompt(path: Path, row: tuple[int, list[str], str | None], header: list[
     if len(cells) != len(header):
         return Prompt(where, input_format(path).delimiter.join(cells).strip(), error=f"row has {len(cells)} cells, the header {len(header)}")
     return maker.from_row({name: cell for name, cell in zip(header, cells) if cell or name not in ("id", "system_instruction")}, where)
-
-
-async def table_headers_checked(files: list[Path]) -> list[Path]:
-    """`files`, once every CSV and TSV among them has a header naming a prompt column: a
-    table without one stops the run before any request, not once the reader reaches it."""
-    for path in files:
-        if input_format(path).delimiter:
-            with stop_on_os_error(f"cannot read input file {path}"):
-                async for rows in table_rows(path):
-                    if opening := next((row for row in rows if not row[2]), None):
-                        table_header(path, opening[0], opening[1])
-                        break
-    return files
 
 
 def table_header(path: Path, number: int, cells: list[str]) -> list[str]:
@@ -2007,11 +1993,168 @@ def decode(line: bytes, first: bool) -> tuple[str, str | None]:
     return text, None
 
 
+def rows_format(rows: Callable[[Path], AsyncIterator[list[Row]]], count: Callable[[Path], Awaitable[int]], check: Callable[[Path], None]) -> InputFormat:
+    """The InputFormat of a kind of file that holds rows (a dict of columns each, with its
+    place): every row becomes its Prompt through PromptMaker.from_row, as a JSONL row does."""
+
+    async def prompts(path: Path, maker: PromptMaker, _answered: Answered | None = None) -> AsyncIterator[list[Prompt]]:
+        async for batch in rows(path):
+            yield [maker.from_row(row.columns, row.where) if row.error is None else Prompt(row.where, row.shown, error=f"{row.error} ({row.where})") for row in batch]
+
+    return InputFormat(prompts, count, check)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One row of a file of rows, its values JSON-native (what a record can carry)."""
+
+    where: str  # its place, "<file name>:<row number>": its id unless it names one
+    columns: dict[str, Any]  # by column name
+    error: str | None = None  # why it cannot be a prompt, if it cannot (then columns is empty)
+    shown: str = ""  # with an error: its prompt as far as it could be read, for failed.jsonl
+
+
+PARQUET_ROWS = 1024  # rows of a Parquet file read per trip to the worker thread (a record batch)
+
+
+def parquet_file(path: Path) -> Any:
+    """`path` opened as Parquet (its metadata read, not its data); a one-line stop if pyarrow
+    is missing, or the file is not Parquet or is torn."""
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise PipelineError(f"{path.name} needs pyarrow: pip install pyarrow") from None
+    try:
+        return pyarrow.parquet.ParquetFile(path)
+    except OSError as exc:
+        raise PipelineError(f"input file {path} cannot be read: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 (pyarrow's ArrowInvalid: not Parquet, or torn)
+        raise PipelineError(f"input file {path} is not a Parquet file, or is torn ({str(exc).splitlines()[0][:200]})") from None
+
+
+def parquet_checked(path: Path) -> None:
+    """At start-up: the file opens as Parquet, and has a prompt column."""
+    names = parquet_file(path).schema_arrow.names
+    if "prompt" not in names:
+        raise PipelineError(f"{path}: the Parquet file has no 'prompt' column (its columns: {', '.join(names)[:200]})")
+
+
+async def count_parquet_rows(path: Path) -> int:
+    """The rows of a Parquet file, from its metadata: no pass over the data."""
+    return int((await asyncio.to_thread(parquet_file, path)).metadata.num_rows)
+
+
+async def parquet_rows(path: Path) -> AsyncIterator[list[Row]]:
+    """A Parquet file's rows, a record batch at a time (iter_batches: row group by row group,
+    so memory does not grow with the file), each batch read and made JSON-native in a thread."""
+    batches = (await asyncio.to_thread(parquet_file, path)).iter_batches(batch_size=PARQUET_ROWS)
+    first = 1
+    while batch := await asyncio.to_thread(next_rows, path.name, batches, first):
+        yield batch
+        first += len(batch)
+
+
+def next_rows(name: str, batches: Iterator[Any], first: int) -> list[Row]:
+    """In a thread: the next record batch's rows, numbered from `first`; [] at the end."""
+    batch = next(batches, None)
+    if batch is None:
+        return []
+    return [parquet_row(f"{name}:{number}", columns) for number, columns in enumerate(batch.to_pylist(), first)]
+
+
+def parquet_row(where: str, columns: dict[str, Any]) -> Row:
+    """A Parquet row as a JSONL row would be: a JSON string of `config` parsed, nulls left out
+    of a struct `config` (a struct column holds every row's keys), and each value JSON-native:
+    timestamps and dates as ISO text, decimals as strings; bytes, NaN and an id that is not
+    a string or whole number fail the row (JSON cannot carry them; a JSONL row fails alike)."""
+    try:
+        row = {name: json_native(value, name) for name, value in columns.items()}
+        if isinstance(config := row.get("config"), str):
+            row["config"] = json.loads(config) if config.strip() else None
+        if isinstance(row.get("config"), dict):
+            row["config"] = without_nulls(row["config"])
+        if row.get("id") is not None and (not isinstance(row["id"], str | int) or isinstance(row["id"], bool)):
+            raise ValueError("its id is not a string or a whole number")
+    except ValueError as exc:
+        return Row(where, {}, str(exc), str(columns.get("prompt") or "")[:1000])
+    return Row(where, row)
+
+
+def json_native(value: Any, where: str) -> Any:
+    """`value` as JSON carries it; ValueError for what JSON cannot (bytes, NaN, infinity)."""
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"column {where} holds {value}, which JSON cannot carry")
+        return value
+    if isinstance(value, dict):
+        return {str(key): json_native(item, f"{where}.{key}") for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_native(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        raise ValueError(f"column {where} holds bytes, which JSON cannot carry (name the file in files instead)")
+    return str(value)  # a Decimal, a timedelta: their exact text
+
+
+def without_nulls(config: dict[str, Any]) -> dict[str, Any]:
+    """A struct's fields that are set: a null is a field another row set, not a setting."""
+    return {key: without_nulls(value) if isinstance(value, dict) else value for key, value in config.items() if value is not None}
+
+
+BINARY_SIGNATURES = {  # the first bytes of files that are data, not prompts, by what they are
+    b"PAR1": "a Parquet file (name it .parquet)", b"ARROW1": "an Arrow or Feather file", b"\x93NUMPY": "a NumPy .npy file",
+    b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip archive", b"SQLite format 3\x00": "an SQLite database",
+    b"\x7fELF": "a program",
+}
+
+
+def text_checked(path: Path) -> None:
+    """At start-up: a file read as text or rows of text is not data by mistake (an Arrow file,
+    a .npy, a zip, a file whose first line holds NUL bytes), which would be thousands of failed
+    lines: it stops the run, naming it. A text file with a NUL on some later line fails that line."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(8192)
+    except OSError:
+        return  # the reader says so, in one line, when it reaches the file: what comes before is answered
+    what = next((name for signature, name in BINARY_SIGNATURES.items() if head.startswith(signature)), None)
+    if what is None and b"\x00" in head.split(b"\n", 1)[0]:
+        what = "binary data (NUL bytes on its first line)"
+    if what is not None:
+        raise PipelineError(f"input file {path} is {what}, not prompts: move it out of the input folder")
+
+
+def table_checked(path: Path) -> None:
+    """At start-up: text_checked, and a header naming a prompt column (see table_header)."""
+    text_checked(path)
+    rows = read_table(path, input_format(path).delimiter)
+    with cannot_read(path), contextlib.closing(rows):
+        if opening := next((row for row in rows if not row[2]), None):
+            table_header(path, opening[0], opening[1])
+
+
+async def inputs_checked(files: list[Path]) -> list[Path]:
+    """`files`, once each has passed its format's start-up check (in one trip to a thread):
+    a file that no prompt can come from stops the run before any request, not once the
+    reader reaches it."""
+
+    def check_all() -> None:
+        for path in files:
+            input_format(path).check(path)
+
+    await asyncio.to_thread(check_all)
+    return files
+
+
 INPUT_FORMATS = {  # by file extension; "" for any other file
-    ".jsonl": InputFormat(jsonl_prompts, count_lines),
-    ".csv": InputFormat(csv_prompts, count_table_rows, delimiter=","),
-    ".tsv": InputFormat(csv_prompts, count_table_rows, delimiter="\t"),
-    "": InputFormat(text_prompts, count_lines),
+    ".jsonl": InputFormat(jsonl_prompts, count_lines, text_checked),
+    ".csv": InputFormat(csv_prompts, count_table_rows, table_checked, delimiter=","),
+    ".tsv": InputFormat(csv_prompts, count_table_rows, table_checked, delimiter="\t"),
+    ".parquet": rows_format(parquet_rows, count_parquet_rows, parquet_checked),
+    "": InputFormat(text_prompts, count_lines, text_checked),
 }
 
 
@@ -4058,35 +4201,77 @@ def with_extra(response: Response, extra: str) -> Outcome:
 
 
 # ------------------------------------------------------------------ writer --
-def open_writer_files(run: Run, writer: int) -> tuple[ShardWriter, FailureLog]:
-    """A writer's own shards (numbered from the shared run.writing.shard_numbers), arrivals journal
-    (none when post-processing runs inline: answers then reach the shards with no wait)
-    and failure journal (sharing run.past.failures: see FailureLog)."""
+def open_writer(run: Run, number: int) -> Writer:
+    """Writer `number`'s files: its own shards (numbered from the shared run.writing.shard_numbers),
+    arrivals journal (none when post-processing runs inline: answers then reach the shards
+    with no wait) and failure journal (sharing run.past.failures: see FailureLog)."""
     output_dir = run.settings.output_dir
-    journal = ArrivalJournal(output_dir, f"{run.writing.name}.{writer}", needed=run.settings.postprocess_workers > 0)
+    journal = ArrivalJournal(output_dir, f"{run.writing.name}.{number}", needed=run.settings.postprocess_workers > 0)
     shards = ShardWriter(output_dir, run.settings.shard_size, run.writing.shard_numbers, journal)
-    return shards, FailureLog(failure_journal(output_dir, writer), run.past.failures)
+    return Writer(shards, FailureLog(failure_journal(output_dir, number), run.past.failures), run.writing.postprocessor, run.outcomes, run.progress)
 
 
-async def next_batch(outcomes: asyncio.Queue[Outcome], postprocessor: PostProcessor, shards: ShardWriter) -> list[Outcome]:
+@dataclass
+class Writer:
+    """What one writer owns, and its one verb: write(batch) post-processes a batch of
+    outcomes, writes the answers to its shards and the failures to its failure journal,
+    counts them, and marks them done on the queue. Each answer is journaled before, as it
+    is taken off the queue (arrived)."""
+
+    shards: ShardWriter  # its shards, and its arrivals journal
+    failures: FailureLog  # its failure journal
+    postprocessor: PostProcessor  # shared by the writers: runs postprocess()
+    outcomes: asyncio.Queue[Outcome]  # where its batches come from (each outcome marked done once written)
+    progress: Progress  # counts what is written
+
+    def arrived(self, batch: list[Outcome]) -> None:
+        """Outcomes just taken off the queue: their answers journaled at once (a kill loses none)."""
+        self.shards.arrived([outcome for outcome in batch if isinstance(outcome, Response)])
+
+    def worth_waiting(self, taken: int) -> bool:
+        """Whether to wait for more outcomes before post-processing `taken` (see PostProcessor)."""
+        return self.postprocessor.worth_waiting(taken)
+
+    async def write(self, batch: list[Outcome]) -> list[Outcome]:
+        """The batch post-processed and written (what post-processing made of it is returned)."""
+        done = await self.postprocessor.run(batch)
+        answered = [o for o in done if isinstance(o, Response)]
+        self.shards.write(answered, then=self.progress.written)  # counted as written: a full disk may stop it midway
+        failed = [o for o in done if isinstance(o, Failure)]
+        self.failures.write(failed, answered)
+        self.progress.written(failed)
+        for _ in done:
+            self.outcomes.task_done()
+        await self.shards.settle()
+        return done
+
+    async def aclose(self) -> None:
+        """Its failure journal synced and closed, then its shards, however the writer ends."""
+        try:
+            await self.failures.aclose()
+        finally:
+            await self.shards.aclose()
+
+
+async def next_batch(outcomes: asyncio.Queue[Outcome], writer: Writer) -> list[Outcome]:
     """The next outcome and all that are waiting; and, while post-processing them in the
     pool would not yet be worth the trip, what arrives within POSTPROCESS_WAIT_S. Each
-    answer is journaled as it is taken, before any wait (see ShardWriter.arrived)."""
-    batch = taken(outcomes, await outcomes.get(), shards)
-    if postprocessor.worth_waiting(len(batch)):
+    answer is journaled as it is taken, before any wait (see Writer.arrived)."""
+    batch = taken(outcomes, await outcomes.get(), writer)
+    if writer.worth_waiting(len(batch)):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(POSTPROCESS_WAIT_S):
-                while postprocessor.worth_waiting(len(batch)):
-                    batch += taken(outcomes, await outcomes.get(), shards)
+                while writer.worth_waiting(len(batch)):
+                    batch += taken(outcomes, await outcomes.get(), writer)
     return batch
 
 
-def taken(outcomes: asyncio.Queue[Outcome], first: Outcome, shards: ShardWriter) -> list[Outcome]:
+def taken(outcomes: asyncio.Queue[Outcome], first: Outcome, writer: Writer) -> list[Outcome]:
     """`first` and every outcome waiting behind it, their answers journaled."""
     batch = [first]
     while not outcomes.empty():
         batch.append(outcomes.get_nowait())
-    shards.arrived([outcome for outcome in batch if isinstance(outcome, Response)])
+    writer.arrived(batch)
     return batch
 
 
@@ -4450,6 +4635,14 @@ def place(prompt_id: str) -> tuple[str, int]:
     return (name, int(number)) if number.isascii() and number.isdigit() and number[0] != "0" else (name, 0)
 
 
+class Route(enum.Enum):
+    """What a reader does with a prompt, as the output folder says (PastRuns.route); a third
+    answer is a journaled Response, to be written with no request."""
+
+    ASK = "ask"  # to the generators
+    DONE = "done"  # left out: answered, refused for good, cut short at this budget, or in a batch job
+
+
 @dataclass
 class PastRuns:
     """What earlier runs left in the output dir, so that this run continues where they stopped."""
@@ -4471,6 +4664,13 @@ class PastRuns:
     def add_batch_job(self, job: BatchJob) -> None:
         self.batch_jobs.append(job)
         self.in_batch_jobs.update(p.id for p in job.prompts)
+
+    def route(self, prompt: Prompt) -> Route | Response:
+        """Where a reader sends `prompt`: the answer an earlier run journaled for this very
+        request (to the writers), or Route.DONE (see skips), or Route.ASK."""
+        if self.journaled and (journaled := self.journaled_answer(prompt)):
+            return journaled
+        return Route.DONE if self.skips(prompt) else Route.ASK
 
     def skips(self, prompt: Prompt) -> bool:
         """Whether a reader leaves `prompt` out: answered, refused for good, or waiting in a
@@ -4736,7 +4936,7 @@ async def estimate(settings: Settings) -> Estimate:
     characters scales the characters of all; the shared prefix is counted once."""
     job = Job.of(settings)
     maker = job.maker
-    files = await table_headers_checked(await list_input_files(settings.input_dir))
+    files = await inputs_checked(await list_input_files(settings.input_dir))
     every = max(1, -(-sum([await count_rows(path) for path in files]) // (ESTIMATE_SAMPLE - 1)))  # one count is the prefix's
     found, sample, chars = Estimate(), {}, 0
     async for prompt in sendable_prompts(files, maker):

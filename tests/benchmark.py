@@ -740,6 +740,33 @@ def csv_rows(scratch: Path) -> None:
         subprocess.run([sys.executable, __file__, "csv", str(path)], check=True)
 
 
+def parquet(scratch: Path, rows: int, reps: int) -> None:
+    """The same rows of 400-character prompts as one Parquet file (row groups of 10,000) and
+    as one JSONL file, --offline with no latency, alternating: what reading Parquet costs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts = [f"{i:08d} " + ("Summarise the following passage in one sentence. " * 8)[:391] for i in range(rows)]
+    folders = {kind: scratch / f"parquet_{kind}" for kind in ("parquet", "jsonl")}
+    for folder in folders.values():
+        folder.mkdir()
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": prompts}), folders["parquet"] / "rows.parquet", row_group_size=10_000)
+    with open(folders["jsonl"] / "rows.jsonl", "w") as file:
+        file.writelines(json.dumps({"id": f"r{i}", "prompt": prompt}) + "\n" for i, prompt in enumerate(prompts))
+    flags = ["--offline", "--offline-latency-ms", "0", "--workers", "100", "--shard-size", "1000"]
+    runs = alternating(["parquet", "jsonl"], reps, lambda kind: pipeline_args(folders[kind], scratch, *flags), {}, tree=True)
+    wall = {kind: median([m.wall_s for m in runs[kind]]) for kind in runs}
+    rss = {kind: median([m.tree_rss_mb for m in runs[kind]]) for kind in runs}
+    print(
+        f"| parquet, {rows:,} rows of 400-char prompts, --offline --offline-latency-ms 0 | {wall['parquet'] / wall['jsonl']:.2f}x the time, "
+        f"{rss['parquet'] / rss['jsonl']:.2f}x the peak memory of the same rows as JSONL | {wall['parquet']:.1f} s and {rss['parquet']:.0f} MB "
+        f"against {wall['jsonl']:.1f} s and {rss['jsonl']:.0f} MB; medians of {reps}, alternating |",
+        flush=True,
+    )
+    for folder in folders.values():
+        shutil.rmtree(folder)
+
+
 def user_run(root: Path, inputs: Path, scratch: Path, flags: list[str], server: FakeServer, timeout_s: float) -> dict[str, Any]:
     """`python pipeline.py` of the checkout at `root`, as a user runs it: wall time from the
     outside (start-up included), exit status (None: still running after `timeout_s`), ids written."""
@@ -950,7 +977,7 @@ def notjson(scratch: Path, baseline: str | None) -> None:
         )
 
 
-SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline", "csv", "capacity", "outage", "scattered", "versus", "costs", "media", "notjson"]
+SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline", "csv", "parquet", "capacity", "outage", "scattered", "versus", "costs", "media", "notjson"]
 
 
 def main() -> None:
@@ -992,6 +1019,8 @@ def main() -> None:
             longline(scratch, 200)
         if "csv" in only:
             csv_rows(scratch)
+        if "parquet" in only:
+            parquet(scratch, 30_000 if quick else 300_000, 1 if quick else 3)
         if "capacity" in only:
             capacity(scratch, 4000, 1 if quick else 3, args.baseline)
         if "outage" in only:

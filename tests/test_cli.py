@@ -259,7 +259,7 @@ def test_the_readmes_shell_one_liners_load_every_answer(answered: Path) -> None:
     assert done.stdout.strip() == "32"
 
 
-@pytest.mark.parametrize("block, module", [(1, "pandas"), (2, "datasets")])
+@pytest.mark.parametrize("block, module", [(1, "pandas"), (2, "datasets"), (3, "duckdb"), (4, "polars")])
 def test_the_readmes_python_snippets_load_every_answer(answered: Path, block: int, module: str, monkeypatch) -> None:
     pytest.importorskip(module)
     monkeypatch.chdir(answered)

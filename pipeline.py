@@ -2025,7 +2025,7 @@ def parquet_file(path: Path) -> Any:
     except ImportError:
         raise PipelineError(f"{path.name} needs pyarrow: pip install pyarrow") from None
     try:
-        return pyarrow.parquet.ParquetFile(path)
+        return pyarrow.parquet.ParquetFile(path, page_checksum_verification=True)  # where the writer wrote checksums
     except OSError as exc:
         raise PipelineError(f"input file {path} cannot be read: {exc.strerror or exc}") from None
     except Exception as exc:  # noqa: BLE001 (pyarrow's ArrowInvalid: not Parquet, or torn)
@@ -2049,17 +2049,21 @@ async def parquet_rows(path: Path) -> AsyncIterator[list[Row]]:
     so memory does not grow with the file), each batch read and made JSON-native in a thread."""
     batches = (await asyncio.to_thread(parquet_file, path)).iter_batches(batch_size=PARQUET_ROWS)
     first = 1
-    while batch := await asyncio.to_thread(next_rows, path.name, batches, first):
+    while batch := await asyncio.to_thread(next_rows, path, batches, first):
         yield batch
         first += len(batch)
 
 
-def next_rows(name: str, batches: Iterator[Any], first: int) -> list[Row]:
-    """In a thread: the next record batch's rows, numbered from `first`; [] at the end."""
-    batch = next(batches, None)
+def next_rows(path: Path, batches: Iterator[Any], first: int) -> list[Row]:
+    """In a thread: the next record batch's rows, numbered from `first`; [] at the end. Data
+    that cannot be decoded (a torn or damaged file) stops the run, naming the file and row."""
+    try:
+        batch = next(batches, None)
+    except Exception as exc:  # noqa: BLE001 (pyarrow's OSError or ArrowInvalid: the bytes are not what the metadata says)
+        raise PipelineError(f"input file {path} is damaged after row {first - 1}: {str(exc).splitlines()[0][:200]}") from None
     if batch is None:
         return []
-    return [parquet_row(f"{name}:{number}", columns) for number, columns in enumerate(batch.to_pylist(), first)]
+    return [parquet_row(f"{path.name}:{number}", columns) for number, columns in enumerate(batch.to_pylist(), first)]
 
 
 def parquet_row(where: str, columns: dict[str, Any]) -> Row:
@@ -2075,6 +2079,8 @@ def parquet_row(where: str, columns: dict[str, Any]) -> Row:
             row["config"] = without_nulls(row["config"])
         if row.get("id") is not None and (not isinstance(row["id"], str | int) or isinstance(row["id"], bool)):
             raise ValueError("its id is not a string or a whole number")
+        if any(isinstance(text := row.get(name), str) and "\x00" in text for name in ("prompt", "system_instruction")):
+            raise ValueError("its prompt or system_instruction holds a NUL byte: not text (a damaged file?)")
     except ValueError as exc:
         return Row(where, {}, str(exc), str(columns.get("prompt") or "")[:1000])
     return Row(where, row)

@@ -167,3 +167,32 @@ def test_a_parquet_files_total_comes_from_its_metadata_and_its_rows_from_record_
 
     assert len(asyncio.run(rows())) == 5000 and max(read) <= pipeline.PARQUET_ROWS and sum(read) == 5000
     assert json.dumps([row.columns for row in asyncio.run(rows())][:3])  # JSON-native
+
+
+def test_a_parquet_file_damaged_midway_stops_the_run_naming_it(tmp_path, fake_gemini, run) -> None:
+    """Bytes zeroed in a later row group: the rows before are answered (kept for the rerun), the
+    damage stops the run in one line naming the file; a prompt a damage filled with NULs fails alone."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    table = pa.table({"prompt": [f"What is {i} plus 1? " + "x" * 50 for i in range(5000)], "n": list(range(5000))})
+    pq.write_table(table, inputs / "rows.parquet", row_group_size=1000, compression="none")
+    data = bytearray((inputs / "rows.parquet").read_bytes())
+    middle = int(len(data) * 0.7)
+    data[middle : middle + 40] = bytes(40)
+    (inputs / "rows.parquet").write_bytes(data)
+    fake_gemini()
+    result = run(inputs, "--workers", "20")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 2 and "rows.parquet is damaged after row" in last and "Traceback" not in result.stderr
+    assert len(result.records()) >= 1000 and all("\x00" not in record["prompt"] for record in result.records())
+
+
+def test_a_prompt_holding_a_nul_byte_fails_its_row_unsent(tmp_path, fake_gemini, run) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    pq.write_table(pa.table({"prompt": ["fine", "not\x00text"], "system_instruction": [None, None]}), inputs / "t.parquet")
+    server = fake_gemini()
+    result = run(inputs)
+    assert result.exit_code == 1 and result.ids() == ["t.parquet:1"] and len(server.requests) == 1
+    [failure] = result.failures()
+    assert failure["id"] == "t.parquet:2" and "NUL" in failure["error"] and failure["attempts"] == 0

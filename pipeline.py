@@ -508,7 +508,7 @@ class Response:
     budget: dict[str, Any] | None = None  # what bounded its length (see budget_of): the record's "budget"
     extra: str = ""  # what postprocess() returned, as a JSON object (encoded in the pool, see extra_fields)
     parsed: Any = None  # the answer decoded, when it must be JSON (see parse)
-    line: str | None = None  # its record without postprocess()'s fields, encoded once (see record_line)
+    line: str | None = None  # its record without postprocess()'s fields, encoded once (see Records.journal_line)
 
     def parse(self) -> str | None:
         """Decode an answer that must be JSON into `parsed`; the reason if it is not what was asked."""
@@ -516,38 +516,6 @@ class Response:
             return None
         self.parsed, problem = self.prompt.answer_format.check(self.text)
         return problem
-
-    def record(self) -> dict[str, Any]:
-        """Its record without what postprocess() adds: what the arrivals journal keeps (see RECORD)."""
-        record = {field.name: value for field in ANSWER_FIELDS if (value := field.answer(self)) is not OMITTED}  # type: ignore[misc]
-        return {**record, **carried(self.prompt.fields)}
-
-    def record_line(self) -> str:
-        """record(), encoded once for the arrivals journal and the shard alike."""
-        if self.line is None:
-            self.line = json_line(self.record())
-        return self.line
-
-    def to_json(self) -> str:
-        """Its record: record_line() with postprocess()'s fields spliced on (no key of theirs is the record's)."""
-        line = self.record_line()
-        if len(self.extra) <= 2:  # "{}" or none
-            return line
-        if self.prompt.fields and json.loads(self.extra).keys() & carried(self.prompt.fields).keys():  # theirs win
-            return json_line({**json.loads(line), **json.loads(self.extra)})
-        return f"{line[:-2]}, {self.extra[1:]}\n"
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Response:
-        """An answer an earlier run journaled (see ArrivalJournal): record() read back."""
-        fields = {name: value for name, value in record.items() if name not in RECORD_FIELDS}
-        answer_format = AnswerFormat.of({}) if "parsed" in record else None  # parsed already: any JSON passes
-        prompt = Prompt(
-            str(record["id"]), str(record["prompt"]), answer_format=answer_format, fields=fields or None,
-            digest=str(record.get("row_sha256", "")),
-        )  # fmt: skip
-        loaded = [field.load(record[field.name]) for field in ANSWER_FIELDS if field.load and field.name in record]
-        return cls(prompt, **{name: value for values in loaded for name, value in values.items()})
 
 
 @dataclass(frozen=True, slots=True)
@@ -562,12 +530,6 @@ class Failure:
     usage: dict[str, Any] | None = None  # the tokens of the reply it keeps, as an answer's record says them (usage_of)
     cut_short: bool = False  # cut at its budget: a rerun with the same budget leaves it, one with another asks it
     again: bool = False  # a batch result that may pass if asked again (see BATCH_AGAIN_CODES): resubmitted while attempts remain
-
-    def to_json(self) -> str:
-        """Its line in failed.jsonl (see RECORD)."""
-        record = {field.name: value for field in FAILURE_FIELDS if (value := field.failure(self)) is not OMITTED}  # type: ignore[misc]
-        return json_line({**record, **carried(self.prompt.fields)})
-
 
 OMITTED = object()  # a field's value when the record leaves the field out
 
@@ -636,6 +598,85 @@ def carried(fields: dict[str, Any] | None) -> dict[str, Any]:
     if not fields:
         return {}
     return {f"input_{name}" if name in RECORD_FIELDS else name: value for name, value in fields.items()}
+
+
+class Records:
+    """The one codec of what this pipeline writes and reads back: a shard's record, a
+    failed.jsonl line, an arrivals journal's line, a batch journal's prompt. Resume reads a
+    record no further than its LEADING keys (see front), so they must come first, in this
+    order: asserted below against RECORD and json_line, not assumed."""
+
+    LEADING = ("id", "prompt", "row_sha256")  # the keys every record starts with (row_sha256 only when it has one)
+    OPENING = b'{"id": '  # how every record and failure line starts: what a torn line is repaired back to
+    ID, PROMPT, DIGEST = '{"id": "', ', "prompt": "', ', "row_sha256": "'  # each leading key as json_line() writes it
+
+    @staticmethod
+    def journal_line(response: Response) -> str:
+        """An answer's record without what postprocess() adds: what the arrivals journal keeps
+        (encoded once, for the journal and the shard alike)."""
+        if response.line is None:
+            record = {field.name: value for field in ANSWER_FIELDS if (value := field.answer(response)) is not OMITTED}  # type: ignore[misc]
+            response.line = json_line({**record, **carried(response.prompt.fields)})
+        return response.line
+
+    @staticmethod
+    def answer(response: Response) -> str:
+        """An answer's shard record: journal_line() with postprocess()'s fields spliced on
+        (no key of theirs is the record's; a row's carried field of the same name yields to them)."""
+        line = Records.journal_line(response)
+        if len(response.extra) <= 2:  # "{}" or none
+            return line
+        if response.prompt.fields and json.loads(response.extra).keys() & carried(response.prompt.fields).keys():  # theirs win
+            return json_line({**json.loads(line), **json.loads(response.extra)})
+        return f"{line[:-2]}, {response.extra[1:]}\n"
+
+    @staticmethod
+    def failure(failure: Failure) -> str:
+        """A failure's line in failed.jsonl."""
+        record = {field.name: value for field in FAILURE_FIELDS if (value := field.failure(failure)) is not OMITTED}  # type: ignore[misc]
+        return json_line({**record, **carried(failure.prompt.fields)})
+
+    @staticmethod
+    def front(line: str) -> tuple[str, str, str]:
+        """A record's id, prompt and row digest ("" if none), read from the front of its line;
+        the whole line decoded only if it was not written the way json_line() writes."""
+        if line.startswith(Records.ID):
+            prompt_id, end = scanstring(line, len(Records.ID))
+            if line.startswith(Records.PROMPT, end):
+                text, end = scanstring(line, end + len(Records.PROMPT))
+                digest = scanstring(line, end + len(Records.DIGEST))[0] if line.startswith(Records.DIGEST, end) else ""
+                return prompt_id, text, digest
+        record = json.loads(line)
+        return str(record["id"]), str(record["prompt"]), str(record.get("row_sha256", ""))
+
+    @staticmethod
+    def journaled_answer(record: dict[str, Any]) -> Response:
+        """An answer an earlier run journaled (an arrivals journal's line, decoded) as a Response."""
+        fields = {name: value for name, value in record.items() if name not in RECORD_FIELDS}
+        answer_format = AnswerFormat.of({}) if "parsed" in record else None  # parsed already: any JSON passes
+        digest = str(record.get("row_sha256", ""))
+        prompt = Prompt(str(record["id"]), str(record["prompt"]), answer_format=answer_format, fields=fields or None, digest=digest)
+        loaded = [field.load(record[field.name]) for field in ANSWER_FIELDS if field.load and field.name in record]
+        return Response(prompt, **{name: value for values in loaded for name, value in values.items()})
+
+    @staticmethod
+    def batch_prompt(prompt: Prompt) -> list[Any]:
+        """A prompt as the batch journal keeps it: id, text, and what else its record needs."""
+        extra: dict[str, Any] = {"fields": prompt.fields} if prompt.fields else {}
+        if prompt.digest:
+            extra["digest"] = prompt.digest
+        if prompt.answer_format is not None:
+            extra["schema"] = prompt.answer_format.schema
+        return [prompt.id, prompt.text, extra] if extra else [prompt.id, prompt.text]
+
+    @staticmethod
+    def journaled_prompt(entry: list[Any]) -> Prompt:
+        """batch_prompt() read back."""
+        prompt_id, text, extra = (*entry, {})[:3]
+        answer_format = AnswerFormat.of(extra["schema"]) if "schema" in extra else None
+        return Prompt(str(prompt_id), str(text), answer_format=answer_format, fields=extra.get("fields"), digest=str(extra.get("digest", "")))
+
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -711,6 +752,11 @@ def json_line(record: dict[str, Any]) -> str:
     that str.splitlines() and some JSON Lines readers take for line breaks."""
     text = JSON_ENCODER.encode(record)
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085") + "\n"
+
+
+assert tuple(field.name for field in RECORD[: len(Records.LEADING)]) == Records.LEADING, "resume reads these first: keep them first in RECORD"
+assert json_line({"id": "i", "prompt": "p", "row_sha256": "d"}) == f'{Records.ID}i"{Records.PROMPT}p"{Records.DIGEST}d"}}\n', "json_line() writes the leading keys as Records.front reads them"
+assert Records.ID.encode().startswith(Records.OPENING)
 
 
 Outcome = Response | Failure
@@ -3972,7 +4018,7 @@ class BatchJournal:
 
     def submitting(self, display_name: str, job_prompts: list[Prompt]) -> None:
         """What its records need of each prompt: id, text, and the row's fields and answer schema if any."""
-        self.append({"submitting": display_name, "prompts": [[p.id, p.text, *journaled(p)] for p in job_prompts]})
+        self.append({"submitting": display_name, "prompts": [Records.batch_prompt(p) for p in job_prompts]})
 
     def created(self, display_name: str, name: str | None) -> None:
         """The job's name; None if it was never created."""
@@ -3994,7 +4040,7 @@ class BatchJournal:
                     try:
                         record = json.loads(line)
                         if "submitting" in record:
-                            submissions[str(record["submitting"])] = [unjournaled(*p) for p in record["prompts"]]
+                            submissions[str(record["submitting"])] = [Records.journaled_prompt(p) for p in record["prompts"]]
                         else:
                             names[str(record["submitted"])] = str(record["job"]) if record["job"] else None
                     except (ValueError, KeyError, TypeError):
@@ -4010,21 +4056,6 @@ class BatchJournal:
             elif (name := names[display_name]) and own:
                 jobs.append(BatchJob(name, own))
         return jobs[::-1], dict(reversed(unknown.items()))
-
-
-def journaled(prompt: Prompt) -> list[dict[str, Any]]:
-    extra: dict[str, Any] = {"fields": prompt.fields} if prompt.fields else {}
-    if prompt.digest:
-        extra["digest"] = prompt.digest
-    if prompt.answer_format is not None:
-        extra["schema"] = prompt.answer_format.schema
-    return [extra] if extra else []
-
-
-def unjournaled(prompt_id: str, text: str, extra: dict[str, Any] | None = None) -> Prompt:
-    extra = extra or {}
-    answer_format = AnswerFormat.of(extra["schema"]) if "schema" in extra else None
-    return Prompt(str(prompt_id), str(text), answer_format=answer_format, fields=extra.get("fields"), digest=str(extra.get("digest", "")))
 
 
 async def find_unknown_jobs(run: Run, journal: BatchJournal) -> None:
@@ -4323,7 +4354,7 @@ class ShardWriter:
                 self.number = next(self.numbers)
                 self.fd = os.open(self.output_dir / self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             taken, responses = responses[: self.size - self.count], responses[self.size - self.count :]
-            write_all(self.fd, "".join(r.to_json() for r in taken).encode())
+            write_all(self.fd, "".join(map(Records.answer, taken)).encode())
             for response in taken:
                 log.debug("wrote %s -> %s", response.prompt.id, self.name)
             self.count += len(taken)
@@ -4400,7 +4431,7 @@ class ArrivalJournal:
     def write(self, responses: list[Response]) -> None:
         if not responses or not self.needed:
             return
-        lines = "".join(response.record_line() for response in responses).encode()
+        lines = "".join(map(Records.journal_line, responses)).encode()
         if self.fd is None:
             self.path = self.output_dir / f"arrivals.{self.name}.{next(self.files)}.jsonl"
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -4486,7 +4517,7 @@ class FailureLog:
         if self.fd is None:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         for failure in failures:
-            self.unanswered[failure.prompt.id] = failure.to_json()
+            self.unanswered[failure.prompt.id] = Records.failure(failure)
             log.debug("failed %s -> %s: %s", failure.prompt.id, self.path.name, failure.error)
         write_all(self.fd, "".join(self.unanswered[f.prompt.id] for f in failures).encode())
 
@@ -4755,7 +4786,7 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
             for (prompt_id, _, _), line in zip(fronts, lines):
                 if prompt_id not in past.answered and prompt_id not in journaled:
                     try:
-                        journaled[prompt_id] = Response.from_record(json.loads(line))
+                        journaled[prompt_id] = Records.journaled_answer(json.loads(line))
                     except (KeyError, TypeError, ValueError):
                         raise PipelineError(f"{path} holds a line that is not an answer this pipeline journaled; {MOVE_IT_AWAY}") from None
     past.journaled = journaled
@@ -4769,9 +4800,6 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
     return past
 
 
-RECORD_OPENING = json_line({"id": ""})[:7].encode()  # '{"id": ': how every record and failure line starts
-ID_OPENING, PROMPT_OPENING = '{"id": "', ', "prompt": "'  # how json_line() writes the two fields every record starts with
-DIGEST_OPENING = ', "row_sha256": "'  # ...and the third, in the records of rows that have one
 MOVE_IT_AWAY = "move the file away or choose a fresh --output-dir"
 
 
@@ -4887,10 +4915,10 @@ async def read_records(path: Path) -> AsyncIterator[tuple[list[tuple[str, str, s
     """The records of a JSON Lines file we wrote, in runs: each record's (id, prompt, row
     digest), and its line. Repairs a torn last line. Only those three are decoded: they come
     first in every record (see RECORD), so the rest of the line is left as it is."""
-    async for first, lines in complete_lines(path, RECORD_OPENING):
+    async for first, lines in complete_lines(path, Records.OPENING):
         try:
             texts = [line.decode() for line in lines]
-            fronts = [id_and_prompt(text) for text in texts]
+            fronts = [Records.front(text) for text in texts]
         except (ValueError, KeyError, TypeError):
             number = first + next(n for n, line in enumerate(lines) if not is_record(line))
             raise PipelineError(f"{path}, line {number}, is not a record this pipeline wrote; {MOVE_IT_AWAY}") from None
@@ -4899,23 +4927,10 @@ async def read_records(path: Path) -> AsyncIterator[tuple[list[tuple[str, str, s
 
 def is_record(line: bytes) -> bool:
     try:
-        id_and_prompt(line.decode())
+        Records.front(line.decode())
     except (ValueError, KeyError, TypeError):
         return False
     return True
-
-
-def id_and_prompt(line: str) -> tuple[str, str, str]:
-    """A record's id, prompt and row digest ("" if none), read from the front of its line;
-    the whole line decoded only if it was not written the way json_line() writes."""
-    if line.startswith(ID_OPENING):
-        prompt_id, end = scanstring(line, len(ID_OPENING))
-        if line.startswith(PROMPT_OPENING, end):
-            text, end = scanstring(line, end + len(PROMPT_OPENING))
-            digest = scanstring(line, end + len(DIGEST_OPENING))[0] if line.startswith(DIGEST_OPENING, end) else ""
-            return prompt_id, text, digest
-    record = json.loads(line)
-    return str(record["id"]), str(record["prompt"]), str(record.get("row_sha256", ""))
 
 
 # ---------------------------------------------------------------- estimate --

@@ -269,11 +269,11 @@ def test_an_answer_journaled_but_never_written_is_written_with_no_request(tmp_pa
     received = pipeline.Response(pipeline.Prompt("shard_0.txt:2", "What is two times 1?"), "it is 2", "m-7", "STOP", 3, 6, 3)
     torn = pipeline.Response(pipeline.Prompt("shard_0.txt:3", "What is two times 2?"), "4", "m-7", "STOP", 1, 6, 1)
     journal = outputs / "arrivals.ab12cd.0.0.jsonl"  # as a run killed while its writer waited for the pool left it
-    journal.write_text(pipeline.json_line(received.record()) + pipeline.json_line(torn.record())[:30])
+    journal.write_text(pipeline.Records.journal_line(received) + pipeline.Records.journal_line(torn)[:30])
     result = run(inputs)
     assert result.exit_code == 0, result.stderr
     records = {r["id"]: r for r in result.records()}
-    assert records["shard_0.txt:2"] == {**received.record(), "word_count": 3}  # post-processed now
+    assert records["shard_0.txt:2"] == {**json.loads(pipeline.Records.journal_line(received)), "word_count": 3}  # post-processed now
     assert "What is two times 1?" not in server.answered  # no request for it
     assert sorted(server.answered.values()) == [1] * 3 and len(records) == 4  # the torn one was asked again
     assert not journal.exists()
@@ -288,14 +288,14 @@ def test_a_killed_runs_journal_is_cut_at_the_line_of_its_first_zero_byte(tmp_pat
         pipeline.Response(pipeline.Prompt(f"shard_0.txt:{i + 1}", f"What is two times {i}?"), str(2 * i), "m-7", "STOP", 1, 6, 1)
         for i in range(3)
     )  # fmt: skip
-    line = pipeline.json_line(holed.record()).encode()
+    line = pipeline.Records.journal_line(holed).encode()
     torn = line[:20] + bytes(16) + line[36:]  # a copy the kill cut short, its middle not yet stored
     journal = outputs / "arrivals.ab12cd.0.0.jsonl"  # as a killed run left it: lines, then its reserved zeros
-    journal.write_bytes(pipeline.json_line(kept.record()).encode() + torn + pipeline.json_line(after.record()).encode() + bytes(4096))
+    journal.write_bytes(pipeline.Records.journal_line(kept).encode() + torn + pipeline.Records.journal_line(after).encode() + bytes(4096))
     result = run(inputs)
     assert result.exit_code == 0, result.stderr
     records = {r["id"]: r for r in result.records()}
-    assert records["shard_0.txt:1"] == {**kept.record(), "word_count": 1} and len(records) == 4
+    assert records["shard_0.txt:1"] == {**json.loads(pipeline.Records.journal_line(kept)), "word_count": 1} and len(records) == 4
     assert sorted(server.answered) == ["What is two times 1?", "What is two times 2?", "What is two times 3?"]
     assert set(server.answered.values()) == {1} and not journal.exists()
 
@@ -303,7 +303,7 @@ def test_a_killed_runs_journal_is_cut_at_the_line_of_its_first_zero_byte(tmp_pat
 def test_the_journal_reserves_its_space_grows_is_cut_to_its_lines_and_outlives_a_kill(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(pipeline, "ARRIVALS_FILE_BYTES", 4096)
     answers = [pipeline.Response(pipeline.Prompt(f"a:{i}", "p"), "r" * 1000, "m", "STOP", 1, 1, 1) for i in range(10)]
-    lines = [answer.record_line().encode() for answer in answers]
+    lines = [pipeline.Records.journal_line(answer).encode() for answer in answers]
     journal = pipeline.ArrivalJournal(tmp_path, "ab12cd.0")
     journal.write(answers[:1])
     assert journal.path is not None
@@ -322,7 +322,7 @@ def test_the_journal_reserves_its_space_grows_is_cut_to_its_lines_and_outlives_a
     )  # fmt: skip
     assert subprocess.run([sys.executable, "-c", killed], check=False).returncode == -signal.SIGKILL
     [left] = tmp_path.glob("arrivals.ef34ab.0.*.jsonl")
-    expected = pipeline.Response(pipeline.Prompt("a:1", "p"), "r", "m", "STOP", 1, 1, 1).record_line().encode()
+    expected = pipeline.Records.journal_line(pipeline.Response(pipeline.Prompt("a:1", "p"), "r", "m", "STOP", 1, 1, 1)).encode()
     assert left.read_bytes() == expected + bytes(4096 - len(expected))  # what was copied, then its reserved space
 
 
@@ -386,3 +386,23 @@ def test_second_ctrl_c_exits_at_once(tmp_path) -> None:
     assert time.monotonic() - sent < pipeline.STOP_GRACE_S  # it does not wait out the grace
     assert "Traceback" not in rest
     assert_pool_stopped(pool, process.pid)
+
+
+def test_the_record_codec_reads_back_what_it_writes_odd_bytes_included() -> None:
+    """Records is the one codec: a shard's record, a journal line and a batch journal's prompt
+    each read back to what was written; the leading keys come first however odd the text."""
+    odd = 'quote " backslash \\ tab \t newline \n nul \x00 line-sep \u2028 emoji \U0001f600 "id": x'
+    schema = pipeline.AnswerFormat.of({"type": "object"})
+    prompt = pipeline.Prompt(odd, odd + "?", fields={"source": odd, "n": 1}, digest="d" * 32, answer_format=schema)
+    response = pipeline.Response(prompt, odd, "m", "STOP", 2, 3, 4, budget={"max_output_tokens": 9}, parsed={"k": odd})
+    response.extra = json.dumps({"word_count": 7})
+    line = pipeline.Records.answer(response)
+    assert line.endswith("\n") and line.count("\n") == 1 and list(json.loads(line))[:3] == list(pipeline.Records.LEADING)
+    assert pipeline.Records.front(line) == (odd, odd + "?", "d" * 32)
+    back = pipeline.Records.journaled_answer(json.loads(pipeline.Records.journal_line(response)))
+    assert (back.prompt.id, back.prompt.text, back.prompt.digest, back.prompt.fields) == (odd, odd + "?", "d" * 32, {"source": odd, "n": 1})
+    assert (back.text, back.attempts, back.prompt_tokens, back.budget, back.parsed) == (odd, 2, 3, {"max_output_tokens": 9}, {"k": odd})
+    again = pipeline.Records.journaled_prompt(json.loads(json.dumps(pipeline.Records.batch_prompt(prompt))))
+    assert (again.id, again.text, again.digest, again.fields, again.answer_format.schema) == (odd, odd + "?", "d" * 32, prompt.fields, {"type": "object"})
+    failure = pipeline.Failure(prompt, "e", 1)
+    assert pipeline.Records.front(pipeline.Records.failure(failure)) == (odd, odd + "?", "d" * 32)

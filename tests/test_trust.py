@@ -275,7 +275,7 @@ def test_a_row_naming_its_own_place_as_its_id_is_no_clash(tmp_path, fake_gemini,
 def journal_answers(outputs: Path, *responses: pipeline.Response) -> Path:
     outputs.mkdir(exist_ok=True)
     journal = outputs / "arrivals.ab12cd.0.0.jsonl"  # as a run killed while its writer waited for the pool left it
-    journal.write_text("".join(pipeline.json_line(r.record()) for r in responses))
+    journal.write_text("".join(pipeline.Records.journal_line(r) for r in responses))
     return journal
 
 

@@ -22,7 +22,8 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
              declared once; AnswerFormat, the JSON an answer must be; Tally, the counts of
              what happened; Run, what the stages of one run share (the queues, the settings,
              the client, the Limits every request passes, the Progress, each stage's own part)
-  main       main(): open_run (in phases: the Job, the host and the lock, the past, the parts), start what an earlier run left (start_leftovers), one reader,
+  main       main(): open_run (in phases: the Job, the host and the lock, the past, the
+             parts), start what an earlier run left (start_leftovers), one reader,
              WORKERS generators and one writer (READERS and WRITERS more), wait until every
              prompt is answered (all_answered), shut down (shut_down) on success, error and
              Ctrl-C alike; stops at once if a stage dies (supervised)
@@ -80,6 +81,7 @@ import asyncio
 import bisect
 import contextlib
 import csv
+import dataclasses
 import datetime
 import enum
 import errno
@@ -110,7 +112,6 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-import dataclasses
 from dataclasses import dataclass, field, make_dataclass
 from json.decoder import scanstring
 from pathlib import Path
@@ -126,45 +127,111 @@ import aiofiles.os
 # The kind (defined below) says what a value must be; the text is what --help says of it (as
 # typer reads Annotated). Every one is also the flag --name-in-lower-case (WORKERS is --workers),
 # whose default is the value: edit the value, or give the flag.
-INPUT_DIR: Annotated[Folder, "folder of prompt files: *.jsonl and *.csv a request per row, other files a prompt per line"] = "inputs"
-FILES_DIR: Annotated[Folder | None, "the folder the files rows name are relative to, and the only one they are read from (unset: INPUT_DIR)"] = None
+INPUT_DIR: Annotated[
+    Folder, "folder of prompt files: *.jsonl and *.csv a request per row, other files a prompt per line"
+] = "inputs"
+FILES_DIR: Annotated[
+    Folder | None,
+    "the folder the files rows name are relative to, and the only one they are read from (unset: INPUT_DIR)",
+] = None
 OUTPUT_DIR: Annotated[Folder, "where shards and failed.jsonl are written (created if missing)"] = "outputs"
 MODEL: Annotated[Text, "the Gemini model that answers every prompt"] = "gemini-flash-latest"
 SYSTEM_INSTRUCTION: Annotated[Text | None, "system instruction for every request (a row's own replaces it)"] = None
 TEMPERATURE: Annotated[NonNegative | None, "sampling temperature, 0 to 2 (unset: the model's default)"] = None
-MAX_OUTPUT_TOKENS: Annotated[AtLeastOne | None, "longest answer, in tokens, its thinking included (unset: the model's default); a rerun may raise it"] = None
-THINKING_BUDGET: Annotated[ThinkingBudget | None, "tokens the model may think before it answers (Gemini 2.5): 0 no thinking where the model allows, -1 its own choice"] = None
-THINKING_LEVEL: Annotated[ThinkingLevel | None, "minimal, low, medium or high: how much the model thinks (Gemini 3; not with THINKING_BUDGET)"] = None
-ACCEPT_CUT_SHORT: Annotated[Switch, "write answers cut short at MAX_OUTPUT_TOKENS as answers (finish_reason MAX_TOKENS), not as failures"] = False
-RESPONSE_SCHEMA: Annotated[File | None, 'a JSON Schema file: answers are asked as JSON, checked against it, and decoded into "parsed"'] = None
-GENERATION_CONFIG: Annotated[File | None, "a JSON file of other GenerateContentConfig fields (top_p, seed, safety_settings, thinking_config...)"] = None
-CONTEXT: Annotated[Files | None, "text files placed before every prompt, in this order (a document, a codebook, examples): the shared prefix, sent first"] = None
-CACHE: Annotated[Switch, "put SYSTEM_INSTRUCTION and CONTEXT in one explicit cache for the run: that prefix billed at the cached price, plus storage by the hour"] = False
-MEDIA_RESOLUTION: Annotated[Resolution | None, "low, medium or high: how many tokens an image or a video frame costs (unset: the model's default)"] = None
-INLINE_LIMIT_MB: Annotated[Positive, "a request carries the files its row names inline up to this many MB in all (the API now takes 100); the others are uploaded once, through the Files API"] = 20.0
-SERVICE_TIER: Annotated[Tier | None, "flex: half the price, an answer may take up to 15 minutes; priority: faster, dearer (unset: standard)"] = None
+MAX_OUTPUT_TOKENS: Annotated[
+    AtLeastOne | None,
+    "longest answer, in tokens, its thinking included (unset: the model's default); a rerun may raise it",
+] = None
+THINKING_BUDGET: Annotated[
+    ThinkingBudget | None,
+    "tokens the model may think before it answers (Gemini 2.5): 0 no thinking where the model allows, -1 its own "
+    "choice",
+] = None
+THINKING_LEVEL: Annotated[
+    ThinkingLevel | None, "minimal, low, medium or high: how much the model thinks (Gemini 3; not with THINKING_BUDGET)"
+] = None
+ACCEPT_CUT_SHORT: Annotated[
+    Switch, "write answers cut short at MAX_OUTPUT_TOKENS as answers (finish_reason MAX_TOKENS), not as failures"
+] = False
+RESPONSE_SCHEMA: Annotated[
+    File | None, 'a JSON Schema file: answers are asked as JSON, checked against it, and decoded into "parsed"'
+] = None
+GENERATION_CONFIG: Annotated[
+    File | None, "a JSON file of other GenerateContentConfig fields (top_p, seed, safety_settings, thinking_config...)"
+] = None
+CONTEXT: Annotated[
+    Files | None,
+    "text files placed before every prompt, in this order (a document, a codebook, examples): the shared prefix, "
+    "sent first",
+] = None
+CACHE: Annotated[
+    Switch,
+    "put SYSTEM_INSTRUCTION and CONTEXT in one explicit cache for the run: that prefix billed at the cached price, "
+    "plus storage by the hour",
+] = False
+MEDIA_RESOLUTION: Annotated[
+    Resolution | None,
+    "low, medium or high: how many tokens an image or a video frame costs (unset: the model's default)",
+] = None
+INLINE_LIMIT_MB: Annotated[
+    Positive,
+    "a request carries the files its row names inline up to this many MB in all (the API now takes 100); the others "
+    "are uploaded once, through the Files API",
+] = 20.0
+SERVICE_TIER: Annotated[
+    Tier | None, "flex: half the price, an answer may take up to 15 minutes; priority: faster, dearer (unset: standard)"
+] = None
 WORKERS: Annotated[Workers, "requests in flight at once (at most 10,000)"] = 5
 QUEUE_SIZE: Annotated[AtLeastOne, "bound of each queue (at least WORKERS): how far reading may run ahead"] = 5
 SHARD_SIZE: Annotated[AtLeastOne, "records per output shard (the last shard may hold fewer)"] = 5
 MAX_ATTEMPTS: Annotated[AtLeastOne, "tries per prompt, the first included, before it counts as failed"] = 5
-TIMEOUT_S: Annotated[Positive | None, "seconds before one request is abandoned and retried (unset: 60, or 900 with --service-tier flex)"] = None
+TIMEOUT_S: Annotated[
+    Positive | None, "seconds before one request is abandoned and retried (unset: 60, or 900 with --service-tier flex)"
+] = None
 RETRY_BASE_S: Annotated[Positive, "first back-off after a transient failure, in seconds; doubles each attempt"] = 1.0
-RETRY_MAX_S: Annotated[Positive, "longest back-off between two attempts, in seconds (server-given delays excepted)"] = 60.0
-OUTAGE_LIMIT_S: Annotated[Positive, "how long the API's host may stay unreachable before the run stops, to be rerun (25 s if it never answered)"] = 900.0
-RPM: Annotated[Positive | None, "requests per minute your quota allows: requests start evenly spaced below it (unset: no limit)"] = None
-TPM: Annotated[Positive | None, "input tokens per minute your quota allows: requests start so as to stay below it (unset: no limit)"] = None
-MAX_COST_USD: Annotated[Positive | None, "stop starting requests before the estimated spend passes this many US dollars (unset: no limit)"] = None
-RETRY_FAILED: Annotated[Switch, "a rerun also asks again the prompts the API refused for good (400s, safety blocks), and those cut short at this budget"] = False
-POSTPROCESS_WORKERS: Annotated[Processes, "processes running postprocess() once it is too slow for the event loop, by default the CPU count (at most 256); 0: never"] = os.cpu_count() or 1
+RETRY_MAX_S: Annotated[Positive, "longest back-off between two attempts, in seconds (server-given delays excepted)"] = (
+    60.0
+)
+OUTAGE_LIMIT_S: Annotated[
+    Positive,
+    "how long the API's host may stay unreachable before the run stops, to be rerun (25 s if it never answered)",
+] = 900.0
+RPM: Annotated[
+    Positive | None, "requests per minute your quota allows: requests start evenly spaced below it (unset: no limit)"
+] = None
+TPM: Annotated[
+    Positive | None,
+    "input tokens per minute your quota allows: requests start so as to stay below it (unset: no limit)",
+] = None
+MAX_COST_USD: Annotated[
+    Positive | None, "stop starting requests before the estimated spend passes this many US dollars (unset: no limit)"
+] = None
+RETRY_FAILED: Annotated[
+    Switch,
+    "a rerun also asks again the prompts the API refused for good (400s, safety blocks), and those cut short at this "
+    "budget",
+] = False
+POSTPROCESS_WORKERS: Annotated[
+    Processes,
+    "processes running postprocess() once it is too slow for the event loop, by default the CPU count (at most 256); "
+    "0: never",
+] = os.cpu_count() or 1
 READERS: Annotated[Tasks, "tasks reading input files, each taking the next unread file (at most 64)"] = 1
 WRITERS: Annotated[Tasks, "tasks writing outputs, each into shards of its own (at most 64)"] = 1
 OFFLINE_LATENCY_MS: Annotated[NonNegative, "simulated latency of each --offline answer, in milliseconds"] = 50.0
 BATCH: Annotated[Switch, "send the prompts as jobs of Gemini's Batch API: half the price, results within 24 h"] = False
 BATCH_SIZE: Annotated[AtLeastOne, "prompts per batch job, at most"] = 10_000
 BATCH_POLL_S: Annotated[Positive, "seconds between two looks at a running batch job (up to 600 while pending)"] = 30.0
-PROGRESS_EVERY_S: Annotated[Positive, "when stderr is not a terminal (a log file, CI, a scheduler), seconds between two progress lines"] = 30.0
-ESTIMATE: Annotated[Switch, "ask nothing: count the input tokens (free) and print what the job would cost and take at each price"] = False
-LIMIT: Annotated[AtLeastOne | None, "take only the job's first N prompts, in reading order, to try it on a few; the same command without it continues"] = None
+PROGRESS_EVERY_S: Annotated[
+    Positive, "when stderr is not a terminal (a log file, CI, a scheduler), seconds between two progress lines"
+] = 30.0
+ESTIMATE: Annotated[
+    Switch, "ask nothing: count the input tokens (free) and print what the job would cost and take at each price"
+] = False
+LIMIT: Annotated[
+    AtLeastOne | None,
+    "take only the job's first N prompts, in reading order, to try it on a few; the same command without it continues",
+] = None
 
 # The settings above that every request carries, by the GenerateContentConfig field each fills
 # (GENERATION_CONFIG's fields go under them). A new one, say TOP_P: NonNegative | None = None,
@@ -208,9 +275,11 @@ CACHE_MIN_TOKENS = {"gemini-2.5-pro": 4096, "gemini-3-pro": 4096, "": 1024}
 CACHE_TTL_S = 3600.0  # a context cache lives this long past its last renewal...
 CACHE_RENEW_S = 900.0  # ...renewed this often while the run lasts
 CACHE_DELETE_S = 10.0  # at the end, deleting it may take this long; then it is left to expire
-BATCH_JOB_LIFE_S = 48 * 3600.0  # a batch job ends within this long (it expires after 48 h): a cache it names is kept so long
+# a batch job ends within this long (it expires after 48 h): a cache it names is kept so long
+BATCH_JOB_LIFE_S = 48 * 3600.0
 CACHE_NAME_PREFIX = "pipeline.py job "  # a cache's display name: this, and the job's identity hashed
-ESTIMATE_SAMPLE = 200  # --estimate asks countTokens at most this often: the shared prefix, and prompts spread over the inputs
+# --estimate asks countTokens at most this often: the shared prefix, and prompts spread over the inputs
+ESTIMATE_SAMPLE = 200
 ESTIMATE_ATTEMPTS = 3  # ...each count tried this many times
 ESTIMATE_LATENCY_S = 5.0  # --estimate's assumed time for one answer at the standard tier, for the projected time
 
@@ -232,11 +301,14 @@ POOL_NICENESS = 10  # the pool's processes run at a lower priority than the even
 BATCH_JOURNAL = "batch_jobs.jsonl"  # in OUTPUT_DIR: every batch job submitted, and its prompts
 BATCH_GATHER_S = 0.5  # a job is submitted before it is full once no prompt came for this long
 BATCH_POLL_MAX_S = 600.0  # longest wait between two looks at a job still pending
-BATCH_AGAIN_CODES = {2, 4, 8, 13, 14}  # google.rpc codes of a batch result worth asking again: UNKNOWN, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE
+# google.rpc codes of a batch result worth asking again: UNKNOWN, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL,
+# UNAVAILABLE
+BATCH_AGAIN_CODES = {2, 4, 8, 13, 14}
 ARRIVALS_PER_FILE = 1024  # answers per arrivals journal file (see ArrivalJournal)...
 ARRIVALS_FILE_BYTES = 1 << 20  # ...and the space reserved for it at first (it doubles as needed)
 ROUND_TRIP_S = 0.001  # work worth one more trip to the pool: a trip costs a few hundred µs of CPU here
-INLINE_MAX_S = 0.005  # a batch's postprocess() may take this much CPU on the event loop; more, the pool starts (see PostProcessor)
+# a batch's postprocess() may take this much CPU on the event loop; more, the pool starts (see PostProcessor)
+INLINE_MAX_S = 0.005
 LONGEST_SERVER_DELAY_S = 3600.0  # a RetryInfo asking for a longer wait is a spent quota: stop, do not sleep for days
 KEY_PIECE = 16  # redact() masks any run of this many characters of the API key, not only all of it
 MESSAGE_CHARS = 500  # an error message from the server is cut to this length (an HTML page would fill the screen)
@@ -248,16 +320,22 @@ TIER_PRICES = {"standard": 1.0, "flex": 0.5, "priority": 2.0}
 TIMEOUT_S_BY_TIER = {"flex": 900.0}  # a request's timeout when --timeout-s is unset: a flex answer may queue 15 minutes
 DEFAULT_TIMEOUT_S = 60.0  # ...and for the other tiers
 CHARS_PER_TOKEN = 4  # a request's input tokens are estimated as its characters / 4, until answers say better
-MEDIA_TOKENS = {"low": 280, "medium": 560, "high": 1120}  # an image's or a PDF page's tokens by --media-resolution (ai.google.dev media-resolution, read 2026-11-29)
-TOKENS_PER_SECOND = {"audio": 32, "video": 263}  # audio, and video with its sound at 1 frame a second (ai.google.dev audio, video-understanding)
+# an image's or a PDF page's tokens by --media-resolution (ai.google.dev media-resolution, read 2026-11-29)
+MEDIA_TOKENS = {"low": 280, "medium": 560, "high": 1120}
+# audio, and video with its sound at 1 frame a second (ai.google.dev audio, video-understanding)
+TOKENS_PER_SECOND = {"audio": 32, "video": 263}
 AUDIO_BYTES_PER_S = 16_000  # a recording's seconds, when its header does not say, from its size at 128 kbit/s...
 VIDEO_BYTES_PER_S = 250_000  # ...and a video's at 2 Mbit/s: rough, until the answers' token counts correct them
 PDF_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")  # a PDF's page objects (not /Pages, their tree)
-MEDIA_TYPES = ("image/", "audio/", "video/", "text/", "application/pdf")  # the files Gemini takes, by MIME type (or its start)
-MEDIA_ONLY = ("image/", "audio/", "video/", "application/pdf")  # files in INPUT_DIR that are not read as prompts, only named by rows
-MIME_TYPES = {"audio/x-wav": "audio/wav", "audio/x-flac": "audio/flac"}  # the names mimetypes gives that the API spells otherwise
+# the files Gemini takes, by MIME type (or its start)
+MEDIA_TYPES = ("image/", "audio/", "video/", "text/", "application/pdf")
+# files in INPUT_DIR that are not read as prompts, only named by rows
+MEDIA_ONLY = ("image/", "audio/", "video/", "application/pdf")
+# the names mimetypes gives that the API spells otherwise
+MIME_TYPES = {"audio/x-wav": "audio/wav", "audio/x-flac": "audio/flac"}
 FILES_API_MAX_BYTES = 2 << 30  # the Files API takes a file up to 2 GB
-API_VERSION_GEMINI = "v1beta"  # the Gemini API version asked: the one with every method and field the pipeline uses (see connect)
+# the Gemini API version asked: the one with every method and field the pipeline uses (see connect)
+API_VERSION_GEMINI = "v1beta"
 API_VERSION_VERTEX = "v1beta1"  # ...and Vertex AI's (google-genai's own default there)
 RACY_S = 2.0  # a file changed this close to its hashing is hashed again at each send: a coarse clock may hide an edit
 UPLOADS_AT_ONCE = 8  # uploads to the Files API in flight at once, at most
@@ -273,7 +351,8 @@ FAIL_FAST_OUTCOMES = 20  # when this many first outcomes are all one permanent e
 CUT_SHORT_WARN = 20  # when this many of the first CUT_SHORT_OF answers are cut short at their budget, a warning says so
 CUT_SHORT_OF = 50
 POSTPROCESS_FAILED = "postprocess failed: "  # how a failure of postprocess() begins
-OUTAGE_AT_START_S = 25.0  # a host that never answered and stays unreachable this long: a wrong address, or no network (a stop within 30 s)
+# a host that never answered and stays unreachable this long: a wrong address, or no network (a stop within 30 s)
+OUTAGE_AT_START_S = 25.0
 PROBE_FIRST_S = 0.5  # during an outage the probe asks at once, then after this long, doubling...
 PROBE_MAX_S = 5.0  # ...to at most this: the run notices within seconds that the way is open again
 PROBE_TIMEOUT_S = 10.0  # a probe unanswered this long counts as the host unreachable
@@ -288,6 +367,7 @@ def postprocess(prompt: str, response: str) -> dict[str, Any]:
     What it returns is merged into the record; if it raises, that prompt goes to
     failed.jsonl with the reason (and the answer, which was paid for)."""
     return {"word_count": len(response.split())}
+
 
 log = logging.getLogger("pipeline")
 
@@ -339,8 +419,10 @@ File = Annotated[str, Check(Path, "FILE")]  # a file, read as a Path
 Files = Annotated[list[str], Check(Path, "FILE", many=True)]  # files, in order, each read as a Path
 Text = Annotated[str, Check(not_blank, "TEXT")]
 AtLeastOne = Annotated[int, Check(at_least(1), "N")]
-Workers = Annotated[int, Check(at_least(1, at_most=10_000), "N")]  # each holds a connection and a task: more only exhausts memory
-Tasks = Annotated[int, Check(at_least(1, at_most=64), "N")]  # readers and writers: more than the disks can serve helps nothing
+# each holds a connection and a task: more only exhausts memory
+Workers = Annotated[int, Check(at_least(1, at_most=10_000), "N")]
+# readers and writers: more than the disks can serve helps nothing
+Tasks = Annotated[int, Check(at_least(1, at_most=64), "N")]
 Processes = Annotated[int, Check(at_least(0, at_most=256), "N")]  # started together, when postprocess() proves slow
 NonNegative = Annotated[float, Check(at_least(0, float), "N")]
 Positive = Annotated[float, Check(above_zero, "N")]
@@ -438,7 +520,7 @@ class PipelineError(Exception):
         self.exit_code = exit_code
 
 
-class StopForNow(PipelineError):
+class StopForNow(PipelineError):  # noqa: N818 (a state of the run, not a fault)
     """The run cannot go on now but can later (the daily quota is spent, the server asks
     for a wait of hours, the API's host stays unreachable): stop, keep every answer."""
 
@@ -474,7 +556,8 @@ class Prompt:
     fields: dict[str, Any] | None = None  # the row's other fields, carried into its record
     origin: str = ""  # "file:line" of a row that names its own id: ids must be unique in a job
     own_settings: bool = False  # asked with settings of its own row, not only the run's
-    digest: str = ""  # of what its row sends besides `text` (settings, turns, parts, files), when it sends more: see row_digest
+    # of what its row sends besides `text` (settings, turns, parts, files), when it sends more: see row_digest
+    digest: str = ""
     media: tuple[MediaFile, ...] = ()  # the files its row names, sent after its text, in order
 
 
@@ -488,7 +571,9 @@ class MediaFile:
     path: Path | None = None  # where a local file is (relative names: to INPUT_DIR); None: a URL
     size: int = 0  # bytes, once read
     sha256: str = ""  # of its bytes, once read: the file's identity (one upload per content)
-    units: float = 0.0  # once read, its length as its tokens are counted: pages (an image is one), seconds (audio, video), or tokens (text)
+    # once read, its length as its tokens are counted: pages (an image is one), seconds (audio, video), or tokens
+    # (text)
+    units: float = 0.0
 
 
 @dataclass(slots=True)
@@ -525,11 +610,14 @@ class Failure:
     prompt: Prompt
     error: str
     attempts: int
-    response: str | None = None  # an answer not as asked (cut short, not the JSON asked, postprocess() failed on it): paid for, so kept
+    # an answer not as asked (cut short, not the JSON asked, postprocess() failed on it): paid for, so kept
+    response: str | None = None
     permanent: bool = False  # refused for good (a 400, a safety block): a rerun leaves it, unless --retry-failed
     usage: dict[str, Any] | None = None  # the tokens of the reply it keeps, as an answer's record says them (usage_of)
     cut_short: bool = False  # cut at its budget: a rerun with the same budget leaves it, one with another asks it
-    again: bool = False  # a batch result that may pass if asked again (see BATCH_AGAIN_CODES): resubmitted while attempts remain
+    # a batch result that may pass if asked again (see BATCH_AGAIN_CODES): resubmitted while attempts remain
+    again: bool = False
+
 
 OMITTED = object()  # a field's value when the record leaves the field out
 
@@ -551,13 +639,20 @@ def prompt_field(name: str, meaning: str, value: Callable[[Prompt], Any]) -> Fie
 
 
 def usage_of(response: Response) -> dict[str, Any]:
-    usage: dict[str, Any] = {"prompt_tokens": response.prompt_tokens, "response_tokens": response.response_tokens,
-                             "thinking_tokens": response.thinking_tokens, "cached_tokens": response.cached_tokens}  # fmt: skip
+    usage: dict[str, Any] = {
+        "prompt_tokens": response.prompt_tokens,
+        "response_tokens": response.response_tokens,
+        "thinking_tokens": response.thinking_tokens,
+        "cached_tokens": response.cached_tokens,
+    }
     return usage if response.service_tier is None else {**usage, "service_tier": response.service_tier}
 
 
 def usage_from(usage: dict[str, Any]) -> dict[str, Any]:
-    counts = {name: int(usage.get(name, 0)) for name in ("prompt_tokens", "response_tokens", "thinking_tokens", "cached_tokens")}
+    counts = {
+        name: int(usage.get(name, 0))
+        for name in ("prompt_tokens", "response_tokens", "thinking_tokens", "cached_tokens")
+    }
     return {**counts, "service_tier": str(usage["service_tier"]) if usage.get("service_tier") else None}
 
 
@@ -566,23 +661,62 @@ def usage_from(usage: dict[str, Any]) -> dict[str, Any]:
 RECORD = (
     prompt_field("id", "the row's id, or <file name>:<line number>", lambda prompt: prompt.id),
     prompt_field("prompt", "the prompt's text (a multi-turn row: its last user turn)", lambda prompt: prompt.text),
-    prompt_field("row_sha256", "a row with settings or parts of its own: their digest", lambda prompt: prompt.digest or OMITTED),
-    Field("response", "the answer's text (in failed.jsonl: an answer cut short, not as asked, or that postprocess() failed on)", lambda r: r.text,
-          lambda f: OMITTED if f.response is None else f.response, lambda text: {"text": str(text)}),
+    prompt_field(
+        "row_sha256", "a row with settings or parts of its own: their digest", lambda prompt: prompt.digest or OMITTED
+    ),
+    Field(
+        "response",
+        "the answer's text (in failed.jsonl: an answer cut short, not as asked, or that postprocess() failed on)",
+        lambda r: r.text,
+        lambda f: OMITTED if f.response is None else f.response,
+        lambda text: {"text": str(text)},
+    ),
     Field("model", "the model that answered", lambda r: r.model, None, lambda model: {"model": str(model)}),
-    Field("finish_reason", "why the answer ended: STOP, MAX_TOKENS, ...", lambda r: r.finish_reason, None,
-          lambda reason: {"finish_reason": reason}),
+    Field(
+        "finish_reason",
+        "why the answer ended: STOP, MAX_TOKENS, ...",
+        lambda r: r.finish_reason,
+        None,
+        lambda reason: {"finish_reason": reason},
+    ),
     Field("error", "why the prompt failed for good", None, lambda f: redact(f.error)),
-    Field("attempts", "requests made for it", lambda r: r.attempts, lambda f: f.attempts, lambda n: {"attempts": int(n)}),
-    Field("permanent", "true: refused for good (a rerun asks it again only with --retry-failed)", None, lambda f: f.permanent),
-    Field("cut_short", "true: cut short at its budget (a rerun with a larger one asks it again)", None, lambda f: f.cut_short or OMITTED),
-    Field("usage", "prompt_tokens, response_tokens, thinking_tokens, cached_tokens; service_tier, the tier that served it",
-          usage_of, lambda f: f.usage or OMITTED, usage_from),
-    Field("budget", "what bounded its length, when set: max_output_tokens, thinking_budget, thinking_level", lambda r: r.budget or OMITTED,
-          lambda f: budget_of(f.prompt.config) or OMITTED, lambda budget: {"budget": dict(budget)}),
-    Field("parsed", "the answer decoded, when a JSON schema was asked for", lambda r: r.parsed if r.prompt.answer_format else OMITTED,
-          None, lambda parsed: {"parsed": parsed}),
-)  # fmt: skip
+    Field(
+        "attempts", "requests made for it", lambda r: r.attempts, lambda f: f.attempts, lambda n: {"attempts": int(n)}
+    ),
+    Field(
+        "permanent",
+        "true: refused for good (a rerun asks it again only with --retry-failed)",
+        None,
+        lambda f: f.permanent,
+    ),
+    Field(
+        "cut_short",
+        "true: cut short at its budget (a rerun with a larger one asks it again)",
+        None,
+        lambda f: f.cut_short or OMITTED,
+    ),
+    Field(
+        "usage",
+        "prompt_tokens, response_tokens, thinking_tokens, cached_tokens; service_tier, the tier that served it",
+        usage_of,
+        lambda f: f.usage or OMITTED,
+        usage_from,
+    ),
+    Field(
+        "budget",
+        "what bounded its length, when set: max_output_tokens, thinking_budget, thinking_level",
+        lambda r: r.budget or OMITTED,
+        lambda f: budget_of(f.prompt.config) or OMITTED,
+        lambda budget: {"budget": dict(budget)},
+    ),
+    Field(
+        "parsed",
+        "the answer decoded, when a JSON schema was asked for",
+        lambda r: r.parsed if r.prompt.answer_format else OMITTED,
+        None,
+        lambda parsed: {"parsed": parsed},
+    ),
+)
 ANSWER_FIELDS = tuple(field for field in RECORD if field.answer is not None)
 FAILURE_FIELDS = tuple(field for field in RECORD if field.failure is not None)
 RECORD_FIELDS = frozenset(field.name for field in RECORD)
@@ -615,7 +749,8 @@ class Records:
         """An answer's record without what postprocess() adds: what the arrivals journal keeps
         (encoded once, for the journal and the shard alike)."""
         if response.line is None:
-            record = {field.name: value for field in ANSWER_FIELDS if (value := field.answer(response)) is not OMITTED}  # type: ignore[misc]
+            values = ((field.name, field.answer(response)) for field in ANSWER_FIELDS)  # type: ignore[misc]
+            record = {name: value for name, value in values if value is not OMITTED}
             response.line = json_line({**record, **carried(response.prompt.fields)})
         return response.line
 
@@ -626,14 +761,16 @@ class Records:
         line = Records.journal_line(response)
         if len(response.extra) <= 2:  # "{}" or none
             return line
-        if response.prompt.fields and json.loads(response.extra).keys() & carried(response.prompt.fields).keys():  # theirs win
+        # theirs win
+        if response.prompt.fields and json.loads(response.extra).keys() & carried(response.prompt.fields).keys():
             return json_line({**json.loads(line), **json.loads(response.extra)})
         return f"{line[:-2]}, {response.extra[1:]}\n"
 
     @staticmethod
     def failure(failure: Failure) -> str:
         """A failure's line in failed.jsonl."""
-        record = {field.name: value for field in FAILURE_FIELDS if (value := field.failure(failure)) is not OMITTED}  # type: ignore[misc]
+        values = ((field.name, field.failure(failure)) for field in FAILURE_FIELDS)  # type: ignore[misc]
+        record = {name: value for name, value in values if value is not OMITTED}
         return json_line({**record, **carried(failure.prompt.fields)})
 
     @staticmethod
@@ -655,7 +792,9 @@ class Records:
         fields = {name: value for name, value in record.items() if name not in RECORD_FIELDS}
         answer_format = AnswerFormat.of({}) if "parsed" in record else None  # parsed already: any JSON passes
         digest = str(record.get("row_sha256", ""))
-        prompt = Prompt(str(record["id"]), str(record["prompt"]), answer_format=answer_format, fields=fields or None, digest=digest)
+        prompt = Prompt(
+            str(record["id"]), str(record["prompt"]), answer_format=answer_format, fields=fields or None, digest=digest
+        )
         loaded = [field.load(record[field.name]) for field in ANSWER_FIELDS if field.load and field.name in record]
         return Response(prompt, **{name: value for values in loaded for name, value in values.items()})
 
@@ -674,9 +813,13 @@ class Records:
         """batch_prompt() read back."""
         prompt_id, text, extra = (*entry, {})[:3]
         answer_format = AnswerFormat.of(extra["schema"]) if "schema" in extra else None
-        return Prompt(str(prompt_id), str(text), answer_format=answer_format, fields=extra.get("fields"), digest=str(extra.get("digest", "")))
-
-
+        return Prompt(
+            str(prompt_id),
+            str(text),
+            answer_format=answer_format,
+            fields=extra.get("fields"),
+            digest=str(extra.get("digest", "")),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,7 +841,7 @@ class AnswerFormat:
         import referencing.exceptions
 
         if not isinstance(schema, dict):
-            raise ValueError("responseJsonSchema: not a JSON object")  # noqa: TRY004 (callers report ValueErrors)
+            raise ValueError("responseJsonSchema: not a JSON object")
         validator = jsonschema.validators.validator_for(schema)
         try:
             validator.check_schema(schema)
@@ -707,7 +850,7 @@ class AnswerFormat:
         checker = validator(schema, registry=jsonschema_specifications.REGISTRY)
         for ref in schema_refs(schema):
             try:
-                checker._resolver.lookup(ref)  # noqa: SLF001 (the public API resolves refs only while validating)
+                checker._resolver.lookup(ref)
             except referencing.exceptions.Unresolvable:
                 raise ValueError(f"responseJsonSchema: $ref {ref[:100]!r} points at nothing in the schema") from None
         return cls(schema, checker)
@@ -744,7 +887,8 @@ def schema_refs(schema: Any) -> Iterator[str]:
             stack += item
 
 
-JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)  # json.dumps would build one per call; NaN is no JSON
+# json.dumps would build one per call; NaN is no JSON
+JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
 
 
 def json_line(record: dict[str, Any]) -> str:
@@ -754,8 +898,13 @@ def json_line(record: dict[str, Any]) -> str:
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085") + "\n"
 
 
-assert tuple(field.name for field in RECORD[: len(Records.LEADING)]) == Records.LEADING, "resume reads these first: keep them first in RECORD"
-assert json_line({"id": "i", "prompt": "p", "row_sha256": "d"}) == f'{Records.ID}i"{Records.PROMPT}p"{Records.DIGEST}d"}}\n', "json_line() writes the leading keys as Records.front reads them"
+assert tuple(field.name for field in RECORD[: len(Records.LEADING)]) == Records.LEADING, (
+    "resume reads these first: keep them first in RECORD"
+)
+assert (
+    json_line({"id": "i", "prompt": "p", "row_sha256": "d"})
+    == f'{Records.ID}i"{Records.PROMPT}p"{Records.DIGEST}d"}}\n'
+), "json_line() writes the leading keys as Records.front reads them"
 assert Records.ID.encode().startswith(Records.OPENING)
 
 
@@ -868,7 +1017,12 @@ class Api:
     limits): for what calls it outside the stages, the Files API's uploads and deletes."""
 
     client: Any  # google-genai's Client, or the OfflineClient
-    retried: Callable[[Callable[[int], Awaitable[Any]], RetryPolicy], Awaitable[Any]]  # retried() with the run's settings, limits and tally
+    # retried() with the run's settings, limits and tally
+    retried: Callable[[Callable[[int], Awaitable[Any]], RetryPolicy], Awaitable[Any]]
+
+    @classmethod
+    def of(cls, settings: Settings, client: Any, limits: Limits, tally: Tally) -> Api:
+        return cls(client, functools.partial(retried, settings=settings, limits=limits, tally=tally))
 
 
 @dataclass
@@ -877,7 +1031,12 @@ class Reading:
 
     files: Iterator[Path]  # input files no reader has taken yet (READERS share it)
     ids: Ids = field(default_factory=lambda: Ids())  # every id the inputs name
-    limit: Limit = field(default_factory=lambda: Limit(None))  # --limit: how many of the job's prompts the readers may take
+    # --limit: how many of the job's prompts the readers may take
+    limit: Limit = field(default_factory=lambda: Limit(None))
+
+    @classmethod
+    def of(cls, settings: Settings, files: list[Path]) -> Reading:
+        return cls(iter(files), Ids({path.name: path for path in files}), Limit(settings.limit))
 
 
 @dataclass
@@ -885,11 +1044,21 @@ class Asking:
     """The generators' own (and the batch stage's): how prompts become requests, and what
     watches their outcomes."""
 
-    maker: PromptMaker  # how rows become prompts and requests (the run's settings, a row's own over them; the cache named)
-    media: Media = field(default_factory=lambda: Media(FilesFolder(Path()), INLINE_LIMIT_MB))  # the files rows name: read, inline or uploaded
+    # how rows become prompts and requests (the run's settings, a row's own over them; the cache named)
+    maker: PromptMaker
+    # the files rows name: read, inline or uploaded
+    media: Media = field(default_factory=lambda: Media(FilesFolder(Path()), INLINE_LIMIT_MB))
     fail_fast: FailFast = field(default_factory=lambda: FailFast())  # stops a run whose every prompt fails alike
-    resubmit: Resubmissions = field(default_factory=lambda: Resubmissions())  # --batch: the prompts to be asked again in a later job
-    leftovers: list[asyncio.Task[None]] = field(default_factory=list)  # an earlier run's work this one finishes (its batch jobs)
+    # --batch: the prompts to be asked again in a later job
+    resubmit: Resubmissions = field(default_factory=lambda: Resubmissions())
+    # an earlier run's work this one finishes (its batch jobs)
+    leftovers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, settings: Settings, job: Job, api: Api) -> Asking:
+        """The job's maker, and its rows' files read from FILES_DIR (uploaded through `api`)."""
+        folder = FilesFolder(files_dir(settings))
+        return cls(job.maker, Media(folder, settings.inline_limit_mb, api, settings.output_dir, job.tag))
 
 
 @dataclass
@@ -899,6 +1068,11 @@ class Writing:
     postprocessor: PostProcessor  # runs postprocess() for the writers, in its pool
     shard_numbers: Iterator[int]  # the next free shard numbers (WRITERS share it)
     name: str = field(default_factory=lambda: os.urandom(3).hex())  # names this run's journal files
+
+    @classmethod
+    def of(cls, settings: Settings, past: PastRuns) -> Writing:
+        """The post-processing pool, and shard numbers after those earlier runs wrote."""
+        return cls(PostProcessor(settings.postprocess, settings.postprocess_workers), itertools.count(past.next_shard))
 
 
 @dataclass
@@ -965,15 +1139,13 @@ async def open_run(settings: Settings, progress: Progress) -> AsyncIterator[Run]
         files = await inputs_checked(await list_input_files(settings.input_dir))
         client, limits = await reach_host_and_lock(settings, progress, cleanup)
         past = await past_of(settings, job)
-        writing = Writing(PostProcessor(settings.postprocess, settings.postprocess_workers), itertools.count(past.next_shard))
+        writing = Writing.of(settings, past)
         cleanup.push_async_callback(writing.postprocessor.aclose)
-        reading = Reading(iter(files), Ids({path.name: path for path in files}), Limit(settings.limit))
-        api = Api(client, functools.partial(retried, settings=settings, limits=limits, tally=progress.tally))
-        asking = Asking(job.maker, Media(FilesFolder(files_dir(settings)), settings.inline_limit_mb, api, settings.output_dir, job.tag))
+        reading = Reading.of(settings, files)
+        asking = Asking.of(settings, job, Api.of(settings, client, limits, progress.tally))
         progress.tally.skipped = len(past.answered)
         cleanup.push_async_callback(stop, *progress.start(settings, Shown(limits, asking.media, reading.limit)))
-        depth = queue_depth(settings)
-        run = Run(settings, client, limits, progress, past, asyncio.Queue(maxsize=depth), asyncio.Queue(maxsize=depth), reading, asking, writing)
+        run = Run(settings, client, limits, progress, past, *queues(settings), reading, asking, writing)
         try:
             yield await hold_on_google(run, job, cleanup)
         finally:
@@ -992,11 +1164,16 @@ async def past_of(settings: Settings, job: Job) -> PastRuns:
         past.refused.clear()
         past.cut_at.clear()
     if past.journaled:
-        log.info("%s that an earlier run received but never wrote: written as their prompts are read, with no request", plural(len(past.journaled), "answer"))
+        log.info(
+            "%s that an earlier run received but never wrote: written as their prompts are read, with no request",
+            plural(len(past.journaled), "answer"),
+        )
     return past
 
 
-async def reach_host_and_lock(settings: Settings, progress: Progress, cleanup: contextlib.AsyncExitStack) -> tuple[Any, Limits]:
+async def reach_host_and_lock(
+    settings: Settings, progress: Progress, cleanup: contextlib.AsyncExitStack
+) -> tuple[Any, Limits]:
     """reach_host, and the output folder locked, in the order that makes nothing on a refused
     start: a folder that exists is locked first (a second run on it stops at once, before
     asking the host), a new one is made only once the host has answered."""
@@ -1069,6 +1246,7 @@ def stopped_by_signals(main_task: asyncio.Task[None]) -> Iterator[None]:
     loop.add_reader(wake_reader.fileno(), drain, wake_reader)
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     previous_wakeup = signal.set_wakeup_fd(wake_writer.fileno(), warn_on_full_buffer=False)
+
     def handler(number: int, frame: Any) -> None:
         loop.call_soon_threadsafe(on_stop_signal, main_task, number)
 
@@ -1097,6 +1275,11 @@ def on_stop_signal(main_task: asyncio.Task[None], number: int) -> None:
     main_task.cancel(signal.Signals(number).name)
 
 
+def queues(settings: Settings) -> tuple[asyncio.Queue[Prompt], asyncio.Queue[Outcome]]:
+    """The two bounded queues: reader -> generators, generators -> writers (see queue_depth)."""
+    return asyncio.Queue(maxsize=queue_depth(settings)), asyncio.Queue(maxsize=queue_depth(settings))
+
+
 def queue_depth(settings: Settings) -> int:
     """QUEUE_SIZE, but at least one place per worker: on a busy event loop a queue hands
     over about its size per turn of the loop, so a shorter one leaves workers idle."""
@@ -1113,10 +1296,13 @@ async def all_answered(run: Run, readers: list[asyncio.Task[None]]) -> None:
     await run.prompts.join()  # every queued prompt has its outcome queued
     run.asking.media.inputs_read = True  # an upload no queued prompt needs now is needed by none
     run.past.drop_journaled()  # every input is read: what is left answers none of them
-    await asyncio.gather(*run.asking.leftovers)  # and what an earlier run left (see Run.leftovers for when they are known)
+    # and what an earlier run left (see Run.leftovers for when they are known)
+    await asyncio.gather(*run.asking.leftovers)
 
 
-async def shut_down(run: Run, readers: list[asyncio.Task[None]], generators: list[asyncio.Task[None]], writers: list[asyncio.Task[None]]) -> None:
+async def shut_down(
+    run: Run, readers: list[asyncio.Task[None]], generators: list[asyncio.Task[None]], writers: list[asyncio.Task[None]]
+) -> None:
     """Stop asking, let requests in flight land for a moment, write every answer
     received, then stop every task. A writer's error is raised: the run is not complete."""
     run.limits.gate.close()  # no request starts from now on
@@ -1223,12 +1409,22 @@ def check_credentials(settings: Settings) -> None:
     location and Application Default Credentials (or, in express mode, a key)."""
     if not on_vertex():
         if not api_key_from_env():
-            raise PipelineError("no API key: set GEMINI_API_KEY (or GOOGLE_GENAI_USE_VERTEXAI=true for Vertex AI), or try the pipeline with --offline")
+            raise PipelineError(
+                "no API key: set GEMINI_API_KEY (or GOOGLE_GENAI_USE_VERTEXAI=true for Vertex AI), or try the "
+                "pipeline with --offline"
+            )
         return
     if settings.batch:
-        raise PipelineError("--batch on Vertex AI reads and writes Cloud Storage or BigQuery, which this tool does not handle: run without --batch")
-    if settings.service_tier:  # Vertex AI refuses serviceTier in the body (googleapis/python-genai#2433): it takes a header
-        raise PipelineError("--service-tier on Vertex AI: its Flex and Priority PayGo are chosen by a header on the global endpoint, not this setting: run without it")
+        raise PipelineError(
+            "--batch on Vertex AI reads and writes Cloud Storage or BigQuery, which this tool does not handle: run "
+            "without --batch"
+        )
+    # Vertex AI refuses serviceTier in the body (googleapis/python-genai#2433): it takes a header
+    if settings.service_tier:
+        raise PipelineError(
+            "--service-tier on Vertex AI: its Flex and Priority PayGo are chosen by a header on the global endpoint, "
+            "not this setting: run without it"
+        )
     if api_key_from_env():
         return
     if missing := [name for name in ("GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION") if not os.environ.get(name)]:
@@ -1240,7 +1436,9 @@ def check_credentials(settings: Settings) -> None:
         google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
     except google.auth.exceptions.DefaultCredentialsError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PipelineError(f"no Application Default Credentials for Vertex AI ({reason}): run 'gcloud auth application-default login'") from None
+        raise PipelineError(
+            f"no Application Default Credentials for Vertex AI ({reason}): run 'gcloud auth application-default login'"
+        ) from None
 
 
 def redact(text: str) -> str:
@@ -1333,9 +1531,11 @@ async def write_outputs(run: Run, number: int) -> None:
 
 
 # ---------------------------------------------------------------- requests --
-REQUEST_LEVEL = ("systemInstruction", "safetySettings", "tools", "toolConfig", "cachedContent", "labels")  # not generationConfig's
+# not generationConfig's
+REQUEST_LEVEL = ("systemInstruction", "safetySettings", "tools", "toolConfig", "cachedContent", "labels")
 SDK_OPTIONS = ("httpOptions", "shouldReturnHttpResponse", "automaticFunctionCalling")  # the SDK's, not the API's
-CACHED_FIELDS = ("systemInstruction", "tools", "toolConfig")  # what goes into a cache: a request naming one may not send them
+# what goes into a cache: a request naming one may not send them
+CACHED_FIELDS = ("systemInstruction", "tools", "toolConfig")
 CAMEL = re.compile(r"_([a-z0-9])")
 
 
@@ -1346,15 +1546,21 @@ class PromptMaker:
     with a row's own settings over them. Keeps the ids rows name, which must be unique."""
 
     generation: dict[str, Any]  # the run's settings: GenerateContentConfig fields, camelCase
-    config: Any = None  # `generation` validated (or `cached`, with a cache): shared by every prompt without settings of its own
+    # `generation` validated (or `cached`, with a cache): shared by every prompt without settings of its own
+    config: Any = None
     answer_format: AnswerFormat | None = None  # JSON asked for by the run's settings
-    context: list[dict[str, Any]] = field(default_factory=list)  # CONTEXT, one user turn sent before each prompt's own; []: none
-    cached: dict[str, Any] | None = None  # with a cache (see naming): `generation` less what went into the cache, plus its name
-    prefix_tokens: int = 0  # estimated input tokens each request sends or names besides its own: the context (and a cached instruction)
+    # CONTEXT, one user turn sent before each prompt's own; []: none
+    context: list[dict[str, Any]] = field(default_factory=list)
+    # with a cache (see naming): `generation` less what went into the cache, plus its name
+    cached: dict[str, Any] | None = None
+    # estimated input tokens each request sends or names besides its own: the context (and a cached instruction)
+    prefix_tokens: int = 0
     media_root: Path = Path()  # FILES_DIR: the folder the names of the files rows name are relative to
 
     @classmethod
-    def of(cls, generation: dict[str, Any], context: list[dict[str, Any]] | None = None, media_root: Path = Path()) -> PromptMaker:
+    def of(
+        cls, generation: dict[str, Any], context: list[dict[str, Any]] | None = None, media_root: Path = Path()
+    ) -> PromptMaker:
         context = context or []
         try:
             config = generation_config(generation) if generation else (None, None)
@@ -1368,7 +1574,12 @@ class PromptMaker:
         sends those); a row with an instruction or tools of its own sends all without it."""
         cached = {k: v for k, v in self.generation.items() if k not in CACHED_FIELDS} | {"cachedContent": cache}
         instruction = turn_texts([self.generation.get("systemInstruction") or {}])
-        return dataclasses.replace(self, config=generation_config(cached)[0], cached=cached, prefix_tokens=self.prefix_tokens + text_tokens(instruction))
+        return dataclasses.replace(
+            self,
+            config=generation_config(cached)[0],
+            cached=cached,
+            prefix_tokens=self.prefix_tokens + text_tokens(instruction),
+        )
 
     def contents(self, prompt: Prompt) -> str | list[Any]:
         """What `prompt` sends as its contents: the context's turn first (the shared prefix
@@ -1390,7 +1601,14 @@ class PromptMaker:
         try:
             config, answer_format = generation_config(over(base, own))
         except ValueError as exc:
-            return Prompt(prompt_id, text, error=f"its settings: {exc}", fields=row.get("fields"), origin=row.get("origin", ""), digest=row["digest"])
+            return Prompt(
+                prompt_id,
+                text,
+                error=f"its settings: {exc}",
+                fields=row.get("fields"),
+                origin=row.get("origin", ""),
+                digest=row["digest"],
+            )
         return Prompt(prompt_id, text, config=config, answer_format=answer_format, own_settings=True, **row)
 
     def from_json(self, text: str, where: str) -> Prompt:
@@ -1402,8 +1620,14 @@ class PromptMaker:
             return Prompt(where, text.strip(), error=f"line is not JSON ({exc})")
         if not isinstance(row, dict):
             return Prompt(where, text.strip(), error="line is not a JSON object")
-        if not isinstance(given := row.get("key" if "request" in row else "id", ""), str | int) or isinstance(given, bool):
-            return Prompt(where, text.strip(), error=f"its {'key' if 'request' in row else 'id'} is not a string or a whole number")
+        if not isinstance(given := row.get("key" if "request" in row else "id", ""), str | int) or isinstance(
+            given, bool
+        ):
+            return Prompt(
+                where,
+                text.strip(),
+                error=f"its {'key' if 'request' in row else 'id'} is not a string or a whole number",
+            )
         if problem := unwritable(row, text):
             prompt_id, origin = own_id(row.get("key" if "request" in row else "id"), where)
             if not is_utf8(prompt_id):
@@ -1426,7 +1650,9 @@ class PromptMaker:
         own = camel_keys(own)
         if instruction is not None:
             own["systemInstruction"] = instruction_content(instruction)
-        return self.prompt(prompt_id, prompt, own, fields=fields or None, origin=origin, **({"media": media} if media else {}))
+        return self.prompt(
+            prompt_id, prompt, own, fields=fields or None, origin=origin, **({"media": media} if media else {})
+        )
 
     def from_batch_row(self, row: dict[str, Any], where: str) -> Prompt:
         """A line of a Gemini Batch API file: its request's contents go as they are."""
@@ -1438,8 +1664,13 @@ class PromptMaker:
         if not isinstance(contents, list) or not contents or unknown:
             problem = f"request field {unknown[0]} is not supported" if unknown else "request has no contents"
             return Prompt(prompt_id, "", error=f"{problem} ({where})", fields=fields or None, origin=origin)
-        own = {**camel_keys(request.get("generationConfig") or {}), **{k: request[k] for k in REQUEST_LEVEL if k in request}}
-        return self.prompt(prompt_id, last_user_text(contents), own, contents=contents, fields=fields or None, origin=origin)
+        own = {
+            **camel_keys(request.get("generationConfig") or {}),
+            **{k: request[k] for k in REQUEST_LEVEL if k in request},
+        }
+        return self.prompt(
+            prompt_id, last_user_text(contents), own, contents=contents, fields=fields or None, origin=origin
+        )
 
 
 def media_files(value: Any, root: Path) -> tuple[tuple[MediaFile, ...], str | None]:
@@ -1457,10 +1688,15 @@ def media_files(value: Any, root: Path) -> tuple[tuple[MediaFile, ...], str | No
         guessed = mimetypes.guess_type(name, strict=False)[0]
         mime = MIME_TYPES.get(guessed, guessed) if guessed else None
         if mime is None or not mime.startswith(MEDIA_TYPES):
-            return (), f"file {name}: " + (f"Gemini does not take {mime}" if mime else "its type is unknown (by its extension)")
+            return (), f"file {name}: " + (
+                f"Gemini does not take {mime}" if mime else "its type is unknown (by its extension)"
+            )
         if scheme not in ("", "https", "gs") or (scheme == "gs" and not on_vertex()):
-            return (), f"file {name}: " + ("gs:// URIs need Vertex AI" if scheme == "gs" else "a URL must be https:// (or gs:// on Vertex AI)")
-        if not scheme and (Path(name).is_absolute() or ".." in Path(name).parts):  # a row must not send files from elsewhere
+            return (), f"file {name}: " + (
+                "gs:// URIs need Vertex AI" if scheme == "gs" else "a URL must be https:// (or gs:// on Vertex AI)"
+            )
+        # a row must not send files from elsewhere
+        if not scheme and (Path(name).is_absolute() or ".." in Path(name).parts):
             return (), f"file {name}: not inside the files folder (name it relative to {root}, without ..)"
         media.append(MediaFile(name, mime, None if scheme else root / name))
     return tuple(media), None
@@ -1495,7 +1731,9 @@ class Ids:
             if prompt.id == prompt.origin or not await self.is_a_place(prompt.id, maker):
                 return
             first = f"{prompt.id} (a row with no id of its own)"
-        raise PipelineError(f"id {prompt.id!r} is named twice in the inputs: {first} and {prompt.origin}; ids must be unique")
+        raise PipelineError(
+            f"id {prompt.id!r} is named twice in the inputs: {first} and {prompt.origin}; ids must be unique"
+        )
 
     async def is_a_place(self, prompt_id: str, maker: PromptMaker) -> bool:
         """Whether `prompt_id` is the default id of a row or line of the inputs."""
@@ -1554,9 +1792,12 @@ def unwritable(value: Any, text: str, name: str = "") -> str | None:
         if depth > MAX_NESTING:
             return f"{where or 'line'} is nested more than {MAX_NESTING} deep"
         if isinstance(item, str) and not is_utf8(item):
-            return f"{where or 'text'} holds a lone surrogate ({ascii(next(c for c in item if not is_utf8(c)))}), which UTF-8 cannot carry"
+            lone = next(c for c in item if not is_utf8(c))
+            return f"{where or 'text'} holds a lone surrogate ({lone!a}), which UTF-8 cannot carry"
         if isinstance(item, dict):
-            stack += [(key, f"{where}.{key}" if where else "a field name", depth + 1) for key in item if not is_utf8(key)]
+            stack += [
+                (key, f"{where}.{key}" if where else "a field name", depth + 1) for key in item if not is_utf8(key)
+            ]
             stack += [(v, f"{where}.{k}" if where else str(k), depth + 1) for k, v in item.items()]
         elif isinstance(item, list):
             stack += [(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(item)]
@@ -1626,7 +1867,11 @@ def generation_config(generation: dict[str, Any]) -> tuple[Any, AnswerFormat | N
 
 def job_generation(settings: Settings) -> dict[str, Any]:
     """The run's generation settings, camelCase: GENERATION_CONFIG's fields, GENERATION_FIELDS over them."""
-    generation = camel_keys(load_json_object(settings.generation_config, "--generation-config")) if settings.generation_config else {}
+    generation = (
+        camel_keys(load_json_object(settings.generation_config, "--generation-config"))
+        if settings.generation_config
+        else {}
+    )
     for attribute, api_field in GENERATION_FIELDS.items():
         if (value := getattr(settings, attribute)) is not None:
             generation[api_field] = AS_SENT.get(api_field, lambda value: value)(value)
@@ -1635,7 +1880,11 @@ def job_generation(settings: Settings) -> dict[str, Any]:
 
 def request_generation(settings: Settings, generation: dict[str, Any]) -> dict[str, Any]:
     """What every request carries: the job's generation settings, REQUEST_FIELDS' and BUDGET_FIELDS'."""
-    asked = {api_field: value for attribute, api_field in REQUEST_FIELDS.items() if (value := getattr(settings, attribute)) is not None}
+    asked = {
+        api_field: value
+        for attribute, api_field in REQUEST_FIELDS.items()
+        if (value := getattr(settings, attribute)) is not None
+    }
     generation = {**generation, **asked}
     for attribute, place in BUDGET_FIELDS.items():
         if (value := getattr(settings, attribute)) is None:
@@ -1649,7 +1898,8 @@ def request_generation(settings: Settings, generation: dict[str, Any]) -> dict[s
     return generation
 
 
-BUDGET_KEYS = {place.split(".")[0] for place in BUDGET_FIELDS.values()}  # the generation fields that are no part of a job's identity
+# the generation fields that are no part of a job's identity
+BUDGET_KEYS = {place.split(".")[0] for place in BUDGET_FIELDS.values()}
 
 
 def budget_of(config: Any) -> dict[str, Any]:
@@ -1693,7 +1943,13 @@ def job_settings(generation: dict[str, Any], context: list[dict[str, Any]]) -> d
 
 def job_identity(settings: Settings, generation: dict[str, Any], context: list[dict[str, Any]]) -> str:
     """The job, as one string: model, settings, context, and the folder its answers go to."""
-    return json_line({"model": settings.model, "settings": job_settings(generation, context), "output": str(settings.output_dir.resolve())})
+    return json_line(
+        {
+            "model": settings.model,
+            "settings": job_settings(generation, context),
+            "output": str(settings.output_dir.resolve()),
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -1750,7 +2006,12 @@ def user_turn(text: str) -> dict[str, Any]:
 
 def turn_texts(contents: list[Any]) -> list[str]:
     """The texts of the parts of `contents` (turns, as the API's JSON has them)."""
-    return [str(part["text"]) for turn in contents for part in turn.get("parts") or [] if isinstance(part, dict) and "text" in part]
+    return [
+        str(part["text"])
+        for turn in contents
+        for part in turn.get("parts") or []
+        if isinstance(part, dict) and "text" in part
+    ]
 
 
 def text_tokens(texts: list[str]) -> int:
@@ -1766,7 +2027,11 @@ def own_id(value: Any, where: str) -> tuple[str, str]:
 def last_user_text(contents: list[Any]) -> str:
     """The text of the last user turn: what a multi-turn request's record shows as its prompt."""
     for content in reversed(contents):
-        if isinstance(content, dict) and content.get("role", "user") == "user" and isinstance(content.get("parts"), list):
+        if (
+            isinstance(content, dict)
+            and content.get("role", "user") == "user"
+            and isinstance(content.get("parts"), list)
+        ):
             return "".join(str(part.get("text", "")) for part in content["parts"] if isinstance(part, dict))
     return ""
 
@@ -1800,7 +2065,9 @@ def is_input_file(entry: os.DirEntry[str]) -> bool:
     if S_ISDIR(mode):
         return False
     if not S_ISREG(mode):
-        raise PipelineError(f"input file {entry.path} is not a regular file (a FIFO, socket or device): move it out of the input folder")
+        raise PipelineError(
+            f"input file {entry.path} is not a regular file (a FIFO, socket or device): move it out of the input folder"
+        )
     return True
 
 
@@ -1826,7 +2093,8 @@ class InputFormat:
     and a start-up check (see rows_format: each row becomes a Prompt as a JSONL row does),
     and its line in INPUT_FORMATS; reading, the progress total and the checks follow."""
 
-    prompts: Callable[[Path, PromptMaker, Answered | None], AsyncIterator[list[Prompt]]]  # the file's prompts, in order, in runs
+    # the file's prompts, in order, in runs
+    prompts: Callable[[Path, PromptMaker, Answered | None], AsyncIterator[list[Prompt]]]
     count: Callable[[Path], Awaitable[int]]  # how many it holds, without making them (the progress total)
     check: Callable[[Path], None]  # at start-up, in a thread: PipelineError if no prompt can come from the file
     delimiter: str = ""  # a table's cell separator; "": not a table
@@ -1846,7 +2114,9 @@ async def text_prompts(path: Path, maker: PromptMaker, answered: Answered | None
             yield run
 
 
-async def jsonl_prompts(path: Path, maker: PromptMaker, _answered: Answered | None = None) -> AsyncIterator[list[Prompt]]:
+async def jsonl_prompts(
+    path: Path, maker: PromptMaker, _answered: Answered | None = None
+) -> AsyncIterator[list[Prompt]]:
     """A request per non-blank line (see PromptMaker.from_json)."""
     async for first, lines in read_lines(path):
         for run in in_runs(line_prompts(path.name, first, lines, lambda where, text: maker.from_json(text, where))):
@@ -1862,7 +2132,11 @@ def line_prompts(
     number (see Answered.lines_of). Not an async generator: one more await per line costs
     the reader about a tenth of its speed."""
     texts = clean_texts(lines, first)
-    read = zip(texts, itertools.repeat(None)) if texts is not None else (decode(line, n == 1) for n, line in enumerate(lines, first))
+    read = (
+        zip(texts, itertools.repeat(None))
+        if texts is not None
+        else (decode(line, n == 1) for n, line in enumerate(lines, first))
+    )
     for number, (text, error) in enumerate(read, first):
         if error:
             yield Prompt(f"{name}:{number}", text, error=error)
@@ -1908,15 +2182,28 @@ async def csv_prompts(path: Path, maker: PromptMaker, _answered: Answered | None
         yield [row_prompt(path, row, header, maker) for row in rows]
 
 
-def row_prompt(path: Path, row: tuple[int, list[str], str | None], header: list[str] | None, maker: PromptMaker) -> Prompt:
+def row_prompt(
+    path: Path, row: tuple[int, list[str], str | None], header: list[str] | None, maker: PromptMaker
+) -> Prompt:
     """The prompt of a table's row (a row before the header is one that cannot be read)."""
     number, cells, error = row
     where = f"{path.name}:{number}"
     if error or header is None:  # no row can hold it: that row fails
         return Prompt(where, " ".join(cells).strip(), error=error)
     if len(cells) != len(header):
-        return Prompt(where, input_format(path).delimiter.join(cells).strip(), error=f"row has {len(cells)} cells, the header {len(header)}")
-    return maker.from_row({name: cell for name, cell in zip(header, cells) if cell or name not in ("id", "system_instruction")}, where)
+        return Prompt(
+            where,
+            input_format(path).delimiter.join(cells).strip(),
+            error=f"row has {len(cells)} cells, the header {len(header)}",
+        )
+    return maker.from_row(
+        {
+            name: cell
+            for name, cell in zip(header, cells, strict=True)
+            if cell or name not in ("id", "system_instruction")
+        },
+        where,
+    )
 
 
 def table_header(path: Path, number: int, cells: list[str]) -> list[str]:
@@ -1926,9 +2213,19 @@ def table_header(path: Path, number: int, cells: list[str]) -> list[str]:
         return header
     delimiter = input_format(path).delimiter
     seen = "tab" if delimiter == "\t" else "comma"
-    other = next((name for mark, name in ((";", "semicolon"), ("\t", "tab"), (",", "comma")) if mark != delimiter and mark in "".join(cells)), None)
+    other = next(
+        (
+            name
+            for mark, name in ((";", "semicolon"), ("\t", "tab"), (",", "comma"))
+            if mark != delimiter and mark in "".join(cells)
+        ),
+        None,
+    )
     hint = f"; it looks {other}-separated: save it comma-separated as .csv, or tab-separated as .tsv" if other else ""
-    raise PipelineError(f"{path}, line {number}: the header names no 'prompt' column (read as {seen}-separated: {', '.join(header)[:200]}){hint}")
+    raise PipelineError(
+        f"{path}, line {number}: the header names no 'prompt' column (read as {seen}-separated: "
+        f"{', '.join(header)[:200]}){hint}"
+    )
 
 
 async def table_rows(path: Path) -> AsyncIterator[list[tuple[int, list[str], str | None]]]:
@@ -1963,7 +2260,11 @@ def read_table(path: Path, delimiter: str) -> Iterator[tuple[int, list[str], str
             else:
                 if cells and END_OF_FILE in cells[-1]:
                     if cells != [END_OF_FILE]:
-                        yield start, [*cells[:-1], cells[-1].split(END_OF_FILE)[0][:200]], "a quoted cell is never closed"
+                        yield (
+                            start,
+                            [*cells[:-1], cells[-1].split(END_OF_FILE)[0][:200]],
+                            "a quoted cell is never closed",
+                        )
                     return
                 if any(cell.strip() for cell in cells):
                     yield start, *cell_problem(cells)
@@ -1975,7 +2276,9 @@ def cell_problem(cells: list[str]) -> tuple[list[str], str | None]:
     if any("\x00" in cell for cell in cells):
         return [cell.replace("\x00", "\ufffd") for cell in cells], "row holds a NUL byte: not text"
     if not all(map(is_utf8, cells)):
-        return [writable(cell.encode("utf-8", "surrogateescape").decode("utf-8", "replace")) for cell in cells], "row is not valid UTF-8"
+        return [
+            writable(cell.encode("utf-8", "surrogateescape").decode("utf-8", "replace")) for cell in cells
+        ], "row is not valid UTF-8"
     return cells, None
 
 
@@ -2017,7 +2320,8 @@ def next_chunk(path: Path, file: BinaryIO | None) -> tuple[BinaryIO | None, byte
     file = file or open(path, "rb")  # noqa: SIM115 (closed at its end, or by read_lines)
     try:
         chunk = file.read(READ_CHUNK_BYTES)
-        while len(chunk) < READ_CHUNK_BYTES and (more := file.read(READ_CHUNK_BYTES - len(chunk))):  # short: at the end?
+        # short: at the end?
+        while len(chunk) < READ_CHUNK_BYTES and (more := file.read(READ_CHUNK_BYTES - len(chunk))):
             chunk += more
     except BaseException:
         file.close()
@@ -2039,13 +2343,22 @@ def decode(line: bytes, first: bool) -> tuple[str, str | None]:
     return text, None
 
 
-def rows_format(rows: Callable[[Path], AsyncIterator[list[Row]]], count: Callable[[Path], Awaitable[int]], check: Callable[[Path], None]) -> InputFormat:
+def rows_format(
+    rows: Callable[[Path], AsyncIterator[list[Row]]],
+    count: Callable[[Path], Awaitable[int]],
+    check: Callable[[Path], None],
+) -> InputFormat:
     """The InputFormat of a kind of file that holds rows (a dict of columns each, with its
     place): every row becomes its Prompt through PromptMaker.from_row, as a JSONL row does."""
 
     async def prompts(path: Path, maker: PromptMaker, _answered: Answered | None = None) -> AsyncIterator[list[Prompt]]:
         async for batch in rows(path):
-            yield [maker.from_row(row.columns, row.where) if row.error is None else Prompt(row.where, row.shown, error=f"{row.error} ({row.where})") for row in batch]
+            yield [
+                maker.from_row(row.columns, row.where)
+                if row.error is None
+                else Prompt(row.where, row.shown, error=f"{row.error} ({row.where})")
+                for row in batch
+            ]
 
     return InputFormat(prompts, count, check)
 
@@ -2075,7 +2388,9 @@ def parquet_file(path: Path) -> Any:
     except OSError as exc:
         raise PipelineError(f"input file {path} cannot be read: {exc.strerror or exc}") from None
     except Exception as exc:  # noqa: BLE001 (pyarrow's ArrowInvalid: not Parquet, or torn)
-        raise PipelineError(f"input file {path} is not a Parquet file, or is torn ({str(exc).splitlines()[0][:200]})") from None
+        raise PipelineError(
+            f"input file {path} is not a Parquet file, or is torn ({str(exc).splitlines()[0][:200]})"
+        ) from None
 
 
 def parquet_checked(path: Path) -> None:
@@ -2105,8 +2420,11 @@ def next_rows(path: Path, batches: Iterator[Any], first: int) -> list[Row]:
     that cannot be decoded (a torn or damaged file) stops the run, naming the file and row."""
     try:
         batch = next(batches, None)
-    except Exception as exc:  # noqa: BLE001 (pyarrow's OSError or ArrowInvalid: the bytes are not what the metadata says)
-        raise PipelineError(f"input file {path} is damaged after row {first - 1}: {str(exc).splitlines()[0][:200]}") from None
+    # pyarrow's OSError or ArrowInvalid: the bytes are not what the metadata says
+    except Exception as exc:  # noqa: BLE001
+        raise PipelineError(
+            f"input file {path} is damaged after row {first - 1}: {str(exc).splitlines()[0][:200]}"
+        ) from None
     if batch is None:
         return []
     return [parquet_row(f"{path.name}:{number}", columns) for number, columns in enumerate(batch.to_pylist(), first)]
@@ -2153,12 +2471,20 @@ def json_native(value: Any, where: str) -> Any:
 
 def without_nulls(config: dict[str, Any]) -> dict[str, Any]:
     """A struct's fields that are set: a null is a field another row set, not a setting."""
-    return {key: without_nulls(value) if isinstance(value, dict) else value for key, value in config.items() if value is not None}
+    return {
+        key: without_nulls(value) if isinstance(value, dict) else value
+        for key, value in config.items()
+        if value is not None
+    }
 
 
 BINARY_SIGNATURES = {  # the first bytes of files that are data, not prompts, by what they are
-    b"PAR1": "a Parquet file (name it .parquet)", b"ARROW1": "an Arrow or Feather file", b"\x93NUMPY": "a NumPy .npy file",
-    b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip archive", b"SQLite format 3\x00": "an SQLite database",
+    b"PAR1": "a Parquet file (name it .parquet)",
+    b"ARROW1": "an Arrow or Feather file",
+    b"\x93NUMPY": "a NumPy .npy file",
+    b"PK\x03\x04": "a zip archive",
+    b"\x1f\x8b": "a gzip archive",
+    b"SQLite format 3\x00": "an SQLite database",
     b"\x7fELF": "a program",
 }
 
@@ -2271,10 +2597,12 @@ class FailFast:
     given, the rest would fail the same way, each paid for. The stop comes once the
     outcome that completed the opening is on its way to the writers: nothing paid is lost."""
 
-    openings: dict[str, list[str]] = field(default_factory=lambda: {"asked": [], "postprocessed": []})  # the first verdicts: "" or a failure's kind
+    # the first verdicts: "" or a failure's kind
+    openings: dict[str, list[str]] = field(default_factory=lambda: {"asked": [], "postprocessed": []})
     examples: dict[str, str] = field(default_factory=dict)  # by opening: its first failure's own words, for the message
     stop: PipelineError | None = None  # once an opening is all one failure: the error that ends the run
-    cut_short: CutShortWarning = field(default_factory=lambda: CutShortWarning())  # stops nothing, but says it: most answers cut short
+    # stops nothing, but says it: most answers cut short
+    cut_short: CutShortWarning = field(default_factory=lambda: CutShortWarning())
 
     def watch(self, outcome: Outcome) -> None:
         """A reply, or a prompt's refusal, judged (see failure_kind), while the opening lasts."""
@@ -2317,11 +2645,16 @@ def failure_kind(outcome: Outcome) -> str:
 def stop_message(kind: str, example: str) -> str:
     first = f"the first {FAIL_FAST_OUTCOMES}"
     if kind == "not as asked":
-        return f"{first} answers were all not the JSON asked for (the first: {example}): check --response-schema and the prompts; the answers are in {FAILED_FILE}"
+        return (
+            f"{first} answers were all not the JSON asked for (the first: {example}): "
+            f"check --response-schema and the prompts; the answers are in {FAILED_FILE}"
+        )
     if kind == "cut short":
         return f"{first} answers were all cut short (the first: {example}); the answers are in {FAILED_FILE}"
     if kind == "postprocess":
-        return f"postprocess() failed on {first} answers (the first: {example}): fix it; the answers are in {FAILED_FILE}"
+        return (
+            f"postprocess() failed on {first} answers (the first: {example}): fix it; the answers are in {FAILED_FILE}"
+        )
     blocked = kind.startswith("response has no text")  # the model declined: the prompts' doing
     return f"{first} prompts all failed the same way, which no retry fixes: {kind}; " + (
         "check the prompts, or safety_settings in --generation-config" if blocked else "check --model and the settings"
@@ -2341,15 +2674,22 @@ class CutShortWarning:
         if self.seen >= CUT_SHORT_OF or len(self.thinking) >= CUT_SHORT_WARN:
             return
         self.seen += 1
-        if isinstance(outcome, Failure) and outcome.cut_short or isinstance(outcome, Response) and outcome.finish_reason == "MAX_TOKENS":
-            self.thinking.append(int((outcome.usage or {}).get("thinking_tokens", 0)) if isinstance(outcome, Failure) else outcome.thinking_tokens)
+        if (isinstance(outcome, Failure) and outcome.cut_short) or (
+            isinstance(outcome, Response) and outcome.finish_reason == "MAX_TOKENS"
+        ):
+            self.thinking.append(
+                int((outcome.usage or {}).get("thinking_tokens", 0))
+                if isinstance(outcome, Failure)
+                else outcome.thinking_tokens
+            )
             if len(self.thinking) == CUT_SHORT_WARN:
                 log.warning("%s", self.said(budget_of(outcome.prompt.config).get("max_output_tokens")))
 
     def said(self, limit: int | None) -> str:
         mean = sum(self.thinking) / len(self.thinking)
         return (
-            f"{len(self.thinking)} of the first {self.seen} answers were cut short at {cut_at(limit)}: thinking averaged {mean:,.0f}"
+            f"{len(self.thinking)} of the first {self.seen} answers were cut short at {cut_at(limit)}: thinking "
+            f"averaged {mean:,.0f}"
             f"{f' of {limit:,}' if limit else ''} tokens; {LESS_THINKING}: a rerun with a larger budget asks them again"
         )
 
@@ -2364,8 +2704,10 @@ async def ask(run: Run, prompt: Prompt, tokens: int) -> Any:
         if prompt.media:
             contents = await run.asking.media.contents(prompt, contents)
         async with limits.concurrency, limits.gate.admit(tokens) as admitted:
-            admitted.reply = await run.client.aio.models.generate_content(  # --timeout-s is the client's own (see connect)
-                model=run.settings.model, contents=contents, config=prompt.config
+            admitted.reply = (
+                await run.client.aio.models.generate_content(  # --timeout-s is the client's own (see connect)
+                    model=run.settings.model, contents=contents, config=prompt.config
+                )
             )
     run.progress.tally.bill(admitted.reply.usage_metadata)
     return admitted.reply
@@ -2377,7 +2719,9 @@ def refused_for_every_prompt(exc: Exception, prompt: Prompt, settings: Settings)
     if classify(exc) != "permanent":
         return
     if api_error_code(exc) == 404:  # generateContent's only 404: no such model
-        raise PipelineError(f"the API does not know the model: {describe(exc, settings)} (check --model {settings.model})")
+        raise PipelineError(
+            f"the API does not know the model: {describe(exc, settings)} (check --model {settings.model})"
+        )
     if not prompt.own_settings and (setting := refused_setting(exc)):
         raise PipelineError(f"the API refuses the setting {setting}: {describe(exc, settings)}")
 
@@ -2395,14 +2739,17 @@ class RetryPolicy:
     final: frozenset[str] = frozenset({"permanent"})  # kinds of error (see classify) never tried again
     waits_out: tuple[type[Exception], ...] = ()  # errors tried again whatever classify says (a state still to change)
     every_s: float | None = None  # a fixed wait between tries (a poll); None: backoff_s
-    stops_with_run: bool = True  # once the run stops asking, raise the last error rather than wait; False: the call itself finds out
+    # once the run stops asking, raise the last error rather than wait; False: the call itself finds out
+    stops_with_run: bool = True
 
     def gives_up(self, kind: str, attempt: int, settings: Settings) -> bool:
         most = settings.max_attempts if self.attempts == 0 else self.attempts
         return kind in self.final or 0 < most <= attempt
 
 
-GENERATION = RetryPolicy("a prompt", timed=False, host_waits=True, final=frozenset({"permanent", "edited"}), stops_with_run=False)
+GENERATION = RetryPolicy(
+    "a prompt", timed=False, host_waits=True, final=frozenset({"permanent", "edited"}), stops_with_run=False
+)
 API_CALL = RetryPolicy("a Files, caching or Batch API call")
 TRANSFER = RetryPolicy("an upload or download", timed=False)
 POLL = RetryPolicy("a look at a batch job", attempts=-1)
@@ -2410,7 +2757,9 @@ COUNT = RetryPolicy("countTokens", attempts=ESTIMATE_ATTEMPTS)
 DELETE = RetryPolicy("a delete", attempts=3)
 
 
-async def retried(call: Callable[[int], Awaitable[Any]], policy: RetryPolicy, settings: Settings, limits: Limits, tally: Tally) -> Any:
+async def retried(
+    call: Callable[[int], Awaitable[Any]], policy: RetryPolicy, settings: Settings, limits: Limits, tally: Tally
+) -> Any:
     """`call(attempt)` until it returns, as `policy` says: the one loop that waits between
     attempts. A transient error waits backoff_s (or what the server asked); a 429 naming a
     per-minute quota holds every request (Gate.pause); a refused key or a spent daily quota
@@ -2433,7 +2782,7 @@ async def retried(call: Callable[[int], Awaitable[Any]], policy: RetryPolicy, se
             kind = "transient" if isinstance(exc, policy.waits_out) else classify(exc)
             stop_if_fatal(kind, exc, settings)
             tally.rate_limited += api_error_code(exc) == 429
-            if policy.gives_up(kind, attempt, settings) or policy.stops_with_run and limits.gate.closed:
+            if policy.gives_up(kind, attempt, settings) or (policy.stops_with_run and limits.gate.closed):
                 raise
             await wait_to_retry(exc, min(attempt, settings.max_attempts), policy, limits.gate, settings)
             if policy.stops_with_run and limits.gate.closed:  # the run stopped asking during the wait
@@ -2458,7 +2807,9 @@ async def wait_to_retry(exc: BaseException, attempt: int, policy: RetryPolicy, g
 def stop_if_fatal(kind: str, exc: BaseException, settings: Settings) -> None:
     """A refused key or a spent daily quota ends the run: no other request would fare better."""
     if kind == "auth" and on_vertex() and not api_key_from_env():
-        raise PipelineError(f"the credentials were refused ({describe(exc, settings)}); check your Application Default Credentials") from None
+        raise PipelineError(
+            f"the credentials were refused ({describe(exc, settings)}); check your Application Default Credentials"
+        ) from None
     if kind == "auth":
         raise PipelineError(f"the API key was refused ({describe(exc, settings)}); check GEMINI_API_KEY") from None
     if kind == "cache gone":
@@ -2488,7 +2839,14 @@ def to_outcome(prompt: Prompt, reply: Any, attempts: int, settings: Settings) ->
         budget=budget_of(prompt.config) or None,
     )
     if response.finish_reason == "MAX_TOKENS" and not settings.accept_cut_short:
-        return Failure(prompt, cut_short_reason(response), attempts, response=response.text or None, usage=usage_of(response), cut_short=True)
+        return Failure(
+            prompt,
+            cut_short_reason(response),
+            attempts,
+            response=response.text or None,
+            usage=usage_of(response),
+            cut_short=True,
+        )
     if not response.text:
         block = reply.prompt_feedback.block_reason if reply.prompt_feedback else None
         reason = f"blocked: {enum_text(block)}" if block else f"finish_reason {response.finish_reason}"
@@ -2500,10 +2858,12 @@ def cut_short_reason(response: Response) -> str:
     """Why an answer stopped at MAX_TOKENS, in words and the reply's own figures."""
     limit = (response.budget or {}).get("max_output_tokens")
     fix = LESS_THINKING if response.thinking_tokens else "raise --max-output-tokens"
-    return f"cut short at {cut_at(limit)}: thinking took {response.thinking_tokens:,}, the answer {response.response_tokens:,}; {fix}"
+    spent = f"thinking took {response.thinking_tokens:,}, the answer {response.response_tokens:,}"
+    return f"cut short at {cut_at(limit)}: {spent}; {fix}"
 
 
-LESS_THINKING = "raise --max-output-tokens or lower --thinking-budget (or --thinking-level)"  # what to do when thinking took the budget
+# what to do when thinking took the budget
+LESS_THINKING = "raise --max-output-tokens or lower --thinking-budget (or --thinking-level)"
 
 
 def cut_at(limit: int | None) -> str:
@@ -2522,7 +2882,9 @@ def served_tier(reply: Any) -> str | None:
 def not_as_asked(outcome: Outcome) -> Failure | None:
     """An answer that is not the JSON asked for, as a Failure that keeps it (it was paid for)."""
     if isinstance(outcome, Response) and (problem := outcome.parse()):
-        return Failure(outcome.prompt, problem, outcome.attempts, response=outcome.text, permanent=True, usage=usage_of(outcome))
+        return Failure(
+            outcome.prompt, problem, outcome.attempts, response=outcome.text, permanent=True, usage=usage_of(outcome)
+        )
     return None
 
 
@@ -2539,11 +2901,11 @@ def enum_text(value: Any) -> str | None:
 
 
 def classify(exc: BaseException) -> str:
-    """What a failed request means: 'auth', 'daily quota' and 'cache gone' (the run's cache was deleted) stop the run; 'edited' (a
-    file changed after its row was read) fails its prompt, not for good; 'rate limit'
-    (a 429 naming a per-minute quota) pauses every generator; 'capacity' (a 429 naming
-    none, a 503 "overloaded": the server is full) lowers the requests in flight (see
-    Concurrency); 'transient' is retried; 'permanent' fails the prompt.
+    """What a failed request means: 'auth', 'daily quota' and 'cache gone' (the run's cache
+    was deleted) stop the run; 'edited' (a file changed after its row was read) fails its
+    prompt, not for good; 'rate limit' (a 429 naming a per-minute quota) pauses every
+    generator; 'capacity' (a 429 naming none, a 503 "overloaded": the server is full) lowers
+    the requests in flight (see Concurrency); 'transient' is retried; 'permanent' fails the prompt.
 
     google-genai raises APIError carrying the HTTP status as `.code`; it is read
     here without importing the SDK, so that --offline starts fast."""
@@ -2572,7 +2934,11 @@ def unreachable(exc: BaseException) -> str | None:
     badly or slowly): 'connection refused', 'name not resolved', 'TLS handshake failed'..."""
     connection_errors = tuple(
         getattr(loaded, name)
-        for module, names in (("aiohttp", ("ClientConnectionError",)), ("httpx", HTTPX_CONNECTION_ERRORS), ("httpx2", HTTPX_CONNECTION_ERRORS))
+        for module, names in (
+            ("aiohttp", ("ClientConnectionError",)),
+            ("httpx", HTTPX_CONNECTION_ERRORS),
+            ("httpx2", HTTPX_CONNECTION_ERRORS),
+        )
         if (loaded := sys.modules.get(module)) is not None
         for name in names
     )
@@ -2605,15 +2971,22 @@ def unreachable(exc: BaseException) -> str | None:
 
 
 CONNECTION_ERROR_WORDS: dict[type[BaseException], str] = {
-    ConnectionRefusedError: "connection refused", ConnectionResetError: "connection reset",
-    ConnectionAbortedError: "connection aborted", BrokenPipeError: "the connection was closed before an answer",
-}  # fmt: skip
+    ConnectionRefusedError: "connection refused",
+    ConnectionResetError: "connection reset",
+    ConnectionAbortedError: "connection aborted",
+    BrokenPipeError: "the connection was closed before an answer",
+}
 HTTPX_CONNECTION_ERRORS = ("ConnectError", "ConnectTimeout", "ReadError", "WriteError", "RemoteProtocolError")
 CONNECTION_ERRNOS = {
-    errno.ECONNREFUSED: "connection refused", errno.ECONNRESET: "connection reset", errno.ECONNABORTED: "connection aborted",
-    errno.EHOSTUNREACH: "no route to host", errno.ENETUNREACH: "network unreachable", errno.ENETDOWN: "network down",
-    errno.ETIMEDOUT: "connection timed out", errno.EPIPE: "the connection was closed before an answer",
-}  # fmt: skip
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset",
+    errno.ECONNABORTED: "connection aborted",
+    errno.EHOSTUNREACH: "no route to host",
+    errno.ENETUNREACH: "network unreachable",
+    errno.ENETDOWN: "network down",
+    errno.ETIMEDOUT: "connection timed out",
+    errno.EPIPE: "the connection was closed before an answer",
+}
 
 
 def quota_ids(exc: BaseException) -> list[str]:
@@ -2654,7 +3027,15 @@ def refused_setting(exc: BaseException) -> str | None:
     return None
 
 
-RUN_WIDE_FIELDS = {"generation_config", "generationConfig", "system_instruction", "systemInstruction", "model", "safety_settings", "safetySettings"}
+RUN_WIDE_FIELDS = {
+    "generation_config",
+    "generationConfig",
+    "system_instruction",
+    "systemInstruction",
+    "model",
+    "safety_settings",
+    "safetySettings",
+}
 
 
 def server_retry_delay_s(exc: BaseException) -> float | None:
@@ -2691,7 +3072,8 @@ def describe(exc: BaseException, settings: Settings) -> str:
         text = f"{' '.join(str(part) for part in (code, getattr(exc, 'status', None)) if part)}: {message}"
     else:
         text = str(exc) if isinstance(exc, UnsendableFile) else f"{type(exc).__name__}: {exc}"
-    text = redact(" ".join(writable(text).split()))  # an HTML error page would otherwise fill the screen; before the cut,
+    # an HTML error page would otherwise fill the screen; before the cut,
+    text = redact(" ".join(writable(text).split()))
     return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"  # which could leave part of a key
 
 
@@ -2711,10 +3093,13 @@ class Gate:
     Hand-written rather than aiolimiter's AsyncLimiter: the rate limits and the shared
     back-off are one schedule here (the next moment a request may start)."""
 
-    def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None = None, spend: Spend | None = None) -> None:
+    def __init__(
+        self, requests_per_minute: float | None, tokens_per_minute: float | None = None, spend: Spend | None = None
+    ) -> None:
         self.interval_s = 60 / (requests_per_minute * RATE_HEADROOM) if requests_per_minute else 0.0
         self.tokens_per_minute = tokens_per_minute  # --tpm
-        self.token_s = 60 / (tokens_per_minute * RATE_HEADROOM) if tokens_per_minute else 0.0  # of the schedule per input token
+        # of the schedule per input token
+        self.token_s = 60 / (tokens_per_minute * RATE_HEADROOM) if tokens_per_minute else 0.0
         self.next_slot = 0.0  # time.monotonic() of the next free start under --rpm...
         self.next_tokens = 0.0  # ...and under --tpm: when the input tokens started so far fit in it
         self.estimated = 0  # input tokens of the requests answered so far, as estimated...
@@ -2759,7 +3144,11 @@ class Gate:
             if slot > now:
                 await self.hold(slot - now)
             if time.monotonic() >= self.paused_until:  # no 429 paused everyone meanwhile
-                if self.spend.limit_usd is not None and not self.closed and not self.spend.start(tokens, self.token_ratio):
+                if (
+                    self.spend.limit_usd is not None
+                    and not self.closed
+                    and not self.spend.start(tokens, self.token_ratio)
+                ):
                     self.close()  # the budget is spent: no request starts any more
                 return not self.closed
         return False
@@ -2769,7 +3158,8 @@ class Gate:
         more than --tpm allows in a minute, or alone more than --max-cost-usd."""
         expected = round(tokens * self.token_ratio)
         if self.tokens_per_minute and expected > self.tokens_per_minute * RATE_HEADROOM:
-            return f"needs about {expected:,} input tokens, more than --tpm {self.tokens_per_minute:g} lets start in a minute"
+            tpm = self.tokens_per_minute
+            return f"needs about {expected:,} input tokens, more than --tpm {tpm:g} lets start in a minute"
         limit = self.spend.limit_usd
         if limit is not None and (cost := self.spend.expected_usd(expected)) > limit:
             return f"would cost about {dollars(cost)} alone, more than --max-cost-usd {limit:g}"
@@ -2849,18 +3239,24 @@ class Admission:
 
     async def __aexit__(self, *_: object) -> None:
         reply = self.reply
-        self.gate.landed(self.tokens, getattr(reply, "usage_metadata", None), served_tier(reply) if reply is not None else None)
+        self.gate.landed(
+            self.tokens, getattr(reply, "usage_metadata", None), served_tier(reply) if reply is not None else None
+        )
 
 
 class Spend:
     """What the run has cost so far, in US dollars, estimated from each reply's token counts
     and PRICES (thinking billed as output, cached input at its own price, the Batch API at
-    half, each service tier at its TIER_PRICES share); and --max-cost-usd: a request may start only while what was spent, plus what the
-    requests in flight are expected to cost, plus its own, stays within it. A request's
-    expected cost is its estimated input and the mean output of the replies so far."""
+    half, each service tier at its TIER_PRICES share); and --max-cost-usd: a request may
+    start only while what was spent, plus what the requests in flight are expected to cost,
+    plus its own, stays within it. A request's expected cost is its estimated input and the
+    mean output of the replies so far."""
 
-    def __init__(self, price: tuple[float, float, float, float] | None, limit_usd: float | None = None, discount: float = 1.0) -> None:
-        self.price = price  # USD per million input, output and cached input tokens, and per million cached an hour; None: unknown
+    def __init__(
+        self, price: tuple[float, float, float, float] | None, limit_usd: float | None = None, discount: float = 1.0
+    ) -> None:
+        # USD per million input, output and cached input tokens, and per million cached an hour; None: unknown
+        self.price = price
         self.limit_usd = limit_usd  # --max-cost-usd
         self.discount = discount  # of PRICES, as asked: BATCH_PRICE for --batch, else the tier's (TIER_PRICES)
         self.spent_usd = 0.0  # every reply billed so far
@@ -2929,7 +3325,10 @@ class Spend:
         if usage is None or self.price is None:
             return
         output = token_count(usage, "candidates_token_count") + token_count(usage, "thoughts_token_count")
-        input_tokens, cached = token_count(usage, "prompt_token_count"), token_count(usage, "cached_content_token_count")
+        input_tokens, cached = (
+            token_count(usage, "prompt_token_count"),
+            token_count(usage, "cached_content_token_count"),
+        )
         self.replies, self.output_tokens = self.replies + 1, self.output_tokens + output
         self.input_tokens, self.cached_tokens = self.input_tokens + input_tokens, self.cached_tokens + cached
         self.spent_usd += self.usd(input_tokens, cached, output, tier)
@@ -3040,7 +3439,14 @@ class Outage:
     is kept; a rerun continues); one of OUTAGE_AT_START_S before the host ever answered is
     a wrong address or no network, and a one-line error."""
 
-    def __init__(self, probe: Callable[[], Awaitable[Any]], host: str, limit_s: float, closed: asyncio.Event, changed: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        probe: Callable[[], Awaitable[Any]],
+        host: str,
+        limit_s: float,
+        closed: asyncio.Event,
+        changed: Callable[[], None] = lambda: None,
+    ) -> None:
         self.probe = probe  # one small request to the host: any answer, an error included, means it is reachable
         self.host = host  # what cannot be reached, for messages
         self.limit_s = limit_s  # --outage-limit-s
@@ -3119,8 +3525,12 @@ class Outage:
         episode.cause = cause
         if not episode.confirmed:
             episode.confirmed = True
-            log.log(logging.WARNING if self.reached else logging.DEBUG,  # before any answer: one line at the end
-                    "cannot reach %s: %s; every request waits until it answers again", self.host, cause)
+            log.log(
+                logging.WARNING if self.reached else logging.DEBUG,  # before any answer: one line at the end
+                "cannot reach %s: %s; every request waits until it answers again",
+                self.host,
+                cause,
+            )
         self.changed()
 
     def _end(self, episode: Episode) -> None:
@@ -3170,7 +3580,9 @@ def token_count(usage: Any, name: str) -> int:
 def estimated_tokens(prompt: Prompt) -> int:
     """A request's input tokens before it is sent: its text's characters (the system
     instruction's too) / CHARS_PER_TOKEN, and NON_TEXT_PART_TOKENS per image or file part."""
-    parts = [part for content in prompt.contents or [] if isinstance(content, dict) for part in content.get("parts") or []]
+    parts = [
+        part for content in prompt.contents or [] if isinstance(content, dict) for part in content.get("parts") or []
+    ]
     texts = [str(part["text"]) for part in parts if isinstance(part, dict) and "text" in part]
     others = len(parts) - len(texts)  # inline data, files
     if not parts:
@@ -3193,7 +3605,10 @@ def media_tokens(prompt: Prompt) -> int:
     level = enum_text(getattr(prompt.config, "media_resolution", None)) or "medium"
     per_page = MEDIA_TOKENS.get(level.removeprefix("MEDIA_RESOLUTION_").lower(), MEDIA_TOKENS["medium"])
     per_unit = {"image": per_page, "application": per_page, **TOKENS_PER_SECOND, "text": 1}
-    return sum(round(file.units * per_unit[file.mime_type.partition("/")[0]]) if file.units else NON_TEXT_PART_TOKENS for file in prompt.media)
+    return sum(
+        round(file.units * per_unit[file.mime_type.partition("/")[0]]) if file.units else NON_TEXT_PART_TOKENS
+        for file in prompt.media
+    )
 
 
 # ------------------------------------------------------------------- cache --
@@ -3225,7 +3640,7 @@ class ContextCache:
             self.bill_storage()
             try:
                 await run.retried(lambda _: renewed(self.client, self.name, CACHE_TTL_S), API_CALL)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (logged: the next renewal is tried, the TTL outlasts three)
                 log.warning("could not renew the context cache %s: %s", self.name, describe(exc, run.settings))
 
     async def close(self, run: Run) -> None:
@@ -3238,7 +3653,12 @@ class ContextCache:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(CACHE_DELETE_S):
                 await renewed(self.client, self.name, BATCH_JOB_LIFE_S)
-        log.warning("kept the context cache %s for %s that name it, for up to %s: the rerun that collects them deletes it", self.name, plural(jobs, "batch job"), duration(BATCH_JOB_LIFE_S))
+        log.warning(
+            "kept the context cache %s for %s that name it, for up to %s: the rerun that collects them deletes it",
+            self.name,
+            plural(jobs, "batch job"),
+            duration(BATCH_JOB_LIFE_S),
+        )
 
 
 def renewed(client: Any, name: str, ttl_s: float) -> Awaitable[Any]:
@@ -3253,8 +3673,13 @@ async def delete_cache(run: Run, name: str) -> None:
         async with asyncio.timeout(CACHE_DELETE_S):
             await run.retried(lambda _: run.client.aio.caches.delete(name=name), DELETE)
         log.info("deleted the context cache %s", name)
-    except Exception as exc:
-        log.warning("could not delete the context cache %s (%s): it expires within %s", name, type(exc).__name__, duration(CACHE_TTL_S))
+    except Exception as exc:  # noqa: BLE001 (logged: it expires by its TTL, a rerun deletes it)
+        log.warning(
+            "could not delete the context cache %s (%s): it expires within %s",
+            name,
+            type(exc).__name__,
+            duration(CACHE_TTL_S),
+        )
 
 
 async def open_cache(run: Run, job: Job) -> ContextCache | None:
@@ -3266,12 +3691,23 @@ async def open_cache(run: Run, job: Job) -> ContextCache | None:
     counted = await run.retried(lambda _: client.aio.models.count_tokens(model=settings.model, contents=held), API_CALL)
     tokens, minimum = int(counted.total_tokens or 0), cache_minimum(settings.model)
     if tokens < minimum:
-        log.warning("--cache: the instruction and context hold %s tokens, under %s's minimum of %s for a cache: sent first in each request instead", f"{tokens:,}", settings.model, f"{minimum:,}")
+        log.warning(
+            "--cache: the instruction and context hold %s tokens, under %s's minimum of %s for a cache: sent first "
+            "in each request instead",
+            f"{tokens:,}",
+            settings.model,
+            f"{minimum:,}",
+        )
         return None
     display_name = cache_display_name(job.identity)
-    found = [c async for c in await run.retried(lambda _: client.aio.caches.list(config={"page_size": 100}), API_CALL) if c.display_name == display_name]
+    found = [
+        c
+        async for c in await run.retried(lambda _: client.aio.caches.list(config={"page_size": 100}), API_CALL)
+        if c.display_name == display_name
+    ]
     alive = [c for c in found if c.model and c.model.endswith(f"/{settings.model}")]
-    for gone in [c for c in found if c is not (alive[0] if alive else None)]:  # never two at once: one kept, the others deleted
+    # never two at once: one kept, the others deleted
+    for gone in [c for c in found if c is not (alive[0] if alive else None)]:
         await delete_cache(run, str(gone.name))
     if alive:
         log.info("using the context cache %s an earlier run of this job left", alive[0].name)
@@ -3288,14 +3724,24 @@ async def create_cache(run: Run, generation: dict[str, Any], display_name: str) 
     small (its minimum above CACHE_MIN_TOKENS's): None, and it is sent first instead; any other
     refusal stops the run."""
     held = {k: generation[k] for k in CACHED_FIELDS if k in generation}
-    config = {**held, "contents": run.asking.maker.context or None, "ttl": f"{CACHE_TTL_S:.0f}s", "displayName": display_name}
+    config = {
+        **held,
+        "contents": run.asking.maker.context or None,
+        "ttl": f"{CACHE_TTL_S:.0f}s",
+        "displayName": display_name,
+    }
     try:
-        return await run.retried(lambda _: run.client.aio.caches.create(model=run.settings.model, config=config), API_CALL)
+        return await run.retried(
+            lambda _: run.client.aio.caches.create(model=run.settings.model, config=config), API_CALL
+        )
     except Exception as exc:
         if api_error_code(exc) is None:
             raise
         if api_error_code(exc) == 400 and "too small" in str(getattr(exc, "message", "")).lower():
-            log.warning("--cache: the API finds the prefix too small to cache (%s): sent first in each request instead", describe(exc, run.settings))
+            log.warning(
+                "--cache: the API finds the prefix too small to cache (%s): sent first in each request instead",
+                describe(exc, run.settings),
+            )
             return None
         raise PipelineError(f"--cache: the API would not create the cache ({describe(exc, run.settings)})") from None
 
@@ -3328,7 +3774,7 @@ class Upload:
     expires: float  # time.time() when the API deletes it by itself (48 h after it was made)
 
 
-class UnsendableFile(ValueError):
+class UnsendableFile(ValueError):  # noqa: N818 (a row's file, named as the row's failure says it)
     """A file a row names that cannot be sent: its row fails, naming it and why."""
 
 
@@ -3352,7 +3798,8 @@ class FilesFolder:
         self.root = root  # as the settings give it: relative names are joined to it (media_files)
         self.real_root = os.path.realpath(root)  # where it really is: every file must be inside
         self.resolved: dict[Path, str] = {}  # a file's path as named -> its real path, once checked to be inside
-        self.verified: dict[str, tuple[str | int, ...]] = {}  # real path -> the SHA-256 its bytes last hashed to, and its stat then (read_checked)
+        # real path -> the SHA-256 its bytes last hashed to, and its stat then (read_checked)
+        self.verified: dict[str, tuple[str | int, ...]] = {}
 
     def real_path(self, file: MediaFile) -> str:
         """Where `file` really is, links followed; UnsendableFile if that is outside the folder."""
@@ -3360,7 +3807,9 @@ class FilesFolder:
         if (real := self.resolved.get(file.path)) is None:
             real = os.path.realpath(file.path)
             if os.path.commonpath([real, self.real_root]) != self.real_root:
-                raise UnsendableFile(f"file {file.name}: resolves outside {self.root} (to {shown_path(real, self.real_root)})")
+                raise UnsendableFile(
+                    f"file {file.name}: resolves outside {self.root} (to {shown_path(real, self.real_root)})"
+                )
             self.resolved[file.path] = real
         return real
 
@@ -3372,7 +3821,9 @@ class FilesFolder:
             fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             unusual = exc.errno in (errno.ENXIO, errno.ELOOP, errno.EOPNOTSUPP)  # a socket; a link swapped in
-            raise UnsendableFile(f"file {file.name}: " + ("not a regular file" if unusual else exc.strerror or str(exc))) from None
+            raise UnsendableFile(
+                f"file {file.name}: " + ("not a regular file" if unusual else exc.strerror or str(exc))
+            ) from None
         try:
             stat = os.fstat(fd)
             if not S_ISREG(stat.st_mode):
@@ -3399,7 +3850,10 @@ class FilesFolder:
         with stream:
             data = stream.read(file.size + 1)
             stat = os.fstat(stream.fileno())
-        seen, real = (file.sha256, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns), self.real_path(file)
+        seen, real = (
+            (file.sha256, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns),
+            self.real_path(file),
+        )
         if self.verified.get(real) == seen:
             return data
         if len(data) != file.size or hashlib.sha256(data).hexdigest() != file.sha256:
@@ -3449,8 +3903,13 @@ class CheckedUpload(io.RawIOBase):
         chunk = self.stream.read(size)
         self.digest.update(chunk)
         self.count += len(chunk)
-        if (self.count >= self.file.size or not chunk) and (self.count, self.digest.hexdigest()) != (self.file.size, self.file.sha256):
-            raise EditedFile(f"file {self.file.name} changed after its row was read: not uploaded (a rerun reads it again)")
+        if (self.count >= self.file.size or not chunk) and (self.count, self.digest.hexdigest()) != (
+            self.file.size,
+            self.file.sha256,
+        ):
+            raise EditedFile(
+                f"file {self.file.name} changed after its row was read: not uploaded (a rerun reads it again)"
+            )
         return chunk
 
 
@@ -3466,16 +3925,26 @@ class Media:
     rerun reads again only a file that changed (hashing runs at about 1.2 GB/s here: a rerun
     of 200,000 photos of 1 MB would otherwise read them all before it could skip one)."""
 
-    def __init__(self, folder: FilesFolder, limit_mb: float, api: Api | None = None, output_dir: Path | None = None, tag: str = "") -> None:
+    def __init__(
+        self,
+        folder: FilesFolder,
+        limit_mb: float,
+        api: Api | None = None,
+        output_dir: Path | None = None,
+        tag: str = "",
+    ) -> None:
         self.api = api  # the run's Files API, and how its calls are retried; None: an estimate, which uploads nothing
         self.folder = folder  # FILES_DIR: the only place the files are read from
         self.journal = output_dir / UPLOADS_FILE if output_dir else None  # each upload started, made, and deleted
-        self.digests = output_dir / DIGESTS_FILE if output_dir else None  # each file's hash once read (None: an estimate, keeping nothing)
+        # each file's hash once read (None: an estimate, keeping nothing)
+        self.digests = output_dir / DIGESTS_FILE if output_dir else None
         self.tag = tag  # the job's, in each upload's display name
         self.limit_bytes = limit_mb * 1e6  # INLINE_LIMIT_MB
-        self.hashes: dict[tuple[str, int, int], tuple[str, float]] = {}  # (path, size, mtime_ns) -> SHA-256 and units: read once however many rows name it
+        # (path, size, mtime_ns) -> SHA-256 and units: read once however many rows name it
+        self.hashes: dict[tuple[str, int, int], tuple[str, float]] = {}
         self.uploads: dict[str, Upload] = {}  # by SHA-256: made by this run, or recorded by earlier ones
-        self.uploading: dict[str, asyncio.Task[Upload]] = {}  # by SHA-256: in flight, awaited by each prompt that needs it
+        # by SHA-256: in flight, awaited by each prompt that needs it
+        self.uploading: dict[str, asyncio.Task[Upload]] = {}
         self.needed: Counter[str] = Counter()  # SHA-256 -> prompts queued with that file that are not done with it
         self.slots = asyncio.Semaphore(UPLOADS_AT_ONCE)  # uploads in flight at once
         self.journaled = False  # the journal holds lines: this job has uploaded, so the end looks for what is left
@@ -3487,8 +3956,14 @@ class Media:
         folded into its digest; or, if one cannot be sent, with its error naming the file."""
         try:
             media = await asyncio.to_thread(self.read_all, prompt.media)
-            if self.api is not None and on_vertex() and not all(now for file, now in zip(media, self.inline(prompt.text, media)) if file.path):
-                raise UnsendableFile("its files are over --inline-limit-mb, and Vertex AI has no Files API: name gs:// copies instead")
+            if (
+                self.api is not None
+                and on_vertex()
+                and not all(now for file, now in zip(media, self.inline(prompt.text, media), strict=True) if file.path)
+            ):
+                raise UnsendableFile(
+                    "its files are over --inline-limit-mb, and Vertex AI has no Files API: name gs:// copies instead"
+                )
         except UnsendableFile as exc:
             return dataclasses.replace(prompt, error=f"{exc} ({prompt.origin or prompt.id})")
         digest = hashlib.sha256(" ".join([prompt.digest, *(file.sha256 for file in media)]).encode()).hexdigest()[:32]
@@ -3526,7 +4001,11 @@ class Media:
         lines; not synced, a lost one is read again)."""
         if self.digests is not None:
             with stop_on_os_error(f"cannot write {self.digests}"):
-                append_line(self.digests, {"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": known[0], "units": known[1]}, synced=False)
+                append_line(
+                    self.digests,
+                    {"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": known[0], "units": known[1]},
+                    synced=False,
+                )
 
     def inline(self, text: str, media: tuple[MediaFile, ...]) -> list[bool]:
         """Which files a request carries inline: local ones, in order, while the request (its
@@ -3547,9 +4026,13 @@ class Media:
         the URI of their upload (made now if need be; with inline=False, all of them: --batch)."""
         turns = asked if isinstance(asked, list) else [user_turn(asked)]
         carried = self.inline(prompt.text, prompt.media) if inline else [False] * len(prompt.media)
-        data = iter(await asyncio.to_thread(self.read_inline, [file for file, now in zip(prompt.media, carried) if now]))
+        data = iter(
+            await asyncio.to_thread(
+                self.read_inline, [file for file, now in zip(prompt.media, carried, strict=True) if now]
+            )
+        )
         parts = []
-        for file, now in zip(prompt.media, carried):
+        for file, now in zip(prompt.media, carried, strict=True):
             if now:
                 parts.append({"inline_data": {"mime_type": file.mime_type, "data": next(data)}})
             else:
@@ -3577,10 +4060,13 @@ class Media:
             config = {"mime_type": file.mime_type, "display_name": f"{UPLOAD_NAME_PREFIX}{self.tag} {file.sha256}"}
             stream, _ = await asyncio.to_thread(self.folder.open, file)  # the file checked, read by the upload itself
             with stream:
-                made = await self.api.client.aio.files.upload(file=CheckedUpload(stream, file), config=config)  # retried as its prompts' attempts
+                # retried as its prompts' attempts
+                made = await self.api.client.aio.files.upload(file=CheckedUpload(stream, file), config=config)
             made = await self.api.retried(lambda _: processed(self.api.client, made), PROCESSING)
         expires = made.expiration_time.timestamp() if made.expiration_time else time.time() + 47 * 3600
-        upload = self.uploads[file.sha256] = Upload(file.sha256, file.size, str(made.name), str(made.uri), file.mime_type, expires)
+        upload = self.uploads[file.sha256] = Upload(
+            file.sha256, file.size, str(made.name), str(made.uri), file.mime_type, expires
+        )
         await self.write(dataclasses.asdict(upload))
         self.made += 1
         log.debug("uploaded %s as %s", file.name, made.name)
@@ -3609,7 +4095,9 @@ class Media:
             for entry in await journal_lines(self.digests):
                 self.hashes[(entry["path"], entry["size"], entry["mtime_ns"])] = (entry["sha256"], entry["units"])
         except (KeyError, TypeError):
-            raise PipelineError(f"{self.journal} or {self.digests} holds a line this pipeline did not write; {MOVE_IT_AWAY}") from None
+            raise PipelineError(
+                f"{self.journal} or {self.digests} holds a line this pipeline did not write; {MOVE_IT_AWAY}"
+            ) from None
 
     async def close(self) -> None:
         """At the run's end: stop the uploads in flight, and delete those no row needs any
@@ -3622,7 +4110,11 @@ class Media:
             async with asyncio.timeout(UPLOAD_CLEANUP_S):
                 ours = f"{UPLOAD_NAME_PREFIX}{self.tag} "
                 files = self.api.client.aio.files
-                listed = [made async for made in await self.api.retried(lambda _: files.list(config={"page_size": 100}), API_CALL)]  # all, then delete: pages shift
+                # all, then delete: pages shift
+                listed = [
+                    made
+                    async for made in await self.api.retried(lambda _: files.list(config={"page_size": 100}), API_CALL)
+                ]
                 for made in listed:
                     sha256 = str(made.display_name or "").removeprefix(ours)
                     if str(made.display_name or "").startswith(ours) and self.needed[sha256] <= 0:
@@ -3644,7 +4136,9 @@ async def journal_lines(path: Path | None) -> list[dict[str, Any]]:
                 if not isinstance(entry, dict):
                     raise TypeError
             except (ValueError, TypeError):
-                raise PipelineError(f"{path}, line {number}, is not a line this pipeline wrote; {MOVE_IT_AWAY}") from None
+                raise PipelineError(
+                    f"{path}, line {number}, is not a line this pipeline wrote; {MOVE_IT_AWAY}"
+                ) from None
     return entries
 
 
@@ -3665,7 +4159,9 @@ class StillProcessing(UnsendableFile):
     """An upload the Files API has not finished processing: looked at again, UPLOAD_PROCESSING_POLLS times at most."""
 
 
-PROCESSING = RetryPolicy("a look at an upload being processed", attempts=UPLOAD_PROCESSING_POLLS, every_s=1.0, waits_out=(StillProcessing,))
+PROCESSING = RetryPolicy(
+    "a look at an upload being processed", attempts=UPLOAD_PROCESSING_POLLS, every_s=1.0, waits_out=(StillProcessing,)
+)
 
 
 def file_digest(stream: BinaryIO, file: MediaFile, size: int) -> tuple[str, float]:
@@ -3677,11 +4173,15 @@ def file_digest(stream: BinaryIO, file: MediaFile, size: int) -> tuple[str, floa
         digest.update(chunk)
         count += len(chunk)
         if file.mime_type == "application/pdf":
-            pages += len(PDF_PAGE.findall(tail + chunk)) - len(PDF_PAGE.findall(tail))  # a page object across two chunks counts once
+            # a page object across two chunks counts once
+            pages += len(PDF_PAGE.findall(tail + chunk)) - len(PDF_PAGE.findall(tail))
             tail = chunk[-64:]
         first = first or chunk[:64]
     if count != size:
-        raise UnsendableFile(f"file {file.name}: read {count:,} bytes where its size says {size:,} (not a plain file, or one being written)")
+        raise UnsendableFile(
+            f"file {file.name}: read {count:,} bytes where its size says {size:,} (not a plain file, or one being "
+            f"written)"
+        )
     return digest.hexdigest(), media_units(file.mime_type, size, first, pages)
 
 
@@ -3692,8 +4192,13 @@ def media_units(mime_type: str, size: int, first: bytes, pages: int) -> float:
     kind = mime_type.partition("/")[0]
     if kind == "audio" and first[:4] == b"RIFF" and first[8:12] == b"WAVE" and len(first) >= 32:
         return size / max(1, int.from_bytes(first[28:32], "little"))  # the header's bytes per second
-    return {"image": 1.0, "application": float(max(pages, 1)), "audio": size / AUDIO_BYTES_PER_S,
-            "video": size / VIDEO_BYTES_PER_S, "text": size / CHARS_PER_TOKEN}[kind]  # fmt: skip
+    return {
+        "image": 1.0,
+        "application": float(max(pages, 1)),
+        "audio": size / AUDIO_BYTES_PER_S,
+        "video": size / VIDEO_BYTES_PER_S,
+        "text": size / CHARS_PER_TOKEN,
+    }[kind]
 
 
 def append_line(path: Path, record: dict[str, Any], synced: bool = True) -> None:
@@ -3740,7 +4245,8 @@ async def gather_job(run: Run) -> list[Prompt]:
         prompt = await run.asking.resubmit.next_prompt(run.prompts, BATCH_GATHER_S if job else None)
         if prompt is None:
             break
-        if prompt.id in run.past.in_batch_jobs and prompt.id not in run.asking.resubmit.held:  # queued before find_unknown_jobs found its job
+        # queued before find_unknown_jobs found its job
+        if prompt.id in run.past.in_batch_jobs and prompt.id not in run.asking.resubmit.held:
             run.asking.resubmit.done(prompt.id, run.prompts)
         elif prompt.error:
             await run.outcomes.put(Failure(prompt, prompt.error, attempts=0))
@@ -3771,7 +4277,11 @@ async def run_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal) ->
 async def settle_job_outcomes(run: Run, outcomes: list[Outcome]) -> None:
     """A job's outcomes: to the writers; but the results that may pass if asked again, with
     attempts left, go to a later job once their back-off is over (Resubmissions)."""
-    again = [o for o in outcomes if isinstance(o, Failure) and o.again and run.asking.resubmit.tries[o.prompt.id] < run.settings.max_attempts]
+    again = [
+        o
+        for o in outcomes
+        if isinstance(o, Failure) and o.again and run.asking.resubmit.tries[o.prompt.id] < run.settings.max_attempts
+    ]
     held = {id(outcome) for outcome in again}
     for outcome in outcomes:
         if id(outcome) not in held:
@@ -3780,7 +4290,9 @@ async def settle_job_outcomes(run: Run, outcomes: list[Outcome]) -> None:
             run.asking.resubmit.done(outcome.prompt.id, run.prompts)
     if again:
         run.asking.resubmit.hold(again, run.progress.tally)
-        await run.limits.gate.sleep(backoff_s(max(run.asking.resubmit.tries[o.prompt.id] for o in again), Exception(), run.settings))
+        await run.limits.gate.sleep(
+            backoff_s(max(run.asking.resubmit.tries[o.prompt.id] for o in again), Exception(), run.settings)
+        )
         for outcome in again:
             run.asking.resubmit.due.put_nowait(outcome.prompt)
 
@@ -3852,7 +4364,9 @@ async def files_uploaded(run: Run, job_prompts: list[Prompt]) -> tuple[dict[str,
     failed: list[Outcome] = []
     for prompt in (p for p in job_prompts if p.media):
         try:
-            contents[prompt.id] = await run.asking.media.contents(prompt, run.asking.maker.contents(prompt), inline=False)
+            contents[prompt.id] = await run.asking.media.contents(
+                prompt, run.asking.maker.contents(prompt), inline=False
+            )
         except UnsendableFile as exc:
             failed.append(Failure(prompt, str(exc), attempts=1, permanent=not isinstance(exc, EditedFile)))
     return contents, failed
@@ -3873,7 +4387,9 @@ async def resume_job(run: Run, job: BatchJob) -> None:
     await run.asking.resubmit.idle.wait()  # those asked again are asked by this run's jobs
 
 
-async def submit_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal, with_files: dict[str, list[Any]]) -> BatchJob:
+async def submit_job(
+    run: Run, job_prompts: list[Prompt], journal: BatchJournal, with_files: dict[str, list[Any]]
+) -> BatchJob:
     """Create a batch job from an uploaded JSONL file of keyed requests. Never inline: the
     API has been seen to return inline results out of order and without the metadata
     sent (googleapis/python-genai#1909, #1886, #2008), while a file's results are keyed."""
@@ -3882,7 +4398,9 @@ async def submit_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal,
     config = {"display_name": display_name}
     journal.submitting(display_name, job_prompts)  # before the job exists: a rerun must find it, never pay twice
     try:
-        created = await run.retried(lambda _: run.client.aio.batches.create(model=run.settings.model, src=source, config=config), API_CALL)
+        created = await run.retried(
+            lambda _: run.client.aio.batches.create(model=run.settings.model, src=source, config=config), API_CALL
+        )
     except Exception as exc:
         if api_error_code(exc) is not None and classify(exc) in ("permanent", "auth"):  # the API said no: no job
             journal.created(display_name, None)
@@ -3897,7 +4415,10 @@ async def submit_job(run: Run, job_prompts: list[Prompt], journal: BatchJournal,
 async def upload_requests(run: Run, job_prompts: list[Prompt], with_files: dict[str, list[Any]]) -> str:
     """Upload a job's requests as a JSONL file through the Files API; returns its name."""
     rest: dict[int, dict[str, Any]] = {}  # each config's REST form, made once (most prompts share the run's)
-    data = "".join(json_line({"key": p.id, "request": rest_request(p, rest, run.asking.maker, with_files.get(p.id))}) for p in job_prompts).encode()
+    data = "".join(
+        json_line({"key": p.id, "request": rest_request(p, rest, run.asking.maker, with_files.get(p.id))})
+        for p in job_prompts
+    ).encode()
     config = {"mime_type": "jsonl", "display_name": f"pipeline {job_prompts[0].id}"}
     uploaded = await run.retried(lambda _: run.client.aio.files.upload(file=io.BytesIO(data), config=config), TRANSFER)
     return str(uploaded.name)
@@ -3918,7 +4439,8 @@ async def collect_job(run: Run, job: BatchJob, first_look_s: float | None = None
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise PipelineError(
             f"cannot read batch job {job.name} ({reason}); its answers stay on Google's side: run the same command "
-            "again to collect them (with a newer google-genai if this persists)", 1,
+            "again to collect them (with a newer google-genai if this persists)",
+            1,
         ) from None
 
 
@@ -3943,14 +4465,21 @@ async def wait_for_job(run: Run, job: BatchJob, first_look_s: float | None) -> A
         delay = every_s if running else min(max(delay * 1.5, every_s), longest)
 
 
-JOB_ENDED = {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
+JOB_ENDED = {
+    "JOB_STATE_SUCCEEDED",
+    "JOB_STATE_PARTIALLY_SUCCEEDED",
+    "JOB_STATE_FAILED",
+    "JOB_STATE_CANCELLED",
+    "JOB_STATE_EXPIRED",
+}
 
 
 async def job_outcomes(run: Run, job: BatchJob, ended: Any) -> list[Outcome]:
     """An outcome per prompt of an ended job: its answer or its own error if the job
     succeeded, else the job's state as the reason."""
     state = enum_text(ended.state)
-    if state not in ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED"):  # an expired job's prompts may pass in another
+    # an expired job's prompts may pass in another
+    if state not in ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED"):
         return all_failed(run, job.prompts, f"batch job {job.name} ended {state}", again=state == "JOB_STATE_EXPIRED")
     if not (ended.dest and ended.dest.file_name):  # jobs are sent as files, so their results come as one
         return all_failed(run, job.prompts, f"batch job {job.name} returned no responses file")
@@ -3962,7 +4491,9 @@ async def job_outcomes(run: Run, job: BatchJob, ended: Any) -> list[Outcome]:
     return [job_outcome(prompt, *results.get(prompt.id, (None, None)), job, run) for prompt in job.prompts]
 
 
-def rest_request(prompt: Prompt, rest: dict[int, dict[str, Any]], maker: PromptMaker, contents: list[Any] | None = None) -> dict[str, Any]:
+def rest_request(
+    prompt: Prompt, rest: dict[int, dict[str, Any]], maker: PromptMaker, contents: list[Any] | None = None
+) -> dict[str, Any]:
     """The prompt as a GenerateContentRequest in the REST API's JSON: what an interactive
     call sends, settings and all (google-genai's own dump of its config, by the API's names).
     `contents`: its turns with its files, when it has files."""
@@ -3973,7 +4504,9 @@ def rest_request(prompt: Prompt, rest: dict[int, dict[str, Any]], maker: PromptM
     if id(prompt.config) not in rest:
         dumped = prompt.config.model_dump(by_alias=True, exclude_none=True, mode="json")
         generation = {k: v for k, v in dumped.items() if k not in REQUEST_LEVEL}
-        rest[id(prompt.config)] = {k: dumped[k] for k in REQUEST_LEVEL if k in dumped} | ({"generationConfig": generation} if generation else {})
+        rest[id(prompt.config)] = {k: dumped[k] for k in REQUEST_LEVEL if k in dumped} | (
+            {"generationConfig": generation} if generation else {}
+        )
     return {**request, **rest[id(prompt.config)]}
 
 
@@ -3994,7 +4527,9 @@ def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, run: R
     attempt = run.asking.resubmit.attempt(prompt.id)
     if error is not None:  # a google.rpc.Status: its code is gRPC's (3 is INVALID_ARGUMENT), not HTTP's
         reason = f"batch request failed, code {getattr(error, 'code', '?')}: {getattr(error, 'message', '')}"
-        return Failure(prompt, " ".join(reason.split()), attempt, again=getattr(error, "code", None) in BATCH_AGAIN_CODES)
+        return Failure(
+            prompt, " ".join(reason.split()), attempt, again=getattr(error, "code", None) in BATCH_AGAIN_CODES
+        )
     if response is None:
         return Failure(prompt, f"batch job {job.name} returned nothing for this prompt", attempt, again=True)
     outcome = to_outcome(prompt, response, attempt, run.settings)
@@ -4002,7 +4537,8 @@ def job_outcome(prompt: Prompt, response: Any, error: Any, job: BatchJob, run: R
 
 
 def all_failed(run: Run, prompts: list[Prompt], error: str, again: bool = False) -> list[Outcome]:
-    """The outcome of each prompt of a job that failed as a whole (`again`: one that expired, worth submitting again)."""
+    """The outcome of each prompt of a job that failed as a whole (`again`: one that
+    expired, worth submitting again)."""
     return [Failure(prompt, error, run.asking.resubmit.attempt(prompt.id), again=again) for prompt in prompts]
 
 
@@ -4040,11 +4576,15 @@ class BatchJournal:
                     try:
                         record = json.loads(line)
                         if "submitting" in record:
-                            submissions[str(record["submitting"])] = [Records.journaled_prompt(p) for p in record["prompts"]]
+                            submissions[str(record["submitting"])] = [
+                                Records.journaled_prompt(p) for p in record["prompts"]
+                            ]
                         else:
                             names[str(record["submitted"])] = str(record["job"]) if record["job"] else None
                     except (ValueError, KeyError, TypeError):
-                        raise PipelineError(f"{self.path}, line {number}, is not a batch job this pipeline recorded; {MOVE_IT_AWAY}") from None
+                        raise PipelineError(
+                            f"{self.path}, line {number}, is not a batch job this pipeline recorded; {MOVE_IT_AWAY}"
+                        ) from None
         jobs: list[BatchJob] = []
         unknown: dict[str, list[Prompt]] = {}
         later: set[str] = set()  # ids submitted after the submission at hand
@@ -4104,8 +4644,10 @@ class PostProcessor:
         if self.pool is None and self.starting is not None and self.starting.done():
             try:
                 self.pool = self.starting.result()
-            except Exception as exc:
-                raise PipelineError(f"cannot start the postprocess() processes ({exc}); try --postprocess-workers 0", 1) from None
+            except Exception as exc:  # noqa: BLE001 (whatever stopped the pool starting: one line)
+                raise PipelineError(
+                    f"cannot start the postprocess() processes ({exc}); try --postprocess-workers 0", 1
+                ) from None
         return self.pool
 
     async def ready_pool(self) -> None:
@@ -4148,12 +4690,17 @@ class PostProcessor:
         size = -(-len(pairs) // chunks)
         try:
             done = await asyncio.gather(
-                *(loop.run_in_executor(self.pool, postprocess_batch, self.function, pairs[i : i + size]) for i in range(0, len(pairs), size))
+                *(
+                    loop.run_in_executor(self.pool, postprocess_batch, self.function, pairs[i : i + size])
+                    for i in range(0, len(pairs), size)
+                )
             )
         except BrokenProcessPool:
             raise PipelineError("a postprocess() worker process died (out of memory?); rerun to continue", 1) from None
         except pickle.PicklingError as exc:  # e.g. postprocess() defined where the pool cannot find it by name
-            raise PipelineError(f"cannot send postprocess() to its processes ({exc}); try --postprocess-workers 0") from None
+            raise PipelineError(
+                f"cannot send postprocess() to its processes ({exc}); try --postprocess-workers 0"
+            ) from None
         self.cost_s = sum(cpu_s for _, cpu_s in done) / len(pairs)
         return [result for results, _ in done for result in results]
 
@@ -4245,7 +4792,13 @@ def open_writer(run: Run, number: int) -> Writer:
     output_dir = run.settings.output_dir
     journal = ArrivalJournal(output_dir, f"{run.writing.name}.{number}", needed=run.settings.postprocess_workers > 0)
     shards = ShardWriter(output_dir, run.settings.shard_size, run.writing.shard_numbers, journal)
-    return Writer(shards, FailureLog(failure_journal(output_dir, number), run.past.failures), run.writing.postprocessor, run.outcomes, run.progress)
+    return Writer(
+        shards,
+        FailureLog(failure_journal(output_dir, number), run.past.failures),
+        run.writing.postprocessor,
+        run.outcomes,
+        run.progress,
+    )
 
 
 @dataclass
@@ -4336,7 +4889,8 @@ class ShardWriter:
         self.fd: int | None = None  # the open shard
         self.count = 0  # records in it
         self.full: list[tuple[int, int]] = []  # full shards (fd, number), open, not yet handed to a thread
-        self.syncing: list[tuple[asyncio.Future[None], int]] = []  # jobs fsyncing and closing full shards, by first number
+        # jobs fsyncing and closing full shards, by first number
+        self.syncing: list[tuple[asyncio.Future[None], int]] = []
 
     @property
     def name(self) -> str:
@@ -4352,7 +4906,9 @@ class ShardWriter:
         while responses:
             if self.fd is None:
                 self.number = next(self.numbers)
-                self.fd = os.open(self.output_dir / self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                self.fd = os.open(
+                    self.output_dir / self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+                )
             taken, responses = responses[: self.size - self.count], responses[self.size - self.count :]
             write_all(self.fd, "".join(map(Records.answer, taken)).encode())
             for response in taken:
@@ -4384,7 +4940,9 @@ class ShardWriter:
     @property
     def durable_below(self) -> int:
         """Every shard of this writer numbered below this one is fsynced and closed."""
-        unsynced = [number for _, number in (*self.syncing, *self.full)] + ([self.number] if self.fd is not None else [])
+        unsynced = [number for _, number in (*self.syncing, *self.full)] + (
+            [self.number] if self.fd is not None else []
+        )
         return min(unsynced, default=sys.maxsize)
 
     async def aclose(self) -> None:
@@ -4605,7 +5163,8 @@ class Answered:
     finished job asks one question per input line: the arrays halved the time they took."""
 
     def __init__(self) -> None:
-        self.places: dict[str, array.array[int]] = {}  # file name -> a fingerprint by line number (NO_FINGERPRINT: none)
+        # file name -> a fingerprint by line number (NO_FINGERPRINT: none)
+        self.places: dict[str, array.array[int]] = {}
         self.ids = Fingerprints()  # the other ids...
         self.asked = Fingerprints()  # ...and asked_as(id, text, digest) of each
         self.count = 0  # prompts held, once frozen
@@ -4688,14 +5247,16 @@ class PastRuns:
     answered: Answered = field(default_factory=Answered)
     failures: dict[str, str] = field(default_factory=dict)  # prompt id -> its failed.jsonl line, if still unanswered
     refused: set[str] = field(default_factory=set)  # ...of those, the ids the API refused for good: not asked again
-    cut_at: dict[str, dict[str, Any]] = field(default_factory=dict)  # ...and those cut short, by id: the budget they were cut at
+    # ...and those cut short, by id: the budget they were cut at
+    cut_at: dict[str, dict[str, Any]] = field(default_factory=dict)
     left_alone: int = 0  # refused prompts the readers skipped
     cut_left: int = 0  # prompts cut short before, at the budget they would be asked with now, that the readers skipped
     next_shard: int = 0
     batch_jobs: list[BatchJob] = field(default_factory=list)  # --batch jobs submitted, not yet all written
     in_batch_jobs: set[str] = field(default_factory=set)  # the ids of their prompts
     unknown_submissions: dict[str, list[Prompt]] = field(default_factory=dict)  # see BatchJournal
-    journaled: dict[str, Response] = field(default_factory=dict)  # answers received, never written, by id (see ArrivalJournal)
+    # answers received, never written, by id (see ArrivalJournal)
+    journaled: dict[str, Response] = field(default_factory=dict)
     arrival_files: list[Path] = field(default_factory=list)  # the arrivals journals that held them
 
     def add_batch_job(self, job: BatchJob) -> None:
@@ -4745,7 +5306,11 @@ class PastRuns:
         """Once every input is read: journaled answers that no input asked for now are not written."""
         if self.journaled:
             ids = ", ".join(itertools.islice(self.journaled, 5))
-            log.warning("dropping %s an earlier run journaled for ids no input has now: %s", plural(len(self.journaled), "answer"), ids)
+            log.warning(
+                "dropping %s an earlier run journaled for ids no input has now: %s",
+                plural(len(self.journaled), "answer"),
+                ids,
+            )
             self.journaled.clear()
 
 
@@ -4771,25 +5336,18 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
     past.answered.freeze()
     for path in failure_journals(output_dir):  # appended to while running, so an id may repeat: the last line wins
         async for fronts, lines in read_records(path):
-            past.failures.update((prompt_id, line + "\n") for (prompt_id, _, _), line in zip(fronts, lines) if prompt_id not in past.answered)
+            past.failures.update(
+                (prompt_id, line + "\n")
+                for (prompt_id, _, _), line in zip(fronts, lines, strict=True)
+                if prompt_id not in past.answered
+            )
     for prompt_id, line in past.failures.items():
         failure = json.loads(line)
         if failure.get("permanent") is True:
             past.refused.add(prompt_id)
         elif failure.get("cut_short") is True:
             past.cut_at[prompt_id] = failure.get("budget") or {}
-    journaled: dict[str, Response] = {}
-    for path in sorted(files_named(output_dir, ARRIVALS)):
-        past.arrival_files.append(path)
-        await cut_at_zero(path)
-        async for fronts, lines in read_records(path):
-            for (prompt_id, _, _), line in zip(fronts, lines):
-                if prompt_id not in past.answered and prompt_id not in journaled:
-                    try:
-                        journaled[prompt_id] = Records.journaled_answer(json.loads(line))
-                    except (KeyError, TypeError, ValueError):
-                        raise PipelineError(f"{path} holds a line that is not an answer this pipeline journaled; {MOVE_IT_AWAY}") from None
-    past.journaled = journaled
+    await load_arrivals(past)
     jobs, unknown = await BatchJournal(output_dir / BATCH_JOURNAL).load()
     for job in jobs:
         if any(p.id not in past.answered and p.id not in past.failures for p in job.prompts):
@@ -4798,6 +5356,23 @@ async def load_past_runs(output_dir: Path) -> PastRuns:
         if any(p.id not in past.answered for p in job_prompts):
             past.unknown_submissions[display_name] = job_prompts
     return past
+
+
+async def load_arrivals(past: PastRuns) -> None:
+    """The answers earlier runs journaled as they arrived (see ArrivalJournal) and never
+    wrote to a shard: the first of each id, for the reader to write with no request."""
+    for path in sorted(files_named(past.output_dir, ARRIVALS)):
+        past.arrival_files.append(path)
+        await cut_at_zero(path)
+        async for fronts, lines in read_records(path):
+            for (prompt_id, _, _), line in zip(fronts, lines, strict=True):
+                if prompt_id not in past.answered and prompt_id not in past.journaled:
+                    try:
+                        past.journaled[prompt_id] = Records.journaled_answer(json.loads(line))
+                    except (KeyError, TypeError, ValueError):
+                        raise PipelineError(
+                            f"{path} holds a line that is not an answer this pipeline journaled; {MOVE_IT_AWAY}"
+                        ) from None
 
 
 MOVE_IT_AWAY = "move the file away or choose a fresh --output-dir"
@@ -4812,16 +5387,13 @@ def record_job(settings: Settings, generation: dict[str, Any], answered: bool) -
     path = ours(settings.output_dir / JOB_FILE)
     job = {"model": f"{settings.model} (offline)" if settings.offline else settings.model, "settings": generation}
     budget = {attribute: value for attribute in BUDGET_FIELDS if (value := getattr(settings, attribute)) is not None}
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        recorded = None
-    except OSError as exc:
-        raise PipelineError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except ValueError:
-        raise PipelineError(f"{path} is not a job this pipeline recorded; {MOVE_IT_AWAY}") from None
+    recorded = recorded_job(path)
     known = recorded if isinstance(recorded, dict) else {}
-    before = {k: v for k, v in known["settings"].items() if k not in BUDGET_KEYS} if isinstance(known.get("settings"), dict) else {}
+    before = (
+        {k: v for k, v in known["settings"].items() if k not in BUDGET_KEYS}
+        if isinstance(known.get("settings"), dict)
+        else {}
+    )
     if recorded is not None and known.get("model") == job["model"] and before == generation:
         budgets = known["budgets"] if isinstance(known.get("budgets"), list) else []
         if budgets[-1:] != [budget]:
@@ -4833,18 +5405,36 @@ def record_job(settings: Settings, generation: dict[str, Any], answered: bool) -
             replace_file(path, json_line({**job, "budgets": [budget]}))
         return recorded is not None
     changed = ["--model or --offline"] if known.get("model") != job["model"] else []
-    changed += sorted(SETTING_FLAGS.get(k, k) for k in before.keys() | generation.keys() if before.get(k) != generation.get(k))
+    changed += sorted(
+        SETTING_FLAGS.get(k, k) for k in before.keys() | generation.keys() if before.get(k) != generation.get(k)
+    )
     raise PipelineError(
-        f"{settings.output_dir} holds answers asked with other settings ({', '.join(changed)} changed since, see {path}): "
-        "choose a fresh --output-dir for the new job"
+        f"{settings.output_dir} holds answers asked with other settings ({', '.join(changed)} changed since, "
+        f"see {path}): choose a fresh --output-dir for the new job"
     )
 
 
-SETTING_FLAGS = {api_field: f"--{attribute.replace('_', '-')}" for attribute, api_field in GENERATION_FIELDS.items()} | {"context": "--context"}  # for record_job
+def recorded_job(path: Path) -> Any:
+    """What JOB_FILE holds, decoded; None if there is none yet."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PipelineError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError:
+        raise PipelineError(f"{path} is not a job this pipeline recorded; {MOVE_IT_AWAY}") from None
+
+
+# for record_job
+SETTING_FLAGS = {
+    api_field: f"--{attribute.replace('_', '-')}" for attribute, api_field in GENERATION_FIELDS.items()
+} | {"context": "--context"}
 
 
 def shard_files(output_dir: Path) -> list[tuple[int, Path]]:
-    return sorted((int(SHARD_NAME.fullmatch(p.name)[1]), p) for p in files_named(output_dir, SHARD_NAME))  # type: ignore[index]
+    named = files_named(output_dir, SHARD_NAME)
+    return sorted((int(SHARD_NAME.fullmatch(p.name)[1]), p) for p in named)  # type: ignore[index]
 
 
 def failure_journals(output_dir: Path) -> list[Path]:
@@ -4903,7 +5493,9 @@ async def complete_lines(path: Path, opening: bytes) -> AsyncIterator[tuple[int,
         if end > size:  # the last line has none
             *lines, torn = lines
             if not (torn.startswith(opening) or opening.startswith(torn)):
-                raise PipelineError(f"{path}, line {first + len(lines)}, is not a line this pipeline wrote; {MOVE_IT_AWAY}")
+                raise PipelineError(
+                    f"{path}, line {first + len(lines)}, is not a line this pipeline wrote; {MOVE_IT_AWAY}"
+                )
             log.warning("repairing %s: dropping its unfinished last line %d", path.name, first + len(lines))
             with stop_on_os_error(f"cannot repair {path}"):
                 os.truncate(path, size - len(torn))
@@ -4942,7 +5534,8 @@ class Estimate:
     own_tokens: float = 0.0  # their own input tokens: the characters of all, scaled by the API's count of a sample
     prefix_tokens: int = 0  # the shared prefix each request sends (system instruction, context), as the API counts it
     sampled: int = 0  # prompts whose tokens the API counted
-    media_tokens: int = 0  # their files' tokens, estimated by type (and an image's by --media-resolution: see media_tokens)
+    # their files' tokens, estimated by type (and an image's by --media-resolution: see media_tokens)
+    media_tokens: int = 0
     output_tokens: float = 0.0  # the answers' tokens: --max-output-tokens each, or as many as their prompt's own
 
     @property
@@ -4956,35 +5549,53 @@ async def estimate(settings: Settings) -> Estimate:
     the inputs, are counted by the API's countTokens (free), and their ratio of tokens to
     characters scales the characters of all; the shared prefix is counted once."""
     job = Job.of(settings)
-    maker = job.maker
     files = await inputs_checked(await list_input_files(settings.input_dir))
-    every = max(1, -(-sum([await count_rows(path) for path in files]) // (ESTIMATE_SAMPLE - 1)))  # one count is the prefix's
+    found, sample, chars = await sampled(settings, job, files)
+    found.prefix_tokens, counts = await counted_by_the_api(settings, job, list(sample.values()))
+    sampled_chars = sum(map(own_chars, sample.values()))
+    found.sampled, found.own_tokens = len(sample), chars * sum(counts) / sampled_chars if sampled_chars else 0.0
+    thinking = max(settings.thinking_budget or 0, 0)  # -1, the model's own choice: not known before
+    if settings.max_output_tokens:
+        found.output_tokens = found.prompts * settings.max_output_tokens
+    else:
+        found.output_tokens = found.own_tokens + found.prompts * thinking
+    return found
+
+
+async def sampled(settings: Settings, job: Job, files: list[Path]) -> tuple[Estimate, dict[str, Prompt], int]:
+    """The job's prompts counted (and their characters), and the sample countTokens is asked
+    for: distinct prompts spread evenly over the inputs (one count is the prefix's)."""
+    every = max(1, -(-sum([await count_rows(path) for path in files]) // (ESTIMATE_SAMPLE - 1)))
     found, sample, chars = Estimate(), {}, 0
-    async for prompt in sendable_prompts(files, maker):
+    async for prompt in sendable_prompts(files, job.maker):
         if found.prompts == (settings.limit or math.inf):
             break
         if found.prompts % every == 0 and len(sample) < ESTIMATE_SAMPLE - 1:
             sample.setdefault(prompt.text, prompt)
-        found.prompts, chars, found.media_tokens = found.prompts + 1, chars + own_chars(prompt), found.media_tokens + media_tokens(prompt)
+        found.prompts += 1
+        chars += own_chars(prompt)
+        found.media_tokens += media_tokens(prompt)
+    return found, sample, chars
+
+
+async def counted_by_the_api(settings: Settings, job: Job, sample: list[Prompt]) -> tuple[int, list[int]]:
+    """countTokens of the shared prefix, and of each prompt of the sample."""
     client = connect(settings)
     try:
         outage = watch_host(settings, client, asyncio.Event())
         if not settings.offline:
             await outage.first_answer()  # a host never reached: one line
-        api = Api(client, functools.partial(retried, settings=settings, limits=Limits(Gate(None), outage, Concurrency(1)), tally=Tally()))
-        found.prefix_tokens = await counted_tokens(api, settings.model, prefix_contents(job.context, job.generation))
-        counts = await asyncio.gather(*(counted_tokens(api, settings.model, p.contents or p.text) for p in sample.values()))
+        api = Api.of(settings, client, Limits(Gate(None), outage, Concurrency(1)), Tally())
+        prefix = await counted_tokens(api, settings.model, prefix_contents(job.context, job.generation))
+        return prefix, await asyncio.gather(
+            *(counted_tokens(api, settings.model, p.contents or p.text) for p in sample)
+        )
     except PipelineError:
         raise
     except Exception as exc:  # noqa: BLE001 (what the COUNT policy gave up on)
         raise PipelineError(f"--estimate: countTokens failed ({describe(exc, settings)})") from None
     finally:
         await client.aio.aclose()
-    sampled_chars = sum(map(own_chars, sample.values()))
-    found.sampled, found.own_tokens = len(sample), chars * sum(counts) / sampled_chars if sampled_chars else 0.0
-    thinking = max(settings.thinking_budget or 0, 0)  # -1, the model's own choice: not known before
-    found.output_tokens = found.prompts * settings.max_output_tokens if settings.max_output_tokens else found.own_tokens + found.prompts * thinking
-    return found
 
 
 async def sendable_prompts(files: list[Path], maker: PromptMaker) -> AsyncIterator[Prompt]:
@@ -5023,34 +5634,57 @@ async def counted_tokens(api: Api, model: str, contents: str | list[Any]) -> int
 def estimate_table(settings: Settings, found: Estimate) -> str:
     """--estimate's report: the job's tokens, then its cost at each price and its time."""
     price, minimum = price_of(settings.model), cache_minimum(settings.model)
-    output_said = (
-        f"{settings.max_output_tokens:,} each at most, thinking included (--max-output-tokens bounds both)" if settings.max_output_tokens
-        else f"assumed as many as each prompt's own, plus {settings.thinking_budget:,} of thinking each (--thinking-budget)" if (settings.thinking_budget or 0) > 0
-        else "assumed as many as each prompt's own, thinking not counted (set --max-output-tokens for a bound: it includes thinking)"
-    )  # fmt: skip
     lines = [
-        f"estimate for {settings.model}: {found.prompts:,} prompt{'' if found.prompts == 1 else 's'} (countTokens asked for {found.sampled:,} of them, scaled to all)",
-        f"  input tokens   {found.input_tokens:,.0f}, the shared prefix {found.prompts * found.prefix_tokens:,.0f} of them ({found.prefix_tokens:,} a request; a cache needs {minimum:,})",
-        f"  output tokens  {found.output_tokens:,.0f}: {output_said}",
+        f"estimate for {settings.model}: {found.prompts:,} prompt{'' if found.prompts == 1 else 's'} (countTokens "
+        f"asked for {found.sampled:,} of them, scaled to all)",
+        f"  input tokens   {found.input_tokens:,.0f}, the shared prefix {found.prompts * found.prefix_tokens:,.0f} "
+        f"of them ({found.prefix_tokens:,} a request; a cache needs {minimum:,})",
+        f"  output tokens  {found.output_tokens:,.0f}: {output_assumed(settings)}",
     ]
     if price is None:
         return "\n".join([*lines, f"  cost           PRICES has no price for {settings.model}: add it to see one"])
     hours = estimated_hours(settings, found)
     standard = (found.input_tokens * price[0] + found.output_tokens * price[1]) / 1e6
+    cached = (
+        cached_cost(found, price, hours)
+        if found.prefix_tokens >= minimum
+        else "n/a: the shared prefix is under the minimum"
+    )
     lines += [
         f"  standard       {dollars(standard)}",
         f"  flex           {dollars(standard * TIER_PRICES['flex'])}   (--service-tier flex: answers may take minutes)",
         f"  batch          {dollars(standard * BATCH_PRICE)}   (--batch: results within 24 h)",
-        f"  with --cache   {cached_cost(found, price, hours) if found.prefix_tokens >= minimum else 'n/a: the shared prefix is under the minimum'}",
-        f"  time           about {duration(hours * 3600)} at --workers {settings.workers}{limits_said(settings)}, at {estimate_latency_s(settings):g} s an answer",
+        f"  with --cache   {cached}",
+        f"  time           about {duration(hours * 3600)} at --workers {settings.workers}{limits_said(settings)}, at "
+        f"{estimate_latency_s(settings):g} s an answer",
     ]
     return "\n".join(lines)
+
+
+def output_assumed(settings: Settings) -> str:
+    """How --estimate counts the answers' tokens, in words."""
+    if settings.max_output_tokens:
+        return f"{settings.max_output_tokens:,} each at most, thinking included (--max-output-tokens bounds both)"
+    if (settings.thinking_budget or 0) > 0:
+        return (
+            f"assumed as many as each prompt's own, plus {settings.thinking_budget:,} of thinking each "
+            "(--thinking-budget)"
+        )
+    return (
+        "assumed as many as each prompt's own, thinking not counted "
+        "(set --max-output-tokens for a bound: it includes thinking)"
+    )
 
 
 def cached_cost(found: Estimate, price: tuple[float, float, float, float], hours: float) -> str:
     """The standard price with the prefix read from an explicit cache, its storage for `hours`."""
     prefix = found.prompts * found.prefix_tokens
-    usd = (found.own_tokens * price[0] + prefix * price[2] + found.output_tokens * price[1] + found.prefix_tokens * (price[0] + price[3] * hours)) / 1e6
+    usd = (
+        found.own_tokens * price[0]
+        + prefix * price[2]
+        + found.output_tokens * price[1]
+        + found.prefix_tokens * (price[0] + price[3] * hours)
+    ) / 1e6
     return f"{dollars(usd)}   (the prefix at the cached price, plus {duration(hours * 3600)} of storage)"
 
 
@@ -5104,7 +5738,8 @@ class Progress:
         """Where nobody watches a terminal (nohup, CI, a scheduler's log): a line every `every_s`."""
         while True:
             await asyncio.sleep(every_s)
-            if not (self.shown and self.shown.limits.outage.never_reached()):  # then the run's one line is the error at the end
+            # then the run's one line is the error at the end
+            if not (self.shown and self.shown.limits.outage.never_reached()):
                 log.info("%s", self.line())
 
     async def count_total(self, input_dir: Path, limit: int | None) -> None:
@@ -5148,12 +5783,23 @@ class Progress:
 
     def postfix(self) -> str:
         """What the bar shows after its count: the spend, failures, batch jobs, uploads, the server's state."""
-        parts = (self.cost(), f"{self.tally.failed} failed" if self.tally.failed else "", self.cut(), self.jobs()[2:], self.uploaded()[2:], *self.server_state())
+        parts = (
+            self.cost(),
+            f"{self.tally.failed} failed" if self.tally.failed else "",
+            self.cut(),
+            self.jobs()[2:],
+            self.uploaded()[2:],
+            *self.server_state(),
+        )
         return "; ".join(part for part in parts if part)
 
     def server_state(self) -> tuple[str, str]:
         """An outage going on, and the requests in flight once the server has said it was full."""
-        return (self.shown.limits.outage.waiting(), self.shown.limits.concurrency.shown()) if self.shown is not None else ("", "")
+        return (
+            (self.shown.limits.outage.waiting(), self.shown.limits.concurrency.shown())
+            if self.shown is not None
+            else ("", "")
+        )
 
     def cost(self) -> str:
         """The estimated spend so far, e.g. $0.42; nothing when the model has no price."""
@@ -5164,11 +5810,14 @@ class Progress:
         tally = self.tally
         done = tally.answered + tally.failed + tally.skipped
         rate = (tally.answered + tally.failed) / max(time.monotonic() - tally.started, 1e-9)
-        spent = "".join(f", {part}" for part in (self.cost(), self.cut(), self.uploaded()[2:], *self.server_state()) if part)
+        spent = "".join(
+            f", {part}" for part in (self.cost(), self.cut(), self.uploaded()[2:], *self.server_state()) if part
+        )
         if tally.total is None:
             return f"{done}/? prompts, {tally.failed} failed, {rate:.1f}/s{spent}"
         eta = duration(max(tally.total - done, 0) / rate) if rate else "?"
-        return f"{done}/{tally.total} prompts ({100 * done // max(tally.total, 1)}%), {tally.failed} failed, {rate:.1f}/s, ETA {eta}{spent}"
+        share = f"{100 * done // max(tally.total, 1)}%"
+        return f"{done}/{tally.total} prompts ({share}), {tally.failed} failed, {rate:.1f}/s, ETA {eta}{spent}"
 
     def summary(self) -> str:
         tally, held_s = self.tally, self.shown.limits.gate.held_s if self.shown is not None else 0.0
@@ -5177,7 +5826,8 @@ class Progress:
             f"{tally.answered} answered, {tally.failed} failed{f', {self.cut()}' if tally.cut_short else ''}, "
             f"{tally.skipped} already done, {tally.retries} retries, "
             f"{tally.rate_limited} rate-limited, {held_s:.1f} s held by limits, "
-            f"tokens {tally.prompt_tokens} in ({tally.cached_tokens} cached{self.hit_rate()}) / {tally.response_tokens} out "
+            f"tokens {tally.prompt_tokens} in ({tally.cached_tokens} cached{self.hit_rate()}) / "
+            f"{tally.response_tokens} out "
             f"+ {tally.thinking_tokens} thinking{f', {self.cost()} estimated' if self.cost() else ''}, "
             f"{self.pace(seconds)}{self.tiers()}{self.jobs()}{self.uploaded()}{self.network()}"
         )
@@ -5197,7 +5847,11 @@ class Progress:
     def hit_rate(self) -> str:
         """The share of input tokens read from a cache (explicit, or implicit: a repeated prefix), if any."""
         tally = self.tally
-        return f", {tally.cached_tokens / tally.prompt_tokens:.0%} of input" if tally.cached_tokens and tally.prompt_tokens else ""
+        return (
+            f", {tally.cached_tokens / tally.prompt_tokens:.0%} of input"
+            if tally.cached_tokens and tally.prompt_tokens
+            else ""
+        )
 
     def tiers(self) -> str:
         """The service tiers that served the answers, e.g. ", served 1,200 flex, 3 standard"."""
@@ -5291,9 +5945,11 @@ class OfflineClient:
         if config is not None and config.response_mime_type == "application/json":
             text = JSON_ENCODER.encode(shaped_like(config.response_json_schema or {"required": ["answer"]}, text))
         usage = SimpleNamespace(
-            prompt_token_count=len(prompt.split()), candidates_token_count=len(text.split()),
-            thoughts_token_count=None, cached_content_token_count=None,
-        )  # fmt: skip
+            prompt_token_count=len(prompt.split()),
+            candidates_token_count=len(text.split()),
+            thoughts_token_count=None,
+            cached_content_token_count=None,
+        )
         tier = enum_text(getattr(config, "service_tier", None))  # served as asked, as the API's header says
         return SimpleNamespace(
             text=text,
@@ -5306,7 +5962,9 @@ class OfflineClient:
 
     async def count_tokens(self, model: str, contents: str | list[Any], config: Any = None) -> Any:
         """The offline model's count: characters / CHARS_PER_TOKEN."""
-        return SimpleNamespace(total_tokens=text_tokens([contents] if isinstance(contents, str) else turn_texts(contents)))
+        return SimpleNamespace(
+            total_tokens=text_tokens([contents] if isinstance(contents, str) else turn_texts(contents))
+        )
 
     async def aclose(self) -> None:
         pass
@@ -5321,7 +5979,13 @@ class OfflineFiles:
     async def upload(self, file: Path, config: dict[str, Any]) -> Any:
         name = f"files/offline-{len(self.made) + 1}"
         expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=48)
-        self.made[name] = SimpleNamespace(name=name, uri=f"offline:{name}", display_name=config["display_name"], state="ACTIVE", expiration_time=expires)
+        self.made[name] = SimpleNamespace(
+            name=name,
+            uri=f"offline:{name}",
+            display_name=config["display_name"],
+            state="ACTIVE",
+            expiration_time=expires,
+        )
         return self.made[name]
 
     async def get(self, name: str) -> Any:
@@ -5428,7 +6092,11 @@ exit status:
 def help_epilog() -> str:
     """HELP_EPILOG with the output records' fields (see RECORD) filled in."""
     meanings = "\n".join(f"    {field.name:<14} {field.meaning}" for field in RECORD)
-    filled = {"{answer_fields}": record_help(ANSWER_FIELDS), "{failure_fields}": record_help(FAILURE_FIELDS), "{field_meanings}": meanings}
+    filled = {
+        "{answer_fields}": record_help(ANSWER_FIELDS),
+        "{failure_fields}": record_help(FAILURE_FIELDS),
+        "{field_meanings}": meanings,
+    }
     text = HELP_EPILOG
     for slot, value in filled.items():
         text = text.replace(slot, value)
@@ -5450,9 +6118,14 @@ def parse_args(argv: list[str] | None) -> Settings:
     if a.retry_max_s < a.retry_base_s:
         p.error(f"argument --retry-max-s: must be at least --retry-base-s ({a.retry_base_s:g})")
     if a.max_cost_usd is not None and (a.offline or a.batch):
-        p.error(f"argument --max-cost-usd: not with {'--offline (nothing is billed)' if a.offline else '--batch (a job is billed as a whole)'}")
+        p.error(
+            f"argument --max-cost-usd: not with "
+            f"{'--offline (nothing is billed)' if a.offline else '--batch (a job is billed as a whole)'}"
+        )
     if a.max_cost_usd is not None and price_of(a.model) is None:
-        p.error(f"argument --max-cost-usd: PRICES (near the top of pipeline.py) has no price for --model {a.model}: add it")
+        p.error(
+            f"argument --max-cost-usd: PRICES (near the top of pipeline.py) has no price for --model {a.model}: add it"
+        )
     return Settings(**vars(a))
 
 
@@ -5466,7 +6139,9 @@ def flag_reading(setting: Setting, parser: argparse.ArgumentParser) -> dict[str,
         default = setting.value()
     except argparse.ArgumentTypeError as exc:
         parser.error(f"{setting.constant} = {globals()[setting.constant]!r} at the top of pipeline.py: {exc}")
-    return {"type": setting.check.read, "metavar": setting.check.metavar, "default": default} | ({"nargs": "+"} if setting.check.many else {})
+    return {"type": setting.check.read, "metavar": setting.check.metavar, "default": default} | (
+        {"nargs": "+"} if setting.check.many else {}
+    )
 
 
 def check_setup(settings: Settings) -> None:
@@ -5479,13 +6154,18 @@ def check_setup(settings: Settings) -> None:
         check_credentials(settings)
     if settings.batch and settings.service_tier:
         raise PipelineError("--service-tier does not apply to --batch: the Batch API has a price of its own (half)")
-    if settings.thinking_budget is not None and settings.thinking_level is not None:  # the API refuses a request with both
-        raise PipelineError("--thinking-budget and --thinking-level: set one (--thinking-level for Gemini 3, --thinking-budget for 2.5)")
+    # the API refuses a request with both
+    if settings.thinking_budget is not None and settings.thinking_level is not None:
+        raise PipelineError(
+            "--thinking-budget and --thinking-level: set one (--thinking-level for Gemini 3, --thinking-budget for 2.5)"
+        )
     Job.of(settings)  # a misspelt setting stops the run here
     if settings.estimate:
         return  # it writes nothing
     if settings.cache and settings.offline:
-        raise PipelineError("--cache needs the API: the offline model keeps no caches (leave out --cache, or --offline)")
+        raise PipelineError(
+            "--cache needs the API: the offline model keeps no caches (leave out --cache, or --offline)"
+        )
     if settings.cache and not (settings.context or settings.system_instruction or settings.generation_config):
         raise PipelineError("--cache: nothing to cache: give --context files or --system-instruction")
     if settings.output_dir.exists() and not os.access(settings.output_dir, os.W_OK | os.X_OK):
@@ -5517,7 +6197,9 @@ def output_dir_locked(output_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 20, 0).decode(errors="replace").strip()
             pid = f" (pid {holder})" if holder.isdigit() else ""
-            raise PipelineError(f"another run is using {output_dir}{pid}: wait for it to end, or choose another --output-dir") from None
+            raise PipelineError(
+                f"another run is using {output_dir}{pid}: wait for it to end, or choose another --output-dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -5564,7 +6246,9 @@ def run_and_report(settings: Settings) -> int:
     try:
         asyncio.run(main(settings, progress))
     except StopForNow as exc:
-        return finish(progress, f"stopped after {plural(tally.answered + tally.skipped, 'prompt')} done: {exc}", exc.exit_code)
+        return finish(
+            progress, f"stopped after {plural(tally.answered + tally.skipped, 'prompt')} done: {exc}", exc.exit_code
+        )
     except PipelineError as exc:
         return finish(progress, f"error: {exc}", exc.exit_code)
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:
@@ -5586,24 +6270,38 @@ def how_it_ended(settings: Settings, progress: Progress) -> tuple[str, int]:
     if spend is not None and spend.exhausted:
         return (
             f"stopped after {plural(tally.answered, 'prompt')}: the budget of ${settings.max_cost_usd:g} is spent "
-            f"({dollars(spend.spent_usd)}): run the same command again with a larger --max-cost-usd to continue", 1
-        )  # fmt: skip
+            f"({dollars(spend.spent_usd)}): run the same command again with a larger --max-cost-usd to continue",
+            1,
+        )
     left_alone = (
         f"; {plural(tally.left_alone, 'prompt')} refused for good before {'was' if tally.left_alone == 1 else 'were'} "
-        "not asked again (--retry-failed asks them)" if tally.left_alone else ""
-    )  # fmt: skip
+        "not asked again (--retry-failed asks them)"
+        if tally.left_alone
+        else ""
+    )
     cut_left = (
-        f"; {plural(tally.cut_left, 'prompt')} cut short before at this budget {'was' if tally.cut_left == 1 else 'were'} "
-        "not asked again (a larger --max-output-tokens asks them)" if tally.cut_left else ""
-    )  # fmt: skip
+        f"; {plural(tally.cut_left, 'prompt')} cut short before at this budget "
+        f"{'was' if tally.cut_left == 1 else 'were'} "
+        "not asked again (a larger --max-output-tokens asks them)"
+        if tally.cut_left
+        else ""
+    )
     if tally.failed or tally.left_alone or tally.cut_left:
         failed = f"{plural(tally.failed, 'prompt')} failed" if tally.failed else "nothing failed this time"
         return f"{failed}: see {settings.output_dir / FAILED_FILE}{left_alone}{cut_left}", 1
     if tally.answered + tally.failed == 0:
-        done_before = f"all {plural(tally.skipped, 'prompt')} {'was' if tally.skipped == 1 else 'were'} answered before" if tally.skipped else "no prompts"
+        done_before = (
+            f"all {plural(tally.skipped, 'prompt')} {'was' if tally.skipped == 1 else 'were'} answered before"
+            if tally.skipped
+            else "no prompts"
+        )
         return f"nothing to do: {done_before} in {settings.input_dir}", 0
     if progress.shown is not None and progress.shown.limit.reached:
-        return f"done: the job's first {plural(settings.limit, 'prompt')} (--limit) answered in {settings.output_dir}; the same command without --limit asks the rest", 0
+        return (
+            f"done: the job's first {plural(settings.limit, 'prompt')} (--limit) answered in {settings.output_dir}; "
+            f"the same command without --limit asks the rest",
+            0,
+        )
     return f"done: answers in {settings.output_dir}", 0
 
 

@@ -53,7 +53,9 @@ class Schema:
     """A whole API's messages, by name."""
 
     messages: dict[str, Message]
-    package: str  # what a short name is within: "google.ai.generativelanguage.v1beta." or "GoogleCloudAiplatformV1beta1"
+    package: (
+        str  # what a short name is within: "google.ai.generativelanguage.v1beta." or "GoogleCloudAiplatformV1beta1"
+    )
 
     def message(self, name: str) -> Message:
         return self.messages[name if name in self.messages else self.package + name]
@@ -61,30 +63,76 @@ class Schema:
 
 # -------------------------------------------------------------- the Gemini API --
 WELL_KNOWN = {
-    "google.protobuf.Value": "value", "google.protobuf.Struct": "struct", "google.protobuf.ListValue": "list",
-    "google.protobuf.Duration": "duration", "google.protobuf.Timestamp": "timestamp", "google.protobuf.FieldMask": "string",
-    "google.protobuf.Any": "any", "google.protobuf.Int32Value": "int", "google.protobuf.Int64Value": "int",
-    "google.protobuf.FloatValue": "float", "google.protobuf.DoubleValue": "float", "google.protobuf.BoolValue": "bool",
-    "google.protobuf.StringValue": "string", "google.protobuf.BytesValue": "bytes",
-}  # fmt: skip
-PROTO_KINDS = {1: "float", 2: "float", 3: "int", 4: "int", 5: "int", 6: "int", 7: "int", 8: "bool", 9: "string", 12: "bytes", 13: "int", 15: "int", 16: "int", 17: "int", 18: "int"}
+    "google.protobuf.Value": "value",
+    "google.protobuf.Struct": "struct",
+    "google.protobuf.ListValue": "list",
+    "google.protobuf.Duration": "duration",
+    "google.protobuf.Timestamp": "timestamp",
+    "google.protobuf.FieldMask": "string",
+    "google.protobuf.Any": "any",
+    "google.protobuf.Int32Value": "int",
+    "google.protobuf.Int64Value": "int",
+    "google.protobuf.FloatValue": "float",
+    "google.protobuf.DoubleValue": "float",
+    "google.protobuf.BoolValue": "bool",
+    "google.protobuf.StringValue": "string",
+    "google.protobuf.BytesValue": "bytes",
+}
+PROTO_KINDS = {
+    1: "float",
+    2: "float",
+    3: "int",
+    4: "int",
+    5: "int",
+    6: "int",
+    7: "int",
+    8: "bool",
+    9: "string",
+    12: "bytes",
+    13: "int",
+    15: "int",
+    16: "int",
+    17: "int",
+    18: "int",
+}
 
 
 def proto_field(descriptor: Any) -> Field:
     """A protobuf FieldDescriptor as a Field."""
-    oneof = descriptor.containing_oneof.name if descriptor.containing_oneof and not descriptor.containing_oneof.name.startswith("_") else ""
+    oneof = (
+        descriptor.containing_oneof.name
+        if descriptor.containing_oneof and not descriptor.containing_oneof.name.startswith("_")
+        else ""
+    )
     repeated = descriptor.is_repeated if hasattr(descriptor, "is_repeated") else descriptor.label == 3
     if descriptor.enum_type is not None:
         values = frozenset(value.name for value in descriptor.enum_type.values)
-        return Field(descriptor.name, descriptor.json_name, "enum", "type.googleapis.com/" + descriptor.enum_type.full_name, repeated, values, oneof)
+        return Field(
+            descriptor.name,
+            descriptor.json_name,
+            "enum",
+            "type.googleapis.com/" + descriptor.enum_type.full_name,
+            repeated,
+            values,
+            oneof,
+        )
     message = descriptor.message_type
     if message is None:
-        return Field(descriptor.name, descriptor.json_name, PROTO_KINDS[descriptor.type], repeated=repeated, oneof=oneof)
+        return Field(
+            descriptor.name, descriptor.json_name, PROTO_KINDS[descriptor.type], repeated=repeated, oneof=oneof
+        )
     if message.GetOptions().map_entry:
         value = proto_field(message.fields_by_name["value"])
         return Field(descriptor.name, descriptor.json_name, "map", oneof=oneof, map_of=value)
     kind = WELL_KNOWN.get(message.full_name, "message")
-    return Field(descriptor.name, descriptor.json_name, kind, message.full_name if kind == "message" else "", repeated, oneof=oneof)
+    return Field(
+        descriptor.name,
+        descriptor.json_name,
+        kind,
+        message.full_name if kind == "message" else "",
+        repeated,
+        oneof=oneof,
+    )
 
 
 @functools.cache
@@ -116,40 +164,121 @@ def gemini(version: str = "v1beta") -> Schema:
 # (message, field, the page that documents it, the google-genai code that sends it).
 BATCH_PAGE = "https://ai.google.dev/api/batch-mode (models.batchGenerateContent, GenerateContentBatch, InputConfig)"
 NEWER_GEMINI: list[tuple[str, Field, str, str]] = [
-    ("GenerateContentRequest", Field("service_tier", "serviceTier", "enum", "type.googleapis.com/google.ai.generativelanguage.v1beta.ServiceTier",
-                                     values=frozenset({"SERVICE_TIER_UNSPECIFIED", "STANDARD", "FLEX", "PRIORITY", "standard", "flex", "priority"})),
-     "https://ai.google.dev/gemini-api/docs/flex-inference", "google/genai/models.py _GenerateContentConfig_to_mldev: service_tier -> serviceTier"),
-    ("ThinkingConfig", Field("thinking_level", "thinkingLevel", "enum", "type.googleapis.com/google.ai.generativelanguage.v1beta.ThinkingConfig.ThinkingLevel",
-                             values=frozenset({"THINKING_LEVEL_UNSPECIFIED", "MINIMAL", "LOW", "MEDIUM", "HIGH"})),
-     "https://ai.google.dev/gemini-api/docs/thinking", "google/genai/models.py _GenerateContentConfig_to_mldev: thinking_config passed as it is"),
-    ("GenerateContentResponse.UsageMetadata", Field("service_tier", "serviceTier", "enum", "type.googleapis.com/google.ai.generativelanguage.v1beta.ServiceTier",
-                                                    values=frozenset({"STANDARD", "FLEX", "PRIORITY"})),
-     "https://ai.google.dev/gemini-api/docs/priority-inference (the tier that served a request)", "read by pipeline.py from the x-gemini-service-tier header: google-genai 3.6.1 drops it"),
-    ("BatchGenerateContentRequest", Field("batch", "batch", "message", "GenerateContentBatch"), BATCH_PAGE, "google/genai/batches.py _CreateBatchJobParameters_to_mldev"),
+    (
+        "GenerateContentRequest",
+        Field(
+            "service_tier",
+            "serviceTier",
+            "enum",
+            "type.googleapis.com/google.ai.generativelanguage.v1beta.ServiceTier",
+            values=frozenset(
+                {"SERVICE_TIER_UNSPECIFIED", "STANDARD", "FLEX", "PRIORITY", "standard", "flex", "priority"}
+            ),
+        ),
+        "https://ai.google.dev/gemini-api/docs/flex-inference",
+        "google/genai/models.py _GenerateContentConfig_to_mldev: service_tier -> serviceTier",
+    ),
+    (
+        "ThinkingConfig",
+        Field(
+            "thinking_level",
+            "thinkingLevel",
+            "enum",
+            "type.googleapis.com/google.ai.generativelanguage.v1beta.ThinkingConfig.ThinkingLevel",
+            values=frozenset({"THINKING_LEVEL_UNSPECIFIED", "MINIMAL", "LOW", "MEDIUM", "HIGH"}),
+        ),
+        "https://ai.google.dev/gemini-api/docs/thinking",
+        "google/genai/models.py _GenerateContentConfig_to_mldev: thinking_config passed as it is",
+    ),
+    (
+        "GenerateContentResponse.UsageMetadata",
+        Field(
+            "service_tier",
+            "serviceTier",
+            "enum",
+            "type.googleapis.com/google.ai.generativelanguage.v1beta.ServiceTier",
+            values=frozenset({"STANDARD", "FLEX", "PRIORITY"}),
+        ),
+        "https://ai.google.dev/gemini-api/docs/priority-inference (the tier that served a request)",
+        "read by pipeline.py from the x-gemini-service-tier header: google-genai 3.6.1 drops it",
+    ),
+    (
+        "BatchGenerateContentRequest",
+        Field("batch", "batch", "message", "GenerateContentBatch"),
+        BATCH_PAGE,
+        "google/genai/batches.py _CreateBatchJobParameters_to_mldev",
+    ),
     ("GenerateContentBatch", Field("display_name", "displayName", "string"), BATCH_PAGE, "google/genai/batches.py"),
-    ("GenerateContentBatch", Field("input_config", "inputConfig", "message", "InputConfig"), BATCH_PAGE, "google/genai/batches.py _BatchJobSource_to_mldev"),
+    (
+        "GenerateContentBatch",
+        Field("input_config", "inputConfig", "message", "InputConfig"),
+        BATCH_PAGE,
+        "google/genai/batches.py _BatchJobSource_to_mldev",
+    ),
     ("GenerateContentBatch", Field("model", "model", "string"), BATCH_PAGE, "google/genai/batches.py"),
     ("GenerateContentBatch", Field("priority", "priority", "int"), BATCH_PAGE, "google/genai/batches.py"),
-    ("InputConfig", Field("file_name", "fileName", "string", oneof="source"), BATCH_PAGE, "google/genai/batches.py _BatchJobSource_to_mldev: file_name"),
-    ("InputConfig", Field("requests", "requests", "message", "InlinedRequests", oneof="source"), BATCH_PAGE, "google/genai/batches.py: inlined_requests"),
-    ("InlinedRequests", Field("requests", "requests", "message", "InlinedRequest", repeated=True), BATCH_PAGE, "google/genai/batches.py"),
-    ("InlinedRequest", Field("request", "request", "message", "GenerateContentRequest"), BATCH_PAGE, "google/genai/batches.py _InlinedRequest_to_mldev"),
-    ("InlinedRequest", Field("metadata", "metadata", "struct"), BATCH_PAGE, "google/genai/batches.py _InlinedRequest_to_mldev"),
-    ("BatchFileLine", Field("key", "key", "string"), "https://ai.google.dev/gemini-api/docs/batch-mode (input file: a key and a GenerateContentRequest per line)", "pipeline.py batch_line"),
-    ("BatchFileLine", Field("request", "request", "message", "GenerateContentRequest"), "https://ai.google.dev/gemini-api/docs/batch-mode", "pipeline.py batch_line"),
-]  # fmt: skip
+    (
+        "InputConfig",
+        Field("file_name", "fileName", "string", oneof="source"),
+        BATCH_PAGE,
+        "google/genai/batches.py _BatchJobSource_to_mldev: file_name",
+    ),
+    (
+        "InputConfig",
+        Field("requests", "requests", "message", "InlinedRequests", oneof="source"),
+        BATCH_PAGE,
+        "google/genai/batches.py: inlined_requests",
+    ),
+    (
+        "InlinedRequests",
+        Field("requests", "requests", "message", "InlinedRequest", repeated=True),
+        BATCH_PAGE,
+        "google/genai/batches.py",
+    ),
+    (
+        "InlinedRequest",
+        Field("request", "request", "message", "GenerateContentRequest"),
+        BATCH_PAGE,
+        "google/genai/batches.py _InlinedRequest_to_mldev",
+    ),
+    (
+        "InlinedRequest",
+        Field("metadata", "metadata", "struct"),
+        BATCH_PAGE,
+        "google/genai/batches.py _InlinedRequest_to_mldev",
+    ),
+    (
+        "BatchFileLine",
+        Field("key", "key", "string"),
+        "https://ai.google.dev/gemini-api/docs/batch-mode (input file: a key and a GenerateContentRequest per line)",
+        "pipeline.py batch_line",
+    ),
+    (
+        "BatchFileLine",
+        Field("request", "request", "message", "GenerateContentRequest"),
+        "https://ai.google.dev/gemini-api/docs/batch-mode",
+        "pipeline.py batch_line",
+    ),
+]
 
 
 def add_newer(schema: Schema, newer: list[tuple[str, Field, str, str]]) -> None:
     for message_name, new, _page, _sender in newer:
         message = schema.messages.setdefault(schema.package + message_name, Message(schema.package + message_name))
         if new.kind == "message" and "." not in new.ref:
-            new = Field(new.name, new.json_name, new.kind, schema.package + new.ref, new.repeated, new.values, new.oneof)
+            new = Field(
+                new.name, new.json_name, new.kind, schema.package + new.ref, new.repeated, new.values, new.oneof
+            )
         message.fields[new.name] = message.fields[new.json_name] = new
 
 
 # ---------------------------------------------------------------- Vertex AI --
-DISCOVERY_FORMATS = {"byte": "bytes", "google-duration": "duration", "google-datetime": "timestamp", "google-fieldmask": "string"}
+DISCOVERY_FORMATS = {
+    "byte": "bytes",
+    "google-duration": "duration",
+    "google-datetime": "timestamp",
+    "google-fieldmask": "string",
+}
 
 
 def discovery_field(name: str, spec: dict[str, Any], package: str) -> Field:
@@ -164,8 +293,17 @@ def discovery_field(name: str, spec: dict[str, Any], package: str) -> Field:
         return Field(snake, name, "enum", name, values=frozenset(spec["enum"]))
     if spec.get("type") == "object":
         extra = spec.get("additionalProperties", {"type": "any"})
-        return Field(snake, name, "struct") if extra.get("type") == "any" else Field(snake, name, "map", map_of=discovery_field(name, extra, package))
-    kind = DISCOVERY_FORMATS.get(spec.get("format", ""), {"string": "string", "integer": "int", "number": "float", "boolean": "bool", "any": "value"}[spec.get("type", "any")])
+        return (
+            Field(snake, name, "struct")
+            if extra.get("type") == "any"
+            else Field(snake, name, "map", map_of=discovery_field(name, extra, package))
+        )
+    kind = DISCOVERY_FORMATS.get(
+        spec.get("format", ""),
+        {"string": "string", "integer": "int", "number": "float", "boolean": "bool", "any": "value"}[
+            spec.get("type", "any")
+        ],
+    )
     return Field(snake, name, "int" if spec.get("format") in ("int64", "uint64", "int32", "uint32") else kind)
 
 
@@ -174,7 +312,11 @@ def vertex() -> Schema:
     """Vertex AI's v1beta1 messages, from the Discovery document google-api-python-client ships."""
     import googleapiclient
 
-    document = json.loads((Path(googleapiclient.__file__).parent / "discovery_cache" / "documents" / "aiplatform.v1beta1.json").read_text())
+    document = json.loads(
+        (
+            Path(googleapiclient.__file__).parent / "discovery_cache" / "documents" / "aiplatform.v1beta1.json"
+        ).read_text()
+    )
     package = "GoogleCloudAiplatformV1beta1"
     messages = {}
     for name, spec in document["schemas"].items():
@@ -200,12 +342,16 @@ class Route:
 
 SYSTEM_QUERY = frozenset({"key", "alt", "$alt", "prettyPrint", "fields", "upload_protocol", "uploadType"})
 GEMINI_MODEL = r"/v1beta/models/[^/:]+"
-VERTEX_MODEL = r"/v1beta1/(?:projects/[^/]+/locations/[^/]+/)?publishers/google/models/[^/:]+"  # express mode names no project
+VERTEX_MODEL = (
+    r"/v1beta1/(?:projects/[^/]+/locations/[^/]+/)?publishers/google/models/[^/:]+"  # express mode names no project
+)
 VERTEX_CACHES = r"/v1beta1/projects/[^/]+/locations/[^/]+/cachedContents"
 LISTING = frozenset({"pageSize", "pageToken"})
 
 
-def route(verb: str, path: str, request: str | None, query: frozenset[str] = frozenset(), response: str | None = None) -> Route:
+def route(
+    verb: str, path: str, request: str | None, query: frozenset[str] = frozenset(), response: str | None = None
+) -> Route:
     return Route(verb, re.compile(path), request, query, response)
 
 
@@ -248,7 +394,11 @@ VERTEX_ROUTES = [
 
 def route_of(verb: str, path: str) -> tuple[Schema, Route] | None:
     """The API and method a request names, or None (the API answers 404)."""
-    for schema, routes in ((gemini, GEMINI_ROUTES), (functools.partial(gemini, "v1"), GEMINI_V1_ROUTES), (vertex, VERTEX_ROUTES)):
+    for schema, routes in (
+        (gemini, GEMINI_ROUTES),
+        (functools.partial(gemini, "v1"), GEMINI_V1_ROUTES),
+        (vertex, VERTEX_ROUTES),
+    ):
         for known in routes:
             if known.verb == verb and known.path.fullmatch(path):
                 return schema(), known
@@ -265,7 +415,10 @@ def request_problem(verb: str, path: str, query: dict[str, str], body: Any) -> t
     schema, method = found
     for name in query:
         if name not in SYSTEM_QUERY and name not in method.query:
-            return 400, f'Invalid JSON payload received. Unknown name "{name}": Cannot bind query parameter. Field \'{name}\' could not be found in request message.'
+            return (
+                400,
+                f"Invalid JSON payload received. Unknown name \"{name}\": Cannot bind query parameter. Field '{name}' could not be found in request message.",
+            )
     if method.request is None:
         return None
     problem = problem_in(schema, schema.message(method.request), body, "")
@@ -280,7 +433,7 @@ def problem_in(schema: Schema, message: Message, value: Any, path: str) -> str |
     for key, item in value.items():
         known = message.fields.get(key)
         if known is None:
-            return f"Invalid JSON payload received. Unknown name \"{key}\"{f' at {path!r}' if path else ''}: Cannot find field."
+            return f'Invalid JSON payload received. Unknown name "{key}"{f" at {path!r}" if path else ""}: Cannot find field.'
         if known.oneof and item is not None:
             if known.oneof in oneofs:
                 return f"Invalid JSON payload received. Oneof field '{known.oneof}' is already set. Cannot set '{key}'"
@@ -305,9 +458,21 @@ def value_problem(schema: Schema, known: Field, value: Any, path: str) -> str | 
     if known.kind == "map":
         if not isinstance(value, dict):
             return invalid(path, "map", value)
-        return next((p for k, v in value.items() if known.map_of and (p := value_problem(schema, known.map_of, v, f"{path}[{k}]"))), None)
+        return next(
+            (
+                p
+                for k, v in value.items()
+                if known.map_of and (p := value_problem(schema, known.map_of, v, f"{path}[{k}]"))
+            ),
+            None,
+        )
     if known.kind == "enum":
-        return None if (isinstance(value, str) and value in known.values) or (isinstance(value, int) and not isinstance(value, bool)) else invalid(path, known.ref, value)
+        return (
+            None
+            if (isinstance(value, str) and value in known.values)
+            or (isinstance(value, int) and not isinstance(value, bool))
+            else invalid(path, known.ref, value)
+        )
     return None if scalar_fits(known.kind, value) else invalid(path, type_name(known), value)
 
 
@@ -324,10 +489,15 @@ def scalar_fits(kind: str, value: Any) -> bool:
     if kind == "int":  # a number with no fraction (3.0 is 3), or one as a string
         if isinstance(value, float):
             return value.is_integer()
-        return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and re.fullmatch(r"-?\d+", value) is not None)
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, str) and re.fullmatch(r"-?\d+", value) is not None
+        )
     if kind == "float":
         if isinstance(value, str):
-            return value in ("NaN", "Infinity", "-Infinity") or re.fullmatch(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value) is not None
+            return (
+                value in ("NaN", "Infinity", "-Infinity")
+                or re.fullmatch(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value) is not None
+            )
         return isinstance(value, int | float) and not isinstance(value, bool)
     if not isinstance(value, str):
         return False
@@ -344,7 +514,9 @@ def scalar_fits(kind: str, value: Any) -> bool:
 
 
 def type_name(known: Field) -> str:
-    return {"message": f"type.googleapis.com/{known.ref}", "enum": known.ref}.get(known.kind, f"TYPE_{known.kind.upper()}")
+    return {"message": f"type.googleapis.com/{known.ref}", "enum": known.ref}.get(
+        known.kind, f"TYPE_{known.kind.upper()}"
+    )
 
 
 def invalid(path: str, type_: str, value: Any) -> str:

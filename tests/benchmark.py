@@ -192,7 +192,9 @@ def timed_journal(write: Callable[[Any, list[Any]], None], spent: list[float]) -
     so the journal's own price is the rest (joining them, and the write)."""
 
     pipeline = sys.modules["pipeline"]
-    encode = pipeline.Records.journal_line if hasattr(pipeline, "Records") else lambda response: response.record_line()  # an older checkout's
+    encode = (
+        pipeline.Records.journal_line if hasattr(pipeline, "Records") else lambda response: response.record_line()
+    )  # an older checkout's
 
     def timed(journal: Any, responses: list[Any]) -> None:
         for response in responses:
@@ -267,7 +269,9 @@ def child_media(rows_csv: str, workers: int) -> None:
             for text, path in rows:
                 data = await asyncio.to_thread(path.read_bytes)
                 parts = [{"text": text}, {"inline_data": {"mime_type": "image/png", "data": data}}]
-                reply = await client.aio.models.generate_content(model="gemini-flash-latest", contents=[{"role": "user", "parts": parts}])
+                reply = await client.aio.models.generate_content(
+                    model="gemini-flash-latest", contents=[{"role": "user", "parts": parts}]
+                )
                 assert reply.text
 
         await asyncio.gather(*(worker() for _ in range(workers)))
@@ -283,7 +287,9 @@ def report(times: os.times_result, wall: float, code: int, stall_s: float = 0.0,
     cpu, kernel = now.user + now.system - times.user - times.system, now.system - times.system
     children = now.children_user + now.children_system - times.children_user - times.children_system
     result = {"wall_s": time.perf_counter() - wall, "cpu_s": cpu, "sys_s": kernel, "children_cpu_s": children}
-    print("BENCH " + json.dumps({**result, "stall_s": stall_s, "journal_cpu_s": journal_cpu_s, "code": code}), flush=True)
+    print(
+        "BENCH " + json.dumps({**result, "stall_s": stall_s, "journal_cpu_s": journal_cpu_s, "code": code}), flush=True
+    )
 
 
 # ---------------------------------------------------------------- harness --
@@ -293,8 +299,11 @@ def measure(child_args: list[str], env: dict[str, str] | None = None, tree: bool
     figures need it: a pool's processes and memory)."""
     process = subprocess.Popen(
         [sys.executable, __file__, *child_args],
-        env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert process.stdout is not None
     watch = TreeWatch(process.pid) if tree else None
     output = process.stdout.read()
@@ -309,9 +318,17 @@ def measure(child_args: list[str], env: dict[str, str] | None = None, tree: bool
     process_cpu = usage.ru_utime + usage.ru_stime
     children_cpu = max(inner["children_cpu_s"], sum(watch.cpu_s.values()) if watch else 0.0)
     return Measure(
-        inner["wall_s"], inner["cpu_s"], inner["sys_s"], children_cpu, inner["stall_s"], process_cpu, usage.ru_maxrss / 1024,
-        inner.get("journal_cpu_s", 0.0), max(watch.peak_rss_mb if watch else 0.0, usage.ru_maxrss / 1024), watch.most if watch else 1,
-    )  # fmt: skip
+        inner["wall_s"],
+        inner["cpu_s"],
+        inner["sys_s"],
+        children_cpu,
+        inner["stall_s"],
+        process_cpu,
+        usage.ru_maxrss / 1024,
+        inner.get("journal_cpu_s", 0.0),
+        max(watch.peak_rss_mb if watch else 0.0, usage.ru_maxrss / 1024),
+        watch.most if watch else 1,
+    )
 
 
 class FakeServer:
@@ -320,9 +337,18 @@ class FakeServer:
 
     def __init__(self, latency_ms: float, *flags: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "fake_gemini.py"), "--port", "0", "--latency-ms", str(latency_ms), *flags],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(ROOT / "tests" / "fake_gemini.py"),
+                "--port",
+                "0",
+                "--latency-ms",
+                str(latency_ms),
+                *flags,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.process.stdout is not None
         self.base_url = self.process.stdout.readline().split()[3]
         self.env = {"GOOGLE_GEMINI_BASE_URL": self.base_url, "GEMINI_API_KEY": "benchmark-key"}
@@ -351,7 +377,11 @@ def pipeline_args(inputs: Path, scratch: Path, *flags: str, variant: str = "defa
 
 
 def alternating(
-    kinds: list[str], reps: int, args_of: Callable[[str], list[str]], env: dict[str, str], tree: bool = False,
+    kinds: list[str],
+    reps: int,
+    args_of: Callable[[str], list[str]],
+    env: dict[str, str],
+    tree: bool = False,
     env_of: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, list[Measure]]:
     """`reps` runs of each kind of child, their order reversed every other repetition;
@@ -376,7 +406,10 @@ def quartiles(values: list[float]) -> list[float]:
 def ceiling(scratch: Path, prompts: int, reps: int) -> None:
     """The default settings, and big shards and queues to show what files cost."""
     inputs = make_inputs(scratch / "ceiling_inputs", prompts)
-    settings = {"default settings": [], "QUEUE_SIZE=100, SHARD_SIZE=1000": ["--queue-size", "100", "--shard-size", "1000"]}
+    settings = {
+        "default settings": [],
+        "QUEUE_SIZE=100, SHARD_SIZE=1000": ["--queue-size", "100", "--shard-size", "1000"],
+    }
     with FakeServer(latency_ms=0) as server:
         for workers in (5, 50):
             contenders = {"ceiling": ["ceiling", str(prompts), str(workers)]}
@@ -417,7 +450,11 @@ def scaling(scratch: Path, prompts: int, reps: int) -> None:
             ideal = math.ceil(prompts / workers) * 0.1
             wall = median([m.wall_s for m in pipeline_runs])
             busy = median([m.cpu_s / m.wall_s for m in pipeline_runs])
-            versus = f"; the ceiling program: {median([m.wall_s for m in ceiling_runs]) / ideal:.3f}x ideal" if ceiling_runs else ""
+            versus = (
+                f"; the ceiling program: {median([m.wall_s for m in ceiling_runs]) / ideal:.3f}x ideal"
+                if ceiling_runs
+                else ""
+            )
             print(
                 f"| scaling, {prompts} prompts, 100 ms, {workers} workers | {wall / ideal:.3f}x ideal "
                 f"| {wall:.2f} s vs {ideal:.1f} s ideal; client CPU busy {busy:.0%} of the time{versus} |",
@@ -433,13 +470,20 @@ def machinery(scratch: Path, prompts: int, reps: int) -> None:
         "QUEUE_SIZE=100, SHARD_SIZE=1000": big,
         "QUEUE_SIZE=100, SHARD_SIZE=1000, POSTPROCESS_WORKERS=0": [*big, "--postprocess-workers", "0"],
     }
-    disks = {"disk": scratch, "tmpfs": Path(tempfile.mkdtemp(dir="/dev/shm"))} if Path("/dev/shm").is_dir() else {"disk": scratch}
+    disks = (
+        {"disk": scratch, "tmpfs": Path(tempfile.mkdtemp(dir="/dev/shm"))}
+        if Path("/dev/shm").is_dir()
+        else {"disk": scratch}
+    )
     for label, flags in settings.items():
         for disk, where in disks.items():
             args = ["--offline", "--offline-latency-ms", "0", *flags]
             runs = [measure(pipeline_args(inputs, where, *args)) for _ in range(reps)]
             rate = prompts / median([m.wall_s for m in runs])
-            print(f"| machinery, {prompts} prompts, --offline, {label}, outputs on {disk} | {rate:,.0f} prompts/s | |", flush=True)
+            print(
+                f"| machinery, {prompts} prompts, --offline, {label}, outputs on {disk} | {rate:,.0f} prompts/s | |",
+                flush=True,
+            )
     for where in disks.values():
         if where != scratch:
             shutil.rmtree(where, ignore_errors=True)
@@ -450,7 +494,9 @@ def memory(scratch: Path, sizes: list[int]) -> None:
     for prompts in sizes:
         inputs = make_inputs(scratch / f"memory_inputs_{prompts}", prompts)
         flags = ["--offline", "--offline-latency-ms", "0", "--queue-size", "100", "--shard-size", "1000"]
-        peaks[prompts] = measure(pipeline_args(inputs, scratch, *flags), tree=True).tree_rss_mb  # the pool's processes too
+        peaks[prompts] = measure(
+            pipeline_args(inputs, scratch, *flags), tree=True
+        ).tree_rss_mb  # the pool's processes too
         shutil.rmtree(inputs)
     small, large = sizes[0], sizes[-1]
     print(
@@ -469,6 +515,7 @@ def restart(scratch: Path, prompts: int, reps: int) -> None:
     flags = ["--offline", "--offline-latency-ms", "0", "--queue-size", "100", "--shard-size", "1000"]
     args = pipeline_args(inputs, scratch, *flags)
     first = measure(args, tree=True)
+
     def args_of(kind: str) -> list[str]:
         return args if kind == "pipeline" else ["plain_restart", *args[3:6:2]]
 
@@ -511,6 +558,7 @@ def postprocessing(scratch: Path, prompts: int, heavy_prompts: int, reps: int, c
     inputs = make_inputs(scratch / "postprocess_inputs", prompts)
     with FakeServer(latency_ms=0) as server:
         for workers in (5, 50):
+
             def postprocessed(kind: str, workers: int = workers) -> list[str]:
                 no_pool = ["--postprocess-workers", "0"] if kind == "none" else []
                 return pipeline_args(inputs, scratch, "--workers", str(workers), *no_pool, variant=kind)
@@ -532,7 +580,9 @@ def postprocessing(scratch: Path, prompts: int, heavy_prompts: int, reps: int, c
         runs: dict[str, list[Measure]] = {processes: [], "0": [], "ceiling": []}
         for rep in range(reps):
             for count in (processes, "0") if rep % 2 == 0 else ("0", processes):
-                args = pipeline_args(inputs, scratch, "--workers", str(HEAVY_WORKERS), "--postprocess-workers", count, variant="heavy")
+                args = pipeline_args(
+                    inputs, scratch, "--workers", str(HEAVY_WORKERS), "--postprocess-workers", count, variant="heavy"
+                )
                 runs[count].append(measure(args, server.env, tree=True))  # the pool's CPU
             runs["ceiling"].append(measure(["ceiling", str(heavy_prompts), str(HEAVY_WORKERS)], server.env))
         pool, inline = runs[processes], runs["0"]
@@ -556,6 +606,7 @@ def journal(scratch: Path, prompts: int, reps: int) -> None:
     inputs = make_inputs(scratch / "journal_inputs", prompts)
     with FakeServer(latency_ms=0) as server:
         for workers in (5, 50):
+
             def journaled(kind: str, workers: int = workers) -> list[str]:
                 return pipeline_args(inputs, scratch, "--workers", str(workers), variant=kind)
 
@@ -580,7 +631,13 @@ def transport(scratch: Path, workers: int, reps: int) -> None:
     ideal = 5 * 1.0
     with FakeServer(latency_ms=1000) as server:
         for name, env in (("httpx2", {"BENCH_WITHOUT_AIOHTTP": "1"}), ("aiohttp", {})):
-            runs = [measure(pipeline_args(inputs, scratch, "--workers", str(workers), "--shard-size", "1000"), {**server.env, **env}) for _ in range(reps)]
+            runs = [
+                measure(
+                    pipeline_args(inputs, scratch, "--workers", str(workers), "--shard-size", "1000"),
+                    {**server.env, **env},
+                )
+                for _ in range(reps)
+            ]
             wall = median([m.wall_s for m in runs])
             print(
                 f"| transport {name}, {prompts} prompts, 1 s, {workers} workers | {wall / ideal:.2f}x ideal "
@@ -624,7 +681,10 @@ def concurrency(scratch: Path, counts: list[int], reps: int) -> None:
                 flush=True,
             )
         pipeline_wall, bare_wall = (median([run.wall_s for run, _ in runs[name]]) for name in runs)
-        print(f"| concurrency, {workers} workers: pipeline over bare SDK | {pipeline_wall / bare_wall:.2f}x wall | |", flush=True)
+        print(
+            f"| concurrency, {workers} workers: pipeline over bare SDK | {pipeline_wall / bare_wall:.2f}x wall | |",
+            flush=True,
+        )
     draw_concurrency(rows, ROOT / "tests" / "concurrency.png")
 
 
@@ -676,11 +736,20 @@ def child_profile(which: str, inputs: str, output: str, workers: int) -> None:
             continue  # waiting, not working
         packages[next((label for key, label in PACKAGES if key in path), "other")] += own_s
     shares = ", ".join(f"{label} {seconds:.2f} s" for label, seconds in packages.most_common())
-    print(f"| profile, {which}, {workers} workers, {prompts} prompts, 1 s | {cpu / prompts * 1000:.2f} ms CPU per request under cProfile | {shares} |")
+    print(
+        f"| profile, {which}, {workers} workers, {prompts} prompts, 1 s | {cpu / prompts * 1000:.2f} ms CPU per request under cProfile | {shares} |"
+    )
 
 
-PACKAGES = [("pipeline.py", "pipeline.py"), ("google/genai", "google-genai"), ("pydantic", "pydantic"), ("aiohttp", "aiohttp"),
-            ("/asyncio/", "asyncio"), ("/json/", "json"), ("~", "builtins")]  # fmt: skip
+PACKAGES = [
+    ("pipeline.py", "pipeline.py"),
+    ("google/genai", "google-genai"),
+    ("pydantic", "pydantic"),
+    ("aiohttp", "aiohttp"),
+    ("/asyncio/", "asyncio"),
+    ("/json/", "json"),
+    ("~", "builtins"),
+]
 
 
 def profile(scratch: Path, workers: int) -> None:
@@ -711,7 +780,10 @@ def child_longline(path: str) -> None:
     started = time.perf_counter()
     size = asyncio.run(read())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"| longline, a {size / 1e6:.0f} MB line | {time.perf_counter() - started:.2f} s | peak RSS {peak:.0f} MB |", flush=True)
+    print(
+        f"| longline, a {size / 1e6:.0f} MB line | {time.perf_counter() - started:.2f} s | peak RSS {peak:.0f} MB |",
+        flush=True,
+    )
 
 
 def longline(scratch: Path, megabytes: int) -> None:
@@ -736,7 +808,9 @@ def child_csv(path: str) -> None:
 
 def csv_rows(scratch: Path) -> None:
     quoted = scratch / "40001-rows-after-a-quote.csv"
-    quoted.write_text('id,prompt\nr0,The 5" screen\n' + "".join(f"r{i},What is two times {i}?\n" for i in range(1, 40_001)))
+    quoted.write_text(
+        'id,prompt\nr0,The 5" screen\n' + "".join(f"r{i},What is two times {i}?\n" for i in range(1, 40_001))
+    )
     cell = scratch / "an-80-KB-multi-line-cell.csv"
     cell.write_text('id,prompt\nr0,"' + "\n".join(f"line {i} of a long cell" for i in range(4000)) + '"\n')
     for path in (quoted, cell):
@@ -753,11 +827,17 @@ def parquet(scratch: Path, rows: int, reps: int) -> None:
     folders = {kind: scratch / f"parquet_{kind}" for kind in ("parquet", "jsonl")}
     for folder in folders.values():
         folder.mkdir()
-    pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": prompts}), folders["parquet"] / "rows.parquet", row_group_size=10_000)
+    pq.write_table(
+        pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": prompts}),
+        folders["parquet"] / "rows.parquet",
+        row_group_size=10_000,
+    )
     with open(folders["jsonl"] / "rows.jsonl", "w") as file:
         file.writelines(json.dumps({"id": f"r{i}", "prompt": prompt}) + "\n" for i, prompt in enumerate(prompts))
     flags = ["--offline", "--offline-latency-ms", "0", "--workers", "100", "--shard-size", "1000"]
-    runs = alternating(["parquet", "jsonl"], reps, lambda kind: pipeline_args(folders[kind], scratch, *flags), {}, tree=True)
+    runs = alternating(
+        ["parquet", "jsonl"], reps, lambda kind: pipeline_args(folders[kind], scratch, *flags), {}, tree=True
+    )
     wall = {kind: median([m.wall_s for m in runs[kind]]) for kind in runs}
     rss = {kind: median([m.tree_rss_mb for m in runs[kind]]) for kind in runs}
     print(
@@ -770,23 +850,31 @@ def parquet(scratch: Path, rows: int, reps: int) -> None:
         shutil.rmtree(folder)
 
 
-def user_run(root: Path, inputs: Path, scratch: Path, flags: list[str], server: FakeServer, timeout_s: float) -> dict[str, Any]:
+def user_run(
+    root: Path, inputs: Path, scratch: Path, flags: list[str], server: FakeServer, timeout_s: float
+) -> dict[str, Any]:
     """`python pipeline.py` of the checkout at `root`, as a user runs it: wall time from the
     outside (start-up included), exit status (None: still running after `timeout_s`), ids written."""
     output = Path(tempfile.mkdtemp(dir=scratch))
     args = [sys.executable, str(root / "pipeline.py"), "--input-dir", str(inputs), "--output-dir", str(output), *flags]
     started = time.time()
     try:
-        code: int | None = subprocess.run(args, env={**os.environ, **server.env}, capture_output=True, timeout=timeout_s, check=False).returncode
+        code: int | None = subprocess.run(
+            args, env={**os.environ, **server.env}, capture_output=True, timeout=timeout_s, check=False
+        ).returncode
     except subprocess.TimeoutExpired:
         code = None
     ended = time.time()
     ids = [json.loads(line)["id"] for shard in output.glob("shard_*.jsonl") for line in shard.open()]
     failed = output / "failed.jsonl"
     return {
-        "code": code, "wall_s": ended - started, "ended": ended, "ids": len(ids), "unique_ids": len(set(ids)),
+        "code": code,
+        "wall_s": ended - started,
+        "ended": ended,
+        "ids": len(ids),
+        "unique_ids": len(set(ids)),
         "failed": sum(1 for _ in failed.open()) if failed.exists() else 0,
-    }  # fmt: skip
+    }
 
 
 def checkouts(baseline: str | None) -> dict[str, Path]:
@@ -803,31 +891,58 @@ def versus(scratch: Path, reps: int, baseline: str | None) -> None:
     sides = {name: {"BENCH_PIPELINE_DIR": str(path)} for name, path in checkouts(baseline).items()}
     inputs = make_inputs(scratch / "versus_inputs", 100_000)
     big = ["--queue-size", "100", "--shard-size", "1000"]
-    for label, flags in {"default settings": [], "QUEUE_SIZE=100, SHARD_SIZE=1000": big, "and POSTPROCESS_WORKERS=0": [*big, "--postprocess-workers", "0"]}.items():
-        runs = alternating(list(sides), reps, lambda side: pipeline_args(inputs, scratch, "--offline", "--offline-latency-ms", "0", *flags), {}, env_of=sides)
+    for label, flags in {
+        "default settings": [],
+        "QUEUE_SIZE=100, SHARD_SIZE=1000": big,
+        "and POSTPROCESS_WORKERS=0": [*big, "--postprocess-workers", "0"],
+    }.items():
+        runs = alternating(
+            list(sides),
+            reps,
+            lambda side, flags=flags: pipeline_args(inputs, scratch, "--offline", "--offline-latency-ms", "0", *flags),
+            {},
+            env_of=sides,
+        )
         rates = {side: [100_000 / m.wall_s for m in runs[side]] for side in sides}
-        print(f"| versus, machinery, {label} | {median(rates['this']) / median(rates['baseline']):.2f}x | "
-              f"{median(rates['this']):,.0f} against {median(rates['baseline']):,.0f} prompts/s; runs {[round(r) for r in rates['this']]} against {[round(r) for r in rates['baseline']]} |", flush=True)  # fmt: skip
+        print(
+            f"| versus, machinery, {label} | {median(rates['this']) / median(rates['baseline']):.2f}x | "
+            f"{median(rates['this']):,.0f} against {median(rates['baseline']):,.0f} prompts/s; runs {[round(r) for r in rates['this']]} against {[round(r) for r in rates['baseline']]} |",
+            flush=True,
+        )
     inputs = make_inputs(scratch / "versus_ceiling_inputs", 2000)
     with FakeServer(latency_ms=0) as server:
         for workers, flags in (("5", []), ("5", big), ("50", []), ("50", big)):
-            runs = alternating(list(sides), reps, lambda side: pipeline_args(inputs, scratch, "--workers", workers, *flags), server.env, env_of=sides)
+            runs = alternating(
+                list(sides),
+                reps,
+                lambda side, workers=workers, flags=flags: pipeline_args(inputs, scratch, "--workers", workers, *flags),
+                server.env,
+                env_of=sides,
+            )
             cpu = {side: median([m.cpu_s for m in runs[side]]) for side in sides}
-            print(f"| versus, ceiling's pipeline, {workers} workers{', ' + ' '.join(flags) if flags else ''} | CPU {cpu['this'] / cpu['baseline']:.3f}x | "
-                  f"{cpu['this']:.2f} against {cpu['baseline']:.2f} s |", flush=True)  # fmt: skip
+            print(
+                f"| versus, ceiling's pipeline, {workers} workers{', ' + ' '.join(flags) if flags else ''} | CPU {cpu['this'] / cpu['baseline']:.3f}x | "
+                f"{cpu['this']:.2f} against {cpu['baseline']:.2f} s |",
+                flush=True,
+            )
 
 
 def capacity(scratch: Path, prompts: int, reps: int, baseline: str | None) -> None:
     """A server that admits 100 requests in flight and answers 429 (no details) beyond:
     --workers 400 against it, and the control: --workers 100 against no limit."""
     inputs = make_inputs(scratch / "capacity_inputs", prompts, per_file=1000)
-    cases = {"--workers 100, no limit": ([], ["--workers", "100"]), "--workers 400, server admits 100": (["--capacity", "100"], ["--workers", "400"])}
+    cases = {
+        "--workers 100, no limit": ([], ["--workers", "100"]),
+        "--workers 400, server admits 100": (["--capacity", "100"], ["--workers", "400"]),
+    }
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for rep in range(reps):
         for name, root in checkouts(baseline).items():
-            for case, (server_flags, flags) in (cases.items() if rep % 2 == 0 else reversed(cases.items())):
+            for case, (server_flags, flags) in cases.items() if rep % 2 == 0 else reversed(cases.items()):
                 with FakeServer(200, *server_flags) as server:
-                    run = user_run(root, inputs, scratch, [*flags, "--queue-size", "1000", "--shard-size", "1000"], server, 90)
+                    run = user_run(
+                        root, inputs, scratch, [*flags, "--queue-size", "1000", "--shard-size", "1000"], server, 90
+                    )
                 runs.setdefault((name, case), []).append({**run, **server.counts})
     for name in checkouts(baseline):
         control = median([r["wall_s"] for r in runs[(name, "--workers 100, no limit")]])
@@ -835,7 +950,11 @@ def capacity(scratch: Path, prompts: int, reps: int, baseline: str | None) -> No
             done = runs[(name, case)]
             wall = median([r["wall_s"] for r in done])
             refused = median([r["refused_full"] / max(r["requests"], 1) for r in done])
-            finished = "all finished" if all(r["code"] == 0 for r in done) else f"exit statuses {[r['code'] for r in done]} (None: stopped after 90 s)"
+            finished = (
+                "all finished"
+                if all(r["code"] == 0 for r in done)
+                else f"exit statuses {[r['code'] for r in done]} (None: stopped after 90 s)"
+            )
             print(
                 f"| unstated capacity, {prompts} prompts, 200 ms, {case} ({name}) | {wall:.2f} s, {wall / control:.2f}x its control "
                 f"| ideal {prompts / 100 * 0.2:.0f} s; 429s {refused:.1%} of requests; ids written {median([r['unique_ids'] for r in done]):.0f}; {finished} |",
@@ -866,13 +985,18 @@ def scattered(scratch: Path, prompts: int, reps: int, baseline: str | None) -> N
     inputs = make_inputs(scratch / "scattered_inputs", prompts, per_file=100)
     walls: dict[str, list[float]] = {}
     for rep in range(reps):
-        for name, root in (list(checkouts(baseline).items()) if rep % 2 == 0 else list(checkouts(baseline).items())[::-1]):
+        for name, root in (
+            list(checkouts(baseline).items()) if rep % 2 == 0 else list(checkouts(baseline).items())[::-1]
+        ):
             with FakeServer(50, "--per-minute-429s", "0.05") as server:
                 run = user_run(root, inputs, scratch, ["--workers", "20"], server, 180)
             assert run["code"] == 0 and run["unique_ids"] == prompts, run
             walls.setdefault(name, []).append(run["wall_s"])
     for name, times in walls.items():
-        print(f"| scattered 429s, {prompts} prompts, 50 ms, 20 workers, 5% per-minute 429s asking 1 s ({name}) | {median(times):.2f} s | runs: {', '.join(f'{t:.2f}' for t in times)} |", flush=True)
+        print(
+            f"| scattered 429s, {prompts} prompts, 50 ms, 20 workers, 5% per-minute 429s asking 1 s ({name}) | {median(times):.2f} s | runs: {', '.join(f'{t:.2f}' for t in times)} |",
+            flush=True,
+        )
 
 
 def costs(scratch: Path, prompts: int) -> None:
@@ -881,11 +1005,20 @@ def costs(scratch: Path, prompts: int) -> None:
     against the spend of the full run of the same `prompts`; a 5,000-token --context over
     1,000 prompts with --cache and without."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from fake_gemini import FakeGemini, echo
     from test_cache import context_of, spend_of, varied_prompts
 
+    from fake_gemini import FakeGemini, echo
+
     def pipeline(inputs: Path, server: FakeGemini, *flags: str) -> subprocess.CompletedProcess[str]:
-        args = [sys.executable, str(ROOT / "pipeline.py"), "--input-dir", str(inputs), "--output-dir", tempfile.mkdtemp(dir=scratch), *flags]
+        args = [
+            sys.executable,
+            str(ROOT / "pipeline.py"),
+            "--input-dir",
+            str(inputs),
+            "--output-dir",
+            tempfile.mkdtemp(dir=scratch),
+            *flags,
+        ]
         env = {**os.environ, "GOOGLE_GEMINI_BASE_URL": server.base_url, "GEMINI_API_KEY": "benchmark-key"}
         return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, check=False)
 
@@ -904,7 +1037,9 @@ def costs(scratch: Path, prompts: int) -> None:
     inputs = scratch / "estimate_inputs"
     inputs.mkdir()
     for start in range(0, prompts, 1000):
-        (inputs / f"prompts_{start // 1000}.txt").write_text("\n".join(varied_prompts(prompts)[start : start + 1000]) + "\n")
+        (inputs / f"prompts_{start // 1000}.txt").write_text(
+            "\n".join(varied_prompts(prompts)[start : start + 1000]) + "\n"
+        )
     with FakeGemini() as server:
         estimated = pipeline(inputs, server, "--estimate")
         counted = len(server.count_tokens_requests)
@@ -918,7 +1053,9 @@ def costs(scratch: Path, prompts: int) -> None:
     inputs = make_inputs(scratch / "cache_inputs", 1000, per_file=100)
     context = context_of(scratch, 5000)
     with FakeGemini() as server:
-        cached = pipeline(inputs, server, "--context", str(context), "--cache", "--workers", "50", "--shard-size", "1000")
+        cached = pipeline(
+            inputs, server, "--context", str(context), "--cache", "--workers", "50", "--shard-size", "1000"
+        )
         events = list(server.cache_events)
         plain = pipeline(inputs, server, "--context", str(context), "--workers", "50", "--shard-size", "1000")
     print(
@@ -936,9 +1073,13 @@ def media(scratch: Path, prompts: int, reps: int, baseline: str | None) -> None:
     (inputs / "images").mkdir(parents=True)
     for i in range(100):
         (inputs / "images" / f"image_{i:03d}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(1_000_000))
-    (inputs / "rows.csv").write_text("id,prompt,files\n" + "".join(f"r{i},describe picture {i},images/image_{i % 100:03d}.png\n" for i in range(prompts)))
+    (inputs / "rows.csv").write_text(
+        "id,prompt,files\n"
+        + "".join(f"r{i},describe picture {i},images/image_{i % 100:03d}.png\n" for i in range(prompts))
+    )
     sides = {name: {"BENCH_PIPELINE_DIR": str(path)} for name, path in checkouts(baseline).items()}
     with FakeServer(latency_ms=0) as server:
+
         def args_of(kind: str) -> list[str]:
             if kind == "sdk":
                 return ["media", str(inputs / "rows.csv"), "50"]
@@ -963,14 +1104,28 @@ def notjson(scratch: Path, baseline: str | None) -> None:
     Each checkout's pipeline.py as a user runs it: requests paid, exit status, seconds."""
     inputs = scratch / "notjson_inputs"
     inputs.mkdir()
-    (inputs / "rows.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"label review {i}"}) + "\n" for i in range(200)))
+    (inputs / "rows.jsonl").write_text(
+        "".join(json.dumps({"id": f"r{i}", "prompt": f"label review {i}"}) + "\n" for i in range(200))
+    )
     schema = scratch / "label_schema.json"
-    schema.write_text(json.dumps({"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}))
+    schema.write_text(
+        json.dumps({"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]})
+    )
     for name, tree in checkouts(baseline).items():
         with FakeServer(0, "--prose") as server:
             started = time.monotonic()
-            args = [sys.executable, str(tree / "pipeline.py"), "--input-dir", str(inputs), "--output-dir", tempfile.mkdtemp(dir=scratch),
-                    "--response-schema", str(schema), "--retry-base-s", "0.01"]  # fmt: skip
+            args = [
+                sys.executable,
+                str(tree / "pipeline.py"),
+                "--input-dir",
+                str(inputs),
+                "--output-dir",
+                tempfile.mkdtemp(dir=scratch),
+                "--response-schema",
+                str(schema),
+                "--retry-base-s",
+                "0.01",
+            ]
             done = subprocess.run(args, env={**os.environ, **server.env}, capture_output=True, text=True, check=False)
             wall = time.monotonic() - started
         print(
@@ -980,14 +1135,38 @@ def notjson(scratch: Path, baseline: str | None) -> None:
         )
 
 
-SECTIONS = ["ceiling", "scaling", "machinery", "memory", "restart", "postprocess", "journal", "transport", "concurrency", "profile", "longline", "csv", "parquet", "capacity", "outage", "scattered", "versus", "costs", "media", "notjson"]
+SECTIONS = [
+    "ceiling",
+    "scaling",
+    "machinery",
+    "memory",
+    "restart",
+    "postprocess",
+    "journal",
+    "transport",
+    "concurrency",
+    "profile",
+    "longline",
+    "csv",
+    "parquet",
+    "capacity",
+    "outage",
+    "scattered",
+    "versus",
+    "costs",
+    "media",
+    "notjson",
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer prompts and repetitions")
     parser.add_argument("--only", choices=[*SECTIONS], action="append")
-    parser.add_argument("--baseline", help="capacity, outage, scattered, versus, media, notjson: also run the pipeline.py of this checkout (a git worktree of an older commit)")
+    parser.add_argument(
+        "--baseline",
+        help="capacity, outage, scattered, versus, media, notjson: also run the pipeline.py of this checkout (a git worktree of an older commit)",
+    )
     args = parser.parse_args()
     quick = args.quick
     only = set(args.only or SECTIONS)
@@ -1009,7 +1188,9 @@ def main() -> None:
         if "restart" in only:
             restart(scratch, 100_000 if quick else 1_000_000, 1 if quick else 3)
         if "postprocess" in only:
-            postprocessing(scratch, 500 if quick else 2000, 100 if quick else 300, 1 if quick else 5, 1 if quick else 11)
+            postprocessing(
+                scratch, 500 if quick else 2000, 100 if quick else 300, 1 if quick else 5, 1 if quick else 11
+            )
         if "journal" in only:
             journal(scratch, 500 if quick else 2000, 1 if quick else 41)
         if "transport" in only:

@@ -24,9 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fake_gemini import FakeGemini, Reply, Request, echo
-
-import pipeline
+import pipeline  # noqa: E402 (found through the sys.path set just above)
+from fake_gemini import FakeGemini, Reply, Request, echo  # noqa: E402
 
 API_KEY = "test-key-5f2c9e"
 
@@ -130,8 +129,13 @@ def run_subprocess(args: list[str], cwd: Path, env: dict[str, str] | None = None
     full_env.update(env or {})
     done = subprocess.run(
         [sys.executable, str(ROOT / "pipeline.py"), *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     return Run(done.returncode, done.stdout, done.stderr, cwd / "outputs")
 
 
@@ -141,9 +145,17 @@ def stage_run(output_dir: Path, settings: pipeline.Settings | None = None, **par
     settings = settings or pipeline.Settings(output_dir=output_dir)
     gate = parts.pop("gate", None) or pipeline.Gate(None)
     defaults = {
-        "settings": settings, "client": None, "progress": pipeline.Progress(), "past": pipeline.PastRuns(output_dir),
-        "limits": pipeline.Limits(gate, pipeline.Outage(lambda: None, "example.test", 60, gate.closed_event), pipeline.Concurrency(1)),
-        "prompts": asyncio.Queue(), "outcomes": asyncio.Queue(), "reading": pipeline.Reading(parts.pop("files", iter([]))),
-        "asking": pipeline.Asking(pipeline.PromptMaker({})), "writing": pipeline.Writing(pipeline.PostProcessor(pipeline.postprocess, 0), itertools.count()),
-    }  # fmt: skip
+        "settings": settings,
+        "client": None,
+        "progress": pipeline.Progress(),
+        "past": pipeline.PastRuns(output_dir),
+        "limits": pipeline.Limits(
+            gate, pipeline.Outage(lambda: None, "example.test", 60, gate.closed_event), pipeline.Concurrency(1)
+        ),
+        "prompts": asyncio.Queue(),
+        "outcomes": asyncio.Queue(),
+        "reading": pipeline.Reading(parts.pop("files", iter([]))),
+        "asking": pipeline.Asking(pipeline.PromptMaker({})),
+        "writing": pipeline.Writing(pipeline.PostProcessor(pipeline.postprocess, 0), itertools.count()),
+    }
     return pipeline.Run(**{**defaults, **parts})

@@ -21,8 +21,8 @@ request it saw. Run alone for manual runs and benchmarks:
 from __future__ import annotations
 
 import argparse
-import base64
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -57,7 +57,9 @@ class Request:
     path: str = ""  # e.g. /v1beta/models/m:generateContent, or Vertex AI's /v1beta1/projects/p/locations/l/...
     authorization: str | None = None  # Vertex AI's "Bearer <token>"
     server_timeout: str | None = None  # the X-Server-Timeout header: the client's deadline, in whole seconds
-    media: tuple[tuple[str, str, str], ...] = ()  # the last turn's files, in order: ("inline", SHA-256 of the bytes, MIME) or ("file", URI, MIME)
+    media: tuple[
+        tuple[str, str, str], ...
+    ] = ()  # the last turn's files, in order: ("inline", SHA-256 of the bytes, MIME) or ("file", URI, MIME)
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,9 @@ def thinker(thoughts: Callable[[Request], int], then: Callable[[Request], Reply]
         if reply.status != 200 or not isinstance(reply.body, dict):
             return reply
         config = request.body.get("generationConfig", {})
-        thinking = config.get("thinkingConfig", {})  # google-genai sends its fields in snake_case, as the API also reads them
+        thinking = config.get(
+            "thinkingConfig", {}
+        )  # google-genai sends its fields in snake_case, as the API also reads them
         budget, limit = thinking.get("thinkingBudget", thinking.get("thinking_budget")), config.get("maxOutputTokens")
         thought = thoughts(request) if budget is None or budget < 0 else min(thoughts(request), budget)
         text = "".join(part.get("text", "") for part in reply.body["candidates"][0]["content"]["parts"])
@@ -141,9 +145,19 @@ def thinker(thoughts: Callable[[Request], int], then: Callable[[Request], Reply]
         if thought == limit:
             usage = {"promptTokenCount": prompt_tokens_of(request.prompt), "thoughtsTokenCount": thought}
             candidate = {"content": {"role": "model"}, "finishReason": "MAX_TOKENS", "index": 0}
-            body = {"candidates": [candidate], "usageMetadata": {**usage, "totalTokenCount": sum(usage.values())}, "modelVersion": MODEL_VERSION, "responseId": "fake-response"}
+            body = {
+                "candidates": [candidate],
+                "usageMetadata": {**usage, "totalTokenCount": sum(usage.values())},
+                "modelVersion": MODEL_VERSION,
+                "responseId": "fake-response",
+            }
             return Reply(200, body)
-        return answer(" ".join(text.split()[: limit - thought]) + " ", request.prompt, finish_reason="MAX_TOKENS", thinking=thought)
+        return answer(
+            " ".join(text.split()[: limit - thought]) + " ",
+            request.prompt,
+            finish_reason="MAX_TOKENS",
+            thinking=thought,
+        )
 
     return behaviour
 
@@ -186,9 +200,15 @@ STATUS_NAMES = {
 
 
 GRPC_CODES = {  # google.rpc.Code, by the status names above
-    "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
-    "INTERNAL": 13, "UNAVAILABLE": 14, "UNAUTHENTICATED": 16,
-}  # fmt: skip
+    "INVALID_ARGUMENT": 3,
+    "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+    "UNAUTHENTICATED": 16,
+}
 
 
 def error(code: int, message: str, *details: dict[str, Any]) -> Reply:
@@ -226,7 +246,12 @@ def rate_limited(delay_s: float, *quota_ids: str) -> Reply:
         quota_failure(*(quota_ids or ["GenerateRequestsPerMinutePerProjectPerModel-FreeTier"])),
         {
             "@type": "type.googleapis.com/google.rpc.Help",
-            "links": [{"description": "Learn more about Gemini API quotas", "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}],
+            "links": [
+                {
+                    "description": "Learn more about Gemini API quotas",
+                    "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
+                }
+            ],
         },
         retry_info(delay_s),
     )
@@ -304,7 +329,11 @@ def invalid_key() -> Reply:
             "domain": "googleapis.com",
             "metadata": {"service": "generativelanguage.googleapis.com"},
         },
-        {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US", "message": "API key not valid. Please pass a valid API key."},
+        {
+            "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
+            "locale": "en-US",
+            "message": "API key not valid. Please pass a valid API key.",
+        },
     )
 
 
@@ -339,7 +368,9 @@ class FakeGemini:
     # Context caching: explicit caches (cachedContents, a minimum of cache_min_tokens) and,
     # when implicit_caching, a repeated prefix (the turns before the last) reported as cached.
     caches: dict[str, dict[str, Any]] = field(default_factory=dict)  # alive, by name
-    cache_events: list[tuple[str, str]] = field(default_factory=list)  # ("create" | "update" | "delete", name), in order
+    cache_events: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # ("create" | "update" | "delete", name), in order
     cache_min_tokens: int = 1024
     implicit_caching: bool = False
     count_tokens_requests: list[dict[str, Any]] = field(default_factory=list)  # countTokens bodies
@@ -372,8 +403,12 @@ class FakeGemini:
     # parse is answered as the API answers it (400 INVALID_ARGUMENT, 404), and kept here.
     strict: bool = True
     refused_by_contract: list[str] = field(default_factory=list)
-    expect_refusals: bool = False  # a test sending them (or serving odd replies) on purpose; otherwise leaving the server with any fails
-    reply_problems: list[str] = field(default_factory=list)  # replies of its own that are not the method's response message
+    expect_refusals: bool = (
+        False  # a test sending them (or serving odd replies) on purpose; otherwise leaving the server with any fails
+    )
+    reply_problems: list[str] = field(
+        default_factory=list
+    )  # replies of its own that are not the method's response message
     _attempts: Counter[str] = field(default_factory=Counter)
     _seen: threading.Condition = field(default_factory=threading.Condition)
 
@@ -429,9 +464,13 @@ class FakeGemini:
     def counts(self) -> dict[str, Any]:
         """What a benchmark reads back when the server stops."""
         return {
-            "requests": len(self.requests) + self.refused_full, "refused_full": self.refused_full, "most_in_flight": self.most_in_flight,
-            "paid": sum(self.answered.values()), "prompts_paid": len(self.answered), "back_at": self.back_at,
-        }  # fmt: skip
+            "requests": len(self.requests) + self.refused_full,
+            "refused_full": self.refused_full,
+            "most_in_flight": self.most_in_flight,
+            "paid": sum(self.answered.values()),
+            "prompts_paid": len(self.answered),
+            "back_at": self.back_at,
+        }
 
     async def _serve(self, on_ready: Callable[[], object]) -> None:
         self._loop = asyncio.get_running_loop()
@@ -445,7 +484,9 @@ class FakeGemini:
             await self._close()
 
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._connection, self.host, self.port, backlog=1024, reuse_address=True)
+        self._server = await asyncio.start_server(
+            self._connection, self.host, self.port, backlog=1024, reuse_address=True
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _close(self) -> None:
@@ -487,7 +528,6 @@ class FakeGemini:
 
     async def _reply(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
         route, _, query = path.partition("?")
-        api_key = headers.get("x-goog-api-key")
         if self.strict and (refused := contract_refusal(method, route, query, headers, body)) is not None:
             self.refused_by_contract.append(f"{method} {route}: {refused.body['error']['message']}")  # type: ignore[index]
             return refused
@@ -519,13 +559,35 @@ class FakeGemini:
             body_json = json.loads(body)
             self.count_tokens_requests.append(body_json)
             return Reply(200, {"totalTokens": words_of(body_json.get("contents") or [])})
-        if match := re.fullmatch(r"/v1\w*/((?:projects/[^/]+/locations/[^/]+/)?)cachedContents(/[^/]+)?", route):  # Vertex AI's within its project
-            return self._cached_contents(method, match[1], (match[2] or "").strip("/"), dict(part.partition("=")[::2] for part in query.split("&") if part), body)
-        if method == "GET" and (match := re.fullmatch(r"/v1\w*/(?:projects/[^/]+/locations/[^/]+/)?(?:publishers/google/)?models/([^/:]+)", route)):
+        if match := re.fullmatch(
+            r"/v1\w*/((?:projects/[^/]+/locations/[^/]+/)?)cachedContents(/[^/]+)?", route
+        ):  # Vertex AI's within its project
+            return self._cached_contents(
+                method,
+                match[1],
+                (match[2] or "").strip("/"),
+                dict(part.partition("=")[::2] for part in query.split("&") if part),
+                body,
+            )
+        if method == "GET" and (
+            match := re.fullmatch(
+                r"/v1\w*/(?:projects/[^/]+/locations/[^/]+/)?(?:publishers/google/)?models/([^/:]+)", route
+            )
+        ):
             self.model_gets += 1
             if "/publishers/" in route:  # Vertex AI's PublisherModel
-                return Reply(200, {"name": f"publishers/google/models/{match[1]}", "versionId": "001", "launchStage": "GA"})
-            return Reply(200, {"name": f"models/{match[1]}", "displayName": match[1], "inputTokenLimit": 1048576, "outputTokenLimit": 65536})
+                return Reply(
+                    200, {"name": f"publishers/google/models/{match[1]}", "versionId": "001", "launchStage": "GA"}
+                )
+            return Reply(
+                200,
+                {
+                    "name": f"models/{match[1]}",
+                    "displayName": match[1],
+                    "inputTokenLimit": 1048576,
+                    "outputTokenLimit": 65536,
+                },
+            )
         if method == "POST" and route.endswith(":batchGenerateContent"):
             return self._create_batch(route.rpartition("/models/")[2].partition(":")[0], json.loads(body))
         if method == "GET" and re.fullmatch(r"/v1\w*/batches", route):
@@ -535,21 +597,40 @@ class FakeGemini:
         if method == "POST" and route.startswith("/upload/"):
             return self._upload(headers, query, body)
         if re.fullmatch(r"/v1\w*/files(/[^/:]+)?", route):
-            return self._files(method, route.partition("/files")[2].strip("/"), dict(part.partition("=")[::2] for part in query.split("&") if part))
+            return self._files(
+                method,
+                route.partition("/files")[2].strip("/"),
+                dict(part.partition("=")[::2] for part in query.split("&") if part),
+            )
         if method == "GET" and (match := re.fullmatch(r"/v1\w*/files/([^/:]+):download", route)):
             data = self.files.get(f"files/{match[1]}")
             return Reply(200, data) if data is not None else error(404, f"File files/{match[1]} not found.")
         return error(404, f"Method not found: {method} {path}")
 
-    def _answer(self, model: str, body: dict[str, Any], api_key: str | None, path: str = "", headers: dict[str, str] | None = None) -> Reply:
+    def _answer(
+        self,
+        model: str,
+        body: dict[str, Any],
+        api_key: str | None,
+        path: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
         """Ask `behaviour`, and keep count of requests and of answers paid for."""
         prompt, headers = prompt_of(body), headers or {}
         with self._seen:
             self._attempts[prompt] += 1
             request = Request(
-                model, prompt, api_key, self._attempts[prompt], time.monotonic(), without_inline_data(body), path,
-                headers.get("authorization"), headers.get("x-server-timeout"), media_of(body),
-            )  # fmt: skip
+                model,
+                prompt,
+                api_key,
+                self._attempts[prompt],
+                time.monotonic(),
+                without_inline_data(body),
+                path,
+                headers.get("authorization"),
+                headers.get("x-server-timeout"),
+                media_of(body),
+            )
             self.requests.append(request)
             self._seen.notify_all()
         if (refused := self._cache_refusal(model, body) or self._file_refusal(request)) is not None:
@@ -560,7 +641,11 @@ class FakeGemini:
         if reply.status == 200 and isinstance(reply.body, dict) and (asked := body.get("serviceTier")):
             served = self.tier_served(str(asked).lower())
             usage = {**reply.body.get("usageMetadata", {}), "serviceTier": served.upper()}
-            reply = dataclasses.replace(reply, body={**reply.body, "usageMetadata": usage}, headers={**reply.headers, "x-gemini-service-tier": served})
+            reply = dataclasses.replace(
+                reply,
+                body={**reply.body, "usageMetadata": usage},
+                headers={**reply.headers, "x-gemini-service-tier": served},
+            )
         if reply.status == 200:
             with self._seen:
                 self.answered[prompt] += 1
@@ -599,9 +684,17 @@ class FakeGemini:
     def _create_cache(self, body: dict[str, Any], within: str = "") -> Reply:
         tokens = words_of([*(body.get("contents") or []), body.get("systemInstruction") or {}])
         if tokens < self.cache_min_tokens:
-            return error(400, f"Cached content is too small. total_token_count={tokens}, min_total_token_count={self.cache_min_tokens}")
+            return error(
+                400,
+                f"Cached content is too small. total_token_count={tokens}, min_total_token_count={self.cache_min_tokens}",
+            )
         name = f"{within}cachedContents/fake{next(self._cache_ids)}"
-        self.caches[name] = {**body, "name": name, "tokens": tokens, "ttl_s": float(str(body.get("ttl", "3600s")).removesuffix("s"))}
+        self.caches[name] = {
+            **body,
+            "name": name,
+            "tokens": tokens,
+            "ttl_s": float(str(body.get("ttl", "3600s")).removesuffix("s")),
+        }
         self.cache_events.append(("create", name))
         return Reply(200, self._cache_view(self.caches[name]))
 
@@ -610,9 +703,14 @@ class FakeGemini:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + cache["ttl_s"]))
         return {
-            "name": cache["name"], "model": cache["model"], "displayName": cache.get("displayName", ""),
-            "createTime": now, "updateTime": now, "expireTime": expires, "usageMetadata": {"totalTokenCount": cache["tokens"]},
-        }  # fmt: skip
+            "name": cache["name"],
+            "model": cache["model"],
+            "displayName": cache.get("displayName", ""),
+            "createTime": now,
+            "updateTime": now,
+            "expireTime": expires,
+            "usageMetadata": {"totalTokenCount": cache["tokens"]},
+        }
 
     def _cache_refusal(self, model: str, body: dict[str, Any]) -> Reply | None:
         """What the API answers a request naming a cache it cannot use with: None if none."""
@@ -621,9 +719,15 @@ class FakeGemini:
         if (cache := self.caches.get(name)) is None:
             return error(403, "CachedContent not found (or permission denied)")
         if body.keys() & {"systemInstruction", "tools", "toolConfig"}:
-            return error(400, "CachedContent can not be used with GenerateContent request setting system_instruction, tools or tool_config.")
+            return error(
+                400,
+                "CachedContent can not be used with GenerateContent request setting system_instruction, tools or tool_config.",
+            )
         if cache["model"].rpartition("/")[2] != model:
-            return error(400, f"Model used by GenerateContent request ({model}) and CachedContent ({cache['model']}) has to be the same.")
+            return error(
+                400,
+                f"Model used by GenerateContent request ({model}) and CachedContent ({cache['model']}) has to be the same.",
+            )
         return None
 
     def _count_prefix(self, reply: Reply, body: dict[str, Any]) -> Reply:
@@ -641,7 +745,11 @@ class FakeGemini:
             return reply
         usage = dict(reply.body.get("usageMetadata", {}))
         usage["promptTokenCount"] = usage.get("promptTokenCount", 0) + sent + named
-        usage["totalTokenCount"] = usage.get("totalTokenCount", 0) + usage["promptTokenCount"] - reply.body.get("usageMetadata", {}).get("promptTokenCount", 0)
+        usage["totalTokenCount"] = (
+            usage.get("totalTokenCount", 0)
+            + usage["promptTokenCount"]
+            - reply.body.get("usageMetadata", {}).get("promptTokenCount", 0)
+        )
         if cached:
             usage["cachedContentTokenCount"] = usage.get("cachedContentTokenCount", 0) + cached
         return dataclasses.replace(reply, body={**reply.body, "usageMetadata": usage})
@@ -656,7 +764,9 @@ class FakeGemini:
             items = [json.loads(line) for line in lines if line.strip()]
             schema = api_contract.gemini()
             for number, item in enumerate(items, 1):
-                if self.strict and (problem := api_contract.problem_in(schema, schema.message("BatchFileLine"), item, "")):
+                if self.strict and (
+                    problem := api_contract.problem_in(schema, schema.message("BatchFileLine"), item, "")
+                ):
                     self.refused_by_contract.append(f"{source['fileName']} line {number}: {problem}")
                     return error(400, f"{source['fileName']} line {number}: {problem}")
             requests = [(item["key"], item["request"]) for item in items]
@@ -767,12 +877,20 @@ class FakeGemini:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         digest = hashlib.sha256(self.files[name]).digest()
         file = {
-            "name": name, "displayName": meta.get("displayName") or meta.get("display_name") or "",  # google-genai sends snake_case here
+            "name": name,
+            "displayName": meta.get("displayName")
+            or meta.get("display_name")
+            or "",  # google-genai sends snake_case here
             "mimeType": meta.get("mimeType") or meta.get("mime_type") or "application/jsonl",
-            "sizeBytes": str(len(self.files[name])), "state": "PROCESSING" if self.processing_gets else "ACTIVE",
-            "uri": f"{self.base_url}/v1beta/{name}", "createTime": now, "updateTime": now, "expirationTime": expires,
-            "sha256Hash": base64.b64encode(digest).decode(), "source": "UPLOADED",  # bytes in the File message: base64, as the API sends it
-        }  # fmt: skip
+            "sizeBytes": str(len(self.files[name])),
+            "state": "PROCESSING" if self.processing_gets else "ACTIVE",
+            "uri": f"{self.base_url}/v1beta/{name}",
+            "createTime": now,
+            "updateTime": now,
+            "expirationTime": expires,
+            "sha256Hash": base64.b64encode(digest).decode(),
+            "source": "UPLOADED",  # bytes in the File message: base64, as the API sends it
+        }
         self.file_meta[name] = file
         self.upload_log.append((file["displayName"], digest.hex()))
         return Reply(200, {"file": file}, headers={"x-goog-upload-status": "final"})
@@ -802,8 +920,14 @@ class FakeGemini:
     def _file_refusal(self, request: Request) -> Reply | None:
         """A request naming an upload that does not exist (deleted, expired): the API's 403."""
         for kind, uri, _ in request.media:
-            if kind == "file" and uri.startswith(self.base_url) and uri.removeprefix(f"{self.base_url}/v1beta/") not in self.files:
-                return error(403, f"You do not have permission to access the File {uri.rpartition('/')[2]} or it may not exist.")
+            if (
+                kind == "file"
+                and uri.startswith(self.base_url)
+                and uri.removeprefix(f"{self.base_url}/v1beta/") not in self.files
+            ):
+                return error(
+                    403, f"You do not have permission to access the File {uri.rpartition('/')[2]} or it may not exist."
+                )
         return None
 
 
@@ -841,10 +965,16 @@ def media_of(body: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
     media = []
     for part in (body.get("contents") or [{}])[-1].get("parts") or []:
         if inline := part.get("inlineData") or part.get("inline_data"):
-            data = base64.urlsafe_b64decode(inline["data"].replace("+", "-").replace("/", "_"))  # google-genai sends the URL-safe alphabet
-            media.append(("inline", hashlib.sha256(data).hexdigest(), inline.get("mimeType") or inline.get("mime_type")))
+            data = base64.urlsafe_b64decode(
+                inline["data"].replace("+", "-").replace("/", "_")
+            )  # google-genai sends the URL-safe alphabet
+            media.append(
+                ("inline", hashlib.sha256(data).hexdigest(), inline.get("mimeType") or inline.get("mime_type"))
+            )
         elif file := part.get("fileData") or part.get("file_data"):
-            media.append(("file", file.get("fileUri") or file.get("file_uri"), file.get("mimeType") or file.get("mime_type")))
+            media.append(
+                ("file", file.get("fileUri") or file.get("file_uri"), file.get("mimeType") or file.get("mime_type"))
+            )
     return tuple(media)
 
 
@@ -864,9 +994,17 @@ def without_inline_data(body: dict[str, Any]) -> dict[str, Any]:
     their hashes), so that a run of a thousand 1 MB images does not keep a gigabyte."""
     last = (body.get("contents") or [{}])[-1]
     inline = ("inline_data", "inlineData")
-    if not any(len(part[key].get("data", "")) > 65536 for part in last.get("parts") or [] for key in inline if key in part):
+    if not any(
+        len(part[key].get("data", "")) > 65536 for part in last.get("parts") or [] for key in inline if key in part
+    ):
         return body
-    parts = [{key: {**value, "data": "(left out)"} if key in inline and len(value.get("data", "")) > 65536 else value for key, value in part.items()} for part in last["parts"]]
+    parts = [
+        {
+            key: {**value, "data": "(left out)"} if key in inline and len(value.get("data", "")) > 65536 else value
+            for key, value in part.items()
+        }
+        for part in last["parts"]
+    ]
     return {**body, "contents": [*body["contents"][:-1], {**last, "parts": parts}]}
 
 
@@ -889,13 +1027,29 @@ def cli() -> None:
     parser.add_argument("--port", type=int, default=8765, help="0: any free port")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--capacity", type=int, help="requests in flight beyond which it answers 429 with no details")
-    parser.add_argument("--away-after", type=int, help="go away (refuse connections) once this many requests arrived...")
-    parser.add_argument("--away-s", type=float, default=20.0, help="...for this long, then listen again on the same port")
-    parser.add_argument("--per-minute-429s", type=float, help="this share of requests (0.05: 5%%) answered with a per-minute 429 asking for 1 s")
-    parser.add_argument("--prose", action="store_true", help="answer text even where a schema asks for JSON (a model that ignores it)")
-    parser.add_argument("--unavailable", type=float, help="this share of requests (0.1: 10%%) answered 503 UNAVAILABLE, which the pipeline retries")
+    parser.add_argument(
+        "--away-after", type=int, help="go away (refuse connections) once this many requests arrived..."
+    )
+    parser.add_argument(
+        "--away-s", type=float, default=20.0, help="...for this long, then listen again on the same port"
+    )
+    parser.add_argument(
+        "--per-minute-429s",
+        type=float,
+        help="this share of requests (0.05: 5%%) answered with a per-minute 429 asking for 1 s",
+    )
+    parser.add_argument(
+        "--prose", action="store_true", help="answer text even where a schema asks for JSON (a model that ignores it)"
+    )
+    parser.add_argument(
+        "--unavailable",
+        type=float,
+        help="this share of requests (0.1: 10%%) answered 503 UNAVAILABLE, which the pipeline retries",
+    )
     args = parser.parse_args()
-    server = FakeGemini(prose if args.prose else as_asked, latency_s=args.latency_ms / 1000, port=args.port, capacity=args.capacity)
+    server = FakeGemini(
+        prose if args.prose else as_asked, latency_s=args.latency_ms / 1000, port=args.port, capacity=args.capacity
+    )
     if args.away_after:
         server.behaviour = away_once(server, args.away_after, args.away_s)
     if args.per_minute_429s:
@@ -911,7 +1065,14 @@ def as_asked(request: Request) -> Reply:
     """The command line's default: echo, but JSON of the request's response schema when it
     asks for one (every README example runs against it)."""
     config = request.body.get("generationConfig", {})
-    schema = next((config[k] for k in ("responseJsonSchema", "response_json_schema", "responseSchema", "response_schema") if k in config), None)
+    schema = next(
+        (
+            config[k]
+            for k in ("responseJsonSchema", "response_json_schema", "responseSchema", "response_schema")
+            if k in config
+        ),
+        None,
+    )
     if schema is None:
         return echo(request)
     return answer(json.dumps(of_shape(schema, request.prompt)), request.prompt)
@@ -930,7 +1091,10 @@ def of_shape(schema: Any, text: str) -> Any:
         return schema["enum"][0]
     kind = str(schema.get("type", "object" if "properties" in schema else "string")).lower()
     if kind == "object":
-        names = [*schema.get("properties", {}), *(n for n in schema.get("required", []) if n not in schema.get("properties", {}))]
+        names = [
+            *schema.get("properties", {}),
+            *(n for n in schema.get("required", []) if n not in schema.get("properties", {})),
+        ]
         return {name: of_shape(schema.get("properties", {}).get(name), text) for name in names}
     if kind == "array":
         return [of_shape(schema.get("items"), text)]
@@ -975,7 +1139,9 @@ async def serve_until_terminated(server: FakeGemini) -> None:
     """Serve until SIGTERM (or Ctrl-C); the caller then prints the counts."""
     stopped = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
-    serving = asyncio.create_task(server._serve(lambda: print(f"fake Gemini on {server.base_url} (Ctrl-C stops it)", flush=True)))
+    serving = asyncio.create_task(
+        server._serve(lambda: print(f"fake Gemini on {server.base_url} (Ctrl-C stops it)", flush=True))
+    )
     await stopped.wait()
     server._stopped.set()
     await serving

@@ -14,7 +14,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pipeline  # noqa: E402
+import pipeline
 
 
 def slow_postprocess(prompt: str, response: str) -> dict[str, Any]:

@@ -12,10 +12,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, ROOT, Run, run_subprocess, sample_prompts, write_prompts
-from fake_gemini import FakeGemini, Reply, echo, error, prompt_of, scattered_429s
 
 import pipeline
+from conftest import API_KEY, ROOT, Run, run_subprocess, sample_prompts, write_prompts
+from fake_gemini import FakeGemini, Reply, echo, error, prompt_of, scattered_429s
 
 FAST = ("--batch-poll-s", "0.01")
 
@@ -48,26 +48,40 @@ def test_a_thousand_prompts_end_as_in_interactive_mode(tmp_path, fake_gemini, ru
 def test_per_request_errors_and_failed_jobs_land_in_failed_jsonl(tmp_path, fake_gemini, run) -> None:
     refused = {"What is two times 3?", "What is two times 17?"}
     server = fake_gemini(lambda r: error(400, "no such thing") if r.prompt in refused else echo(r))
-    server.batch_outcome = lambda job: "BATCH_STATE_FAILED" if job.requests[0][0] == "shard_8.txt:1" else "BATCH_STATE_SUCCEEDED"
-    result = run(write_prompts(tmp_path / "inputs", sample_prompts(40), per_file=4), "--batch", "--batch-size", "8", *FAST)
+    server.batch_outcome = lambda job: (
+        "BATCH_STATE_FAILED" if job.requests[0][0] == "shard_8.txt:1" else "BATCH_STATE_SUCCEEDED"
+    )
+    result = run(
+        write_prompts(tmp_path / "inputs", sample_prompts(40), per_file=4), "--batch", "--batch-size", "8", *FAST
+    )
     assert result.exit_code == 1
     failures = {f["prompt"]: f["error"] for f in result.failures()}
     failed_job = next(job for job in server.batches.values() if job.requests[0][0] == "shard_8.txt:1")
     assert failures == {
         **{prompt: "batch request failed, code 3: no such thing" for prompt in refused},  # INVALID_ARGUMENT
-        **{prompt: f"batch job {failed_job.name} ended JOB_STATE_FAILED" for _, request in failed_job.requests for prompt in [prompt_of(request)]},
+        **{
+            prompt: f"batch job {failed_job.name} ended JOB_STATE_FAILED"
+            for _, request in failed_job.requests
+            for prompt in [prompt_of(request)]
+        },
     }
     assert len(result.ids()) == 40 - len(failures)
 
     server.batch_outcome = lambda job: "BATCH_STATE_SUCCEEDED"
     server.behaviour = echo
-    rerun = run(write_prompts(tmp_path / "inputs", sample_prompts(40), per_file=4), "--batch", "--batch-size", "8", *FAST)
+    rerun = run(
+        write_prompts(tmp_path / "inputs", sample_prompts(40), per_file=4), "--batch", "--batch-size", "8", *FAST
+    )
     assert rerun.exit_code == 0 and not rerun.failures()
     assert sorted(rerun.ids()) == sorted(set(rerun.ids())) and len(rerun.ids()) == 40
 
 
-@pytest.mark.parametrize(("state", "jobs"), [("BATCH_STATE_EXPIRED", pipeline.MAX_ATTEMPTS), ("BATCH_STATE_CANCELLED", 1)])
-def test_an_expired_job_is_submitted_again_and_a_cancelled_one_fails_its_prompts(tmp_path, fake_gemini, run, state, jobs) -> None:
+@pytest.mark.parametrize(
+    ("state", "jobs"), [("BATCH_STATE_EXPIRED", pipeline.MAX_ATTEMPTS), ("BATCH_STATE_CANCELLED", 1)]
+)
+def test_an_expired_job_is_submitted_again_and_a_cancelled_one_fails_its_prompts(
+    tmp_path, fake_gemini, run, state, jobs
+) -> None:
     """Issue 39: an expired job's prompts may pass in another (up to --max-attempts jobs); a cancelled one's were stopped on purpose."""
     server = fake_gemini()
     server.batch_outcome = lambda job: state
@@ -75,7 +89,9 @@ def test_an_expired_job_is_submitted_again_and_a_cancelled_one_fails_its_prompts
     assert result.exit_code == 1 and len(server.batches) == jobs
     failures = result.failures()
     assert {f["error"] for f in failures} == {f"batch job batches/fake{jobs:04d} ended {state.replace('BATCH', 'JOB')}"}
-    assert {f["attempts"] for f in failures} == {jobs} and not any(f["permanent"] for f in failures) and len(failures) == 6
+    assert (
+        {f["attempts"] for f in failures} == {jobs} and not any(f["permanent"] for f in failures) and len(failures) == 6
+    )
 
 
 def test_results_out_of_order_and_without_metadata_still_reach_their_prompts(tmp_path, fake_gemini, run) -> None:
@@ -83,7 +99,11 @@ def test_results_out_of_order_and_without_metadata_still_reach_their_prompts(tmp
     server.batch_shuffle = True  # what an answer matched by position would get wrong
     result = run(write_prompts(tmp_path / "inputs", sample_prompts(60)), "--batch", "--batch-size", "25", *FAST)
     assert result.exit_code == 1
-    assert [(job.from_file, len(job.requests)) for job in server.batches.values()] == [(True, 25), (True, 25), (True, 10)]
+    assert [(job.from_file, len(job.requests)) for job in server.batches.values()] == [
+        (True, 25),
+        (True, 25),
+        (True, 10),
+    ]
     assert {r["prompt"]: r["response"] for r in result.records()} == {
         p: f"echo: {p}" for p in sample_prompts(60) if not p.endswith("7?")
     }
@@ -105,7 +125,10 @@ def test_a_rerun_collects_what_a_killed_run_left_unwritten(tmp_path, fake_gemini
     second = run(inputs, "--batch", "--batch-size", "10", *FAST)
     assert second.exit_code == 0, second.stderr
     assert len(server.batches) == jobs and dict(server.answered) == answered  # nothing submitted or paid again
-    assert "1 resumed, 0 submitted" in second.stderr and f"{len(lost)} answered, 0 failed, {30 - len(lost)} already done" in second.stderr
+    assert (
+        "1 resumed, 0 submitted" in second.stderr
+        and f"{len(lost)} answered, 0 failed, {30 - len(lost)} already done" in second.stderr
+    )
     assert Counter(second.ids()) == Counter({i: 1 for i in first.ids()})
     assert journal.read_text().endswith("}\n") and "repairing batch_jobs.jsonl" in second.stderr
 
@@ -119,27 +142,51 @@ def test_results_the_sdk_cannot_read_stop_the_run_and_stay_collectable(tmp_path,
     first = run(inputs, "--batch", *FAST)
     assert first.exit_code == 1 and not first.ids() and not first.failures()
     message = first.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: cannot read batch job batches/fake0001 (ValidationError") and "run the same command" in message
+    assert (
+        message.startswith("error: cannot read batch job batches/fake0001 (ValidationError")
+        and "run the same command" in message
+    )
     results = "files/fake0001-responses"  # as a google-genai that reads it would see it: an error, say
     readable = json.dumps({"error": {"code": 3, "message": "odd"}})[1:-1]
-    server.files[results] = server.files[results].replace(f'"response": {json.dumps(unreadable.body)}'.encode(), readable.encode())
+    server.files[results] = server.files[results].replace(
+        f'"response": {json.dumps(unreadable.body)}'.encode(), readable.encode()
+    )
     second = run(inputs, "--batch", *FAST)
-    assert second.exit_code == 1 and len(second.ids()) == 8 and [f["prompt"] for f in second.failures()] == ["What is two times 4?"]
+    assert (
+        second.exit_code == 1
+        and len(second.ids()) == 8
+        and [f["prompt"] for f in second.failures()] == ["What is two times 4?"]
+    )
     assert len(server.batches) == 1 and sorted(server.answered.values()) == [1] * 9  # collected, not asked again
 
 
 def start_batch_run(cwd: Path, server: FakeGemini, *flags: str) -> subprocess.Popen[str]:
     env = {**os.environ, "GEMINI_API_KEY": API_KEY, "GOOGLE_GEMINI_BASE_URL": server.base_url}
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "pipeline.py"), "-v", "--batch", "--batch-size", "100", "--batch-poll-s", "0.05", *flags],
-        cwd=cwd, env=env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "pipeline.py"),
+            "-v",
+            "--batch",
+            "--batch-size",
+            "100",
+            "--batch-poll-s",
+            "0.05",
+            *flags,
+        ],
+        cwd=cwd,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def unnamed_submissions(journal: Path) -> int:
     """Submissions whose job name the journal never got: created or not, nobody knows yet."""
     records = [json.loads(line) for line in journal.read_text().splitlines()]
-    return len({r["submitting"] for r in records if "submitting" in r} - {r["submitted"] for r in records if "submitted" in r})
+    return len(
+        {r["submitting"] for r in records if "submitting" in r} - {r["submitted"] for r in records if "submitted" in r}
+    )
 
 
 def forget_last_job_name(journal: Path) -> None:
@@ -226,13 +273,17 @@ def test_results_that_may_pass_again_are_submitted_again_in_the_same_run(tmp_pat
     assert "prompts/s" not in summary and "resubmitted" in summary
 
 
-def test_with_max_attempts_1_a_result_that_may_pass_again_fails_not_for_good_and_a_rerun_answers_it(tmp_path, fake_gemini, run) -> None:
+def test_with_max_attempts_1_a_result_that_may_pass_again_fails_not_for_good_and_a_rerun_answers_it(
+    tmp_path, fake_gemini, run
+) -> None:
     server = fake_gemini(scattered_429s(0.05))
     inputs = write_prompts(tmp_path / "inputs", [f"prompt {i}" for i in range(200)], per_file=100)
     result = run(inputs, "--batch", *FAST, "--max-attempts", "1")
     assert result.exit_code == 1 and len(server.batches) == 1
     failures = result.failures()
-    assert failures and all(f["error"].startswith("batch request failed, code 8:") and not f["permanent"] for f in failures)
+    assert failures and all(
+        f["error"].startswith("batch request failed, code 8:") and not f["permanent"] for f in failures
+    )
     again = run(inputs, "--batch", *FAST)
     assert again.exit_code == 0, again.stderr
     assert not again.failures() and len(again.ids()) == 200
@@ -242,7 +293,9 @@ def test_with_max_attempts_1_a_result_that_may_pass_again_fails_not_for_good_and
 def test_a_kill_9_with_resubmissions_in_flight_pays_nothing_twice(tmp_path) -> None:
     write_prompts(tmp_path / "inputs", [f"prompt {i}" for i in range(1000)], per_file=100)
     with FakeGemini(scattered_429s(0.05), batch_polls=(0, 1)) as server:
-        process = start_batch_run(tmp_path, server, "--retry-base-s", "0.01", "--batch-size", "250", "--batch-poll-s", "0.3")
+        process = start_batch_run(
+            tmp_path, server, "--retry-base-s", "0.01", "--batch-size", "250", "--batch-poll-s", "0.3"
+        )
         assert process.stderr is not None
         for line in process.stderr:
             if "resubmitting" in line:  # a job ended with results worth asking again: they are on their way to another
@@ -253,11 +306,16 @@ def test_a_kill_9_with_resubmissions_in_flight_pays_nothing_twice(tmp_path) -> N
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=10)
         jobs_before = len(server.batches)
-        server.batch_polls = (0, 30)  # the resubmitted job outlasts a back-off and a gathering: its prompts must not go in a third job
+        server.batch_polls = (
+            0,
+            30,
+        )  # the resubmitted job outlasts a back-off and a gathering: its prompts must not go in a third job
         rerun = start_batch_run(tmp_path, server, "--retry-base-s", "0.01", "--batch-size", "250")
         _, stderr = rerun.communicate(timeout=60)
     assert rerun.returncode == 0, stderr
     assert jobs_before >= 5 and sorted(server.answered.values()) == [1] * 1000  # no prompt paid for twice
-    assert len(server.batches) == jobs_before and "0 submitted" in stderr  # each resubmitted one belongs to its later job only
+    assert (
+        len(server.batches) == jobs_before and "0 submitted" in stderr
+    )  # each resubmitted one belongs to its later job only
     ids = Run(0, "", stderr, tmp_path / "outputs").ids()
     assert len(ids) == len(set(ids)) == 1000

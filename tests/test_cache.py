@@ -9,11 +9,11 @@ import re
 import signal
 from pathlib import Path
 
-from conftest import write_prompts
-from fake_gemini import FakeGemini, echo
 from test_resume import signal_once_logged, start_pipeline, wait_for_writes
 
 import pipeline
+from conftest import write_prompts
+from fake_gemini import FakeGemini, echo
 
 
 def context_of(folder: Path, words: int) -> Path:
@@ -21,7 +21,9 @@ def context_of(folder: Path, words: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(words)
     path = folder / f"context_{words}.txt"
-    path.write_text(" ".join(rng.choice(["codebook", "label", "example", "rule"]) for _ in range(words)), encoding="utf-8")
+    path.write_text(
+        " ".join(rng.choice(["codebook", "label", "example", "rule"]) for _ in range(words)), encoding="utf-8"
+    )
     return path
 
 
@@ -29,28 +31,50 @@ def spend_of(stderr: str) -> float:
     return float(re.search(r"\$([0-9.e-]+) estimated", stderr)[1])
 
 
-def test_a_cached_run_makes_one_cache_names_it_on_every_request_deletes_it_and_costs_under_a_quarter(tmp_path, fake_gemini, run) -> None:
+def test_a_cached_run_makes_one_cache_names_it_on_every_request_deletes_it_and_costs_under_a_quarter(
+    tmp_path, fake_gemini, run
+) -> None:
     inputs = write_prompts(tmp_path / "inputs", [f"question {i} about the codebook" for i in range(1000)], per_file=100)
     context, instruction = context_of(tmp_path, 5000), "Answer from the codebook alone."
     server = fake_gemini()
-    cached = run(inputs, "--context", str(context), "--cache", "--system-instruction", instruction, "--workers", "50", output_dir=tmp_path / "cached")
+    cached = run(
+        inputs,
+        "--context",
+        str(context),
+        "--cache",
+        "--system-instruction",
+        instruction,
+        "--workers",
+        "50",
+        output_dir=tmp_path / "cached",
+    )
     assert cached.exit_code == 0, cached.stderr
     [(made, name), (deleted, same)] = server.cache_events
     assert (made, deleted, same) == ("create", "delete", name) and server.caches == {}
     assert len(server.requests) == 1000 and all(r.body.get("cachedContent") == name for r in server.requests)
-    assert all("systemInstruction" not in r.body and len(r.body["contents"]) == 1 for r in server.requests)  # both are in the cache
+    assert all(
+        "systemInstruction" not in r.body and len(r.body["contents"]) == 1 for r in server.requests
+    )  # both are in the cache
     assert len(server.count_tokens_requests) == 1
     records = cached.records()
     assert {r["usage"]["cached_tokens"] for r in records} == {5000 + len(instruction.split())}
     per_input, per_output, _, _ = pipeline.PRICES[pipeline.MODEL]
-    uncached = sum(r["usage"]["prompt_tokens"] * per_input + r["usage"]["response_tokens"] * per_output for r in records) / 1e6
-    assert spend_of(cached.stderr) <= 0.25 * uncached  # the same tokens, the prefix sent each time (as the next test sends it)
+    uncached = (
+        sum(r["usage"]["prompt_tokens"] * per_input + r["usage"]["response_tokens"] * per_output for r in records) / 1e6
+    )
+    assert (
+        spend_of(cached.stderr) <= 0.25 * uncached
+    )  # the same tokens, the prefix sent each time (as the next test sends it)
 
 
-def test_a_row_with_an_instruction_of_its_own_is_sent_without_the_cache_its_context_first(tmp_path, fake_gemini, run) -> None:
+def test_a_row_with_an_instruction_of_its_own_is_sent_without_the_cache_its_context_first(
+    tmp_path, fake_gemini, run
+) -> None:
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    (inputs / "rows.jsonl").write_text('{"id": "own", "prompt": "a", "system_instruction": "Be terse."}\n{"id": "shared", "prompt": "b"}\n')
+    (inputs / "rows.jsonl").write_text(
+        '{"id": "own", "prompt": "a", "system_instruction": "Be terse."}\n{"id": "shared", "prompt": "b"}\n'
+    )
     context = context_of(tmp_path, 2000)
     server = fake_gemini()
     result = run(inputs, "--context", str(context), "--cache")
@@ -68,7 +92,9 @@ def test_a_prefix_under_the_minimum_is_sent_first_and_implicit_hits_are_reported
     result = run(inputs, "--context", str(context_of(tmp_path, 300)), "--cache", "--workers", "1")
     assert result.exit_code == 0, result.stderr
     assert "under gemini-flash-latest's minimum of 1,024" in result.stderr and server.cache_events == []
-    assert all(len(r.body["contents"]) == 2 and "cachedContent" not in r.body for r in server.requests)  # the context, then the prompt
+    assert all(
+        len(r.body["contents"]) == 2 and "cachedContent" not in r.body for r in server.requests
+    )  # the context, then the prompt
     assert re.search(r"\(5700 cached, 9\d% of input\)", result.stderr)  # 19 of 20 prefixes were seen before
 
 
@@ -150,10 +176,15 @@ def varied_prompts(count: int) -> list[str]:
     """Prompts of 20 to 40 words: characters / 4 is not the fake server's count (words), so
     only the sample's measured ratio gets the estimate right."""
     rng = random.Random(count)
-    return [" ".join(f"w{rng.randrange(10**rng.randrange(1, 6))}" for _ in range(rng.randrange(20, 41))) for _ in range(count)]
+    return [
+        " ".join(f"w{rng.randrange(10 ** rng.randrange(1, 6))}" for _ in range(rng.randrange(20, 41)))
+        for _ in range(count)
+    ]
 
 
-def test_estimate_asks_nothing_counts_a_sample_and_lands_within_10_percent_of_the_runs_spend(tmp_path, fake_gemini, run) -> None:
+def test_estimate_asks_nothing_counts_a_sample_and_lands_within_10_percent_of_the_runs_spend(
+    tmp_path, fake_gemini, run
+) -> None:
     inputs = write_prompts(tmp_path / "inputs", varied_prompts(10_000), per_file=1000)
     server = fake_gemini()
     estimated = run(inputs, "--estimate", "--system-instruction", "Answer in one word.", output_dir=tmp_path / "unused")
@@ -186,7 +217,7 @@ def test_batch_jobs_name_the_cache_which_outlives_a_ctrl_c_until_the_rerun_colle
         process = start_pipeline(tmp_path, server, *flags)
         rest = signal_once_logged(process, " submitted batches/", signal.SIGINT)
         assert process.returncode == 130
-        [(made, name)] = [event for event in server.cache_events if event[0] == "create"]
+        [(_, name)] = [event for event in server.cache_events if event[0] == "create"]
         assert server.caches[name]["ttl_s"] == pipeline.BATCH_JOB_LIFE_S and "kept the context cache" in rest
         requests = [request for job in server.batches.values() for _, request in job.requests]
         assert requests and all(r["cachedContent"] == name and len(r["contents"]) == 1 for r in requests)
@@ -222,9 +253,20 @@ def test_max_cost_prices_the_cached_prefix_at_the_cached_price(tmp_path, fake_ge
     prompts = [f"question {i}" for i in range(1000)]
     inputs = write_prompts(tmp_path / "inputs", prompts, per_file=100)
     per_input, per_output, per_cached, _ = pipeline.PRICES[pipeline.MODEL]
-    each = (2 * per_input + 2000 * per_cached + 3 * per_output) / 1e6  # "question N", the cached context, "echo: question N"
+    each = (
+        2 * per_input + 2000 * per_cached + 3 * per_output
+    ) / 1e6  # "question N", the cached context, "echo: question N"
     fake_gemini()
-    result = run(inputs, "--context", str(context_of(tmp_path, 2000)), "--cache", "--workers", "20", "--max-cost-usd", f"{each * 500:.6f}")
+    result = run(
+        inputs,
+        "--context",
+        str(context_of(tmp_path, 2000)),
+        "--cache",
+        "--workers",
+        "20",
+        "--max-cost-usd",
+        f"{each * 500:.6f}",
+    )
     assert result.exit_code == 1 and "budget" in result.stderr, result.stderr
     assert 450 <= len(result.records()) <= 500
 
@@ -232,7 +274,9 @@ def test_max_cost_prices_the_cached_prefix_at_the_cached_price(tmp_path, fake_ge
 def test_a_run_stopped_by_an_error_deletes_its_cache(tmp_path, fake_gemini, run) -> None:
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    rows = [f'{{"id": "r{i}", "prompt": "question {i}"}}' for i in range(30)] + ['{"id": "r3", "prompt": "a second r3"}']
+    rows = [f'{{"id": "r{i}", "prompt": "question {i}"}}' for i in range(30)] + [
+        '{"id": "r3", "prompt": "a second r3"}'
+    ]
     (inputs / "rows.jsonl").write_text("\n".join(rows) + "\n")
     server = fake_gemini()
     result = run(inputs, "--context", str(context_of(tmp_path, 2000)), "--cache")

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, ROOT, run_subprocess, sample_prompts, write_prompts
-from fake_gemini import FakeGemini
 
 import pipeline
+from conftest import API_KEY, ROOT, run_subprocess, sample_prompts, write_prompts
+from fake_gemini import FakeGemini
 
 
 def assert_one_line_error(stderr: str, *words: str) -> None:
@@ -43,8 +43,12 @@ def test_offline_does_not_import_the_sdk(tmp_path: Path) -> None:
     write_prompts(tmp_path / "inputs", sample_prompts(3))
     done = subprocess.run(
         [sys.executable, "-X", "importtime", str(ROOT / "pipeline.py"), "--offline", "--offline-latency-ms", "0"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0
     assert "aiofiles" in done.stderr  # importtime is really listing imports
     assert "google.genai" not in done.stderr
@@ -53,7 +57,11 @@ def test_offline_does_not_import_the_sdk(tmp_path: Path) -> None:
 def test_sample_inputs_are_as_specified() -> None:
     files = sorted(path for path in (ROOT / "inputs").iterdir() if path.is_file())
     assert [f.name for f in files] == sorted(f"shard_{s}.txt" for s in range(10))
-    assert sorted(path.name for path in (ROOT / "inputs" / "pictures").iterdir()) == ["blue.png", "pictures.csv", "red.png"]
+    assert sorted(path.name for path in (ROOT / "inputs" / "pictures").iterdir()) == [
+        "blue.png",
+        "pictures.csv",
+        "red.png",
+    ]
     for shard in range(10):
         lines = (ROOT / "inputs" / f"shard_{shard}.txt").read_text().splitlines()
         assert lines == [f"What is two times {shard * 3 + i}?" for i in range(3)]
@@ -91,14 +99,14 @@ def test_the_stopping_line_has_no_timestamp_without_verbose(tmp_path: Path) -> N
     write_prompts(tmp_path / "inputs", sample_prompts(30))
     with FakeGemini(latency_s=30) as server:
         env = {**os.environ, "GEMINI_API_KEY": API_KEY, "GOOGLE_GEMINI_BASE_URL": server.base_url}
-        process = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py")], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "pipeline.py")], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+        )
         assert server.wait_for_requests(1)  # requests are in flight: the run is past its start-up
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=10)
     assert process.returncode == 130
     assert "stopping: writing the answers received (Ctrl-C again quits at once)" in stderr.splitlines()
-
-
 
 
 def test_google_api_key_is_accepted_too(tmp_path: Path) -> None:
@@ -165,20 +173,32 @@ def test_help_lists_every_setting_with_its_constant_as_default(tmp_path: Path) -
     assert result.exit_code == 0
     help_text = " ".join(result.stdout.split())
     for flag, constant in [
-        ("--input-dir", pipeline.INPUT_DIR), ("--output-dir", pipeline.OUTPUT_DIR), ("--model", pipeline.MODEL),
-        ("--system-instruction", pipeline.SYSTEM_INSTRUCTION), ("--temperature", pipeline.TEMPERATURE),
-        ("--max-output-tokens", pipeline.MAX_OUTPUT_TOKENS), ("--response-schema", pipeline.RESPONSE_SCHEMA),
+        ("--input-dir", pipeline.INPUT_DIR),
+        ("--output-dir", pipeline.OUTPUT_DIR),
+        ("--model", pipeline.MODEL),
+        ("--system-instruction", pipeline.SYSTEM_INSTRUCTION),
+        ("--temperature", pipeline.TEMPERATURE),
+        ("--max-output-tokens", pipeline.MAX_OUTPUT_TOKENS),
+        ("--response-schema", pipeline.RESPONSE_SCHEMA),
         ("--generation-config", pipeline.GENERATION_CONFIG),
-        ("--workers", pipeline.WORKERS), ("--queue-size", pipeline.QUEUE_SIZE),
-        ("--shard-size", pipeline.SHARD_SIZE), ("--max-attempts", pipeline.MAX_ATTEMPTS),
-        ("--timeout-s", pipeline.TIMEOUT_S), ("--retry-base-s", pipeline.RETRY_BASE_S),
-        ("--retry-max-s", pipeline.RETRY_MAX_S), ("--rpm", pipeline.RPM),
+        ("--workers", pipeline.WORKERS),
+        ("--queue-size", pipeline.QUEUE_SIZE),
+        ("--shard-size", pipeline.SHARD_SIZE),
+        ("--max-attempts", pipeline.MAX_ATTEMPTS),
+        ("--timeout-s", pipeline.TIMEOUT_S),
+        ("--retry-base-s", pipeline.RETRY_BASE_S),
+        ("--retry-max-s", pipeline.RETRY_MAX_S),
+        ("--rpm", pipeline.RPM),
         ("--offline-latency-ms", pipeline.OFFLINE_LATENCY_MS),
-        ("--postprocess-workers", pipeline.POSTPROCESS_WORKERS), ("--readers", pipeline.READERS),
-        ("--writers", pipeline.WRITERS), ("--batch-size", pipeline.BATCH_SIZE), ("--batch-poll-s", pipeline.BATCH_POLL_S),
-        ("--progress-every-s", pipeline.PROGRESS_EVERY_S), ("--tpm", pipeline.TPM),
+        ("--postprocess-workers", pipeline.POSTPROCESS_WORKERS),
+        ("--readers", pipeline.READERS),
+        ("--writers", pipeline.WRITERS),
+        ("--batch-size", pipeline.BATCH_SIZE),
+        ("--batch-poll-s", pipeline.BATCH_POLL_S),
+        ("--progress-every-s", pipeline.PROGRESS_EVERY_S),
+        ("--tpm", pipeline.TPM),
         ("--max-cost-usd", pipeline.MAX_COST_USD),
-    ]:  # fmt: skip
+    ]:
         shown = "unset" if constant is None else str(constant)  # None cannot be passed as a value
         assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(shown)}\)", help_text), flag
     assert "--offline " in help_text and "--verbose" in help_text
@@ -186,7 +206,9 @@ def test_help_lists_every_setting_with_its_constant_as_default(tmp_path: Path) -
 
 def test_every_setting_constant_has_its_flag_and_readme_row_and_nothing_else_does(tmp_path: Path) -> None:
     source = (ROOT / "pipeline.py").read_text()
-    block = source.split(" settings --\n", 1)[1].split("\n\n", 1)[0]  # the constants users edit, up to the first blank line
+    block = source.split(" settings --\n", 1)[1].split("\n\n", 1)[
+        0
+    ]  # the constants users edit, up to the first blank line
     constants = set(re.findall(r"^([A-Z][A-Z0-9_]+)(?::[^=]+)? = ", block, re.MULTILINE))
     readme = (ROOT / "README.md").read_text().split("## Settings\n", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| (?:`([A-Z0-9_]+)`)? *\| (?:`-\w`, )?`(--[a-z-]+)`", readme, re.MULTILINE)
@@ -197,8 +219,13 @@ def test_every_setting_constant_has_its_flag_and_readme_row_and_nothing_else_doe
     assert len(rows) == len({flag for _, flag in rows})  # one row each
 
 
-@pytest.mark.parametrize(("constant", "value", "reason"), [("SHARD_SIZE", 0, "must be at least 1"), ("TIMEOUT_S", -1.0, "must be at least 0")])
-def test_a_constant_edited_to_a_value_its_flag_refuses_gets_one_line(monkeypatch, capsys, constant, value, reason) -> None:
+@pytest.mark.parametrize(
+    ("constant", "value", "reason"),
+    [("SHARD_SIZE", 0, "must be at least 1"), ("TIMEOUT_S", -1.0, "must be at least 0")],
+)
+def test_a_constant_edited_to_a_value_its_flag_refuses_gets_one_line(
+    monkeypatch, capsys, constant, value, reason
+) -> None:
     monkeypatch.setattr(pipeline, constant, value)
     with pytest.raises(SystemExit) as stopped:
         pipeline.parse_args([])
@@ -243,7 +270,9 @@ def readme_blocks(section: str) -> list[str]:
 def answered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("loading")
     shutil.copytree(ROOT / "inputs", folder / "inputs")
-    (folder / "inputs" / "ids.jsonl").write_text('{"id": "007", "prompt": "a"}\n{"id": "1e3", "prompt": "b"}\n')  # ids that look like numbers
+    (folder / "inputs" / "ids.jsonl").write_text(
+        '{"id": "007", "prompt": "a"}\n{"id": "1e3", "prompt": "b"}\n'
+    )  # ids that look like numbers
     assert run_subprocess(["--offline", "--offline-latency-ms", "0"], folder).exit_code == 0
     (folder / "outputs" / "failed.jsonl").write_text('{"id": "x", "prompt": "p", "error": "e", "attempts": 1}\n')
     return folder
@@ -264,7 +293,7 @@ def test_the_readmes_python_snippets_load_every_answer(answered: Path, block: in
     pytest.importorskip(module)
     monkeypatch.chdir(answered)
     scope: dict = {}
-    exec(readme_blocks("Loading the answers")[block], scope)  # noqa: S102 (the README's own snippet, run as a reader would)
+    exec(readme_blocks("Loading the answers")[block], scope)
     answers = scope["answers"]
     assert len(answers) == 32
     assert {"007", "1e3"} <= set(answers["id"])  # ids stay text: "007" read as a number would be 7, "1e3" 1000.0
@@ -283,7 +312,10 @@ def test_without_a_terminal_a_progress_line_comes_every_progress_every_s(tmp_pat
 
 
 def on_a_terminal(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None, interrupt_after: Callable[[], object] | None = None,
+    args: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    interrupt_after: Callable[[], object] | None = None,
     rows: int = 24,
 ) -> tuple[int, str]:
     """Run pipeline.py with stderr on a 120-column pseudo-terminal of `rows` rows, as a person
@@ -321,11 +353,14 @@ def test_on_a_terminal_the_bar_shows_the_total_and_eta_from_the_resumed_count(tm
     write_prompts(tmp_path / "inputs", sample_prompts(30), per_file=10)  # the same 10, and 20 more
     status, screen = on_a_terminal(["--offline", "--workers", "1", "--offline-latency-ms", "100"], tmp_path)
     assert status == 0, screen
-    counts = re.findall(r"(\d+)(?:/30| prompts) \[", screen)  # every frame, before the total is counted too (a busy machine)
+    counts = re.findall(
+        r"(\d+)(?:/30| prompts) \[", screen
+    )  # every frame, before the total is counted too (a busy machine)
     assert counts and counts[0] == "10", screen  # starts at what earlier runs answered
     frames = re.findall(r"(\d+)/30 \[[\d:]+<([\d:?]+),", screen)
-    assert frames[-1][0] == "30" and any(eta not in ("?", "00:00") for _, eta in frames), screen  # and counts down an ETA
-
+    assert frames[-1][0] == "30" and any(eta not in ("?", "00:00") for _, eta in frames), (
+        screen
+    )  # and counts down an ETA
 
 
 def test_a_terminal_of_0_rows_gets_progress_lines(tmp_path: Path) -> None:
@@ -349,7 +384,11 @@ def test_on_a_terminal_a_clean_run_shows_its_spend(tmp_path: Path) -> None:
 
 def test_a_small_spend_is_written_without_an_exponent() -> None:
     assert [pipeline.dollars(usd) for usd in (5.25e-05, 0.0199, 0.42, 0.0, 1234.567)] == [
-        "$0.0000525", "$0.0199", "$0.42", "$0", "$1,234.57",
+        "$0.0000525",
+        "$0.0199",
+        "$0.42",
+        "$0",
+        "$1,234.57",
     ]
 
 
@@ -359,7 +398,9 @@ def test_on_a_terminal_the_stopping_line_prints_above_the_bar(tmp_path: Path) ->
         env = {**os.environ, "GEMINI_API_KEY": API_KEY, "GOOGLE_GEMINI_BASE_URL": server.base_url}
         status, screen = on_a_terminal([], tmp_path, env, interrupt_after=lambda: server.wait_for_requests(5))
     assert status == 130
-    lines = [line.strip() for line in re.split(r"[\r\n]+", screen)]  # what each line starts with, after the bar is cleared
+    lines = [
+        line.strip() for line in re.split(r"[\r\n]+", screen)
+    ]  # what each line starts with, after the bar is cleared
     assert "stopping: writing the answers received (Ctrl-C again quits at once)" in lines, screen
 
 

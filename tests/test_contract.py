@@ -7,22 +7,24 @@ import json
 import urllib.error
 import urllib.request
 
-import api_contract
 import pytest
-from conftest import write_prompts
-from fake_gemini import FakeGemini
 from google.protobuf import json_format
 
+import api_contract
 import pipeline
+from conftest import write_prompts
+from fake_gemini import FakeGemini
 
 GENERATE = "/v1beta/models/gemini-flash-latest:generateContent"
 TURN = [{"role": "user", "parts": [{"text": "hi"}]}]
 
 
 def post(server: FakeGemini, path: str, body: dict, verb: str = "POST") -> tuple[int, dict]:
-    request = urllib.request.Request(server.base_url + path, json.dumps(body).encode(), method=verb, headers={"x-goog-api-key": "k"})
+    request = urllib.request.Request(
+        server.base_url + path, json.dumps(body).encode(), method=verb, headers={"x-goog-api-key": "k"}
+    )
     try:
-        with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310 (127.0.0.1 only)
+        with urllib.request.urlopen(request, timeout=10) as reply:
             return reply.status, json.loads(reply.read() or b"{}")
     except urllib.error.HTTPError as refused:
         return refused.code, json.loads(refused.read())
@@ -31,23 +33,42 @@ def post(server: FakeGemini, path: str, body: dict, verb: str = "POST") -> tuple
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"contents": TURN, "generationConfig": {"temprature": 0.5}},
-         "Invalid JSON payload received. Unknown name \"temprature\" at 'generation_config': Cannot find field."),
-        ({"contents": TURN, "generation_config": {"max_output_token": 5}},  # snake_case is read too, and checked the same
-         "Invalid JSON payload received. Unknown name \"max_output_token\" at 'generation_config': Cannot find field."),
-        ({"contents": TURN, "safetySettings": [{"category": "HARM_CATEGORY_SCARY", "threshold": "BLOCK_NONE"}]},
-         "Invalid value at 'safety_settings[0].category' (type.googleapis.com/google.ai.generativelanguage.v1beta.HarmCategory), \"HARM_CATEGORY_SCARY\""),
-        ({"contents": TURN, "generationConfig": {"temperature": "hot"}}, "Invalid value at 'generation_config.temperature' (TYPE_FLOAT), \"hot\""),
-        ({"contents": TURN, "generationConfig": {"stopSequences": "END"}}, "Invalid value at 'generation_config.stop_sequences' (TYPE_STRING), \"END\""),
-        ({"contents": [{"parts": [{"text": "a", "inlineData": {"mimeType": "image/png", "data": "AAAA"}}]}]},
-         "Invalid JSON payload received. Oneof field 'data' is already set. Cannot set 'inlineData'"),
+        (
+            {"contents": TURN, "generationConfig": {"temprature": 0.5}},
+            "Invalid JSON payload received. Unknown name \"temprature\" at 'generation_config': Cannot find field.",
+        ),
+        (
+            {
+                "contents": TURN,
+                "generation_config": {"max_output_token": 5},
+            },  # snake_case is read too, and checked the same
+            "Invalid JSON payload received. Unknown name \"max_output_token\" at 'generation_config': Cannot find field.",
+        ),
+        (
+            {"contents": TURN, "safetySettings": [{"category": "HARM_CATEGORY_SCARY", "threshold": "BLOCK_NONE"}]},
+            "Invalid value at 'safety_settings[0].category' (type.googleapis.com/google.ai.generativelanguage.v1beta.HarmCategory), \"HARM_CATEGORY_SCARY\"",
+        ),
+        (
+            {"contents": TURN, "generationConfig": {"temperature": "hot"}},
+            "Invalid value at 'generation_config.temperature' (TYPE_FLOAT), \"hot\"",
+        ),
+        (
+            {"contents": TURN, "generationConfig": {"stopSequences": "END"}},
+            "Invalid value at 'generation_config.stop_sequences' (TYPE_STRING), \"END\"",
+        ),
+        (
+            {"contents": [{"parts": [{"text": "a", "inlineData": {"mimeType": "image/png", "data": "AAAA"}}]}]},
+            "Invalid JSON payload received. Oneof field 'data' is already set. Cannot set 'inlineData'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_the_fake_refuses_what_the_apis_messages_do_not_parse_as_the_api_does(body, message) -> None:
     with FakeGemini(expect_refusals=True) as server:
         status, reply = post(server, GENERATE, body)
     assert status == 400 and reply["error"]["status"] == "INVALID_ARGUMENT" and reply["error"]["message"] == message
-    assert reply["error"]["details"] == [{"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": [{"description": message}]}]
+    assert reply["error"]["details"] == [
+        {"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": [{"description": message}]}
+    ]
     assert server.requests == []  # refused before any answer is made, or paid
 
 
@@ -56,12 +77,23 @@ def test_an_unknown_path_or_query_parameter_is_refused_as_the_api_does() -> None
         assert post(server, "/v1beta/models/m:generateContents", {"contents": TURN})[0] == 404
         assert post(server, "/v1beta/cachedContents/abc", {}, verb="PUT")[0] == 404
         status, reply = post(server, "/v1beta/files?pageSize=2&page_sise=3", {}, verb="GET")
-    assert status == 400 and reply["error"]["message"].startswith('Invalid JSON payload received. Unknown name "page_sise": Cannot bind query parameter.')
+    assert status == 400 and reply["error"]["message"].startswith(
+        'Invalid JSON payload received. Unknown name "page_sise": Cannot bind query parameter.'
+    )
 
 
 def test_an_accepted_request_is_answered() -> None:
-    body = {"contents": TURN, "system_instruction": {"parts": [{"text": "be brief"}]}, "generationConfig": {"topK": 3.0, "temperature": "0.5",
-            "thinkingConfig": {"thinking_budget": 0}, "mediaResolution": "MEDIA_RESOLUTION_LOW"}, "serviceTier": "flex"}  # fmt: skip
+    body = {
+        "contents": TURN,
+        "system_instruction": {"parts": [{"text": "be brief"}]},
+        "generationConfig": {
+            "topK": 3.0,
+            "temperature": "0.5",
+            "thinkingConfig": {"thinking_budget": 0},
+            "mediaResolution": "MEDIA_RESOLUTION_LOW",
+        },
+        "serviceTier": "flex",
+    }
     with FakeGemini() as server:
         status, reply = post(server, GENERATE, body)
     assert status == 200 and reply["candidates"][0]["content"]["parts"][0]["text"] == "echo: hi"
@@ -81,7 +113,11 @@ WALKER_CASES = [
     {"contents": [{"parts": [{"inlineData": {"mimeType": "image/png", "data": "not base64!"}}]}]},
     {"contents": [{"parts": [{"fileData": {"fileUri": "https://x/y.pdf", "mimeType": "application/pdf"}}]}]},
     {"contents": "hi"},
-    {"contents": TURN, "cachedContent": "cachedContents/abc", "safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]},
+    {
+        "contents": TURN,
+        "cachedContent": "cachedContents/abc",
+        "safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}],
+    },
     {"contents": TURN, "tools": [{"codeExecution": {}}], "toolConfig": {"functionCallingConfig": {"mode": "NONE"}}},
     {"contents": TURN, "nope": 1},
 ]
@@ -113,10 +149,14 @@ def test_each_newer_field_is_still_missing_from_the_package() -> None:
         found = v1beta
         for part in message_name.split("."):
             found = getattr(found, part, None)
-        assert found is None or new.name not in found.meta.fields, f"{message_name}.{new.name} is in the package now: remove it from NEWER_GEMINI"
+        assert found is None or new.name not in found.meta.fields, (
+            f"{message_name}.{new.name} is in the package now: remove it from NEWER_GEMINI"
+        )
 
 
-def test_google_genai_would_ask_v1_which_refuses_a_system_instruction_so_the_pipeline_pins_v1beta(tmp_path, fake_gemini, run, monkeypatch) -> None:
+def test_google_genai_would_ask_v1_which_refuses_a_system_instruction_so_the_pipeline_pins_v1beta(
+    tmp_path, fake_gemini, run, monkeypatch
+) -> None:
     """What the strict fake found: google-genai 3.6.1 asks the Gemini API's v1 by default,
     whose messages have no systemInstruction (a 400 for every prompt)."""
     server = fake_gemini()
@@ -125,7 +165,10 @@ def test_google_genai_would_ask_v1_which_refuses_a_system_instruction_so_the_pip
     monkeypatch.setattr(pipeline, "API_VERSION_GEMINI", None)  # the SDK's own default
     refused = run(inputs, "--system-instruction", "be brief", output_dir=tmp_path / "sdk_default")
     assert refused.exit_code == 1 and not refused.records()
-    assert all('Unknown name "systemInstruction": Cannot find field.' in f["error"] and f["permanent"] for f in refused.failures())
+    assert all(
+        'Unknown name "systemInstruction": Cannot find field.' in f["error"] and f["permanent"]
+        for f in refused.failures()
+    )
     assert server.refused_by_contract and all(r.startswith("POST /v1/models/") for r in server.refused_by_contract)
     monkeypatch.setattr(pipeline, "API_VERSION_GEMINI", "v1beta")
     server.refused_by_contract.clear()
@@ -142,7 +185,9 @@ def test_a_misspelt_setting_is_refused_before_the_wire(tmp_path, fake_gemini, ru
     assert not server.requests and not server.refused_by_contract
 
 
-def test_every_reply_the_fake_serves_is_its_methods_response_with_what_the_api_always_sends(tmp_path, fake_gemini, run) -> None:
+def test_every_reply_the_fake_serves_is_its_methods_response_with_what_the_api_always_sends(
+    tmp_path, fake_gemini, run
+) -> None:
     """Interactive answers, countTokens (--estimate), the Files API, a context cache and a
     batch job: each reply parses as its method's response message (api_contract) and carries
     MUST_HAVE; a batch job, whose messages the package lacks, its createTime and state."""
@@ -150,35 +195,54 @@ def test_every_reply_the_fake_serves_is_its_methods_response_with_what_the_api_a
     inputs = tmp_path / "inputs"
     (inputs / "photos").mkdir(parents=True)
     (inputs / "photos" / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 200)
-    (inputs / "rows.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"look {i}", "files": "photos/big.png"}) + "\n" for i in range(3)))
+    (inputs / "rows.jsonl").write_text(
+        "".join(json.dumps({"id": f"r{i}", "prompt": f"look {i}", "files": "photos/big.png"}) + "\n" for i in range(3))
+    )
     (tmp_path / "context.txt").write_text("word " * 2000)
     assert run(inputs, "--inline-limit-mb", "0.01", output_dir=tmp_path / "files").exit_code == 0
     assert run(inputs, "--estimate").exit_code == 0
-    assert run(inputs, "--context", str(tmp_path / "context.txt"), "--cache", output_dir=tmp_path / "cache").exit_code == 0
+    assert (
+        run(inputs, "--context", str(tmp_path / "context.txt"), "--cache", output_dir=tmp_path / "cache").exit_code == 0
+    )
     assert run(inputs, "--batch", "--batch-poll-s", "0.01", output_dir=tmp_path / "batch").exit_code == 0
     assert server.upload_log and server.cache_events and server.batches and server.count_tokens_requests
     assert server.reply_problems == []
     for job in server.batches.values():
         assert job.state == "BATCH_STATE_SUCCEEDED"
-        operation = server._operation(job)  # noqa: SLF001 (what GET batches/{id} serves)
+        operation = server._operation(job)
         assert operation["metadata"]["createTime"] and operation["metadata"]["state"]
 
 
-VERTEX_GENERATE = "/v1beta1/projects/p/locations/us-central1/publishers/google/models/gemini-flash-latest:generateContent"
+VERTEX_GENERATE = (
+    "/v1beta1/projects/p/locations/us-central1/publishers/google/models/gemini-flash-latest:generateContent"
+)
 
 
 @pytest.mark.parametrize(
     ("path", "body", "message"),
     [
-        (VERTEX_GENERATE, {"contents": TURN, "generationConfig": {"temprature": 0.5}},
-         "Invalid JSON payload received. Unknown name \"temprature\" at 'generation_config': Cannot find field."),
-        (VERTEX_GENERATE, {"contents": TURN, "serviceTier": "flex"}, "Invalid JSON payload received. Unknown name \"serviceTier\": Cannot find field."),
-        (VERTEX_GENERATE, {"contents": TURN, "generationConfig": {"thinkingConfig": {"thinkingLevel": "LOTS"}}},
-         "Invalid value at 'generation_config.thinking_config.thinking_level' (thinkingLevel), \"LOTS\""),
-        ("/v1beta1/projects/p/locations/l/cachedContents", {"model": "m", "contents": TURN, "ttl": "an hour"},
-         "Invalid value at 'ttl' (TYPE_DURATION), \"an hour\""),
+        (
+            VERTEX_GENERATE,
+            {"contents": TURN, "generationConfig": {"temprature": 0.5}},
+            "Invalid JSON payload received. Unknown name \"temprature\" at 'generation_config': Cannot find field.",
+        ),
+        (
+            VERTEX_GENERATE,
+            {"contents": TURN, "serviceTier": "flex"},
+            'Invalid JSON payload received. Unknown name "serviceTier": Cannot find field.',
+        ),
+        (
+            VERTEX_GENERATE,
+            {"contents": TURN, "generationConfig": {"thinkingConfig": {"thinkingLevel": "LOTS"}}},
+            "Invalid value at 'generation_config.thinking_config.thinking_level' (thinkingLevel), \"LOTS\"",
+        ),
+        (
+            "/v1beta1/projects/p/locations/l/cachedContents",
+            {"model": "m", "contents": TURN, "ttl": "an hour"},
+            "Invalid value at 'ttl' (TYPE_DURATION), \"an hour\"",
+        ),
     ],
-)  # fmt: skip
+)
 def test_on_vertex_ai_the_fake_holds_requests_to_its_discovery_document(path, body, message) -> None:
     with FakeGemini(expect_refusals=True) as server:
         status, reply = post(server, path, body)

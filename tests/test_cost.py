@@ -12,6 +12,7 @@ from collections import Counter
 
 import pytest
 
+import pipeline
 from conftest import sample_prompts, write_prompts
 from fake_gemini import (
     PerWindowTokenQuota,
@@ -23,8 +24,6 @@ from fake_gemini import (
     unknown_model,
 )
 
-import pipeline
-
 
 def test_tpm_uses_the_token_quota_without_hitting_it(tmp_path, fake_gemini, run) -> None:
     """Each prompt is 12 long words: 30 tokens by characters / 4, 12 as the server
@@ -32,7 +31,9 @@ def test_tpm_uses_the_token_quota_without_hitting_it(tmp_path, fake_gemini, run)
     limit, window_s = 480, 1.0  # input tokens per second: 40 of these prompts, 28,800 tokens a minute
     server = fake_gemini(PerWindowTokenQuota(limit, window_s), latency_s=0.005)
     prompts = [" ".join(f"word{i:04d}x" for _ in range(12)) for i in range(200)]
-    result = run(write_prompts(tmp_path / "inputs", prompts, per_file=20), "--tpm", str(limit * 60 / window_s), "--workers", "10")
+    result = run(
+        write_prompts(tmp_path / "inputs", prompts, per_file=20), "--tpm", str(limit * 60 / window_s), "--workers", "10"
+    )
     assert result.exit_code == 0, result.stderr
     used: Counter[int] = Counter()  # input tokens answered per window
     for prompt, at in zip(server.answered_prompts, server.answered_at, strict=True):
@@ -63,11 +64,16 @@ async def test_thinking_and_cached_tokens_are_in_every_record_and_priced(tmp_pat
     assert (tally.thinking_tokens, tally.cached_tokens) == (42, 12)
     per_input, per_output, per_cached, _ = pipeline.PRICES[pipeline.MODEL]  # the default model has a price
     expected = sum(
-        (prompt_tokens_of(p) * per_input + 2 * per_cached + (len(f"echo: {p}".split()) + 7) * per_output) / 1e6 for p in prompts
+        (prompt_tokens_of(p) * per_input + 2 * per_cached + (len(f"echo: {p}".split()) + 7) * per_output) / 1e6
+        for p in prompts
     )
     assert math.isclose(progress.spend.spent_usd, expected)
     summary = progress.summary()
-    assert "(12 cached, 29% of input)" in summary and "+ 42 thinking" in summary and f"{pipeline.dollars(expected)} estimated" in summary
+    assert (
+        "(12 cached, 29% of input)" in summary
+        and "+ 42 thinking" in summary
+        and f"{pipeline.dollars(expected)} estimated" in summary
+    )
 
 
 def test_a_model_without_a_price_says_so_once_and_shows_no_figure(tmp_path, fake_gemini, run) -> None:
@@ -121,7 +127,9 @@ def test_when_the_first_20_outcomes_are_one_permanent_error_the_run_stops(tmp_pa
 def test_a_plain_rerun_leaves_what_was_refused_for_good_and_retry_failed_asks_it(tmp_path, fake_gemini, run) -> None:
     blocked, overloaded = "What is two times 3?", "What is two times 4?"
     server = fake_gemini(
-        lambda r: safety_block() if r.prompt == blocked else error(503, "overloaded") if r.prompt == overloaded else echo(r)
+        lambda r: (
+            safety_block() if r.prompt == blocked else error(503, "overloaded") if r.prompt == overloaded else echo(r)
+        )
     )
     inputs = write_prompts(tmp_path / "inputs", sample_prompts(8))
     first = run(inputs, "--max-attempts", "2", "--retry-base-s", "0.01", "--retry-max-s", "0.02")
@@ -154,13 +162,21 @@ def shown_run(spend: pipeline.Spend) -> pipeline.Progress:
     """A Progress showing a run whose Gate has this Spend, its host reachable, never full."""
     progress = pipeline.Progress()
     outage = pipeline.Outage(lambda: None, "example.test", 60, asyncio.Event())
-    progress.shown = pipeline.Shown(pipeline.Limits(pipeline.Gate(None, None, spend), outage, pipeline.Concurrency(1)), pipeline.Media(pipeline.FilesFolder(pipeline.Path()), 20), pipeline.Limit(None))
+    progress.shown = pipeline.Shown(
+        pipeline.Limits(pipeline.Gate(None, None, spend), outage, pipeline.Concurrency(1)),
+        pipeline.Media(pipeline.FilesFolder(pipeline.Path()), 20),
+        pipeline.Limit(None),
+    )
     return progress
 
 
 def bad_setting(request):
-    violation = {"field": "generation_config.top_k", "description": "Invalid value (TYPE_INT32), \"x\""}
-    return error(400, "Invalid value at 'generation_config.top_k'", {"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": [violation]})
+    violation = {"field": "generation_config.top_k", "description": 'Invalid value (TYPE_INT32), "x"'}
+    return error(
+        400,
+        "Invalid value at 'generation_config.top_k'",
+        {"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": [violation]},
+    )
 
 
 def test_a_setting_the_api_refuses_stops_the_run_at_once_unless_it_is_a_rows_own(tmp_path, fake_gemini, run) -> None:
@@ -197,7 +213,9 @@ def test_a_flex_run_asks_flex_records_it_and_costs_half_of_standard(tmp_path, fa
     assert [request.body.get("serviceTier") for request in server.requests[asked:]] == ["flex"] * 12
     assert {record["usage"]["service_tier"] for record in flex.records()} == {"flex"} and len(flex.records()) == 12
     assert "served 12 flex" in flex.stderr
-    assert math.isclose(spent_of(flex.stderr), spent_of(standard.stderr) / 2, rel_tol=0.01)  # the same tokens, half the price
+    assert math.isclose(
+        spent_of(flex.stderr), spent_of(standard.stderr) / 2, rel_tol=0.01
+    )  # the same tokens, half the price
     # The flex timeout is 15 minutes unless --timeout-s says otherwise: the SDK sends it as X-Server-Timeout.
     assert {request.server_timeout for request in server.requests[asked:]} == {"900"}
     assert {request.server_timeout for request in server.requests[:asked]} == {"60"}
@@ -222,12 +240,26 @@ def test_service_tier_refuses_what_it_cannot_do_in_one_line(tmp_path, fake_gemin
     with pytest.raises(SystemExit) as refused:
         run(inputs, "--service-tier", "cheap")
     assert refused.value.code == 2
-    assert capsys.readouterr().err == "error: argument --service-tier: must be one of standard, flex, priority, got 'cheap' (see --help)\n"
+    assert (
+        capsys.readouterr().err
+        == "error: argument --service-tier: must be one of standard, flex, priority, got 'cheap' (see --help)\n"
+    )
     batch = run(inputs, "--service-tier", "flex", "--batch")
-    assert batch.exit_code == 2 and batch.stderr.strip() == "error: --service-tier does not apply to --batch: the Batch API has a price of its own (half)"
+    assert (
+        batch.exit_code == 2
+        and batch.stderr.strip()
+        == "error: --service-tier does not apply to --batch: the Batch API has a price of its own (half)"
+    )
 
 
 def test_offline_flex_answers_say_they_were_served_flex(tmp_path, run) -> None:
-    result = run(write_prompts(tmp_path / "inputs", sample_prompts(3)), "--offline", "--offline-latency-ms", "0", "--service-tier", "flex")
+    result = run(
+        write_prompts(tmp_path / "inputs", sample_prompts(3)),
+        "--offline",
+        "--offline-latency-ms",
+        "0",
+        "--service-tier",
+        "flex",
+    )
     assert result.exit_code == 0, result.stderr
     assert [record["usage"]["service_tier"] for record in result.records()] == ["flex"] * 3

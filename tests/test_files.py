@@ -19,11 +19,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from fake_gemini import FakeGemini, away_once, echo, error
 from test_resume import start_pipeline, wait_for_writes
 
 import pipeline
+from conftest import ROOT
+from fake_gemini import FakeGemini, away_once, echo, error
 
 LIMIT_MB = 0.02  # the inline limit these tests set: 20 KB, so that images of 24 KB and more are uploaded
 
@@ -49,15 +49,23 @@ def our_uploads(server: FakeGemini) -> Counter[str]:
 
 
 def left_on_server(server: FakeGemini) -> list[str]:
-    return [name for name, meta in server.file_meta.items() if name in server.files and meta["displayName"].startswith(pipeline.UPLOAD_NAME_PREFIX)]
+    return [
+        name
+        for name, meta in server.file_meta.items()
+        if name in server.files and meta["displayName"].startswith(pipeline.UPLOAD_NAME_PREFIX)
+    ]
 
 
 def csv_of(inputs: Path, rows: list[tuple[str, str, list[Path]]]) -> None:
-    lines = ["id,prompt,files"] + [f"{row_id},{prompt},{'|'.join(str(p.relative_to(inputs)) for p in files)}" for row_id, prompt, files in rows]
+    lines = ["id,prompt,files"] + [
+        f"{row_id},{prompt},{'|'.join(str(p.relative_to(inputs)) for p in files)}" for row_id, prompt, files in rows
+    ]
     (inputs / "rows.csv").write_text("\n".join(lines) + "\n")
 
 
-def test_a_thousand_rows_naming_200_images_get_their_own_images_and_each_large_one_is_uploaded_once(tmp_path, fake_gemini, run) -> None:
+def test_a_thousand_rows_naming_200_images_get_their_own_images_and_each_large_one_is_uploaded_once(
+    tmp_path, fake_gemini, run
+) -> None:
     """The issue's own figures: 1,000 rows, 200 images each named by 5, half of them over a
     1 MB inline limit (760 KB is over 1 MB in base64); then the same rows with --batch."""
     inputs = tmp_path / "inputs"
@@ -73,7 +81,9 @@ def test_a_thousand_rows_naming_200_images_get_their_own_images_and_each_large_o
     for request in server.requests:
         sent = [digest if kind == "inline" else uploaded[digest] for kind, digest, _ in request.media]
         assert sent == expected[request.prompt], request.prompt
-        assert [kind for kind, _, _ in request.media] == ["file" if path.stat().st_size > 15_000 else "inline" for path in rows[int(request.prompt.split()[-1])][2]]
+        assert [kind for kind, _, _ in request.media] == [
+            "file" if path.stat().st_size > 15_000 else "inline" for path in rows[int(request.prompt.split()[-1])][2]
+        ]
     assert our_uploads(server) == Counter({sha(path): 1 for path in pictures[1::2]})  # each large image once
     assert "100 files uploaded" in result.stderr
     assert left_on_server(server) == []  # and none left once every row is answered
@@ -81,26 +91,50 @@ def test_a_thousand_rows_naming_200_images_get_their_own_images_and_each_large_o
     batch = run(inputs, "--batch", "--batch-poll-s", "0.01", "--inline-limit-mb", "1", output_dir=tmp_path / "batch")
     assert batch.exit_code == 0, batch.stderr
     requests = [request for job in server.batches.values() for _, request in job.requests]
-    assert len(requests) == 1000 and not any("inline_data" in part or "inlineData" in part for r in requests for part in r["contents"][-1]["parts"])
-    assert {r["id"]: r["response"] for r in batch.records()} == {r["id"]: r["response"] for r in result.records()}  # by key
+    assert len(requests) == 1000 and not any(
+        "inline_data" in part or "inlineData" in part for r in requests for part in r["contents"][-1]["parts"]
+    )
+    assert {r["id"]: r["response"] for r in batch.records()} == {
+        r["id"]: r["response"] for r in result.records()
+    }  # by key
     assert left_on_server(server) == []
 
 
 def test_a_rows_files_go_after_its_text_in_order_and_urls_as_they_are(tmp_path, fake_gemini, run) -> None:
     inputs = tmp_path / "inputs"
-    small, large, other = images(inputs / "photos", 3, small=1_000, large=30_000)
-    (inputs / "rows.jsonl").write_text(json.dumps({"id": "a", "prompt": "compare", "files": [str(large.relative_to(inputs)), "https://example.com/spec.pdf", str(small.relative_to(inputs))]}) + "\n")
+    small, large, _other = images(inputs / "photos", 3, small=1_000, large=30_000)
+    (inputs / "rows.jsonl").write_text(
+        json.dumps(
+            {
+                "id": "a",
+                "prompt": "compare",
+                "files": [
+                    str(large.relative_to(inputs)),
+                    "https://example.com/spec.pdf",
+                    str(small.relative_to(inputs)),
+                ],
+            }
+        )
+        + "\n"
+    )
     server = fake_gemini()
     result = run(inputs, "--inline-limit-mb", str(LIMIT_MB))
     assert result.exit_code == 0, result.stderr
     [request] = server.requests
     assert request.body["contents"][-1]["parts"][0] == {"text": "compare"}
     [(first, uri, _), (second, url, pdf), (third, digest, _)] = request.media
-    assert (first, second, third) == ("file", "file", "inline") and (url, pdf) == ("https://example.com/spec.pdf", "application/pdf")
-    assert base64.b64decode(server.file_meta[uri.partition("/v1beta/")[2]]["sha256Hash"]).hex() == sha(large) and digest == sha(small)
+    assert (first, second, third) == ("file", "file", "inline") and (url, pdf) == (
+        "https://example.com/spec.pdf",
+        "application/pdf",
+    )
+    assert base64.b64decode(server.file_meta[uri.partition("/v1beta/")[2]]["sha256Hash"]).hex() == sha(
+        large
+    ) and digest == sha(small)
 
 
-def test_a_file_that_cannot_be_sent_fails_its_row_alone_before_anything_is_sent(tmp_path, fake_gemini, run, monkeypatch) -> None:
+def test_a_file_that_cannot_be_sent_fails_its_row_alone_before_anything_is_sent(
+    tmp_path, fake_gemini, run, monkeypatch
+) -> None:
     monkeypatch.setattr(pipeline, "FILES_API_MAX_BYTES", 10_000)  # a 2 GB file, as far as the check can tell
     inputs = tmp_path / "inputs"
     images(inputs / "photos", 2, small=2_000, large=20_000)
@@ -127,7 +161,11 @@ def test_a_file_that_cannot_be_sent_fails_its_row_alone_before_anything_is_sent(
     reasons = {f["id"]: f["error"] for f in result.failures()}
     assert reasons["missing"] == "file photos/nope.png: No such file or directory (rows.jsonl:2)"
     assert "its type is unknown" in reasons["unknown"] and "does not take application/" in reasons["not-taken"]
-    assert "not a regular file" in reasons["folder"] and "https://" in reasons["plain-http"] and "Vertex AI" in reasons["gs-off-vertex"]
+    assert (
+        "not a regular file" in reasons["folder"]
+        and "https://" in reasons["plain-http"]
+        and "Vertex AI" in reasons["gs-off-vertex"]
+    )
     assert "not a list of file names" in reasons["not-names"] and "over the Files API's 2 GB" in reasons["too-large"]
     assert "not inside the files folder" in reasons["outside"] and "not inside the files folder" in reasons["absolute"]
     assert "not a name a file can have" in reasons["nul"]
@@ -147,7 +185,9 @@ def test_an_edited_image_is_an_edited_input(tmp_path, fake_gemini, run) -> None:
     assert edited.exit_code == 2 and "b is not the prompt" in edited.stderr and not server.requests
 
 
-def test_after_kill_9_a_rerun_uploads_again_only_what_was_in_flight_and_leaves_nothing(tmp_path, fake_gemini, run) -> None:
+def test_after_kill_9_a_rerun_uploads_again_only_what_was_in_flight_and_leaves_nothing(
+    tmp_path, fake_gemini, run
+) -> None:
     """The issue's figures again: 1,000 rows, 200 images, half over a 1 MB inline limit."""
     inputs = tmp_path / "inputs"
     pictures = images(inputs / "photos", 200, small=10_000, large=760_000)
@@ -158,7 +198,9 @@ def test_after_kill_9_a_rerun_uploads_again_only_what_was_in_flight_and_leaves_n
         assert wait_for_writes(process, 60)
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=30)
-    journal = [json.loads(line) for line in (tmp_path / "outputs" / "uploads.jsonl").read_text().splitlines() if line.strip()]
+    journal = [
+        json.loads(line) for line in (tmp_path / "outputs" / "uploads.jsonl").read_text().splitlines() if line.strip()
+    ]
     recorded = {line["sha256"] for line in journal if "uri" in line}
     in_flight = {line["uploading"] for line in journal if "uploading" in line} - recorded
     assert recorded, "the kill came before any upload: this test would prove nothing"
@@ -167,12 +209,16 @@ def test_after_kill_9_a_rerun_uploads_again_only_what_was_in_flight_and_leaves_n
     result = run(inputs, "--inline-limit-mb", "1", "--workers", "20", output_dir=tmp_path / "outputs")
     assert result.exit_code == 0, result.stderr
     assert set(our_uploads(rerun_server)) & recorded == set()  # nothing recorded is uploaded again
-    assert set(our_uploads(rerun_server)) - in_flight == {sha(p) for p in pictures[1::2]} - recorded - in_flight  # only what was never uploaded, or in flight
+    assert (
+        set(our_uploads(rerun_server)) - in_flight == {sha(p) for p in pictures[1::2]} - recorded - in_flight
+    )  # only what was never uploaded, or in flight
     assert max(our_uploads(rerun_server).values()) == 1 and max(our_uploads(server).values()) == 1
     assert left_on_server(rerun_server) == []  # the kill's uploads too, found by their names
     ids = Counter(r["id"] for r in result.records())
     assert len(ids) == 1000 and set(ids.values()) == {1}
-    print(f"\nkill -9: {len(recorded)} uploads recorded, {len(in_flight)} in flight at the kill; the rerun made {len(our_uploads(rerun_server))}")
+    print(
+        f"\nkill -9: {len(recorded)} uploads recorded, {len(in_flight)} in flight at the kill; the rerun made {len(our_uploads(rerun_server))}"
+    )
 
 
 def test_batch_jobs_name_uploads_never_inline_data(tmp_path, fake_gemini, run) -> None:
@@ -184,7 +230,9 @@ def test_batch_jobs_name_uploads_never_inline_data(tmp_path, fake_gemini, run) -
     result = run(inputs, "--batch", "--batch-poll-s", "0.01", "--inline-limit-mb", str(LIMIT_MB))
     assert result.exit_code == 0, result.stderr
     requests = [request for job in server.batches.values() for _, request in job.requests]
-    assert len(requests) == 30 and all("inline_data" not in json.dumps(r) and "inlineData" not in json.dumps(r) for r in requests)
+    assert len(requests) == 30 and all(
+        "inline_data" not in json.dumps(r) and "inlineData" not in json.dumps(r) for r in requests
+    )
     assert our_uploads(server) == Counter({sha(p): 1 for p in pictures})  # small ones too: a job file carries no bytes
     by_id = {r["id"]: r["prompt"] for r in result.records()}
     assert by_id == {row_id: prompt for row_id, prompt, _ in rows} and left_on_server(server) == []
@@ -222,7 +270,9 @@ def test_the_sample_pictures_run_offline_and_their_images_are_not_read_as_prompt
     }
 
 
-def test_a_rerun_reuses_an_upload_until_an_hour_before_it_expires_and_uploads_it_again_after(tmp_path, fake_gemini, run) -> None:
+def test_a_rerun_reuses_an_upload_until_an_hour_before_it_expires_and_uploads_it_again_after(
+    tmp_path, fake_gemini, run
+) -> None:
     inputs = tmp_path / "inputs"
     pictures = images(inputs / "photos", 4)  # two of them large: uploaded
     csv_of(inputs, [(f"r{i}", f"describe picture {i}", [pictures[i]]) for i in range(4)])
@@ -244,7 +294,9 @@ def test_a_rerun_reuses_an_upload_until_an_hour_before_it_expires_and_uploads_it
     assert left_on_server(rerun) == []
 
 
-def test_a_full_disk_while_recording_an_upload_stops_the_run_in_one_line(tmp_path, fake_gemini, run, monkeypatch) -> None:
+def test_a_full_disk_while_recording_an_upload_stops_the_run_in_one_line(
+    tmp_path, fake_gemini, run, monkeypatch
+) -> None:
     inputs = tmp_path / "inputs"
     pictures = images(inputs / "photos", 4)
     csv_of(inputs, [(f"r{i}", f"describe picture {i}", [pictures[i]]) for i in range(4)])
@@ -260,7 +312,10 @@ def test_a_full_disk_while_recording_an_upload_stops_the_run_in_one_line(tmp_pat
     fake_gemini()
     result = run(inputs, "--inline-limit-mb", str(LIMIT_MB), "--workers", "1")
     assert result.exit_code == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == f"error: cannot write {tmp_path / 'outputs' / 'uploads.jsonl'}: No space left on device"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"error: cannot write {tmp_path / 'outputs' / 'uploads.jsonl'}: No space left on device"
+    )
 
 
 def test_uploads_ride_out_a_server_that_goes_away(tmp_path, fake_gemini, run) -> None:
@@ -278,13 +333,26 @@ def test_uploads_ride_out_a_server_that_goes_away(tmp_path, fake_gemini, run) ->
 
 def test_a_files_tokens_are_estimated_by_the_docs_figures(tmp_path) -> None:
     pdf = tmp_path / "three_pages.pdf"
-    pdf.write_bytes(b"%PDF-1.4\n1 0 obj << /Type /Pages /Count 3 >>\n" + b"".join(b"obj << /Type /Page /Parent 1 0 R >>\n" for _ in range(3)))
+    pdf.write_bytes(
+        b"%PDF-1.4\n1 0 obj << /Type /Pages /Count 3 >>\n"
+        + b"".join(b"obj << /Type /Page /Parent 1 0 R >>\n" for _ in range(3))
+    )
     wav = tmp_path / "two_seconds.wav"
-    header = b"RIFF" + (36 + 64_000).to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little") + bytes(8) + (32_000).to_bytes(4, "little") + bytes(8)
+    header = (
+        b"RIFF"
+        + (36 + 64_000).to_bytes(4, "little")
+        + b"WAVEfmt "
+        + (16).to_bytes(4, "little")
+        + bytes(8)
+        + (32_000).to_bytes(4, "little")
+        + bytes(8)
+    )
     wav.write_bytes(header + bytes(64_000))  # 32,000 bytes a second, by its header
     note = tmp_path / "note.txt"
     note.write_text("x" * 400)
-    media = pipeline.Media(pipeline.FilesFolder(tmp_path), 20).read_all(tuple(pipeline.media_files([str(p.name) for p in (pdf, wav, note)], tmp_path)[0]))
+    media = pipeline.Media(pipeline.FilesFolder(tmp_path), 20).read_all(
+        tuple(pipeline.media_files([str(p.name) for p in (pdf, wav, note)], tmp_path)[0])
+    )
     seconds = wav.stat().st_size / 32_000  # the header's bytes count too
     assert [file.units for file in media] == [3, seconds, 100]  # pages, seconds, tokens
     prompt = pipeline.Prompt("a", "p", media=media)
@@ -323,7 +391,10 @@ def test_estimate_counts_a_pdfs_pages(tmp_path, run) -> None:
     inputs = tmp_path / "inputs"
     (inputs / "docs").mkdir(parents=True)
     (inputs / "docs" / "report.pdf").write_bytes(b"%PDF-1.4\n" + b"".join(b"<< /Type /Page >>\n" for _ in range(10)))
-    csv_of(inputs, [("a", "summarise", [inputs / "docs" / "report.pdf"]), ("b", "summarise", [inputs / "docs" / "missing.pdf"])])
+    csv_of(
+        inputs,
+        [("a", "summarise", [inputs / "docs" / "report.pdf"]), ("b", "summarise", [inputs / "docs" / "missing.pdf"])],
+    )
     result = run(inputs, "--estimate", "--offline", "--media-resolution", "low")
     assert result.exit_code == 0, result.stderr
     assert ": 1 prompt (" in result.stdout  # the row naming a missing file is left out
@@ -339,7 +410,9 @@ def test_a_rerun_reads_no_file_again_unless_it_changed(tmp_path, fake_gemini, ru
     assert run(inputs, "--inline-limit-mb", str(LIMIT_MB)).exit_code == 0
     read: list[Path] = []
     real_digest = pipeline.file_digest
-    monkeypatch.setattr(pipeline, "file_digest", lambda stream, file, size: read.append(file.path) or real_digest(stream, file, size))
+    monkeypatch.setattr(
+        pipeline, "file_digest", lambda stream, file, size: read.append(file.path) or real_digest(stream, file, size)
+    )
     again = run(inputs, "--inline-limit-mb", str(LIMIT_MB))
     assert again.exit_code == 0 and "all 6 prompts were answered before" in again.stderr
     assert read == []  # each file known by its path, size and mtime (file_digests.jsonl)
@@ -356,7 +429,9 @@ def test_a_journal_line_torn_by_a_kill_is_removed_before_the_next_append(tmp_pat
     digests = tmp_path / "outputs" / pipeline.DIGESTS_FILE
     with digests.open("a") as file:
         file.write('{"path": "half a li')  # a kill in the middle of a write
-    csv_of(inputs, [(f"r{i}", f"describe picture {i}", [pictures[i]]) for i in range(4)])  # two rows more: two lines appended
+    csv_of(
+        inputs, [(f"r{i}", f"describe picture {i}", [pictures[i]]) for i in range(4)]
+    )  # two rows more: two lines appended
     assert run(inputs, "--inline-limit-mb", str(LIMIT_MB)).exit_code == 0
     assert run(inputs, "--inline-limit-mb", str(LIMIT_MB)).exit_code == 0  # the journal reads whole again
     assert [json.loads(line)["path"] for line in digests.read_text().splitlines()] == [str(p) for p in pictures]
@@ -377,10 +452,17 @@ def test_a_row_sends_only_files_really_inside_the_files_folder_links_followed(tm
     (inputs / "alias.png").symlink_to("photos/image_000.png")  # stays inside: fine
     (inputs / "more").symlink_to(inputs / "photos", target_is_directory=True)
     rows = {
-        "folder-link": "sub/notes.txt", "file-link": "linked.png", "proc": "env.png", "fifo": "pipe.png",
-        "plain": "photos/image_000.png", "alias": "alias.png", "inner-folder-link": "more/image_000.png",
-    }  # fmt: skip
-    (inputs / "rows.jsonl").write_text("".join(json.dumps({"id": k, "prompt": f"about {k}", "files": v}) + "\n" for k, v in rows.items()))
+        "folder-link": "sub/notes.txt",
+        "file-link": "linked.png",
+        "proc": "env.png",
+        "fifo": "pipe.png",
+        "plain": "photos/image_000.png",
+        "alias": "alias.png",
+        "inner-folder-link": "more/image_000.png",
+    }
+    (inputs / "rows.jsonl").write_text(
+        "".join(json.dumps({"id": k, "prompt": f"about {k}", "files": v}) + "\n" for k, v in rows.items())
+    )
     server = fake_gemini()
     server.watched = [secret_bytes[:200], pipeline.api_key_from_env().encode(), b"GEMINI_API_KEY="]
     result = run(inputs)
@@ -390,11 +472,16 @@ def test_a_row_sends_only_files_really_inside_the_files_folder_links_followed(tm
     assert {digest for r in server.requests for _, digest, _ in r.media} == {sha(inside)}
     assert server.watched_seen == 0 and server.upload_log == []  # nothing of theirs reached the server
     reasons = {f["id"]: f["error"] for f in result.failures()}
-    assert reasons["folder-link"] == f"file sub/notes.txt: resolves outside {inputs} (to ../secret/notes.txt) (rows.jsonl:1)"
+    assert (
+        reasons["folder-link"]
+        == f"file sub/notes.txt: resolves outside {inputs} (to ../secret/notes.txt) (rows.jsonl:1)"
+    )
     assert reasons["file-link"] == f"file linked.png: resolves outside {inputs} (to ../secret/notes.txt) (rows.jsonl:2)"
     assert reasons["proc"].startswith(f"file env.png: resolves outside {inputs} (to /proc/")
     assert reasons["fifo"] == "file pipe.png: not a regular file (rows.jsonl:4)"
-    digests = [json.loads(line)["path"] for line in (result.output_dir / pipeline.DIGESTS_FILE).read_text().splitlines()]
+    digests = [
+        json.loads(line)["path"] for line in (result.output_dir / pipeline.DIGESTS_FILE).read_text().splitlines()
+    ]
     assert digests == [os.path.realpath(inside)]  # by its real path, once: the links name the same file
 
 
@@ -414,8 +501,15 @@ def test_the_files_folder_can_be_elsewhere_and_nothing_leaves_it(tmp_path, fake_
     inputs.mkdir()
     [first, second] = images(photos / "cats", 2, large=2_000)
     (tmp_path / "outside.png").write_bytes(b"\x89PNG not in the files folder")
-    rows = [("a", "cats/image_000.png"), ("b", "cats/image_001.png"), ("c", "../outside.png"), ("d", "cats/../../outside.png")]
-    (inputs / "rows.jsonl").write_text("".join(json.dumps({"id": i, "prompt": f"describe {i}", "files": f}) + "\n" for i, f in rows))
+    rows = [
+        ("a", "cats/image_000.png"),
+        ("b", "cats/image_001.png"),
+        ("c", "../outside.png"),
+        ("d", "cats/../../outside.png"),
+    ]
+    (inputs / "rows.jsonl").write_text(
+        "".join(json.dumps({"id": i, "prompt": f"describe {i}", "files": f}) + "\n" for i, f in rows)
+    )
     server = fake_gemini()
     result = run(inputs, "--files-dir", str(photos))
     assert result.exit_code == 1 and sorted(result.ids()) == ["a", "b"]
@@ -468,7 +562,9 @@ def test_a_file_sent_again_is_hashed_again_unless_its_stat_shows_no_write_since(
     [file] = media.read_all(tuple(pipeline.media_files(["photos/image_000.png"], tmp_path)[0]))
     assert media.folder.read_checked(file) == photo.read_bytes()
     hashed = []
-    monkeypatch.setattr(pipeline.hashlib, "sha256", lambda data=b"", real=hashlib.sha256: hashed.append(data) or real(data))
+    monkeypatch.setattr(
+        pipeline.hashlib, "sha256", lambda data=b"", real=hashlib.sha256: hashed.append(data) or real(data)
+    )
     assert media.folder.read_checked(file) == photo.read_bytes() and hashed == []
     before = photo.stat()
     photo.write_bytes(bytes(reversed(photo.read_bytes())))
@@ -484,7 +580,9 @@ def test_a_file_written_just_before_it_was_hashed_is_hashed_at_every_send(tmp_pa
     media = pipeline.Media(pipeline.FilesFolder(tmp_path), 20)
     [file] = media.read_all(tuple(pipeline.media_files(["photos/image_000.png"], tmp_path)[0]))
     hashed = []
-    monkeypatch.setattr(pipeline.hashlib, "sha256", lambda data=b"", real=hashlib.sha256: hashed.append(data) or real(data))
+    monkeypatch.setattr(
+        pipeline.hashlib, "sha256", lambda data=b"", real=hashlib.sha256: hashed.append(data) or real(data)
+    )
     for _ in range(2):
         assert media.folder.read_checked(file) == photo.read_bytes()
     assert len(hashed) == 2

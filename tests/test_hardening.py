@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, ROOT, sample_prompts, stage_run, write_prompts
-from fake_gemini import FakeGemini, Reply, echo, error, rate_limited, raw_error
 from test_pipeline import fail_first, fast_retries
 from test_resume import signal_once_logged, start_pipeline, wait_for_writes
 
 import pipeline
+from conftest import API_KEY, ROOT, sample_prompts, stage_run, write_prompts
+from fake_gemini import FakeGemini, Reply, echo, error, rate_limited, raw_error
 
 
 # ------------------------------------------------------- one run per folder --
@@ -32,8 +32,13 @@ def test_a_second_run_on_the_same_folder_exits_2_at_once_and_nothing_is_paid_twi
         started = time.monotonic()
         second = subprocess.run(
             [sys.executable, str(ROOT / "pipeline.py"), "--shard-size", "1000"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         refused_after = time.monotonic() - started
         _, rest = first.communicate(timeout=60)
     assert second.returncode == 2
@@ -57,9 +62,15 @@ def test_a_held_lock_names_its_holder_and_a_dead_holder_leaves_none(tmp_path, fa
         refused = run(inputs)
     assert refused.exit_code == 2 and f"(pid {os.getpid()})" in refused.stderr and not server.requests
     holder = subprocess.Popen(  # a process that takes the lock and is killed holding it
-        [sys.executable, "-c", f"import pipeline, pathlib, time\nwith pipeline.output_dir_locked(pathlib.Path({str(outputs)!r})):\n print('held', flush=True); time.sleep(60)"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            f"import pipeline, pathlib, time\nwith pipeline.output_dir_locked(pathlib.Path({str(outputs)!r})):\n print('held', flush=True); time.sleep(60)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout is not None and holder.stdout.readline() == "held\n"
     assert run(inputs).exit_code == 2
     holder.kill()
@@ -188,7 +199,10 @@ def test_a_file_the_pipeline_did_not_write_is_left_as_it_was(tmp_path, fake_gemi
     server = fake_gemini()
     inputs = write_prompts(tmp_path / "inputs", sample_prompts(3))
     outputs = tmp_path / "outputs"
-    for name, content in [("shard_00000.jsonl", b"precious"), ("failed.jsonl", b'{"id": "x", "prompt": "p"}\nnot ours')]:
+    for name, content in [
+        ("shard_00000.jsonl", b"precious"),
+        ("failed.jsonl", b'{"id": "x", "prompt": "p"}\nnot ours'),
+    ]:
         outputs.mkdir(exist_ok=True)
         (outputs / name).write_bytes(content)
         result = run(inputs)
@@ -240,8 +254,11 @@ def test_two_thousand_workers_in_flight_stop_within_3_s(tmp_path, stop_signal) -
     with FakeGemini(latency_s=30) as server:  # nothing lands: every request is in flight when the signal comes
         process = subprocess.Popen(  # not -v: nobody reads its log until the end
             [sys.executable, str(ROOT / "pipeline.py"), "--workers", "2000"],
-            cwd=tmp_path, env={**env, "GOOGLE_GEMINI_BASE_URL": server.base_url}, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            cwd=tmp_path,
+            env={**env, "GOOGLE_GEMINI_BASE_URL": server.base_url},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert server.wait_for_requests(300, timeout=60)  # while connections are still being opened
         process.send_signal(stop_signal)
         sent = time.monotonic()
@@ -262,9 +279,12 @@ async def test_a_stop_signal_is_not_lost_when_the_loops_wake_up_pipe_is_full(tmp
 
     monkeypatch.setattr(pipeline, "OfflineClient", SlowClient)
     settings = pipeline.Settings(
-        input_dir=write_prompts(tmp_path / "inputs", sample_prompts(5)), output_dir=tmp_path / "outputs",
-        offline=True, offline_latency_ms=60_000, postprocess_workers=0,
-    )  # fmt: skip
+        input_dir=write_prompts(tmp_path / "inputs", sample_prompts(5)),
+        output_dir=tmp_path / "outputs",
+        offline=True,
+        offline_latency_ms=60_000,
+        postprocess_workers=0,
+    )
     (tmp_path / "outputs").mkdir()
     run = asyncio.create_task(pipeline.main(settings, pipeline.Progress()))
     await asking.wait()

@@ -9,12 +9,11 @@ import re
 import time
 from collections import Counter
 
-from conftest import sample_prompts, write_prompts
-from fake_gemini import DailyQuota, PerWindowQuota, echo, error, rate_limited
-
 import pytest
 
 import pipeline
+from conftest import sample_prompts, write_prompts
+from fake_gemini import DailyQuota, PerWindowQuota, echo, error, rate_limited
 
 
 def rate(times: list[float]) -> float:

@@ -11,11 +11,11 @@ import time
 
 import aiohttp
 import pytest
-from conftest import run_subprocess, sample_prompts, write_prompts
-from fake_gemini import Reply, away_once, echo, error, rate_limited
 from google.genai import errors
 
 import pipeline
+from conftest import run_subprocess, sample_prompts, write_prompts
+from fake_gemini import Reply, away_once, echo, error, rate_limited
 
 
 def closed_port() -> int:
@@ -45,7 +45,13 @@ def test_a_host_that_never_answers_stops_the_run_at_start_in_one_line(tmp_path, 
 def closed_host(monkeypatch, tmp_path, backend: str) -> int:
     """The environment of `backend` (gemini, express or adc: Vertex AI's two) pointed at a closed port."""
     port = closed_port()
-    for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION"):
+    for name in (
+        "GEMINI_API_KEY",
+        "GOOGLE_API_KEY",
+        "GOOGLE_GENAI_USE_VERTEXAI",
+        "GOOGLE_CLOUD_PROJECT",
+        "GOOGLE_CLOUD_LOCATION",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("GOOGLE_VERTEX_BASE_URL", f"http://127.0.0.1:{port}")
@@ -57,23 +63,52 @@ def closed_host(monkeypatch, tmp_path, backend: str) -> int:
         monkeypatch.setenv("GOOGLE_API_KEY", "test-key-5f2c9e")
         return port
     adc = tmp_path / "adc.json"  # a token valid for ever: never refreshed, no Google host asked
-    adc.write_text(json.dumps({"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r", "token": "t", "expiry": "2999-01-01T00:00:00Z"}))
-    for name, value in {"GOOGLE_CLOUD_PROJECT": "p", "GOOGLE_CLOUD_LOCATION": "us-central1", "GOOGLE_APPLICATION_CREDENTIALS": str(adc),
-                        "NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:9"}.items():  # fmt: skip
+    adc.write_text(
+        json.dumps(
+            {
+                "type": "authorized_user",
+                "client_id": "c",
+                "client_secret": "s",
+                "refresh_token": "r",
+                "token": "t",
+                "expiry": "2999-01-01T00:00:00Z",
+            }
+        )
+    )
+    for name, value in {
+        "GOOGLE_CLOUD_PROJECT": "p",
+        "GOOGLE_CLOUD_LOCATION": "us-central1",
+        "GOOGLE_APPLICATION_CREDENTIALS": str(adc),
+        "NO_GCE_CHECK": "True",
+        "GCE_METADATA_HOST": "127.0.0.1:9",
+    }.items():
         monkeypatch.setenv(name, value)
     return port
 
 
 @pytest.mark.parametrize(
     "backend, flags",
-    [("gemini", ()), ("express", ()), ("adc", ()), ("gemini", ("--batch",)), ("gemini", ("--cache", "--system-instruction", "be brief")),
-     ("gemini", ("--estimate",)), ("express", ("--estimate",))],
-)  # fmt: skip
-def test_a_start_refused_for_a_host_never_reached_writes_nothing_on_every_path(tmp_path, monkeypatch, run, backend, flags) -> None:
+    [
+        ("gemini", ()),
+        ("express", ()),
+        ("adc", ()),
+        ("gemini", ("--batch",)),
+        ("gemini", ("--cache", "--system-instruction", "be brief")),
+        ("gemini", ("--estimate",)),
+        ("express", ("--estimate",)),
+    ],
+)
+def test_a_start_refused_for_a_host_never_reached_writes_nothing_on_every_path(
+    tmp_path, monkeypatch, run, backend, flags
+) -> None:
     port = closed_host(monkeypatch, tmp_path, backend)
     started = time.monotonic()
     result = run(write_prompts(tmp_path / "inputs", sample_prompts(4)), "--outage-limit-s", "1", *flags)
-    assert (result.exit_code, result.stderr.splitlines(), result.stdout) == (2, [f"error: cannot reach 127.0.0.1:{port}: connection refused"], "")
+    assert (result.exit_code, result.stderr.splitlines(), result.stdout) == (
+        2,
+        [f"error: cannot reach 127.0.0.1:{port}: connection refused"],
+        "",
+    )
     assert not result.output_dir.exists()  # no folder, no job.json
     assert time.monotonic() - started < 10  # the limit is 1 s here
 
@@ -85,7 +120,10 @@ def test_express_mode_with_no_network_stops_within_30_s_by_default(tmp_path, mon
     started = time.monotonic()
     result = run_subprocess([], cwd=tmp_path, env={"GOOGLE_API_KEY": "test-key-5f2c9e"})
     assert time.monotonic() - started < 30
-    assert (result.exit_code, result.stderr.splitlines()) == (2, [f"error: cannot reach 127.0.0.1:{port}: connection refused"])
+    assert (result.exit_code, result.stderr.splitlines()) == (
+        2,
+        [f"error: cannot reach 127.0.0.1:{port}: connection refused"],
+    )
     assert not (tmp_path / "outputs").exists()
 
 
@@ -93,7 +131,9 @@ def test_an_outage_in_the_middle_is_waited_out_and_costs_no_attempt(tmp_path, fa
     server = fake_gemini(latency_s=0.02)
     server.behaviour = away_once(server, after=60, seconds=1.5)
     prompts = sample_prompts(200)
-    result = run(write_prompts(tmp_path / "inputs", prompts, per_file=50), "--workers", "10", "--max-attempts", "1", *NO_POOL)
+    result = run(
+        write_prompts(tmp_path / "inputs", prompts, per_file=50), "--workers", "10", "--max-attempts", "1", *NO_POOL
+    )
     assert server.back_at is not None
     assert result.exit_code == 0, result.stderr[-2000:]
     assert sorted(result.ids()) == sorted(f"shard_{i // 50}.txt:{i % 50 + 1}" for i in range(200))
@@ -112,8 +152,12 @@ def test_an_outage_longer_than_the_limit_stops_and_a_rerun_finishes(tmp_path, fa
     first = run(inputs, "--workers", "5", "--outage-limit-s", "1", *NO_POOL)
     assert server.gone_at is not None
     assert first.exit_code == 1, first.stderr[-2000:]
-    assert first.stderr.strip().splitlines()[-1].endswith(
-        f"127.0.0.1:{server.port} has been unreachable for 1s (connection refused): run the same command again later to continue"
+    assert (
+        first.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"127.0.0.1:{server.port} has been unreachable for 1s (connection refused): run the same command again later to continue"
+        )
     )
     assert not first.failures() and 30 <= len(first.ids()) < 120
     server.come_back()
@@ -126,7 +170,13 @@ def test_an_outage_longer_than_the_limit_stops_and_a_rerun_finishes(tmp_path, fa
 def test_a_full_server_gets_fewer_requests_in_flight_and_nothing_fails(tmp_path, fake_gemini, run) -> None:
     server = fake_gemini(latency_s=0.03)
     server.capacity = 10
-    result = run(write_prompts(tmp_path / "inputs", sample_prompts(400), per_file=100), "--workers", "60", "--retry-base-s", "0.05")
+    result = run(
+        write_prompts(tmp_path / "inputs", sample_prompts(400), per_file=100),
+        "--workers",
+        "60",
+        "--retry-base-s",
+        "0.05",
+    )
     assert result.exit_code == 0, result.stderr[-2000:]
     assert len(set(result.ids())) == 400 and not result.failures()
     refused = server.refused_full / (len(server.requests) + server.refused_full)
@@ -244,7 +294,11 @@ def test_the_progress_line_says_what_the_run_waits_for(tmp_path) -> None:
     outage.episode = pipeline.Episode(time.monotonic() - 80, "connection refused", confirmed=True)
     concurrency = pipeline.Concurrency(400)
     concurrency.refusals, concurrency.limit = 1, 96.5
-    progress.shown = pipeline.Shown(pipeline.Limits(pipeline.Gate(None), outage, concurrency), pipeline.Media(pipeline.FilesFolder(pipeline.Path()), 20), pipeline.Limit(None))
+    progress.shown = pipeline.Shown(
+        pipeline.Limits(pipeline.Gate(None), outage, concurrency),
+        pipeline.Media(pipeline.FilesFolder(pipeline.Path()), 20),
+        pipeline.Limit(None),
+    )
     line = progress.line()
     assert "waiting for example.test: connection refused, unreachable for 1m20s" in line
     assert "in flight: 96 of 400 allowed by the server" in line

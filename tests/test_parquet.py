@@ -42,7 +42,9 @@ def test_twenty_thousand_rows_are_answered_once_each_with_their_ids_and_typed_co
     records = first.records()
     ids = Counter(record["id"] for record in records)
     assert len(ids) == 20_000 and set(ids.values()) == {1}
-    expected = {f"own-{i}" if i % 3 == 0 else f"rows.parquet:{i + 1}": i for i in range(20_000)}  # a row's default id: its number
+    expected = {
+        f"own-{i}" if i % 3 == 0 else f"rows.parquet:{i + 1}": i for i in range(20_000)
+    }  # a row's default id: its number
     assert {record["id"]: record["n"] for record in records} == expected
     row = next(record for record in records if record["n"] == 4001)
     assert row["prompt"] == "What is 4001 plus one?" and row["score"] == 1000.25 and row["tags"] == ["x", "4001"]
@@ -56,14 +58,16 @@ def test_timestamps_decimals_structs_and_bad_rows(tmp_path, fake_gemini, run) ->
     (its nulls are no settings); bytes, NaN and a row without a prompt fail that row, never sent."""
     server = fake_gemini()
     inputs = tmp_path / "inputs"
-    table = pa.table({
-        "prompt": ["a", "b", None, "d", "e"],
-        "when": [datetime.datetime(2026, 1, 2, 3, 4, 5)] * 5,
-        "price": [decimal.Decimal("1.10")] * 5,
-        "config": [{"temperature": 0.25, "top_k": None}, {"temperature": None, "top_k": 3}, None, None, None],
-        "blob": [None, None, None, b"\x00\x01", None],
-        "ratio": [0.5, 0.5, 0.5, 0.5, float("nan")],
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "prompt": ["a", "b", None, "d", "e"],
+            "when": [datetime.datetime(2026, 1, 2, 3, 4, 5)] * 5,
+            "price": [decimal.Decimal("1.10")] * 5,
+            "config": [{"temperature": 0.25, "top_k": None}, {"temperature": None, "top_k": 3}, None, None, None],
+            "blob": [None, None, None, b"\x00\x01", None],
+            "ratio": [0.5, 0.5, 0.5, 0.5, float("nan")],
+        }
+    )
     inputs.mkdir()
     pq.write_table(table, inputs / "t.parquet")
     result = run(inputs)
@@ -71,11 +75,18 @@ def test_timestamps_decimals_structs_and_bad_rows(tmp_path, fake_gemini, run) ->
     by_id = {record["id"]: record for record in result.records()}
     assert sorted(by_id) == ["t.parquet:1", "t.parquet:2"] and len(server.requests) == 2
     assert by_id["t.parquet:1"]["when"] == "2026-01-02T03:04:05" and by_id["t.parquet:1"]["price"] == "1.10"
-    configs = {request.body["contents"][-1]["parts"][0]["text"]: request.body.get("generationConfig", {}) for request in server.requests}
+    configs = {
+        request.body["contents"][-1]["parts"][0]["text"]: request.body.get("generationConfig", {})
+        for request in server.requests
+    }
     assert configs["a"] == {"temperature": 0.25} and configs["b"] == {"topK": 3}
     failures = {failure["id"]: failure["error"] for failure in result.failures()}
     assert failures.keys() == {"t.parquet:3", "t.parquet:4", "t.parquet:5"}
-    assert failures["t.parquet:3"].startswith("no prompt") and "bytes" in failures["t.parquet:4"] and "nan" in failures["t.parquet:5"]
+    assert (
+        failures["t.parquet:3"].startswith("no prompt")
+        and "bytes" in failures["t.parquet:4"]
+        and "nan" in failures["t.parquet:5"]
+    )
     assert all("(t.parquet:" in error for error in failures.values())
 
 
@@ -108,7 +119,10 @@ def test_without_pyarrow_a_parquet_file_stops_the_run_in_one_line(tmp_path, fake
     monkeypatch.delitem(__import__("sys").modules, "pyarrow.parquet", raising=False)
     server = fake_gemini()
     result = run(inputs)
-    assert result.exit_code == 2 and result.stderr.strip().splitlines()[-1] == "error: rows.parquet needs pyarrow: pip install pyarrow"
+    assert (
+        result.exit_code == 2
+        and result.stderr.strip().splitlines()[-1] == "error: rows.parquet needs pyarrow: pip install pyarrow"
+    )
     assert not server.requests and "Traceback" not in result.stderr
 
 
@@ -190,7 +204,9 @@ def test_a_parquet_file_damaged_midway_stops_the_run_naming_it(tmp_path, fake_ge
 def test_a_prompt_holding_a_nul_byte_fails_its_row_unsent(tmp_path, fake_gemini, run) -> None:
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    pq.write_table(pa.table({"prompt": ["fine", "not\x00text"], "system_instruction": [None, None]}), inputs / "t.parquet")
+    pq.write_table(
+        pa.table({"prompt": ["fine", "not\x00text"], "system_instruction": [None, None]}), inputs / "t.parquet"
+    )
     server = fake_gemini()
     result = run(inputs)
     assert result.exit_code == 1 and result.ids() == ["t.parquet:1"] and len(server.requests) == 1

@@ -11,6 +11,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+
+import pipeline
 from conftest import API_KEY, run_subprocess, sample_prompts, write_prompts
 from fake_gemini import (
     FakeGemini,
@@ -24,8 +26,6 @@ from fake_gemini import (
     rate_limited,
     safety_block,
 )
-
-import pipeline
 
 
 def fail_first(times: int, failure: Reply):
@@ -83,10 +83,15 @@ def test_five_workers_beat_one_under_latency(tmp_path, fake_gemini, run) -> None
 
 @pytest.mark.parametrize(
     "failure",
-    [error(500, "Internal error"), error(503, "The model is overloaded."), error(408, "Request timeout"),
-     rate_limited(0.01), hang_up()],
+    [
+        error(500, "Internal error"),
+        error(503, "The model is overloaded."),
+        error(408, "Request timeout"),
+        rate_limited(0.01),
+        hang_up(),
+    ],
     ids=["500", "503", "408", "429", "connection-dropped"],
-)  # fmt: skip
+)
 def test_transient_errors_are_retried(tmp_path, fake_gemini, run, failure) -> None:
     server = fake_gemini(fail_first(2, failure))
     result = run(write_prompts(tmp_path / "inputs", sample_prompts(6)), *fast_retries())
@@ -97,7 +102,9 @@ def test_transient_errors_are_retried(tmp_path, fake_gemini, run, failure) -> No
 
 
 def test_request_timeout_is_retried(tmp_path, fake_gemini, run) -> None:
-    slow_once = lambda r: Reply(**{**echo(r).__dict__, "delay_s": 5.0}) if r.attempt == 1 else echo(r)
+    def slow_once(r):
+        return Reply(**{**echo(r).__dict__, "delay_s": 5.0}) if r.attempt == 1 else echo(r)
+
     fake_gemini(slow_once)
     result = run(write_prompts(tmp_path / "inputs", sample_prompts(3)), "--timeout", "0.3", *fast_retries())
     assert result.exit_code == 0, result.stderr
@@ -108,7 +115,9 @@ def test_a_request_that_always_times_out_fails_with_the_reason(tmp_path, fake_ge
     """--timeout is the SDK client's own: the server is told the deadline, and the timeout
     that the transport raises is retried, then reported as one."""
     server = fake_gemini(lambda r: Reply(**{**echo(r).__dict__, "delay_s": 5.0}))
-    result = run(write_prompts(tmp_path / "inputs", ["slow"]), "--timeout", "0.3", "--max-attempts", "2", *fast_retries())
+    result = run(
+        write_prompts(tmp_path / "inputs", ["slow"]), "--timeout", "0.3", "--max-attempts", "2", *fast_retries()
+    )
     assert result.exit_code == 1
     [failed] = map(json.loads, (tmp_path / "outputs" / "failed.jsonl").open())
     assert (failed["error"], failed["attempts"]) == ("timed out after 0.3 s", 2)
@@ -116,7 +125,16 @@ def test_a_request_that_always_times_out_fails_with_the_reason(tmp_path, fake_ge
 
 
 def test_offline_latency_above_the_timeout_times_out(tmp_path, run) -> None:
-    result = run(write_prompts(tmp_path / "inputs", ["What is two times 3?"]), "--offline", "--offline-latency-ms", "300", "--timeout", "0.05", "--max-attempts", "1")
+    result = run(
+        write_prompts(tmp_path / "inputs", ["What is two times 3?"]),
+        "--offline",
+        "--offline-latency-ms",
+        "300",
+        "--timeout",
+        "0.05",
+        "--max-attempts",
+        "1",
+    )
     assert result.exit_code == 1
     [failed] = map(json.loads, (tmp_path / "outputs" / "failed.jsonl").open())
     assert failed["error"] == "timed out after 0.05 s"
@@ -135,7 +153,9 @@ def test_retry_delay_from_server_is_honoured(tmp_path, fake_gemini, run) -> None
 def test_permanent_failures_and_safety_blocks_go_to_failed_jsonl(tmp_path, fake_gemini, run) -> None:
     replies = {
         "bad request": error(400, "Request contains an invalid argument."),
-        "too long": error(400, "The input token count (1048577) exceeds the maximum number of tokens allowed (1048576)."),
+        "too long": error(
+            400, "The input token count (1048577) exceeds the maximum number of tokens allowed (1048576)."
+        ),
         "unsafe": safety_block(),
     }
     server = fake_gemini(lambda r: replies.get(r.prompt) or echo(r))
@@ -195,8 +215,11 @@ def test_no_empty_trailing_shard(tmp_path, fake_gemini, run, count, shards) -> N
     assert sizes == shards
 
 
-@pytest.mark.parametrize("refusal", [invalid_key(), error(401, "Unauthenticated"), error(403, "Permission denied")],
-                         ids=["API_KEY_INVALID", "401", "403"])  # fmt: skip
+@pytest.mark.parametrize(
+    "refusal",
+    [invalid_key(), error(401, "Unauthenticated"), error(403, "Permission denied")],
+    ids=["API_KEY_INVALID", "401", "403"],
+)
 def test_refused_key_stops_the_run_at_once(tmp_path, fake_gemini, run, refusal) -> None:
     server = fake_gemini(lambda r: refusal)
     result = run(write_prompts(tmp_path / "inputs", sample_prompts(100)), "--workers", "5")
@@ -260,8 +283,10 @@ async def test_no_task_left_behind_and_client_closed(tmp_path, monkeypatch) -> N
     monkeypatch.setattr(pipeline, "OfflineClient", RecordingClient)
     settings = pipeline.Settings(
         input_dir=write_prompts(tmp_path / "inputs", sample_prompts(12)),
-        output_dir=tmp_path / "outputs", offline=True, offline_latency_ms=1,
-    )  # fmt: skip
+        output_dir=tmp_path / "outputs",
+        offline=True,
+        offline_latency_ms=1,
+    )
     (tmp_path / "outputs").mkdir()
     progress = pipeline.Progress()
     await pipeline.main(settings, progress)
@@ -294,7 +319,9 @@ def test_api_key_never_appears_anywhere(tmp_path, fake_gemini, run) -> None:
 def test_a_thousand_workers_are_all_in_flight_and_no_request_times_out_queued(tmp_path) -> None:
     """The timeout measures the request, not a wait for a connection: with every worker's
     request really in flight, no answer is abandoned (and paid for again) at --timeout 6."""
-    write_prompts(tmp_path / "inputs", [f"prompt {i}" for i in range(1000)], per_file=1000)  # a pool of 100 would keep 900 waiting 9 s
+    write_prompts(
+        tmp_path / "inputs", [f"prompt {i}" for i in range(1000)], per_file=1000
+    )  # a pool of 100 would keep 900 waiting 9 s
     with FakeGemini(latency_s=1.0) as server:
         env = {"GEMINI_API_KEY": API_KEY, "GOOGLE_GEMINI_BASE_URL": server.base_url}
         result = run_subprocess(["--workers", "1000", "--timeout", "6", "--shard-size", "1000"], tmp_path, env)

@@ -11,10 +11,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import write_prompts
-from fake_gemini import echo, error, invalid_key
 
 import pipeline
+from conftest import write_prompts
+from fake_gemini import echo, error, invalid_key
 
 
 def prompts_of_known_length(n: int) -> list[str]:
@@ -69,7 +69,9 @@ def slowly_where_it_ran(prompt: str, response: str) -> dict:
 
 async def test_postprocess_runs_in_the_pool_and_leaves_no_process_behind(tmp_path, fake_gemini) -> None:
     fake_gemini()
-    settings = settings_for(tmp_path, prompts_of_known_length(30), postprocess=slowly_where_it_ran, postprocess_workers=2)
+    settings = settings_for(
+        tmp_path, prompts_of_known_length(30), postprocess=slowly_where_it_ran, postprocess_workers=2
+    )
     await pipeline.main(settings, pipeline.Progress())
     ran_in = [r["pid"] for r in records(settings.output_dir)]
     assert len(ran_in) == 30 and ran_in.count(os.getpid()) <= 1  # here at most the first, while the pool started
@@ -81,10 +83,14 @@ async def test_postprocess_runs_in_the_pool_and_leaves_no_process_behind(tmp_pat
 
 async def test_a_rerun_with_nothing_to_do_starts_no_process(tmp_path, fake_gemini, monkeypatch) -> None:
     fake_gemini()
-    settings = settings_for(tmp_path, prompts_of_known_length(30), postprocess=slowly_where_it_ran, postprocess_workers=2)
+    settings = settings_for(
+        tmp_path, prompts_of_known_length(30), postprocess=slowly_where_it_ran, postprocess_workers=2
+    )
     started: list[object] = []
     real_start = multiprocessing.process.BaseProcess.start
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", lambda process: started.append(process) or real_start(process))
+    monkeypatch.setattr(
+        multiprocessing.process.BaseProcess, "start", lambda process: started.append(process) or real_start(process)
+    )
     await pipeline.main(settings, pipeline.Progress())
     assert started, "the first run's answers started no pool: this test would prove nothing"
     started.clear()
@@ -94,7 +100,9 @@ async def test_a_rerun_with_nothing_to_do_starts_no_process(tmp_path, fake_gemin
 
 
 async def test_no_process_left_behind_when_the_run_fails(tmp_path, fake_gemini) -> None:
-    refuse_late = lambda request: invalid_key() if "word " * 20 in request.prompt + " " else echo(request)
+    def refuse_late(request):
+        return invalid_key() if "word " * 20 in request.prompt + " " else echo(request)
+
     fake_gemini(refuse_late)
     settings = settings_for(tmp_path, prompts_of_known_length(30), postprocess=slowly_where_it_ran, workers=2)
     with pytest.raises(pipeline.PipelineError, match="API key was refused"):
@@ -107,7 +115,9 @@ async def test_no_process_left_behind_when_the_run_fails(tmp_path, fake_gemini) 
 @pytest.mark.parametrize("processes", [2, 0], ids=["pool", "inline"])
 async def test_a_postprocess_error_fails_that_prompt_not_the_run(tmp_path, fake_gemini, processes) -> None:
     fake_gemini()
-    settings = settings_for(tmp_path, prompts_of_known_length(8), postprocess=fails_on_three_words, postprocess_workers=processes)
+    settings = settings_for(
+        tmp_path, prompts_of_known_length(8), postprocess=fails_on_three_words, postprocess_workers=processes
+    )
     progress = pipeline.Progress()
     await pipeline.main(settings, progress)
     tally = progress.tally
@@ -118,7 +128,10 @@ async def test_a_postprocess_error_fails_that_prompt_not_the_run(tmp_path, fake_
     failed = {f["id"]: f for f in map(json.loads, (settings.output_dir / "failed.jsonl").open())}
     assert failed["shard_0.txt:3"]["error"] == "postprocess failed: ValueError: three is right out"
     assert failed["shard_0.txt:4"]["error"].startswith("postprocess failed: TypeError: Object of type set")
-    assert failed["shard_1.txt:1"]["error"] == "postprocess failed: ValueError: returned 'id', which resuming needs as it is"
+    assert (
+        failed["shard_1.txt:1"]["error"]
+        == "postprocess failed: ValueError: returned 'id', which resuming needs as it is"
+    )
     assert failed["shard_0.txt:3"]["response"] == "echo: word word word"  # the paid-for answer is kept
 
 

@@ -6,14 +6,16 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from conftest import stage_run
 
 import pipeline
+from conftest import stage_run
 
 
 async def read_all(input_dir: Path) -> list[pipeline.Prompt]:
     queue: asyncio.Queue[pipeline.Prompt] = asyncio.Queue()
-    await pipeline.read_inputs(stage_run(input_dir, prompts=queue, files=iter(await pipeline.list_input_files(input_dir))))
+    await pipeline.read_inputs(
+        stage_run(input_dir, prompts=queue, files=iter(await pipeline.list_input_files(input_dir)))
+    )
     return [queue.get_nowait() for _ in range(queue.qsize())]
 
 
@@ -58,7 +60,9 @@ async def test_lines_split_across_read_chunks(tmp_path: Path, monkeypatch: pytes
 async def test_reader_waits_on_a_full_queue(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("".join(f"p{i}\n" for i in range(20)))
     queue: asyncio.Queue[pipeline.Prompt] = asyncio.Queue(maxsize=3)
-    reader = asyncio.create_task(pipeline.read_inputs(stage_run(tmp_path, prompts=queue, files=iter([tmp_path / "a.txt"]))))
+    reader = asyncio.create_task(
+        pipeline.read_inputs(stage_run(tmp_path, prompts=queue, files=iter([tmp_path / "a.txt"])))
+    )
     while not queue.full():
         await asyncio.sleep(0)
     for _ in range(5):  # give the reader every chance to overrun the bound

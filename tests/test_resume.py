@@ -18,10 +18,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, ROOT, Run, sample_prompts, write_prompts
-from fake_gemini import FakeGemini, echo, error
 
 import pipeline
+from conftest import API_KEY, ROOT, Run, sample_prompts, write_prompts
+from fake_gemini import FakeGemini, echo, error
 
 
 def all_lines_are_records(output_dir: Path) -> list[dict]:
@@ -110,7 +110,11 @@ async def test_a_rerun_parses_each_input_once_makes_no_prompt_of_an_answered_lin
     await pipeline.main(settings, pipeline.Progress())
     parsed: Counter[str] = Counter()
     real_read_prompts = pipeline.read_prompts
-    monkeypatch.setattr(pipeline, "read_prompts", lambda path, maker, *answered: parsed.update([path.name]) or real_read_prompts(path, maker, *answered))
+    monkeypatch.setattr(
+        pipeline,
+        "read_prompts",
+        lambda path, maker, *answered: parsed.update([path.name]) or real_read_prompts(path, maker, *answered),
+    )
     real_loads = json.loads
 
     def loads(text, *args, **kwargs):
@@ -120,7 +124,11 @@ async def test_a_rerun_parses_each_input_once_makes_no_prompt_of_an_answered_lin
     monkeypatch.setattr(pipeline.json, "loads", loads)
     made: list[str] = []
     real_prompt = pipeline.PromptMaker.prompt
-    monkeypatch.setattr(pipeline.PromptMaker, "prompt", lambda maker, prompt_id, *rest, **row: made.append(prompt_id) or real_prompt(maker, prompt_id, *rest, **row))
+    monkeypatch.setattr(
+        pipeline.PromptMaker,
+        "prompt",
+        lambda maker, prompt_id, *rest, **row: made.append(prompt_id) or real_prompt(maker, prompt_id, *rest, **row),
+    )
     progress = pipeline.Progress()
     await pipeline.main(settings, progress)
     tally = progress.tally
@@ -140,14 +148,21 @@ def test_resuming_keeps_16_bytes_or_so_per_answered_prompt() -> None:
     tracemalloc.start()
     answered = pipeline.Answered()
     for start in range(0, count, 1000):  # a shard's records at a time, as a rerun reads them
-        answered.add([(prompt_id, f"What is two times {i}?", "") for i, prompt_id in enumerate(ids[start : start + 1000], start)])
+        answered.add(
+            [(prompt_id, f"What is two times {i}?", "") for i, prompt_id in enumerate(ids[start : start + 1000], start)]
+        )
     answered.freeze()
     held, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert held / count < 16, f"{held / count:.1f} bytes per answered prompt"
     assert len(answered) == count
-    assert all(ids[i] in answered and answered.holds(ids[i], f"What is two times {i}?", "") for i in [*range(0, count, 997), count - 3, count - 2, count - 1])
-    assert not any(f"new.txt:{i}" in answered or answered.holds(f"new.txt:{i}", "x", "") is not None for i in range(1000))
+    assert all(
+        ids[i] in answered and answered.holds(ids[i], f"What is two times {i}?", "")
+        for i in [*range(0, count, 997), count - 3, count - 2, count - 1]
+    )
+    assert not any(
+        f"new.txt:{i}" in answered or answered.holds(f"new.txt:{i}", "x", "") is not None for i in range(1000)
+    )
     for i in (5, count - 5, count - 1):  # the same id asked with another text, or another digest
         assert answered.holds(ids[i], f"What is two times {i + 1}?", "") is False
         assert answered.holds(ids[i], f"What is two times {i}?", "ab12") is False
@@ -160,8 +175,11 @@ def start_pipeline(cwd: Path, server: FakeGemini, *flags: str, pool: bool = Fals
     script = ROOT / "tests" / "slow_postprocess.py" if pool else ROOT / "pipeline.py"
     return subprocess.Popen(
         [sys.executable, str(script), "-v", *flags],
-        cwd=cwd, env=env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=cwd,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_writes(process: subprocess.Popen[str], count: int) -> bool:
@@ -232,7 +250,9 @@ def wait_until_gone(pids: set[int], timeout: float = 10) -> set[int]:
 @pytest.mark.parametrize("processes", ["0", str(pipeline.POSTPROCESS_WORKERS)], ids=["inline", "pool"])
 def test_sigkill_at_random_moments_then_resume_writes_every_id_once(tmp_path, processes) -> None:
     prompts, workers, kills = 600, 10, 3
-    queue_size = pipeline.queue_depth(pipeline.Settings(workers=workers))  # the queues hold one place per worker at least
+    queue_size = pipeline.queue_depth(
+        pipeline.Settings(workers=workers)
+    )  # the queues hold one place per worker at least
     write_prompts(tmp_path / "inputs", [f"prompt {i}" for i in range(prompts)], per_file=50)
     flags = ("--workers", str(workers), "--shard-size", "7", "--postprocess-workers", processes)
     rng = random.Random(20261127)
@@ -258,7 +278,9 @@ def test_sigkill_at_random_moments_then_resume_writes_every_id_once(tmp_path, pr
     paid, bound = sum(server.answered.values()), kills * (workers + queue_size + 1)
     assert paid <= prompts + bound
     assert not list((tmp_path / "outputs").glob("arrivals.*"))  # a complete run leaves no journal behind
-    print(f"\nkill test ({processes} pool processes): {kills} kills, {paid - prompts} prompts answered twice, bound {bound}")
+    print(
+        f"\nkill test ({processes} pool processes): {kills} kills, {paid - prompts} prompts answered twice, bound {bound}"
+    )
 
 
 def test_an_answer_journaled_but_never_written_is_written_with_no_request(tmp_path, fake_gemini, run) -> None:
@@ -266,14 +288,19 @@ def test_an_answer_journaled_but_never_written_is_written_with_no_request(tmp_pa
     inputs = write_prompts(tmp_path / "inputs", sample_prompts(4))
     outputs = tmp_path / "outputs"
     outputs.mkdir()
-    received = pipeline.Response(pipeline.Prompt("shard_0.txt:2", "What is two times 1?"), "it is 2", "m-7", "STOP", 3, 6, 3)
+    received = pipeline.Response(
+        pipeline.Prompt("shard_0.txt:2", "What is two times 1?"), "it is 2", "m-7", "STOP", 3, 6, 3
+    )
     torn = pipeline.Response(pipeline.Prompt("shard_0.txt:3", "What is two times 2?"), "4", "m-7", "STOP", 1, 6, 1)
     journal = outputs / "arrivals.ab12cd.0.0.jsonl"  # as a run killed while its writer waited for the pool left it
     journal.write_text(pipeline.Records.journal_line(received) + pipeline.Records.journal_line(torn)[:30])
     result = run(inputs)
     assert result.exit_code == 0, result.stderr
     records = {r["id"]: r for r in result.records()}
-    assert records["shard_0.txt:2"] == {**json.loads(pipeline.Records.journal_line(received)), "word_count": 3}  # post-processed now
+    assert records["shard_0.txt:2"] == {
+        **json.loads(pipeline.Records.journal_line(received)),
+        "word_count": 3,
+    }  # post-processed now
     assert "What is two times 1?" not in server.answered  # no request for it
     assert sorted(server.answered.values()) == [1] * 3 and len(records) == 4  # the torn one was asked again
     assert not journal.exists()
@@ -285,17 +312,27 @@ def test_a_killed_runs_journal_is_cut_at_the_line_of_its_first_zero_byte(tmp_pat
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     kept, holed, after = (
-        pipeline.Response(pipeline.Prompt(f"shard_0.txt:{i + 1}", f"What is two times {i}?"), str(2 * i), "m-7", "STOP", 1, 6, 1)
+        pipeline.Response(
+            pipeline.Prompt(f"shard_0.txt:{i + 1}", f"What is two times {i}?"), str(2 * i), "m-7", "STOP", 1, 6, 1
+        )
         for i in range(3)
-    )  # fmt: skip
+    )
     line = pipeline.Records.journal_line(holed).encode()
     torn = line[:20] + bytes(16) + line[36:]  # a copy the kill cut short, its middle not yet stored
     journal = outputs / "arrivals.ab12cd.0.0.jsonl"  # as a killed run left it: lines, then its reserved zeros
-    journal.write_bytes(pipeline.Records.journal_line(kept).encode() + torn + pipeline.Records.journal_line(after).encode() + bytes(4096))
+    journal.write_bytes(
+        pipeline.Records.journal_line(kept).encode()
+        + torn
+        + pipeline.Records.journal_line(after).encode()
+        + bytes(4096)
+    )
     result = run(inputs)
     assert result.exit_code == 0, result.stderr
     records = {r["id"]: r for r in result.records()}
-    assert records["shard_0.txt:1"] == {**json.loads(pipeline.Records.journal_line(kept)), "word_count": 1} and len(records) == 4
+    assert (
+        records["shard_0.txt:1"] == {**json.loads(pipeline.Records.journal_line(kept)), "word_count": 1}
+        and len(records) == 4
+    )
     assert sorted(server.answered) == ["What is two times 1?", "What is two times 2?", "What is two times 3?"]
     assert set(server.answered.values()) == {1} and not journal.exists()
 
@@ -307,7 +344,9 @@ def test_the_journal_reserves_its_space_grows_is_cut_to_its_lines_and_outlives_a
     journal = pipeline.ArrivalJournal(tmp_path, "ab12cd.0")
     journal.write(answers[:1])
     assert journal.path is not None
-    assert journal.path.read_bytes() == lines[0] + bytes(4096 - len(lines[0]))  # in the page cache at once, space reserved
+    assert journal.path.read_bytes() == lines[0] + bytes(
+        4096 - len(lines[0])
+    )  # in the page cache at once, space reserved
     journal.write(answers[1:])  # more than the space: it grows
     assert journal.path.read_bytes().rstrip(b"\0") == b"".join(lines)
     path = journal.path
@@ -319,10 +358,12 @@ def test_the_journal_reserves_its_space_grows_is_cut_to_its_lines_and_outlives_a
         f"journal = pipeline.ArrivalJournal(Path({str(tmp_path)!r}), 'ef34ab.0')\n"
         f"journal.write([pipeline.Response(pipeline.Prompt('a:1', 'p'), 'r', 'm', 'STOP', 1, 1, 1)])\n"
         f"os.kill(os.getpid(), signal.SIGKILL)\n"
-    )  # fmt: skip
+    )
     assert subprocess.run([sys.executable, "-c", killed], check=False).returncode == -signal.SIGKILL
     [left] = tmp_path.glob("arrivals.ef34ab.0.*.jsonl")
-    expected = pipeline.Records.journal_line(pipeline.Response(pipeline.Prompt("a:1", "p"), "r", "m", "STOP", 1, 1, 1)).encode()
+    expected = pipeline.Records.journal_line(
+        pipeline.Response(pipeline.Prompt("a:1", "p"), "r", "m", "STOP", 1, 1, 1)
+    ).encode()
     assert left.read_bytes() == expected + bytes(4096 - len(expected))  # what was copied, then its reserved space
 
 
@@ -397,12 +438,31 @@ def test_the_record_codec_reads_back_what_it_writes_odd_bytes_included() -> None
     response = pipeline.Response(prompt, odd, "m", "STOP", 2, 3, 4, budget={"max_output_tokens": 9}, parsed={"k": odd})
     response.extra = json.dumps({"word_count": 7})
     line = pipeline.Records.answer(response)
-    assert line.endswith("\n") and line.count("\n") == 1 and list(json.loads(line))[:3] == list(pipeline.Records.LEADING)
+    assert (
+        line.endswith("\n") and line.count("\n") == 1 and list(json.loads(line))[:3] == list(pipeline.Records.LEADING)
+    )
     assert pipeline.Records.front(line) == (odd, odd + "?", "d" * 32)
     back = pipeline.Records.journaled_answer(json.loads(pipeline.Records.journal_line(response)))
-    assert (back.prompt.id, back.prompt.text, back.prompt.digest, back.prompt.fields) == (odd, odd + "?", "d" * 32, {"source": odd, "n": 1})
-    assert (back.text, back.attempts, back.prompt_tokens, back.budget, back.parsed) == (odd, 2, 3, {"max_output_tokens": 9}, {"k": odd})
+    assert (back.prompt.id, back.prompt.text, back.prompt.digest, back.prompt.fields) == (
+        odd,
+        odd + "?",
+        "d" * 32,
+        {"source": odd, "n": 1},
+    )
+    assert (back.text, back.attempts, back.prompt_tokens, back.budget, back.parsed) == (
+        odd,
+        2,
+        3,
+        {"max_output_tokens": 9},
+        {"k": odd},
+    )
     again = pipeline.Records.journaled_prompt(json.loads(json.dumps(pipeline.Records.batch_prompt(prompt))))
-    assert (again.id, again.text, again.digest, again.fields, again.answer_format.schema) == (odd, odd + "?", "d" * 32, prompt.fields, {"type": "object"})
+    assert (again.id, again.text, again.digest, again.fields, again.answer_format.schema) == (
+        odd,
+        odd + "?",
+        "d" * 32,
+        prompt.fields,
+        {"type": "object"},
+    )
     failure = pipeline.Failure(prompt, "e", 1)
     assert pipeline.Records.front(pipeline.Records.failure(failure)) == (odd, odd + "?", "d" * 32)

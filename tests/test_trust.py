@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, sample_prompts, write_prompts
-from fake_gemini import FakeGemini, Reply, answer, echo, error, safety_block
 from test_pipeline import fast_retries
 from test_requests import generation_of, jsonl, write
 
 import pipeline
+from conftest import sample_prompts, write_prompts
+from fake_gemini import Reply, answer, echo, error, safety_block
 
 
 def shard_on_a_full_disk(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
@@ -51,12 +51,23 @@ def every_file_text(*folders: Path) -> str:
 
 # ---------------------------------------------------------------- shutdown --
 @pytest.mark.timeout(40)
-def test_a_dead_writer_ends_the_run_while_generators_sleep_in_a_back_off(tmp_path, fake_gemini, run, monkeypatch) -> None:
+def test_a_dead_writer_ends_the_run_while_generators_sleep_in_a_back_off(
+    tmp_path, fake_gemini, run, monkeypatch
+) -> None:
     server = fake_gemini(odd_prompts_fail)
     shard_on_a_full_disk(monkeypatch, "shard_00002.jsonl")
     started = time.monotonic()
-    result = run(write_prompts(tmp_path / "inputs", sample_prompts(400), per_file=100), "--workers", "50",
-                 "--retry-base-s", "1", "--shard-size", "10", "--postprocess-workers", "0")  # fmt: skip
+    result = run(
+        write_prompts(tmp_path / "inputs", sample_prompts(400), per_file=100),
+        "--workers",
+        "50",
+        "--retry-base-s",
+        "1",
+        "--shard-size",
+        "10",
+        "--postprocess-workers",
+        "0",
+    )
     elapsed = time.monotonic() - started
     assert result.exit_code == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -66,7 +77,9 @@ def test_a_dead_writer_ends_the_run_while_generators_sleep_in_a_back_off(tmp_pat
 
 
 @pytest.mark.timeout(40)
-def test_a_signal_during_that_shutdown_still_prints_the_stages_error_first(tmp_path, fake_gemini, run, monkeypatch) -> None:
+def test_a_signal_during_that_shutdown_still_prints_the_stages_error_first(
+    tmp_path, fake_gemini, run, monkeypatch
+) -> None:
     fake_gemini(odd_prompts_fail)
     shard_on_a_full_disk(monkeypatch, "shard_00001.jsonl")
     real_shut_down = pipeline.shut_down
@@ -77,8 +90,17 @@ def test_a_signal_during_that_shutdown_still_prints_the_stages_error_first(tmp_p
         await real_shut_down(*args)
 
     monkeypatch.setattr(pipeline, "shut_down", signalled_shut_down)
-    result = run(write_prompts(tmp_path / "inputs", sample_prompts(400), per_file=100), "--workers", "50",
-                 "--shard-size", "10", "--postprocess-workers", "0", "--retry-base-s", "1")  # fmt: skip
+    result = run(
+        write_prompts(tmp_path / "inputs", sample_prompts(400), per_file=100),
+        "--workers",
+        "50",
+        "--shard-size",
+        "10",
+        "--postprocess-workers",
+        "0",
+        "--retry-base-s",
+        "1",
+    )
     assert result.exit_code == 143
     lines = result.stderr.strip().splitlines()
     assert "No space left on device" in lines[-2] and lines[-1].startswith("interrupted:")
@@ -133,7 +155,11 @@ def test_an_odd_value_in_any_field_fails_its_row_alone_before_it_is_sent(tmp_pat
     assert "internal error" not in first.stderr and "Traceback" not in first.stderr, first.stderr
     assert first.exit_code == 2 and "'x250' is named twice" in first.stderr  # every odd row that could name x250 did
     assert sorted(server.answered) == ["What is two times 0?"]  # the odd rows were never sent
-    inputs = write(tmp_path / "inputs", "a.jsonl", "\n".join([good[0], *(line.replace('"x250"', f'"x{n}"') for n, line in enumerate(odd)), *good[1:]]) + "\n")
+    inputs = write(
+        tmp_path / "inputs",
+        "a.jsonl",
+        "\n".join([good[0], *(line.replace('"x250"', f'"x{n}"') for n, line in enumerate(odd)), *good[1:]]) + "\n",
+    )
     for _ in range(2):  # and a rerun pays nothing again, writes nothing twice
         result = run(inputs, "--postprocess-workers", "0", output_dir=tmp_path / "again")
         assert result.exit_code == 1, result.stderr
@@ -159,10 +185,16 @@ def test_the_lone_surrogate_row_of_the_report_names_the_field_and_is_never_paid(
     assert len(server.requests) == 1  # x1, once, over three runs
 
 
-def test_control_characters_and_unicode_in_every_field_are_answered_and_written_as_sent(tmp_path, fake_gemini, run) -> None:
+def test_control_characters_and_unicode_in_every_field_are_answered_and_written_as_sent(
+    tmp_path, fake_gemini, run
+) -> None:
     server = fake_gemini()
     odd = "tab\t nul\x00 bell\x07 line\u2028sep \U0001f600 e\u0301 \ufeff"
-    inputs = write(tmp_path / "inputs", "a.jsonl", jsonl({"id": odd, "prompt": f"What is {odd}?", "note": odd, "deep": [[{odd: odd}]]}))
+    inputs = write(
+        tmp_path / "inputs",
+        "a.jsonl",
+        jsonl({"id": odd, "prompt": f"What is {odd}?", "note": odd, "deep": [[{odd: odd}]]}),
+    )
     result = run(inputs)
     assert result.exit_code == 0, result.stderr
     [record] = result.records()
@@ -185,15 +217,27 @@ def test_a_json_answer_with_nan_or_too_deep_is_not_as_asked_and_the_run_goes_on(
     server = fake_gemini(lambda request: answer(next(answers)))
     schema = tmp_path / "schema.json"
     schema.write_text('{"type": "object"}')
-    result = run(write_prompts(tmp_path / "inputs", sample_prompts(3)), "--response-schema", str(schema), "--max-attempts", "4", "--workers", "1")
+    result = run(
+        write_prompts(tmp_path / "inputs", sample_prompts(3)),
+        "--response-schema",
+        str(schema),
+        "--max-attempts",
+        "4",
+        "--workers",
+        "1",
+    )
     assert result.exit_code == 0, result.failures()
     assert [r["parsed"] for r in result.records()] == [{"answer": "fine"}] * 3 and len(server.requests) == 12
 
 
 # --------------------------------------------------------------------- CSV --
-def test_a_quote_inside_an_unquoted_cell_is_a_character_and_the_rows_after_it_are_rows(tmp_path, fake_gemini, run) -> None:
+def test_a_quote_inside_an_unquoted_cell_is_a_character_and_the_rows_after_it_are_rows(
+    tmp_path, fake_gemini, run
+) -> None:
     server = fake_gemini()
-    rows = "".join(f"r{i},What is two times {i}?\n" for i in range(1, 5_001))  # 40,000 and the CPU: tests/benchmark.py --only csv
+    rows = "".join(
+        f"r{i},What is two times {i}?\n" for i in range(1, 5_001)
+    )  # 40,000 and the CPU: tests/benchmark.py --only csv
     inputs = write(tmp_path / "inputs", "b.csv", 'id,prompt\nr0,The 5" screen\n' + rows)
     result = run(inputs, "--offline", "--offline-latency-ms", "0", "--shard-size", "5000", "--postprocess-workers", "0")
     assert result.exit_code == 0, result.stderr
@@ -204,18 +248,27 @@ def test_a_quote_inside_an_unquoted_cell_is_a_character_and_the_rows_after_it_ar
 
 async def test_csv_is_read_as_excel_writes_it_line_ends_long_cells_and_broken_rows(tmp_path) -> None:
     long_cell = "x" * 300_000  # the csv module's own limit is 131,072
-    multi_line = "\n".join(f"line {i} of a long cell, with a quote \"\" and a comma," for i in range(2000))  # 80 kB
+    multi_line = "\n".join(f'line {i} of a long cell, with a quote "" and a comma,' for i in range(2000))  # 80 kB
     data = (
         'id,prompt\r\nr0,The 5" screen\rr1,"' + multi_line + '"\r\n'
-        "r2,bare CR line\rr3," + long_cell + "\n\nr4,x\x00y\nr5,bad \xff\xfe\nr6,\"ab\"cd\n,no id\nr7,\"never closed\nr8,z\n"
-    )  # fmt: skip
+        "r2,bare CR line\rr3,"
+        + long_cell
+        + '\n\nr4,x\x00y\nr5,bad \xff\xfe\nr6,"ab"cd\n,no id\nr7,"never closed\nr8,z\n'
+    )
     (tmp_path / "a.csv").write_bytes(data.encode("utf-8", "surrogateescape").replace("\xff\xfe".encode(), b"\xff\xfe"))
     prompts = [p async for run in pipeline.read_prompts(tmp_path / "a.csv", pipeline.PromptMaker({})) for p in run]
     r1_ends = 2 + 2000  # the header, r0 (its bare CR a line end), then r1's 2,000 lines
     assert [(p.id, p.error is None) for p in prompts] == [
-        ("r0", True), ("r1", True), ("r2", True), ("r3", True), (f"a.csv:{r1_ends + 4}", False),
-        (f"a.csv:{r1_ends + 5}", False), ("r6", True), (f"a.csv:{r1_ends + 7}", True), (f"a.csv:{r1_ends + 8}", False),
-    ]  # fmt: skip
+        ("r0", True),
+        ("r1", True),
+        ("r2", True),
+        ("r3", True),
+        (f"a.csv:{r1_ends + 4}", False),
+        (f"a.csv:{r1_ends + 5}", False),
+        ("r6", True),
+        (f"a.csv:{r1_ends + 7}", True),
+        (f"a.csv:{r1_ends + 8}", False),
+    ]
     assert prompts[0].text == 'The 5" screen' and prompts[1].text == multi_line.replace('""', '"')
     assert prompts[3].text == long_cell and prompts[6].text == "abcd" and prompts[7].text == "no id"
     assert "NUL" in prompts[4].error and "UTF-8" in prompts[5].error and "never closed" in prompts[8].error
@@ -228,12 +281,17 @@ async def test_tsv_files_are_read_tab_separated(tmp_path) -> None:
     assert (prompt.id, prompt.text, prompt.fields) == ("t1", "hello, world", {"note": "a;b"})
 
 
-@pytest.mark.parametrize(("name", "header", "says"), [
-    ("a.csv", "id;prompt", "read as comma-separated: id;prompt); it looks semicolon-separated"),
-    ("a.csv", "id\tprompt", "it looks tab-separated"),
-    ("a.tsv", "id,prompt", "read as tab-separated: id,prompt); it looks comma-separated"),
-])  # fmt: skip
-def test_a_header_without_a_prompt_column_says_how_it_was_split_before_any_request(tmp_path, fake_gemini, run, name, header, says) -> None:
+@pytest.mark.parametrize(
+    ("name", "header", "says"),
+    [
+        ("a.csv", "id;prompt", "read as comma-separated: id;prompt); it looks semicolon-separated"),
+        ("a.csv", "id\tprompt", "it looks tab-separated"),
+        ("a.tsv", "id,prompt", "read as tab-separated: id,prompt); it looks comma-separated"),
+    ],
+)
+def test_a_header_without_a_prompt_column_says_how_it_was_split_before_any_request(
+    tmp_path, fake_gemini, run, name, header, says
+) -> None:
     server = fake_gemini()
     inputs = write_prompts(tmp_path / "inputs", sample_prompts(3))
     (inputs / f"z_{name}").write_text(f"{header}\n1{header[2]}hello\n")
@@ -243,15 +301,26 @@ def test_a_header_without_a_prompt_column_says_how_it_was_split_before_any_reque
 
 
 # --------------------------------------------------------------------- ids --
-@pytest.mark.parametrize(("files", "places"), [
-    ({"a.txt": "What is two times 1?\n", "b.jsonl": jsonl({"id": "a.txt:1", "prompt": "What is two times 2?"})},
-     ("a.txt:1 (a row with no id of its own)", "b.jsonl:1")),
-    ({"a.csv": "id,prompt\n,What is two times 1?\na.csv:2,What is two times 2?\n"},
-     ("a.csv:2 (a row with no id of its own)", "a.csv:3")),
-    ({"a.jsonl": jsonl({"id": "b.txt:1", "prompt": "What is two times 2?"}), "b.txt": "What is two times 1?\n"},
-     ("b.txt:1 (a row with no id of its own)", "a.jsonl:1")),
-])  # fmt: skip
-def test_a_named_id_equal_to_a_default_id_exits_2_naming_both_and_writes_it_once(tmp_path, fake_gemini, run, files, places) -> None:
+@pytest.mark.parametrize(
+    ("files", "places"),
+    [
+        (
+            {"a.txt": "What is two times 1?\n", "b.jsonl": jsonl({"id": "a.txt:1", "prompt": "What is two times 2?"})},
+            ("a.txt:1 (a row with no id of its own)", "b.jsonl:1"),
+        ),
+        (
+            {"a.csv": "id,prompt\n,What is two times 1?\na.csv:2,What is two times 2?\n"},
+            ("a.csv:2 (a row with no id of its own)", "a.csv:3"),
+        ),
+        (
+            {"a.jsonl": jsonl({"id": "b.txt:1", "prompt": "What is two times 2?"}), "b.txt": "What is two times 1?\n"},
+            ("b.txt:1 (a row with no id of its own)", "a.jsonl:1"),
+        ),
+    ],
+)
+def test_a_named_id_equal_to_a_default_id_exits_2_naming_both_and_writes_it_once(
+    tmp_path, fake_gemini, run, files, places
+) -> None:
     fake_gemini()
     inputs = tmp_path / "inputs"
     for name, text in files.items():
@@ -281,9 +350,15 @@ def journal_answers(outputs: Path, *responses: pipeline.Response) -> Path:
 
 def test_a_journaled_answer_to_an_edited_prompt_or_an_unknown_id_is_not_written(tmp_path, fake_gemini, run) -> None:
     server = fake_gemini()
-    inputs = write_prompts(tmp_path / "inputs", ["What is two times 0?", "What is two times 1 (edited)?", "What is two times 2?"])
-    stale = pipeline.Response(pipeline.Prompt("shard_0.txt:2", "What is two times 1?"), "it is 2", "m-7", "STOP", 1, 6, 3)
-    kept = pipeline.Response(pipeline.Prompt("shard_0.txt:3", "What is two times 2?"), "it is 4", "m-7", "STOP", 1, 6, 3)
+    inputs = write_prompts(
+        tmp_path / "inputs", ["What is two times 0?", "What is two times 1 (edited)?", "What is two times 2?"]
+    )
+    stale = pipeline.Response(
+        pipeline.Prompt("shard_0.txt:2", "What is two times 1?"), "it is 2", "m-7", "STOP", 1, 6, 3
+    )
+    kept = pipeline.Response(
+        pipeline.Prompt("shard_0.txt:3", "What is two times 2?"), "it is 4", "m-7", "STOP", 1, 6, 3
+    )
     gone = pipeline.Response(pipeline.Prompt("shard_9.txt:1", "no longer an input"), "x", "m-7", "STOP", 1, 6, 3)
     journal = journal_answers(tmp_path / "outputs", stale, kept, gone)
     result = run(inputs)
@@ -321,7 +396,9 @@ def test_an_edited_row_level_setting_is_an_edited_input(tmp_path, fake_gemini, r
 
 
 # --------------------------------------------------------------------- key --
-def test_a_key_with_a_trailing_space_quoted_back_in_full_or_in_part_leaves_no_trace(tmp_path, fake_gemini, run, monkeypatch) -> None:
+def test_a_key_with_a_trailing_space_quoted_back_in_full_or_in_part_leaves_no_trace(
+    tmp_path, fake_gemini, run, monkeypatch
+) -> None:
     key = "AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY"
 
     def quote_the_key(request) -> Reply:
@@ -362,7 +439,11 @@ def test_a_run_wide_schema_with_a_ref_to_nothing_is_refused_before_any_request(t
 def test_a_rows_schema_with_a_ref_to_nothing_fails_that_row_alone_unsent(tmp_path, fake_gemini, run) -> None:
     server = fake_gemini()
     bad = {"responseJsonSchema": {"properties": {"a": {"$ref": "#/$defs/missing"}}}}
-    inputs = write(tmp_path / "inputs", "a.jsonl", jsonl({"id": "bad", "prompt": "p0", "config": bad}, {"id": "ok", "prompt": "p1"}))
+    inputs = write(
+        tmp_path / "inputs",
+        "a.jsonl",
+        jsonl({"id": "bad", "prompt": "p0", "config": bad}, {"id": "ok", "prompt": "p1"}),
+    )
     for _ in range(2):
         result = run(inputs)
         assert result.exit_code == 1 and [f["id"] for f in result.failures()] == ["bad"]
@@ -374,7 +455,11 @@ def test_a_rows_own_schema_replaces_the_run_wide_one_of_either_kind(tmp_path, fa
     schema = tmp_path / "schema.json"
     schema.write_text('{"type": "object"}')
     own = {"responseSchema": {"type": "OBJECT", "properties": {"answer": {"type": "STRING"}}}}
-    inputs = write(tmp_path / "inputs", "a.jsonl", jsonl({"id": "own", "prompt": "p0", "config": own}, {"id": "run", "prompt": "p1"}))
+    inputs = write(
+        tmp_path / "inputs",
+        "a.jsonl",
+        jsonl({"id": "own", "prompt": "p0", "config": own}, {"id": "run", "prompt": "p1"}),
+    )
     assert run(inputs, "--response-schema", str(schema)).exit_code == 0
     sent = {r.prompt: generation_of(r) for r in server.requests}
     assert "responseSchema" in sent["p0"] and "responseJsonSchema" not in sent["p0"]
@@ -392,7 +477,9 @@ def test_a_symlink_loop_in_the_input_folder_is_one_line(tmp_path, fake_gemini, r
 
 
 @pytest.mark.timeout(20)
-def test_a_fifo_among_the_inputs_is_refused_at_start_and_a_linked_input_file_is_read(tmp_path, fake_gemini, run) -> None:
+def test_a_fifo_among_the_inputs_is_refused_at_start_and_a_linked_input_file_is_read(
+    tmp_path, fake_gemini, run
+) -> None:
     """A FIFO would hang the reader (or feed it without end): one line, nothing written. A
     link to a regular file elsewhere is the user's own choice: its prompts are asked."""
     server = fake_gemini()
@@ -403,7 +490,9 @@ def test_a_fifo_among_the_inputs_is_refused_at_start_and_a_linked_input_file_is_
     os.mkfifo(inputs / "pipe.jsonl")
     refused = run(inputs)
     assert refused.exit_code == 2 and not server.requests and not refused.output_dir.exists()
-    assert refused.stderr.strip().splitlines() == [f"error: input file {inputs / 'pipe.jsonl'} is not a regular file (a FIFO, socket or device): move it out of the input folder"]
+    assert refused.stderr.strip().splitlines() == [
+        f"error: input file {inputs / 'pipe.jsonl'} is not a regular file (a FIFO, socket or device): move it out of the input folder"
+    ]
     (inputs / "pipe.jsonl").unlink()
     result = run(inputs)
     assert result.exit_code == 0, result.stderr
@@ -437,7 +526,10 @@ def test_a_fifo_by_the_name_of_one_of_our_files_is_refused_not_waited_on(tmp_pat
     assert f"{name} is not a regular file" in result.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--workers", "10000000"), ("--readers", "65"), ("--postprocess-workers", "100000"), ("--model", " ")])
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--workers", "10000000"), ("--readers", "65"), ("--postprocess-workers", "100000"), ("--model", " ")],
+)
 def test_settings_past_their_bounds_are_one_line(tmp_path, fake_gemini, run, flag, value) -> None:
     server = fake_gemini()
     with pytest.raises(SystemExit) as stopped:
@@ -445,20 +537,26 @@ def test_settings_past_their_bounds_are_one_line(tmp_path, fake_gemini, run, fla
     assert stopped.value.code == 2 and not server.requests
 
 
-def test_a_prompt_over_the_tpm_fails_at_once_with_the_numbers_and_the_rest_are_answered(tmp_path, fake_gemini, run) -> None:
+def test_a_prompt_over_the_tpm_fails_at_once_with_the_numbers_and_the_rest_are_answered(
+    tmp_path, fake_gemini, run
+) -> None:
     server = fake_gemini()
     prompts = ["short one", "x " * 4000, "short two"]
     started = time.monotonic()
     result = run(write_prompts(tmp_path / "inputs", prompts), "--tpm", "1000")
     assert result.exit_code == 1 and time.monotonic() - started < 30
     [failure] = result.failures()
-    assert failure["id"] == "shard_0.txt:2" and "needs about 2,000 input tokens, more than --tpm 1000" in failure["error"]
+    assert (
+        failure["id"] == "shard_0.txt:2" and "needs about 2,000 input tokens, more than --tpm 1000" in failure["error"]
+    )
     assert sorted(server.answered) == ["short one", "short two"]
 
 
 def test_a_prompt_costing_more_than_the_whole_budget_fails_alone_with_the_numbers(tmp_path, fake_gemini, run) -> None:
     server = fake_gemini()
-    result = run(write_prompts(tmp_path / "inputs", ["short one", "x " * 40_000, "short two"]), "--max-cost-usd", "0.001")
+    result = run(
+        write_prompts(tmp_path / "inputs", ["short one", "x " * 40_000, "short two"]), "--max-cost-usd", "0.001"
+    )
     assert result.exit_code == 1, result.stderr
     [failure] = result.failures()
     assert "alone, more than --max-cost-usd 0.001" in failure["error"] and "budget" not in result.stderr

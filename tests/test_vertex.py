@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 import pytest
+
 from conftest import sample_prompts, write_prompts
 from fake_gemini import FakeGemini, echo, hang_up
 
@@ -19,10 +20,18 @@ TOKEN = "ya29.fake-adc-token"
 def vertex(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The fake server and the environment a Vertex AI user has: project, location, an ADC file."""
     adc = tmp_path / "adc.json"
-    adc.write_text(json.dumps({
-        "type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r",
-        "token": TOKEN, "expiry": "2999-01-01T00:00:00Z",  # valid for ever: never refreshed, no Google host asked
-    }))  # fmt: skip
+    adc.write_text(
+        json.dumps(
+            {
+                "type": "authorized_user",
+                "client_id": "c",
+                "client_secret": "s",
+                "refresh_token": "r",
+                "token": TOKEN,
+                "expiry": "2999-01-01T00:00:00Z",  # valid for ever: never refreshed, no Google host asked
+            }
+        )
+    )
     with FakeGemini() as server:
         for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL"):
             monkeypatch.delenv(name, raising=False)
@@ -41,7 +50,10 @@ def test_vertex_ai_with_application_default_credentials_and_no_key(tmp_path, ver
     assert result.exit_code == 0, result.stderr
     assert sorted(vertex.answered.values()) == [1] * 6
     for request in vertex.requests:
-        assert request.path == "/v1beta1/projects/my-project/locations/us-central1/publishers/google/models/gemini-flash-latest:generateContent"
+        assert (
+            request.path
+            == "/v1beta1/projects/my-project/locations/us-central1/publishers/google/models/gemini-flash-latest:generateContent"
+        )
         assert request.authorization == f"Bearer {TOKEN}" and request.api_key is None
         assert request.body["generationConfig"] == {"temperature": 0.3}
 
@@ -65,7 +77,9 @@ def test_vertex_ai_express_mode_takes_an_api_key(tmp_path, vertex, run, monkeypa
         (None, ["--service-tier", "flex"], "--service-tier on Vertex AI"),  # a 400 for every prompt (python-genai#2433)
     ],
 )
-def test_what_vertex_ai_lacks_is_one_line_before_any_request(tmp_path, vertex, run, monkeypatch, unset, flags, named) -> None:
+def test_what_vertex_ai_lacks_is_one_line_before_any_request(
+    tmp_path, vertex, run, monkeypatch, unset, flags, named
+) -> None:
     if unset == "GOOGLE_APPLICATION_CREDENTIALS":
         monkeypatch.setenv(unset, str(tmp_path / "no-such-file.json"))
     elif unset:
@@ -76,7 +90,9 @@ def test_what_vertex_ai_lacks_is_one_line_before_any_request(tmp_path, vertex, r
     assert named in line and not (tmp_path / "outputs").exists()
 
 
-def test_vertex_ai_at_an_address_where_nothing_listens_is_one_line_naming_it(tmp_path, vertex, run, monkeypatch) -> None:
+def test_vertex_ai_at_an_address_where_nothing_listens_is_one_line_naming_it(
+    tmp_path, vertex, run, monkeypatch
+) -> None:
     with socket.socket() as probe:  # a loopback port where nothing listens
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -122,7 +138,9 @@ def test_on_vertex_ai_a_cache_and_an_estimate_ask_what_its_discovery_document_ta
     cached = run(inputs, "--context", str(tmp_path / "context.txt"), "--cache")
     assert cached.exit_code == 0, cached.stderr
     assert [event for event, _ in vertex.cache_events] == ["create", "delete"]
-    assert all(name.startswith("projects/my-project/locations/us-central1/cachedContents/") for _, name in vertex.cache_events)
+    assert all(
+        name.startswith("projects/my-project/locations/us-central1/cachedContents/") for _, name in vertex.cache_events
+    )
     assert {r.body.get("cachedContent") for r in vertex.requests} == {vertex.cache_events[0][1]}
     estimate = run(inputs, "--estimate", output_dir=tmp_path / "estimate")
     assert estimate.exit_code == 0, estimate.stderr

@@ -541,11 +541,11 @@ def stop_on_os_error(what: str) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------- records --
-@dataclass(frozen=True, slots=True)
-class Prompt:
+class Prompt(typing.NamedTuple):
     """One request to make: a line's text, or a JSONL or CSV row with what else it holds.
     `error` says why it cannot be sent (it is then failed, not asked). Made whole (its
-    files read: see Media.resolve) before it is queued, and never changed after."""
+    files read: see Media.resolve) before it is queued, and never changed after: a tuple,
+    immutable, and made four times faster than a frozen dataclass (a rerun makes millions)."""
 
     id: str
     text: str  # what its record shows as "prompt": for a multi-turn request, the last user turn's text
@@ -749,8 +749,11 @@ class Records:
         """An answer's record without what postprocess() adds: what the arrivals journal keeps
         (encoded once, for the journal and the shard alike)."""
         if response.line is None:
-            values = ((field.name, field.answer(response)) for field in ANSWER_FIELDS)  # type: ignore[misc]
-            record = {name: value for name, value in values if value is not OMITTED}
+            record = {
+                field.name: value
+                for field in ANSWER_FIELDS
+                if (value := field.answer(response)) is not OMITTED  # type: ignore[misc]
+            }
             response.line = json_line({**record, **carried(response.prompt.fields)})
         return response.line
 
@@ -769,8 +772,11 @@ class Records:
     @staticmethod
     def failure(failure: Failure) -> str:
         """A failure's line in failed.jsonl."""
-        values = ((field.name, field.failure(failure)) for field in FAILURE_FIELDS)  # type: ignore[misc]
-        record = {name: value for name, value in values if value is not OMITTED}
+        record = {
+            field.name: value
+            for field in FAILURE_FIELDS
+            if (value := field.failure(failure)) is not OMITTED  # type: ignore[misc]
+        }
         return json_line({**record, **carried(failure.prompt.fields)})
 
     @staticmethod
@@ -2549,10 +2555,10 @@ async def answer(run: Run, prompt: Prompt) -> Outcome | None:
         return Failure(prompt, too_large, attempts=0)
     tried = 0
 
-    async def attempt(number: int) -> Outcome:
+    def attempt(number: int) -> Awaitable[Outcome]:  # not a coroutine of its own: one await less per request
         nonlocal tried
         tried = number
-        return await attempted(run, prompt, tokens, number)
+        return attempted(run, prompt, tokens, number)
 
     try:
         outcome = await run.retried(attempt, GENERATION)
@@ -2766,7 +2772,8 @@ async def retried(
     stops the run (stop_if_fatal); the last error is raised once no attempt is left."""
     attempt = 1
     while True:
-        await limits.gate.unpaused()  # a 429's shared back-off, for calls that pass no Gate.admit
+        if limits.gate.paused_until > time.monotonic():  # a 429's shared back-off, for calls that pass no Gate.admit
+            await limits.gate.unpaused()
         try:
             if not policy.timed:  # no timeout object per request where the transport bounds it
                 return await call(attempt)
@@ -3965,9 +3972,9 @@ class Media:
                     "its files are over --inline-limit-mb, and Vertex AI has no Files API: name gs:// copies instead"
                 )
         except UnsendableFile as exc:
-            return dataclasses.replace(prompt, error=f"{exc} ({prompt.origin or prompt.id})")
+            return prompt._replace(error=f"{exc} ({prompt.origin or prompt.id})")
         digest = hashlib.sha256(" ".join([prompt.digest, *(file.sha256 for file in media)]).encode()).hexdigest()[:32]
-        return dataclasses.replace(prompt, media=media, digest=digest)
+        return prompt._replace(media=media, digest=digest)
 
     def needs(self, prompt: Prompt) -> None:
         """`prompt` is queued to be asked: its files' uploads are needed until it is settled."""

@@ -5,7 +5,6 @@ them, and deleted once the job needs them no more."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import errno
 import hashlib
 import json
@@ -357,7 +356,7 @@ def test_a_files_tokens_are_estimated_by_the_docs_figures(tmp_path) -> None:
     assert [file.units for file in media] == [3, seconds, 100]  # pages, seconds, tokens
     prompt = pipeline.Prompt("a", "p", media=media)
     assert pipeline.media_tokens(prompt) == 3 * 560 + round(seconds * 32) + 100
-    low = dataclasses.replace(prompt, config=pipeline.generation_config({"mediaResolution": "MEDIA_RESOLUTION_LOW"})[0])
+    low = prompt._replace(config=pipeline.generation_config({"mediaResolution": "MEDIA_RESOLUTION_LOW"})[0])
     assert pipeline.media_tokens(low) == 3 * 280 + round(seconds * 32) + 100
 
 
@@ -586,3 +585,15 @@ def test_a_file_written_just_before_it_was_hashed_is_hashed_at_every_send(tmp_pa
     for _ in range(2):
         assert media.folder.read_checked(file) == photo.read_bytes()
     assert len(hashed) == 2
+
+
+async def test_a_prompt_is_never_changed_its_files_read_make_a_new_one(tmp_path) -> None:
+    (tmp_path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    media, problem = pipeline.media_files(["a.png"], tmp_path)
+    assert problem is None
+    prompt = pipeline.Prompt("r1", "describe", media=media)
+    with pytest.raises(AttributeError):
+        prompt.text = "something else"  # type: ignore[misc]
+    resolved = await pipeline.Media(pipeline.FilesFolder(tmp_path), 20).resolve(prompt)
+    assert resolved is not prompt and resolved.media[0].sha256 and resolved.digest
+    assert prompt.media[0].sha256 == "" and prompt.digest == ""  # the prompt as read is as it was

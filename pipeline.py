@@ -734,6 +734,13 @@ def carried(fields: dict[str, Any] | None) -> dict[str, Any]:
     return {f"input_{name}" if name in RECORD_FIELDS else name: value for name, value in fields.items()}
 
 
+ID_KEY, PROMPT_KEY, DIGEST_KEY = (
+    '{"id": "',
+    ', "prompt": "',
+    ', "row_sha256": "',
+)  # the leading keys as json_line() writes them
+
+
 class Records:
     """The one codec of what this pipeline writes and reads back: a shard's record, a
     failed.jsonl line, an arrivals journal's line, a batch journal's prompt. Resume reads a
@@ -742,7 +749,6 @@ class Records:
 
     LEADING = ("id", "prompt", "row_sha256")  # the keys every record starts with (row_sha256 only when it has one)
     OPENING = b'{"id": '  # how every record and failure line starts: what a torn line is repaired back to
-    ID, PROMPT, DIGEST = '{"id": "', ', "prompt": "', ', "row_sha256": "'  # each leading key as json_line() writes it
 
     @staticmethod
     def journal_line(response: Response) -> str:
@@ -783,11 +789,11 @@ class Records:
     def front(line: str) -> tuple[str, str, str]:
         """A record's id, prompt and row digest ("" if none), read from the front of its line;
         the whole line decoded only if it was not written the way json_line() writes."""
-        if line.startswith(Records.ID):
-            prompt_id, end = scanstring(line, len(Records.ID))
-            if line.startswith(Records.PROMPT, end):
-                text, end = scanstring(line, end + len(Records.PROMPT))
-                digest = scanstring(line, end + len(Records.DIGEST))[0] if line.startswith(Records.DIGEST, end) else ""
+        if line.startswith(ID_KEY):  # module constants, not the class's: a rerun reads a million records
+            prompt_id, end = scanstring(line, len(ID_KEY))
+            if line.startswith(PROMPT_KEY, end):
+                text, end = scanstring(line, end + len(PROMPT_KEY))
+                digest = scanstring(line, end + len(DIGEST_KEY))[0] if line.startswith(DIGEST_KEY, end) else ""
                 return prompt_id, text, digest
         record = json.loads(line)
         return str(record["id"]), str(record["prompt"]), str(record.get("row_sha256", ""))
@@ -907,11 +913,10 @@ def json_line(record: dict[str, Any]) -> str:
 assert tuple(field.name for field in RECORD[: len(Records.LEADING)]) == Records.LEADING, (
     "resume reads these first: keep them first in RECORD"
 )
-assert (
-    json_line({"id": "i", "prompt": "p", "row_sha256": "d"})
-    == f'{Records.ID}i"{Records.PROMPT}p"{Records.DIGEST}d"}}\n'
-), "json_line() writes the leading keys as Records.front reads them"
-assert Records.ID.encode().startswith(Records.OPENING)
+assert json_line({"id": "i", "prompt": "p", "row_sha256": "d"}) == f'{ID_KEY}i"{PROMPT_KEY}p"{DIGEST_KEY}d"}}\n', (
+    "json_line() writes the leading keys as Records.front reads them"
+)
+assert ID_KEY.encode().startswith(Records.OPENING)
 
 
 Outcome = Response | Failure
@@ -1057,8 +1062,6 @@ class Asking:
     fail_fast: FailFast = field(default_factory=lambda: FailFast())  # stops a run whose every prompt fails alike
     # --batch: the prompts to be asked again in a later job
     resubmit: Resubmissions = field(default_factory=lambda: Resubmissions())
-    # an earlier run's work this one finishes (its batch jobs)
-    leftovers: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     def of(cls, settings: Settings, job: Job, api: Api) -> Asking:
@@ -1104,18 +1107,18 @@ async def main(settings: Settings, progress: Progress) -> None:
     """Start READERS readers, WORKERS generators (or the batch stage) and WRITERS writers,
     linked by two bounded queues; wait until every prompt is answered, then shut them down."""
     async with open_run(settings, progress) as run:
-        run.asking.leftovers = await start_leftovers(run)  # known before any stage starts: all_answered() awaits them
+        leftovers = await start_leftovers(run)  # known before any stage starts: all_answered() awaits them
         generate, copies = generator_stage(settings)
         readers = [asyncio.create_task(read_inputs(run)) for _ in range(settings.readers)]
         generators = [asyncio.create_task(generate(run)) for _ in range(copies)]
         writers = [asyncio.create_task(write_outputs(run, number)) for number in range(settings.writers)]
         try:
-            await supervised(all_answered(run, readers), [*generators, *writers])
+            await supervised(all_answered(run, readers, leftovers), [*generators, *writers])
         except asyncio.CancelledError:
             log.warning("stopping: writing the answers received (Ctrl-C again quits at once)")
             raise
         finally:  # on success, error and Ctrl-C alike
-            await shut_down(run, readers, generators, writers)
+            await shut_down(run, readers, [*generators, *leftovers], writers)
 
 
 def generator_stage(settings: Settings) -> tuple[Callable[[Run], Awaitable[None]], int]:
@@ -1292,9 +1295,10 @@ def queue_depth(settings: Settings) -> int:
     return max(settings.queue_size, settings.workers)
 
 
-async def all_answered(run: Run, readers: list[asyncio.Task[None]]) -> None:
-    """Return once every prompt is answered. A reader's error is raised at once: shut_down
-    then stops the run as Ctrl-C would (the requests in flight may still land)."""
+async def all_answered(run: Run, readers: list[asyncio.Task[None]], leftovers: list[asyncio.Task[None]]) -> None:
+    """Return once every prompt is answered, and what an earlier run left is done. A reader's
+    error is raised at once: shut_down then stops the run as Ctrl-C would (the requests in
+    flight may still land)."""
     await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)  # every prompt is queued, or a reader failed
     for reader in readers:
         if reader.done():
@@ -1302,15 +1306,15 @@ async def all_answered(run: Run, readers: list[asyncio.Task[None]]) -> None:
     await run.prompts.join()  # every queued prompt has its outcome queued
     run.asking.media.inputs_read = True  # an upload no queued prompt needs now is needed by none
     run.past.drop_journaled()  # every input is read: what is left answers none of them
-    # and what an earlier run left (see Run.leftovers for when they are known)
-    await asyncio.gather(*run.asking.leftovers)
+    await asyncio.gather(*leftovers)  # and what an earlier run left (started before any stage)
 
 
 async def shut_down(
     run: Run, readers: list[asyncio.Task[None]], generators: list[asyncio.Task[None]], writers: list[asyncio.Task[None]]
 ) -> None:
-    """Stop asking, let requests in flight land for a moment, write every answer
-    received, then stop every task. A writer's error is raised: the run is not complete."""
+    """Stop asking, let requests in flight land for a moment, write every answer received,
+    then stop every task (`generators`: what an earlier run left too). A writer's error is
+    raised: the run is not complete."""
     run.limits.gate.close()  # no request starts from now on
     for reader in readers:
         reader.cancel()
@@ -1318,7 +1322,7 @@ async def shut_down(
         run.prompts.get_nowait()
         run.prompts.task_done()
     await until(run.prompts.join(), writers, timeout=STOP_GRACE_S)  # answers in flight are queued,
-    await stop(*readers, *generators, *run.asking.leftovers, *run.limits.outage.probing)
+    await stop(*readers, *generators, *run.limits.outage.probing)
     await until(run.outcomes.join(), writers)  # and written.
     await stop(*writers)
     for writer in writers:
@@ -5517,7 +5521,8 @@ async def read_records(path: Path) -> AsyncIterator[tuple[list[tuple[str, str, s
     async for first, lines in complete_lines(path, Records.OPENING):
         try:
             texts = [line.decode() for line in lines]
-            fronts = [Records.front(text) for text in texts]
+            front = Records.front
+            fronts = [front(text) for text in texts]
         except (ValueError, KeyError, TypeError):
             number = first + next(n for n, line in enumerate(lines) if not is_record(line))
             raise PipelineError(f"{path}, line {number}, is not a record this pipeline wrote; {MOVE_IT_AWAY}") from None

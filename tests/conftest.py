@@ -73,6 +73,14 @@ class Run:
         return [r["id"] for r in self.records()]
 
 
+def adc_file(path: Path, token: str) -> Path:
+    """Application Default Credentials (an authorized user's) whose token is valid for ever:
+    google-auth never refreshes it, so no Google host is ever asked."""
+    user = {"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r"}
+    path.write_text(json.dumps({**user, "token": token, "expiry": "2999-01-01T00:00:00Z"}))
+    return path
+
+
 def write_prompts(folder: Path, prompts: list[str], per_file: int = 3) -> Path:
     """Spread prompts over files shard_0.txt, shard_1.txt, ... of `per_file` lines."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import pytest
 from google.genai import errors
 
 import pipeline
-from conftest import run_subprocess, sample_prompts, write_prompts
+from conftest import adc_file, run_subprocess, sample_prompts, write_prompts
 from fake_gemini import Reply, away_once, echo, error, rate_limited
 
 
@@ -62,19 +62,7 @@ def closed_host(monkeypatch, tmp_path, backend: str) -> int:
     if backend == "express":
         monkeypatch.setenv("GOOGLE_API_KEY", "test-key-5f2c9e")
         return port
-    adc = tmp_path / "adc.json"  # a token valid for ever: never refreshed, no Google host asked
-    adc.write_text(
-        json.dumps(
-            {
-                "type": "authorized_user",
-                "client_id": "c",
-                "client_secret": "s",
-                "refresh_token": "r",
-                "token": "t",
-                "expiry": "2999-01-01T00:00:00Z",
-            }
-        )
-    )
+    adc = adc_file(tmp_path / "adc.json", "t")
     for name, value in {
         "GOOGLE_CLOUD_PROJECT": "p",
         "GOOGLE_CLOUD_LOCATION": "us-central1",

@@ -212,3 +212,18 @@ def test_a_prompt_holding_a_nul_byte_fails_its_row_unsent(tmp_path, fake_gemini,
     assert result.exit_code == 1 and result.ids() == ["t.parquet:1"] and len(server.requests) == 1
     [failure] = result.failures()
     assert failure["id"] == "t.parquet:2" and "NUL" in failure["error"] and failure["attempts"] == 0
+
+
+def test_ids_are_one_namespace_with_the_other_inputs(tmp_path, fake_gemini, run) -> None:
+    """A Parquet row naming another row's default id ("rows.parquet:2") stops the run (exit 2),
+    naming both places, as a JSONL row would."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    pq.write_table(pa.table({"id": [None, None, "rows.parquet:2"], "prompt": ["a", "b", "c"]}), inputs / "rows.parquet")
+    server = fake_gemini()
+    result = run(inputs)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 2 and "'rows.parquet:2' is named twice" in last and "rows.parquet:3" in last, (
+        result.stderr
+    )
+    assert len(server.requests) <= 2 and "Traceback" not in result.stderr

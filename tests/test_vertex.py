@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sample_prompts, write_prompts
+from conftest import adc_file, sample_prompts, write_prompts
 from fake_gemini import FakeGemini, echo, hang_up
 
 TOKEN = "ya29.fake-adc-token"
@@ -19,19 +19,7 @@ TOKEN = "ya29.fake-adc-token"
 @pytest.fixture
 def vertex(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The fake server and the environment a Vertex AI user has: project, location, an ADC file."""
-    adc = tmp_path / "adc.json"
-    adc.write_text(
-        json.dumps(
-            {
-                "type": "authorized_user",
-                "client_id": "c",
-                "client_secret": "s",
-                "refresh_token": "r",
-                "token": TOKEN,
-                "expiry": "2999-01-01T00:00:00Z",  # valid for ever: never refreshed, no Google host asked
-            }
-        )
-    )
+    adc = adc_file(tmp_path / "adc.json", TOKEN)
     with FakeGemini() as server:
         for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL"):
             monkeypatch.delenv(name, raising=False)

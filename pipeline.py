@@ -33,8 +33,8 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
   requests   PromptMaker: how rows become requests, the run's settings (validated through
              google-genai's types) with a row's own over them, and CONTEXT sent first (or the
              run's cache named: naming, contents); Ids, one namespace for all
-  reader     each input file as its InputFormat says (INPUT_FORMATS: lines, JSONL rows, CSV
-             and TSV rows, Parquet rows through rows_format), streaming; each checked at
+  reader     each input file as its InputFormat says (INPUT_FORMATS: lines, JSONL rows; CSV,
+             TSV and Parquet Rows through rows_format and from_row), streaming; each checked at
              start-up (inputs_checked: a table's header, a data file that holds no prompts)
   asking     answer(): one prompt's attempts, retried in place, never re-queued, so never
              deadlocked; retried(), the one loop that tries any API call again, as its
@@ -2180,8 +2180,8 @@ async def count_table_rows(path: Path) -> int:
     return max(sum([len(rows) async for rows in table_rows(path)]) - 1, 0)
 
 
-async def csv_prompts(path: Path, maker: PromptMaker, _answered: Answered | None = None) -> AsyncIterator[list[Prompt]]:
-    """A request per row after a header naming a prompt column (and optionally id and
+async def csv_rows(path: Path) -> AsyncIterator[list[Row]]:
+    """A row per table row after a header naming a prompt column (and optionally id and
     system_instruction; other columns are carried into the records). Read by the csv
     module, as Excel writes (see table_rows); a row's place is the line where it starts."""
     header: list[str] | None = None
@@ -2189,31 +2189,21 @@ async def csv_prompts(path: Path, maker: PromptMaker, _answered: Answered | None
         if header is None and (opening := next((row for row in rows if not row[2]), None)):
             header = table_header(path, opening[0], opening[1])
             rows = [row for row in rows if row is not opening]
-        yield [row_prompt(path, row, header, maker) for row in rows]
+        yield [table_row(path, row, header) for row in rows]
 
 
-def row_prompt(
-    path: Path, row: tuple[int, list[str], str | None], header: list[str] | None, maker: PromptMaker
-) -> Prompt:
-    """The prompt of a table's row (a row before the header is one that cannot be read)."""
+def table_row(path: Path, row: tuple[int, list[str], str | None], header: list[str] | None) -> Row:
+    """A table's row by its column names (a row before the header is one that cannot be read);
+    empty id and system_instruction cells are no values."""
     number, cells, error = row
     where = f"{path.name}:{number}"
     if error or header is None:  # no row can hold it: that row fails
-        return Prompt(where, " ".join(cells).strip(), error=error)
+        return Row(where, {}, error or "row before the header", " ".join(cells).strip())
     if len(cells) != len(header):
-        return Prompt(
-            where,
-            input_format(path).delimiter.join(cells).strip(),
-            error=f"row has {len(cells)} cells, the header {len(header)}",
-        )
-    return maker.from_row(
-        {
-            name: cell
-            for name, cell in zip(header, cells, strict=True)
-            if cell or name not in ("id", "system_instruction")
-        },
-        where,
-    )
+        shown = input_format(path).delimiter.join(cells).strip()
+        return Row(where, {}, f"row has {len(cells)} cells, the header {len(header)}", shown)
+    columns = zip(header, cells, strict=True)
+    return Row(where, {name: cell for name, cell in columns if cell or name not in ("id", "system_instruction")})
 
 
 def table_header(path: Path, number: int, cells: list[str]) -> list[str]:
@@ -2357,25 +2347,27 @@ def rows_format(
     rows: Callable[[Path], AsyncIterator[list[Row]]],
     count: Callable[[Path], Awaitable[int]],
     check: Callable[[Path], None],
+    delimiter: str = "",
 ) -> InputFormat:
     """The InputFormat of a kind of file that holds rows (a dict of columns each, with its
-    place): every row becomes its Prompt through PromptMaker.from_row, as a JSONL row does."""
+    place): every row becomes its Prompt through PromptMaker.from_row, as a JSONL row does;
+    one that cannot be read fails, its place its id (as a JSONL line that is not JSON)."""
 
     async def prompts(path: Path, maker: PromptMaker, _answered: Answered | None = None) -> AsyncIterator[list[Prompt]]:
         async for batch in rows(path):
             yield [
                 maker.from_row(row.columns, row.where)
                 if row.error is None
-                else Prompt(row.where, row.shown, error=f"{row.error} ({row.where})")
+                else Prompt(row.where, row.shown, error=row.error)  # known by its place, as its error says where
                 for row in batch
             ]
 
-    return InputFormat(prompts, count, check)
+    return InputFormat(prompts, count, check, delimiter)
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One row of a file of rows, its values JSON-native (what a record can carry)."""
+class Row(typing.NamedTuple):
+    """One row of a file of rows, its values JSON-native (what a record can carry). A tuple:
+    made for each row of a file, it must cost next to nothing."""
 
     where: str  # its place, "<file name>:<row number>": its id unless it names one
     columns: dict[str, Any]  # by column name
@@ -2539,8 +2531,8 @@ async def inputs_checked(files: list[Path]) -> list[Path]:
 
 INPUT_FORMATS = {  # by file extension; "" for any other file
     ".jsonl": InputFormat(jsonl_prompts, count_lines, text_checked),
-    ".csv": InputFormat(csv_prompts, count_table_rows, table_checked, delimiter=","),
-    ".tsv": InputFormat(csv_prompts, count_table_rows, table_checked, delimiter="\t"),
+    ".csv": rows_format(csv_rows, count_table_rows, table_checked, delimiter=","),
+    ".tsv": rows_format(csv_rows, count_table_rows, table_checked, delimiter="\t"),
     ".parquet": rows_format(parquet_rows, count_parquet_rows, parquet_checked),
     "": InputFormat(text_prompts, count_lines, text_checked),
 }

@@ -167,3 +167,63 @@ def stage_run(output_dir: Path, settings: pipeline.Settings | None = None, **par
         "writing": pipeline.Writing(pipeline.PostProcessor(pipeline.postprocess, 0), itertools.count()),
     }
     return pipeline.Run(**{**defaults, **parts})
+
+
+# ------------------------------------------------ helpers the test files share --
+def fail_first(times: int, failure: Reply):
+    """Fail each prompt's first `times` requests, then answer it."""
+    return lambda request: failure if request.attempt <= times else echo(request)
+
+
+def fast_retries(*flags: str) -> tuple[str, ...]:
+    return ("--retry-base-s", "0.01", "--retry-max-s", "0.05", *flags)
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+    return folder
+
+
+def jsonl(*rows: dict) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def generation_of(request: Request) -> dict:
+    return request.body.get("generationConfig", {})
+
+
+def start_pipeline(cwd: Path, server: FakeGemini, *flags: str, pool: bool = False) -> subprocess.Popen[str]:
+    """`python pipeline.py -v FLAGS` against `server`; with `pool`, with a postprocess() slow
+    enough for its pool of processes to start (tests/slow_postprocess.py)."""
+    env = {**os.environ, "GEMINI_API_KEY": API_KEY, "GOOGLE_GEMINI_BASE_URL": server.base_url}
+    script = ROOT / "tests" / "slow_postprocess.py" if pool else ROOT / "pipeline.py"
+    return subprocess.Popen(
+        [sys.executable, str(script), "-v", *flags],
+        cwd=cwd,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_writes(process: subprocess.Popen[str], count: int) -> bool:
+    """Read the -v log until `count` records are written; False if the run ended first."""
+    assert process.stderr is not None
+    for line in process.stderr:
+        if " wrote " in line:
+            count -= 1
+            if count == 0:
+                return True
+    return False
+
+
+def signal_once_logged(process: subprocess.Popen[str], logged: str, stop_signal: int) -> str:
+    """Read the -v log until a line holds `logged`, then send `stop_signal`: the rest of the
+    log, once the process has ended."""
+    assert process.stderr is not None
+    for line in process.stderr:
+        if logged in line:
+            break
+    process.send_signal(stop_signal)
+    return process.communicate(timeout=30)[1]

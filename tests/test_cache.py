@@ -9,10 +9,8 @@ import re
 import signal
 from pathlib import Path
 
-from test_resume import signal_once_logged, start_pipeline, wait_for_writes
-
 import pipeline
-from conftest import write_prompts
+from conftest import signal_once_logged, start_pipeline, wait_for_writes, write_prompts
 from fake_gemini import FakeGemini, echo
 
 

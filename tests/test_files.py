@@ -18,10 +18,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_resume import start_pipeline, wait_for_writes
 
 import pipeline
-from conftest import ROOT
+from conftest import ROOT, start_pipeline, wait_for_writes
 from fake_gemini import FakeGemini, away_once, echo, error
 
 LIMIT_MB = 0.02  # the inline limit these tests set: 20 KB, so that images of 24 KB and more are uploaded

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import pipeline
-from conftest import API_KEY, run_subprocess, sample_prompts, write_prompts
+from conftest import API_KEY, fail_first, fast_retries, run_subprocess, sample_prompts, write_prompts
 from fake_gemini import (
     FakeGemini,
     Reply,
@@ -26,15 +26,6 @@ from fake_gemini import (
     rate_limited,
     safety_block,
 )
-
-
-def fail_first(times: int, failure: Reply):
-    """Fail each prompt's first `times` requests, then answer it."""
-    return lambda request: failure if request.attempt <= times else echo(request)
-
-
-def fast_retries(*flags: str) -> tuple[str, ...]:
-    return ("--retry-base-s", "0.01", "--retry-max-s", "0.05", *flags)
 
 
 def test_sample_prompts_answered_once_into_six_shards(tmp_path, fake_gemini, run) -> None:

@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from pathlib import Path
 
-from conftest import sample_prompts, write_prompts
+from conftest import generation_of, jsonl, sample_prompts, write, write_prompts
 from fake_gemini import Reply, Request, answer, echo
 
 FAST = ("--batch-poll-s", "0.01")
@@ -27,26 +26,12 @@ def labeller(request: Request) -> Reply:
     return answer(json.dumps({"label": label, "confidence": 0.9}), request.prompt)
 
 
-def write(folder: Path, name: str, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(text)
-    return folder
-
-
-def jsonl(*rows: dict) -> str:
-    return "".join(json.dumps(row) + "\n" for row in rows)
-
-
 def camel(value):
     """JSON with every key in camelCase: the API's JSON takes field names in either spelling,
     and google-genai writes some parts one way, a user's Batch API file another."""
     if isinstance(value, dict):
         return {re.sub(r"_([a-z])", lambda m: m[1].upper(), k): camel(v) for k, v in value.items()}
     return [camel(v) for v in value] if isinstance(value, list) else value
-
-
-def generation_of(request: Request) -> dict:
-    return request.body.get("generationConfig", {})
 
 
 def instruction_of(request: Request) -> str | None:

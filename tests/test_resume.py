@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import pipeline
-from conftest import API_KEY, ROOT, Run, sample_prompts, write_prompts
+from conftest import ROOT, Run, sample_prompts, start_pipeline, wait_for_writes, write_prompts
 from fake_gemini import FakeGemini, echo, error
 
 
@@ -166,42 +166,6 @@ def test_resuming_keeps_16_bytes_or_so_per_answered_prompt() -> None:
     for i in (5, count - 5, count - 1):  # the same id asked with another text, or another digest
         assert answered.holds(ids[i], f"What is two times {i + 1}?", "") is False
         assert answered.holds(ids[i], f"What is two times {i}?", "ab12") is False
-
-
-def start_pipeline(cwd: Path, server: FakeGemini, *flags: str, pool: bool = False) -> subprocess.Popen[str]:
-    """`python pipeline.py -v FLAGS` against `server`; with `pool`, with a postprocess() slow
-    enough for its pool of processes to start (tests/slow_postprocess.py)."""
-    env = {**os.environ, "GEMINI_API_KEY": API_KEY, "GOOGLE_GEMINI_BASE_URL": server.base_url}
-    script = ROOT / "tests" / "slow_postprocess.py" if pool else ROOT / "pipeline.py"
-    return subprocess.Popen(
-        [sys.executable, str(script), "-v", *flags],
-        cwd=cwd,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_for_writes(process: subprocess.Popen[str], count: int) -> bool:
-    """Read the -v log until `count` records are written; False if the run ended first."""
-    assert process.stderr is not None
-    for line in process.stderr:
-        if " wrote " in line:
-            count -= 1
-            if count == 0:
-                return True
-    return False
-
-
-def signal_once_logged(process: subprocess.Popen[str], logged: str, stop_signal: int) -> str:
-    """Read the -v log until a line holds `logged`, then send `stop_signal`: the rest of the
-    log, once the process has ended."""
-    assert process.stderr is not None
-    for line in process.stderr:
-        if logged in line:
-            break
-    process.send_signal(stop_signal)
-    return process.communicate(timeout=30)[1]
 
 
 def descendants_of(pid: int) -> dict[int, int]:

@@ -338,6 +338,52 @@ def invalid_key() -> Reply:
 
 
 # ---------------------------------------------------------------- server --
+@dataclass(frozen=True)
+class Call:
+    """One request, as a route's handler gets it."""
+
+    method: str
+    route: str  # the path without its query
+    match: re.Match[str]  # the route's pattern matched: its groups name what the path names
+    raw_query: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def query(self) -> dict[str, str]:
+        return dict(part.partition("=")[::2] for part in self.raw_query.split("&") if part)
+
+    @property
+    def api_key(self) -> str | None:
+        return self.headers.get("x-goog-api-key")
+
+
+def routes(*entries: tuple[str | None, str, str]) -> list[tuple[str | None, re.Pattern[str], str]]:
+    """An API's routes: (method, None for any; the path's pattern; FakeGemini's handler)."""
+    return [(method, re.compile(pattern), handler) for method, pattern, handler in entries]
+
+
+PROJECT = r"(?:projects/[^/]+/locations/[^/]+/)?"  # Vertex AI's paths are within a project and location
+ROUTERS = {  # the fake's five APIs, each its routes in the order they are tried; the first match serves
+    "generation": routes(
+        ("POST", rf"/v1\w*/{PROJECT}(?:publishers/google/)?models/([^/:]+):generateContent", "_generate"),
+        ("POST", r".*:countTokens", "_count_tokens"),
+    ),
+    "models": routes(("GET", rf"/v1\w*/{PROJECT}(?:publishers/google/)?models/([^/:]+)", "_get_model")),
+    "caching": routes((None, rf"/v1\w*/({PROJECT})cachedContents(/[^/]+)?", "_caching")),
+    "batch": routes(
+        ("POST", r".*/models/([^/:]+):batchGenerateContent", "_batch_create"),
+        ("GET", r"/v1\w*/batches", "_batch_list"),
+        ("GET", r"/v1\w*/(batches/[^/]+)", "_batch_get"),
+    ),
+    "files": routes(
+        ("POST", r"/upload/.*", "_file_upload"),
+        (None, r"/v1\w*/files(/[^/:]+)?", "_file"),
+        ("GET", r"/v1\w*/files/([^/:]+):download", "_file_download"),
+    ),
+}
+
+
 @dataclass
 class FakeGemini:
     """The server. `with FakeGemini(behaviour) as server:` runs it on a free port in
@@ -540,72 +586,71 @@ class FakeGemini:
         return reply
 
     async def _serve_method(self, method: str, route: str, query: str, headers: dict[str, str], body: bytes) -> Reply:
-        path, api_key = f"{route}?{query}" if query else route, headers.get("x-goog-api-key")
-        if method == "POST" and route.endswith(":generateContent"):
-            if self.capacity is not None and self.in_flight >= self.capacity:
-                self.refused_full += 1
-                return error(429, "Resource exhausted. Please try again later.")
-            self.in_flight += 1
-            self.most_in_flight = max(self.most_in_flight, self.in_flight)
-            try:
-                model = route.rpartition("/models/")[2].partition(":")[0]
-                reply = self._answer(model, json.loads(body), api_key, route, headers)
-                if self.latency_s or reply.delay_s:
-                    await asyncio.sleep(self.latency_s + reply.delay_s)
-                return reply
-            finally:
-                self.in_flight -= 1
-        if method == "POST" and route.endswith(":countTokens"):
-            body_json = json.loads(body)
-            self.count_tokens_requests.append(body_json)
-            return Reply(200, {"totalTokens": words_of(body_json.get("contents") or [])})
-        if match := re.fullmatch(
-            r"/v1\w*/((?:projects/[^/]+/locations/[^/]+/)?)cachedContents(/[^/]+)?", route
-        ):  # Vertex AI's within its project
-            return self._cached_contents(
-                method,
-                match[1],
-                (match[2] or "").strip("/"),
-                dict(part.partition("=")[::2] for part in query.split("&") if part),
-                body,
-            )
-        if method == "GET" and (
-            match := re.fullmatch(
-                r"/v1\w*/(?:projects/[^/]+/locations/[^/]+/)?(?:publishers/google/)?models/([^/:]+)", route
-            )
-        ):
-            self.model_gets += 1
-            if "/publishers/" in route:  # Vertex AI's PublisherModel
-                return Reply(
-                    200, {"name": f"publishers/google/models/{match[1]}", "versionId": "001", "launchStage": "GA"}
-                )
-            return Reply(
-                200,
-                {
-                    "name": f"models/{match[1]}",
-                    "displayName": match[1],
-                    "inputTokenLimit": 1048576,
-                    "outputTokenLimit": 65536,
-                },
-            )
-        if method == "POST" and route.endswith(":batchGenerateContent"):
-            return self._create_batch(route.rpartition("/models/")[2].partition(":")[0], json.loads(body))
-        if method == "GET" and re.fullmatch(r"/v1\w*/batches", route):
-            return self._list_batches(dict(part.partition("=")[::2] for part in query.split("&") if part))
-        if method == "GET" and (match := re.fullmatch(r"/v1\w*/(batches/[^/]+)", route)):
-            return self._get_batch(match[1], api_key)
-        if method == "POST" and route.startswith("/upload/"):
-            return self._upload(headers, query, body)
-        if re.fullmatch(r"/v1\w*/files(/[^/:]+)?", route):
-            return self._files(
-                method,
-                route.partition("/files")[2].strip("/"),
-                dict(part.partition("=")[::2] for part in query.split("&") if part),
-            )
-        if method == "GET" and (match := re.fullmatch(r"/v1\w*/files/([^/:]+):download", route)):
-            data = self.files.get(f"files/{match[1]}")
-            return Reply(200, data) if data is not None else error(404, f"File files/{match[1]} not found.")
-        return error(404, f"Method not found: {method} {path}")
+        """The reply of the first route of ROUTERS that `method` and `route` match."""
+        for api in ROUTERS.values():
+            for want, pattern, handler in api:
+                if (want is None or want == method) and (match := pattern.fullmatch(route)):
+                    call = Call(method, route, match, query, headers, body)
+                    return await getattr(self, handler)(call)
+        return error(
+            404, f"Method not found: {method} {route}?{query}" if query else f"Method not found: {method} {route}"
+        )
+
+    # ------------------------------------------------------------ generation --
+    async def _generate(self, call: Call) -> Reply:
+        if self.capacity is not None and self.in_flight >= self.capacity:
+            self.refused_full += 1
+            return error(429, "Resource exhausted. Please try again later.")
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            reply = self._answer(call.match[1], json.loads(call.body), call.api_key, call.route, call.headers)
+            if self.latency_s or reply.delay_s:
+                await asyncio.sleep(self.latency_s + reply.delay_s)
+            return reply
+        finally:
+            self.in_flight -= 1
+
+    async def _count_tokens(self, call: Call) -> Reply:
+        body_json = json.loads(call.body)
+        self.count_tokens_requests.append(body_json)
+        return Reply(200, {"totalTokens": words_of(body_json.get("contents") or [])})
+
+    # ---------------------------------------------------------------- models --
+    async def _get_model(self, call: Call) -> Reply:
+        self.model_gets += 1
+        name = call.match[1]
+        if "/publishers/" in call.route:  # Vertex AI's PublisherModel
+            return Reply(200, {"name": f"publishers/google/models/{name}", "versionId": "001", "launchStage": "GA"})
+        limits = {"inputTokenLimit": 1048576, "outputTokenLimit": 65536}
+        return Reply(200, {"name": f"models/{name}", "displayName": name, **limits})
+
+    # --------------------------------------------------------------- caching --
+    async def _caching(self, call: Call) -> Reply:  # Vertex AI's within its project
+        return self._cached_contents(
+            call.method, call.match[1], (call.match[2] or "").strip("/"), call.query, call.body
+        )
+
+    # ----------------------------------------------------------------- batch --
+    async def _batch_create(self, call: Call) -> Reply:
+        return self._create_batch(call.match[1], json.loads(call.body))
+
+    async def _batch_list(self, call: Call) -> Reply:
+        return self._list_batches(call.query)
+
+    async def _batch_get(self, call: Call) -> Reply:
+        return self._get_batch(call.match[1], call.api_key)
+
+    # ----------------------------------------------------------------- files --
+    async def _file_upload(self, call: Call) -> Reply:
+        return self._upload(call.headers, call.raw_query, call.body)
+
+    async def _file(self, call: Call) -> Reply:
+        return self._files(call.method, call.route.partition("/files")[2].strip("/"), call.query)
+
+    async def _file_download(self, call: Call) -> Reply:
+        data = self.files.get(f"files/{call.match[1]}")
+        return Reply(200, data) if data is not None else error(404, f"File files/{call.match[1]} not found.")
 
     def _answer(
         self,

@@ -18,8 +18,9 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
              a flag (SETTINGS, read into Settings); GENERATION_FIELDS, REQUEST_FIELDS and
              BUDGET_FIELDS, the ones every request carries (the job's, the run's, and what
              bounds an answer's length); PRICES, TIER_PRICES; and postprocess(), yours to edit
-  records    Prompt in; Response or Failure out; RECORD, their fields in the output files,
-             declared once; AnswerFormat, the JSON an answer must be; Tally, the counts of
+  records    Prompt in (a NamedTuple: never changed); Response or Failure out; RECORD, their
+             fields in the output files, declared once; Records, the one codec of every line
+             written and read back; AnswerFormat, the JSON an answer must be; Tally, the counts of
              what happened; Run, what the stages of one run share (the queues, the settings,
              the client, the Limits every request passes, the Progress, each stage's own part)
   main       main(): open_run (in phases: the Job, the host and the lock, the past, the
@@ -28,9 +29,11 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
              prompt is answered (all_answered), shut down (shut_down) on success, error and
              Ctrl-C alike; stops at once if a stage dies (supervised)
   stages     the three coroutines, linked by two bounded queues: read_inputs streams prompts
-             from the input files; generate_content asks the model for each; write_outputs
-             journals each answer as it takes it, post-processes, and fills numbered shards
-  requests   PromptMaker: how rows become requests, the run's settings (validated through
+             from the input files, routed by PastRuns.route; generate_content asks the model
+             for each; write_outputs takes the outcomes (each answer journaled as it is
+             taken) and hands each batch to its Writer, whose write() does the rest
+  requests   Job: the job's settings, context and identity, made once; PromptMaker: how
+             rows become requests, the run's settings (validated through
              google-genai's types) with a row's own over them, and CONTEXT sent first (or the
              run's cache named: naming, contents); Ids, one namespace for all
   reader     each input file as its InputFormat says (INPUT_FORMATS: lines, JSONL rows; CSV,
@@ -57,8 +60,8 @@ How it is built: what you edit, the shape of a run, then the machinery each stag
              BatchJournal so that a rerun collects them (collect_earlier_jobs)
   pool       PostProcessor: runs postprocess() over answers for the writers: on the event
              loop while it is quick, else in a process pool (started then), in batches
-  writer     ShardWriter, ArrivalJournal (each answer as it is taken: a kill loses none),
-             FailureLog: the files one writer owns
+  writer     Writer: the files one writer owns, ShardWriter, ArrivalJournal (each answer
+             as it is taken: a kill loses none) and FailureLog, and its one verb, write()
   resume     load_past_runs: what the output dir already holds (PastRuns: answered prompts,
              Answered, 8 bytes each by place or 16 as Fingerprints; failures, those refused for
              good left alone, and those cut short at this run's budget); repairs torn lines;
@@ -1989,6 +1992,11 @@ class Job:
         return job_tag(self.identity)
 
 
+def job_tag(identity: str) -> str:
+    """The job's identity (see job_identity) hashed: what names its cache and its uploads."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
 def load_json_object(path: Path, flag: str) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -3757,11 +3765,6 @@ def cache_minimum(model: str) -> int:
 def cache_display_name(identity: str) -> str:
     """A job's cache's name: the job's identity (model, settings, context, output folder) hashed."""
     return CACHE_NAME_PREFIX + job_tag(identity)
-
-
-def job_tag(identity: str) -> str:
-    """The job's identity (see job_identity) hashed: what names its cache and its uploads."""
-    return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
 # ------------------------------------------------------------------- files --

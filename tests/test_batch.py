@@ -166,12 +166,7 @@ def start_batch_run(cwd: Path, server: FakeGemini, *flags: str) -> subprocess.Po
         [
             sys.executable,
             str(ROOT / "pipeline.py"),
-            "-v",
-            "--batch",
-            "--batch-size",
-            "100",
-            "--batch-poll-s",
-            "0.05",
+            *("-v", "--batch", "--batch-size", "100", "--batch-poll-s", "0.05"),
             *flags,
         ],
         cwd=cwd,

@@ -259,10 +259,7 @@ def test_max_cost_prices_the_cached_prefix_at_the_cached_price(tmp_path, fake_ge
         inputs,
         "--context",
         str(context_of(tmp_path, 2000)),
-        "--cache",
-        "--workers",
-        "20",
-        "--max-cost-usd",
+        *("--cache", "--workers", "20", "--max-cost-usd"),
         f"{each * 500:.6f}",
     )
     assert result.exit_code == 1 and "budget" in result.stderr, result.stderr

@@ -255,11 +255,7 @@ def test_service_tier_refuses_what_it_cannot_do_in_one_line(tmp_path, fake_gemin
 def test_offline_flex_answers_say_they_were_served_flex(tmp_path, run) -> None:
     result = run(
         write_prompts(tmp_path / "inputs", sample_prompts(3)),
-        "--offline",
-        "--offline-latency-ms",
-        "0",
-        "--service-tier",
-        "flex",
+        *("--offline", "--offline-latency-ms", "0", "--service-tier", "flex"),
     )
     assert result.exit_code == 0, result.stderr
     assert [record["usage"]["service_tier"] for record in result.records()] == ["flex"] * 3

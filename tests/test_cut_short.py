@@ -229,11 +229,7 @@ def test_batch_results_cut_short_are_no_answers(tmp_path, fake_gemini, run) -> N
     fake_gemini(even_ones_think(1000))
     result = run(
         write_prompts(tmp_path / "inputs", numbered(10), per_file=10),
-        "--max-output-tokens",
-        "500",
-        "--batch",
-        "--batch-poll-s",
-        "0.01",
+        *("--max-output-tokens", "500", "--batch", "--batch-poll-s", "0.01"),
     )
     assert result.exit_code == 1, result.stderr
     failures = result.failures()

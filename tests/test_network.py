@@ -160,10 +160,7 @@ def test_a_full_server_gets_fewer_requests_in_flight_and_nothing_fails(tmp_path,
     server.capacity = 10
     result = run(
         write_prompts(tmp_path / "inputs", sample_prompts(400), per_file=100),
-        "--workers",
-        "60",
-        "--retry-base-s",
-        "0.05",
+        *("--workers", "60", "--retry-base-s", "0.05"),
     )
     assert result.exit_code == 0, result.stderr[-2000:]
     assert len(set(result.ids())) == 400 and not result.failures()

@@ -118,13 +118,7 @@ def test_a_request_that_always_times_out_fails_with_the_reason(tmp_path, fake_ge
 def test_offline_latency_above_the_timeout_times_out(tmp_path, run) -> None:
     result = run(
         write_prompts(tmp_path / "inputs", ["What is two times 3?"]),
-        "--offline",
-        "--offline-latency-ms",
-        "300",
-        "--timeout",
-        "0.05",
-        "--max-attempts",
-        "1",
+        *("--offline", "--offline-latency-ms", "300", "--timeout", "0.05", "--max-attempts", "1"),
     )
     assert result.exit_code == 1
     [failed] = map(json.loads, (tmp_path / "outputs" / "failed.jsonl").open())

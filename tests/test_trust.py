@@ -76,14 +76,7 @@ def test_a_dead_writer_ends_the_run_while_generators_sleep_in_a_back_off(
     started = time.monotonic()
     result = run(
         write_prompts(tmp_path / "inputs", sample_prompts(400), per_file=100),
-        "--workers",
-        "50",
-        "--retry-base-s",
-        "1",
-        "--shard-size",
-        "10",
-        "--postprocess-workers",
-        "0",
+        *("--workers", "50", "--retry-base-s", "1", "--shard-size", "10", "--postprocess-workers", "0"),
     )
     elapsed = time.monotonic() - started
     assert result.exit_code == 2, result.stderr
@@ -109,14 +102,7 @@ def test_a_signal_during_that_shutdown_still_prints_the_stages_error_first(
     monkeypatch.setattr(pipeline, "shut_down", signalled_shut_down)
     result = run(
         write_prompts(tmp_path / "inputs", sample_prompts(400), per_file=100),
-        "--workers",
-        "50",
-        "--shard-size",
-        "10",
-        "--postprocess-workers",
-        "0",
-        "--retry-base-s",
-        "1",
+        *("--workers", "50", "--shard-size", "10", "--postprocess-workers", "0", "--retry-base-s", "1"),
     )
     assert result.exit_code == 143
     lines = result.stderr.strip().splitlines()
@@ -238,10 +224,7 @@ def test_a_json_answer_with_nan_or_too_deep_is_not_as_asked_and_the_run_goes_on(
         write_prompts(tmp_path / "inputs", sample_prompts(3)),
         "--response-schema",
         str(schema),
-        "--max-attempts",
-        "4",
-        "--workers",
-        "1",
+        *("--max-attempts", "4", "--workers", "1"),
     )
     assert result.exit_code == 0, result.failures()
     assert [r["parsed"] for r in result.records()] == [{"answer": "fine"}] * 3 and len(server.requests) == 12

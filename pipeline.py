@@ -131,7 +131,7 @@ import aiofiles.os
 # typer reads Annotated). Every one is also the flag --name-in-lower-case (WORKERS is --workers),
 # whose default is the value: edit the value, or give the flag.
 INPUT_DIR: Annotated[
-    Folder, "folder of prompt files: *.jsonl and *.csv a request per row, other files a prompt per line"
+    Folder, "folder of prompt files: *.jsonl, *.csv and *.parquet a request per row, other files a prompt per line"
 ] = "inputs"
 FILES_DIR: Annotated[
     Folder | None,
@@ -6070,6 +6070,7 @@ inputs:
            "config": {...}, "files": [...], other fields...}, or the Batch API's {"key", "request"}
   *.csv    a header naming a prompt column (and optionally id, system_instruction,
   *.tsv    files: names separated by |), comma- or tab-separated, as Excel writes them
+  *.parquet  a JSONL row's columns, read a record batch at a time (needs: pip install pyarrow)
   others   a prompt per non-blank line, known as "<file name>:<line number>"
            (images, PDFs, audio and video are not: rows name them, relative to INPUT_DIR)
 output:
